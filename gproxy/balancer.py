@@ -1,0 +1,174 @@
+"""Balancers: pick a node of an upstream for a hash key (pure, no I/O).
+
+* ``ChashRing``  - bit-exact copy of the ring of ``resty.chash`` as APISIX's
+  ``chash`` balancer builds it (docs/apisix-behaviour.md §5.3), so a client id
+  lands on the same broker behind gproxy as behind APISIX.
+* ``KetamaRing`` - uhashring's ketama ring, an opt-in alternative
+  (``type: chash`` plus ``gproxy_ring: ketama`` on the upstream).
+* ``RoundRobin`` - nginx/resty.roundrobin weighted round robin with a random start.
+
+Every picker answers ``pick(key, tried)``: the node to dial next, skipping the
+nodes already tried on this session, or ``None`` when none is left.
+``Balancer`` layers priority groups and the retry budget on top.
+"""
+
+import bisect
+import math
+import random
+import struct
+import zlib
+from dataclasses import dataclass, field
+
+#: resty.chash gives every node 160 points per unit of (gcd-reduced) weight.
+CHASH_POINTS_PER_WEIGHT = 160
+
+
+@dataclass(frozen=True)
+class Node:
+    """One broker address. ``host`` is an IP once resolved; ``domain`` keeps the name."""
+
+    host: str
+    port: int
+    weight: int = 1
+    priority: int = 0
+    domain: str = field(default=None, compare=False)
+
+    @property
+    def addr(self):
+        """``host:port`` with IPv6 hosts bracketed, as APISIX prints nodes."""
+        host = self.host
+        if ":" in host and not host.startswith("["):
+            host = "[%s]" % host
+        return "%s:%d" % (host, self.port)
+
+    @property
+    def dial_host(self):
+        """Host without IPv6 brackets, for ``socket.connect``."""
+        return self.host.strip("[]")
+
+
+def _reduced_weights(nodes):
+    g = 0
+    for node in nodes:
+        g = math.gcd(g, node.weight)
+    g = g or 1  # all weights zero: resty.chash takes the gcd as 1
+    return [node.weight // g for node in nodes]
+
+
+class ChashRing:
+    """APISIX's consistent-hash ring (resty.chash, CRC-32 points)."""
+
+    def __init__(self, nodes):
+        self.nodes = list(nodes)
+        points = []
+        for node, weight in zip(self.nodes, _reduced_weights(self.nodes)):
+            node_id = node.addr.replace(":", "\0").encode()
+            base = zlib.crc32(node_id)
+            prev = 0
+            for _ in range(CHASH_POINTS_PER_WEIGHT * weight):
+                prev = zlib.crc32(struct.pack("<I", prev), base)
+                points.append((prev, node))
+        points.sort(key=lambda p: p[0])
+        self._hashes = [p[0] for p in points]
+        self._owners = [p[1] for p in points]
+
+    def pick(self, key, tried=()):
+        """First point whose hash is >= CRC32(key), wrapping; skip tried nodes."""
+        npoints = len(self._hashes)
+        if not npoints:
+            return None
+        start = bisect.bisect_left(self._hashes, zlib.crc32(key))
+        for step in range(npoints):
+            node = self._owners[(start + step) % npoints]
+            if node not in tried:
+                return node
+        return None
+
+
+class KetamaRing:
+    """uhashring's ketama ring, weighted; an opt-in for fleets not shared with APISIX."""
+
+    def __init__(self, nodes):
+        from uhashring import HashRing  # imported lazily: only this opt-in needs it
+
+        self.nodes = list(nodes)
+        self._by_name = {node.addr: node for node in self.nodes if node.weight > 0}
+        self._ring = HashRing(
+            nodes={name: {"weight": node.weight} for name, node in self._by_name.items()},
+            hash_fn="ketama")
+
+    def pick(self, key, tried=()):
+        if not self._by_name:
+            return None
+        for name in self._ring.range(key.decode("latin-1"), unique=True):
+            node = self._by_name[name["nodename"]]
+            if node not in tried:
+                return node
+        return None
+
+
+class RoundRobin:
+    """Weighted round robin (resty.roundrobin): gcd steps, random start."""
+
+    def __init__(self, nodes, rng=random):
+        self.nodes = list(nodes)
+        self._weights = _reduced_weights(self.nodes)
+        self._max = max(self._weights, default=0)
+        self._index = rng.randrange(len(self.nodes)) if self.nodes else 0
+        self._current = 0
+
+    def _next(self):
+        n = len(self.nodes)
+        while True:
+            self._index = (self._index + 1) % n
+            if self._index == 0:
+                self._current -= 1
+                if self._current <= 0:
+                    self._current = self._max
+            if self._weights[self._index] >= self._current:
+                return self.nodes[self._index]
+
+    def pick(self, key=None, tried=()):
+        # A full weighted cycle visits every node with weight > 0 at least once.
+        for _ in range(sum(self._weights) + len(self.nodes)):
+            node = self._next()
+            if node not in tried:
+                return node
+        return None
+
+
+PICKERS = {"roundrobin": RoundRobin, "chash": ChashRing}
+
+
+class Balancer:
+    """The nodes of one upstream, grouped by priority, behind one picker each.
+
+    Lives as long as the route table snapshot, so round-robin position is
+    shared by all sessions of that upstream, as in APISIX.
+    """
+
+    def __init__(self, nodes, kind="roundrobin", ring="apisix"):
+        self.nodes = list(nodes)
+        self.kind = kind
+        if kind == "chash" and ring == "ketama":
+            factory = KetamaRing
+        else:
+            factory = PICKERS.get(kind, RoundRobin)
+        groups = {}
+        for node in self.nodes:
+            groups.setdefault(node.priority, []).append(node)
+        self._groups = [factory(groups[p]) for p in sorted(groups, reverse=True)]
+
+    def candidates(self, key, tries):
+        """Yield up to ``tries`` distinct nodes in the order to dial them."""
+        if len(self.nodes) == 1:  # APISIX bypasses the balancer for one node
+            yield self.nodes[0]
+            return
+        tried = set()
+        for picker in self._groups:
+            while len(tried) < tries:
+                node = picker.pick(key, tried)
+                if node is None:
+                    break
+                tried.add(node)
+                yield node

@@ -1,0 +1,114 @@
+"""``gproxy`` command line: the only place that patches, reads argv and installs signals."""
+
+import argparse
+import logging
+import os
+import resource
+import sys
+import time
+
+DEFAULT_CONFIG = os.path.join("conf", "config.yaml")
+#: nginx level names -> logging levels
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "notice": logging.INFO,
+          "warn": logging.WARNING, "error": logging.ERROR, "crit": logging.CRITICAL,
+          "alert": logging.CRITICAL, "emerg": logging.CRITICAL}
+NAMES = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warn",
+         logging.ERROR: "error", logging.CRITICAL: "crit"}
+
+
+class NginxFormatter(logging.Formatter):
+    """``2026/11/25 14:00:00 [info] 4242#0: message``, the layout APISIX users grep."""
+
+    def format(self, record):
+        stamp = time.strftime("%Y/%m/%d %H:%M:%S", time.localtime(record.created))
+        line = "%s [%s] %d#0: %s" % (stamp, NAMES.get(record.levelno, "info"),
+                                     record.process, record.getMessage())
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def setup_logging(level):
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(NginxFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(LEVELS[level])
+
+
+def parse_args(argv):
+    from gproxy import __version__
+    parser = argparse.ArgumentParser(
+        prog="gproxy", description="MQTT-aware TCP proxy compatible with APISIX's "
+        "stream proxy and mqtt-proxy plugin.")
+    parser.add_argument("-c", "--config", default=None,
+                        help="APISIX-shaped config file (default: %s if present, else "
+                        "built-in defaults)" % DEFAULT_CONFIG)
+    parser.add_argument("--log-level", choices=sorted(LEVELS, key=LEVELS.get),
+                        help="override nginx_config.error_log_level")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the config and store, then exit")
+    parser.add_argument("--version", action="version", version="gproxy " + __version__)
+    return parser.parse_args(argv)
+
+
+def raise_fd_limit():
+    """Allow as many sockets as the hard limit permits (two per session)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from gevent import monkey
+    monkey.patch_all()  # gunicorn-style: this process is a gevent program end to end
+
+    import gevent
+    import signal
+    from gproxy import config
+    from gproxy.errors import ConfigError, SchemaError
+    from gproxy.server import Gproxy
+
+    setup_logging(args.log_level or "warn")
+    path = args.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
+    try:
+        cfg = config.load(path)
+    except ConfigError as exc:
+        print("gproxy: invalid config: %s" % exc, file=sys.stderr)
+        return 2
+    setup_logging(args.log_level or cfg["nginx_config.error_log_level"])
+    try:
+        app = Gproxy(cfg)
+    except (OSError, SchemaError, ValueError) as exc:
+        print("gproxy: cannot load the store: %s" % exc, file=sys.stderr)
+        return 2
+    if args.check:
+        print("gproxy: config %s and store %s are valid" % (path or "(defaults)", cfg.store_path))
+        return 0
+    raise_fd_limit()
+    try:
+        app.start()
+    except OSError as exc:
+        print("gproxy: %s" % exc, file=sys.stderr)
+        return 1
+
+    stopping = gevent.event.Event()
+    signals = {"count": 0}
+
+    def on_signal():  # only sets flags; the main greenlet does the work
+        signals["count"] += 1
+        stopping.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        gevent.signal_handler(sig, on_signal)
+    stopping.wait()
+    logging.getLogger("gproxy").warning("shutting down")
+    drain = gevent.spawn(app.stop, 10.0)
+    while not drain.ready():
+        if signals["count"] > 1:  # a second signal forces the exit
+            drain.kill()
+            app.stop(0)
+            break
+        drain.join(timeout=0.2)
+    return 0

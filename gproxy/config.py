@@ -1,0 +1,258 @@
+"""conf/config.yaml: APISIX-shaped settings, each declared once with default and help.
+
+Reads the YAML (with APISIX's ``${{VAR}}`` / ``${{VAR:=default}}`` substitution),
+checks every known key, warns about unknown ones, and raises ConfigError naming
+the key for a wrong type or value (the CLI turns that into exit status 2).
+Owns no sockets and starts nothing.
+"""
+
+import ipaddress
+import logging
+import os
+import re
+from dataclasses import dataclass
+
+import yaml
+
+from gproxy.errors import ConfigError
+
+log = logging.getLogger("gproxy.config")
+
+DEFAULT_ADMIN_KEY = "edd1c9f034335f136f87ad84b625c8f1"
+LOG_LEVELS = ("debug", "info", "notice", "warn", "error", "crit", "alert", "emerg")
+
+
+@dataclass(frozen=True)
+class ListenerSpec:
+    """One ``apisix.stream_proxy.tcp`` entry, expanded to a single bind address."""
+
+    host: str
+    port: int
+    tls: bool = False
+    proxy_protocol: bool = False
+    optional: bool = False  # the IPv6 twin of a bare port: skipped if IPv6 is off
+
+    @property
+    def addr(self):
+        return "[%s]:%d" % (self.host, self.port) if ":" in self.host else "%s:%d" % (
+            self.host, self.port)
+
+
+def _port(value, key):
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ConfigError("%s: expected a port 1-65535, got %r" % (key, value))
+    return value
+
+
+def _ports(text, key):
+    lo, sep, hi = str(text).partition("-")
+    if not (lo.isdigit() and (not sep or hi.isdigit())):
+        raise ConfigError("%s: expected a port or port range, got %r" % (key, text))
+    lo, hi = int(lo), int(hi or lo)
+    if not (1 <= lo <= hi <= 65535) or hi - lo >= 1024:
+        raise ConfigError("%s: bad port range %r" % (key, text))
+    return range(lo, hi + 1)
+
+
+def _listener_entry(item, key):
+    tls = proxy_protocol = False
+    if isinstance(item, dict):
+        unknown = set(item) - {"addr", "tls", "proxy_protocol", "proxy_protocol_to_upstream"}
+        if unknown or "addr" not in item:
+            raise ConfigError("%s: expected {addr, tls, proxy_protocol}, got %r" % (key, item))
+        tls, proxy_protocol = bool(item.get("tls")), bool(item.get("proxy_protocol"))
+        item = item["addr"]
+    if tls:
+        raise ConfigError("%s: tls listeners are not supported yet; remove 'tls: true'" % key)
+    if proxy_protocol:
+        raise ConfigError("%s: proxy_protocol is not supported yet" % key)
+    if isinstance(item, int) and not isinstance(item, bool):
+        port = _port(item, key)  # all addresses, IPv4 and (where available) IPv6
+        return [ListenerSpec("0.0.0.0", port, tls, proxy_protocol),
+                ListenerSpec("::", port, tls, proxy_protocol, optional=True)]
+    elif isinstance(item, str):
+        host, sep, ports_text = item.rpartition(":")
+        if not sep:  # "9100" or "2000-2100"
+            host, ports_text = "0.0.0.0", item
+        host = host.strip("[]")
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ConfigError("%s: %r is not an IP address" % (key, host)) from None
+        hosts, ports = (host,), _ports(ports_text, key)
+    else:
+        raise ConfigError("%s: expected a port, \"ip:port\" or {addr: ...}, got %r" % (key, item))
+    return [ListenerSpec(h, p, tls, proxy_protocol) for h in hosts for p in ports]
+
+
+def listeners(value, key):
+    if not isinstance(value, list) or not value:
+        raise ConfigError("%s: expected a non-empty list" % key)
+    out = []
+    for i, item in enumerate(value):
+        out.extend(_listener_entry(item, "%s[%d]" % (key, i)))
+    if len(set(out)) != len(out):
+        raise ConfigError("%s: duplicate listener" % key)
+    return out
+
+
+def _typed(kind, check=None, what=None):
+    def validate(value, key):
+        ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+        if not ok or (check and not check(value)):
+            raise ConfigError("%s: expected %s, got %r" % (key, what or kind.__name__, value))
+        return value
+    return validate
+
+
+def _choice(*allowed):
+    return _typed(str, lambda v: v in allowed, "one of " + ", ".join(allowed))
+
+
+def _cidrs(value, key):
+    if not isinstance(value, list):
+        raise ConfigError("%s: expected a list of CIDRs" % key)
+    try:
+        return [ipaddress.ip_network(v, strict=False) for v in value]
+    except (ValueError, TypeError) as exc:
+        raise ConfigError("%s: %s" % (key, exc)) from None
+
+
+def _admin_keys(value, key):
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ConfigError("%s: expected a list of {name, key, role}" % key)
+    for i, item in enumerate(value):
+        if (not isinstance(item, dict) or not isinstance(item.get("key"), str)
+                or item.get("role", "admin") not in ("admin", "viewer")):
+            raise ConfigError("%s[%d]: expected {name, key: <string>, role: admin|viewer}"
+                              % (key, i))
+    return value
+
+
+_number = _typed((int, float), lambda v: v > 0, "a number > 0")
+_count = _typed(int, lambda v: v > 0, "an integer > 0")
+_bool = _typed(bool)
+
+#: (key, default, validator, help). The one place each setting is declared.
+SETTINGS = [
+    ("apisix.stream_proxy.tcp", [9100], listeners,
+     "stream listeners: port, \"ip:port\", \"ip:lo-hi\" or {addr, tls}"),
+    ("apisix.stream_proxy.only", True, _bool, "accepted for APISIX compatibility"),
+    ("apisix.proxy_mode", "http&stream", _choice("http", "stream", "http&stream"),
+     "accepted for APISIX compatibility; gproxy always proxies streams"),
+    ("apisix.enable_admin", True, _bool, "serve the Admin API and dashboard"),
+    ("deployment.admin.admin_listen.ip", "127.0.0.1", _typed(str), "Admin API address"),
+    ("deployment.admin.admin_listen.port", 9080, _port, "Admin API port"),
+    ("deployment.admin.admin_key_required", True, _bool, "check X-API-KEY"),
+    ("deployment.admin.admin_key",
+     [{"name": "admin", "key": DEFAULT_ADMIN_KEY, "role": "admin"}], _admin_keys,
+     "Admin API keys: [{name, key, role: admin|viewer}]"),
+    ("deployment.admin.allow_admin", ["127.0.0.0/24", "::1/128"], _cidrs,
+     "client CIDRs allowed to reach the Admin API"),
+    ("deployment.admin.enable_admin_cors", True, _bool, "send CORS headers"),
+    ("nginx_config.error_log_level", "warn", _choice(*LOG_LEVELS), "log level"),
+    ("gproxy.store.backend", "file", _choice("file"), "where routes live"),
+    ("gproxy.store.path", "apisix.yaml", _typed(str),
+     "store file, relative to the config file's directory"),
+    ("gproxy.store.watch_interval", 1.0, _number, "seconds between checks for hand edits"),
+    ("gproxy.preread.timeout", 30.0, _number,
+     "seconds a client has to send its whole CONNECT (nginx preread_timeout)"),
+    ("gproxy.preread.buffer_size", 16384, _typed(int, lambda v: v >= 16, "an integer >= 16"),
+     "largest CONNECT accepted, bytes (nginx preread_buffer_size)"),
+    ("gproxy.proxy.connect_timeout", 60.0, _number,
+     "upstream connect timeout when the upstream sets none, seconds"),
+    ("gproxy.proxy.timeout", 600.0, _number,
+     "close a session idle this long in both directions, seconds (nginx proxy_timeout)"),
+    ("gproxy.max_connections", 10000, _count, "concurrent sessions per process"),
+    ("gproxy.balancer.chash_ring", "apisix", _choice("apisix", "ketama"),
+     "chash ring: APISIX-exact CRC32 ring, or uhashring's ketama"),
+]
+_DECLARED = {key for key, *_ in SETTINGS}
+_PARENTS = {key.rsplit(".", i)[0] for key in _DECLARED for i in range(1, key.count(".") + 1)}
+#: APISIX keys a pasted config may carry that gproxy has no use for.
+APISIX_ONLY = ("apisix.", "deployment.", "nginx_config.", "plugins", "stream_plugins",
+               "plugin_attr", "discovery", "graphql", "ext-plugin", "wasm", "xrpc")
+
+_ENV = re.compile(r"\$\{\{\s*(\w+)\s*(?::=\s*([^}]*?)\s*)?\}\}")
+
+
+def _substitute(text):
+    def repl(m):
+        value = os.environ.get(m.group(1), m.group(2))
+        if value is None:
+            raise ConfigError("can't find environment variable %s" % m.group(1))
+        return value
+    return _ENV.sub(repl, text)
+
+
+def _flatten(tree, prefix=""):
+    for name, value in tree.items():
+        key = prefix + str(name)
+        if isinstance(value, dict) and (key in _PARENTS or key not in _DECLARED):
+            if key in _PARENTS or value:
+                yield from _flatten(value, key + ".")
+                continue
+        yield key, value
+
+
+class Config:
+    """Validated settings: ``cfg["gproxy.preread.timeout"]``; ``cfg.path`` is the file."""
+
+    def __init__(self, raw=None, path=None):
+        raw = raw or {}
+        if not isinstance(raw, dict):
+            raise ConfigError("config: expected a mapping at the top level")
+        self.path = path
+        self.base_dir = os.path.dirname(os.path.abspath(path)) if path else os.getcwd()
+        self.values = {key: default for key, default, *_ in SETTINGS}
+        validators = {key: check for key, _, check, _ in SETTINGS}
+        for key, value in _flatten(raw):
+            if key in validators:
+                self.values[key] = value
+            elif key.startswith(APISIX_ONLY):
+                log.info("config: %s is an APISIX setting gproxy does not use; ignored", key)
+            else:
+                log.warning("config: unknown key %s ignored", key)
+        for key, check in validators.items():
+            self.values[key] = check(self.values[key], key)
+        self._check_admin_exposure()
+
+    def __getitem__(self, key):
+        return self.values[key]
+
+    @property
+    def store_path(self):
+        return os.path.join(self.base_dir, self["gproxy.store.path"])
+
+    def _check_admin_exposure(self):
+        host = self["deployment.admin.admin_listen.ip"]
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            raise ConfigError("deployment.admin.admin_listen.ip: %r is not an IP address"
+                              % host) from None
+        keys = [k["key"] for k in self["deployment.admin.admin_key"]]
+        if (not loopback and self["apisix.enable_admin"] and DEFAULT_ADMIN_KEY in keys
+                and self["deployment.admin.admin_key_required"]):
+            raise ConfigError(
+                "deployment.admin.admin_key: the default admin key must not be used on "
+                "the non-loopback admin address %s; set deployment.admin.admin_key to "
+                "[{name: admin, key: <your own random key>, role: admin}]" % host)
+
+
+def load(path):
+    """Read and validate a config file; a missing file means all defaults."""
+    if path is None:
+        return Config()
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as exc:
+        raise ConfigError("config: cannot read %s: %s" % (path, exc.strerror)) from None
+    try:
+        raw = yaml.safe_load(_substitute(text))
+    except yaml.YAMLError as exc:
+        raise ConfigError("config: %s is not valid YAML: %s" % (path, exc)) from None
+    return Config(raw, path)

@@ -1,0 +1,34 @@
+"""Exceptions shared by gproxy's pure modules.
+
+Each carries the message that is logged or returned to the user verbatim, so
+the wording (often APISIX's own) lives where the error is raised.
+"""
+
+
+class GproxyError(Exception):
+    """Base class for every error gproxy raises on purpose."""
+
+
+class MalformedPacket(GproxyError):
+    """The client's first packet cannot be a CONNECT we accept.
+
+    ``str(exc)`` is the log line, in APISIX's wording where APISIX has one.
+    ``reason`` is a short stable token for counters (``malformed``,
+    ``too_large``, ``protocol_name``, ``protocol_level``, ...).
+    """
+
+    def __init__(self, message, reason="malformed"):
+        super().__init__(message)
+        self.reason = reason
+
+
+class ConfigError(GproxyError):
+    """conf/config.yaml is invalid; the message names the key."""
+
+
+class SchemaError(GproxyError):
+    """A stream route or upstream failed validation (APISIX's wording)."""
+
+
+class NoUpstream(GproxyError):
+    """No node can be chosen for a session; the message is the log line."""

@@ -1,0 +1,160 @@
+"""Sans-IO parsing of the MQTT CONNECT packet, the way APISIX's mqtt-proxy reads it.
+
+This module owns the byte-level rules only: given the bytes a client has sent
+so far, say "need more", return the parsed CONNECT, or raise MalformedPacket.
+It does no I/O, no logging and knows nothing of routes.
+
+The rules mirror ``apisix/stream/plugins/mqtt-proxy.lua`` (see
+docs/apisix-behaviour.md §1-2): the fixed-header byte must be 16..32, the
+protocol name is read with Lua's clamping ``string.sub``, connect flags and
+keep-alive are skipped unread, MQTT 5 properties are skipped by length, and
+only the client identifier of the payload is read.  Where APISIX would hang
+or crash on short data we reject with a clear line instead (§2).
+"""
+
+from dataclasses import dataclass
+
+from gproxy.errors import MalformedPacket
+
+#: nginx's default ``preread_buffer_size``; a CONNECT longer than this is refused.
+DEFAULT_MAX_PACKET = 16 * 1024
+
+# MQTT 5.0 §1.5.5: a variable byte integer has at most four bytes.
+_VBI_MAX_BYTES = 4
+
+
+@dataclass(frozen=True)
+class ConnectPacket:
+    """What gproxy needs from a CONNECT. Never holds credentials."""
+
+    protocol_name: bytes
+    protocol_level: int
+    client_id: bytes
+    length: int  # bytes of the whole packet, fixed header included
+
+    @property
+    def client_id_text(self):
+        """The client id for logs and the dashboard (undecodable bytes escaped)."""
+        return self.client_id.decode("utf-8", "backslashreplace")
+
+
+def decode_varint(buf, offset):
+    """Decode an MQTT variable byte integer starting at ``buf[offset]``.
+
+    Returns ``(value, next_offset)``, or ``None`` when ``buf`` ends before the
+    last byte.  Like APISIX, decoding stops after four bytes even if the
+    fourth still has its continuation bit set; the caller decides whether
+    that is acceptable.
+    """
+    value = 0
+    multiplier = 1
+    for i in range(offset, offset + _VBI_MAX_BYTES):
+        if i >= len(buf):
+            return None
+        byte = buf[i]
+        value += (byte & 0x7F) * multiplier
+        multiplier *= 128
+        if not byte & 0x80:
+            return value, i + 1
+    return value, offset + _VBI_MAX_BYTES
+
+
+def check_first_byte(byte):
+    """Raise unless ``byte`` may start a CONNECT (APISIX accepts 16..32)."""
+    if byte < 16 or byte > 32:
+        raise MalformedPacket(
+            "failed to parse the msg header: "
+            "Received unexpected MQTT packet type+flags: %d" % byte)
+
+
+def packet_length(buf, max_packet=DEFAULT_MAX_PACKET):
+    """Length of the whole first packet, or ``None`` if the header is incomplete.
+
+    Raises MalformedPacket for a bad first byte, a remaining length whose
+    fourth byte still has the continuation bit (MQTT 5.0 §1.5.5), or a packet
+    longer than ``max_packet`` (nginx: "preread buffer full").
+    """
+    if not buf:
+        return None
+    check_first_byte(buf[0])
+    decoded = decode_varint(buf, 1)
+    if decoded is None:
+        return None
+    remaining, hdr_len = decoded
+    if buf[hdr_len - 1] & 0x80:
+        raise MalformedPacket(
+            "failed to parse the msg header: malformed remaining length")
+    total = hdr_len + remaining
+    if total > max_packet:
+        raise MalformedPacket(
+            "failed to read the Connect Command: preread buffer full "
+            "(packet of %d bytes, limit %d)" % (total, max_packet),
+            reason="too_large")
+    return total
+
+
+def parse_connect(buf, max_packet=DEFAULT_MAX_PACKET):
+    """Parse the CONNECT at the start of ``buf``.
+
+    Returns ``None`` while more bytes are needed, a ConnectPacket once the
+    whole packet is buffered (bytes after it are ignored), or raises
+    MalformedPacket.  The protocol name and level are *not* checked here:
+    that depends on the route (see ``check_protocol``).
+    """
+    total = packet_length(buf, max_packet)
+    if total is None or len(buf) < total:
+        return None
+    pkt = bytes(buf[:total])
+    hdr_len = decode_varint(pkt, 1)[1]
+    return _parse_variable_part(pkt, hdr_len)
+
+
+def _short(field):
+    return MalformedPacket(
+        "failed to parse the Connect Command: packet ends inside the %s" % field)
+
+
+def _u16(pkt, pos, field):
+    if pos + 2 > len(pkt):
+        raise _short(field)
+    return (pkt[pos] << 8) | pkt[pos + 1]
+
+
+def _parse_variable_part(pkt, pos):
+    name_len = _u16(pkt, pos, "protocol name length")
+    pos += 2
+    name = pkt[pos:pos + name_len]  # clamps like Lua's string.sub
+    pos += name_len
+    if pos >= len(pkt):
+        raise _short("protocol level")
+    level = pkt[pos]
+    pos += 1 + 3  # connect flags and keep alive are skipped unread
+    if level == 5:
+        props = decode_varint(pkt, pos)
+        if props is None:
+            raise _short("properties length")
+        props_len, pos = props
+        pos += props_len
+    id_len = _u16(pkt, pos, "client identifier length")
+    pos += 2
+    expect_len = pos + id_len
+    if expect_len > len(pkt):
+        raise MalformedPacket(
+            "failed to parse mqtt request, expect len: %d but got %d"
+            % (expect_len, len(pkt)))
+    return ConnectPacket(name, level, pkt[pos:expect_len], len(pkt))
+
+
+def check_protocol(packet, protocol_name, protocol_level):
+    """Apply the route's mqtt-proxy conf, in APISIX's order and wording."""
+    if packet.protocol_name != protocol_name.encode():
+        raise MalformedPacket(
+            "expect protocol name: %s, but got %s"
+            % (protocol_name, packet.protocol_name.decode("latin-1")),
+            reason="protocol_name")
+    if packet.protocol_level != protocol_level:
+        raise MalformedPacket(
+            "expect protocol level: %s, but got %d"
+            % (protocol_level, packet.protocol_level),
+            reason="protocol_level")
+

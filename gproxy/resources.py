@@ -1,0 +1,172 @@
+"""APISIX's schemas and Admin-API checks for stream routes and upstreams.
+
+Owns what a stored ``stream_routes`` or ``upstreams`` object may look like and
+the exact ``error_msg`` wording APISIX returns when it may not
+(docs/apisix-behaviour.md §3, §4.1, §5.1).  Pure: it is handed a lookup for
+referenced ids instead of reaching into a store.
+"""
+
+import ipaddress
+import json
+import re
+
+from gproxy.errors import SchemaError
+from gproxy.schema import check, validate
+
+ID_SCHEMA = {"anyOf": [
+    {"type": "string", "minLength": 1, "maxLength": 64, "pattern": r"^[a-zA-Z0-9-_.]+$"},
+    {"type": "integer", "minimum": 1},
+]}
+HOST_PATTERN = r"^\*?[0-9a-zA-Z-._\[\]:]+$"
+_LABELS = {"type": "object", "patternProperties": {
+    ".*": {"type": "string", "pattern": r"^\S+$", "minLength": 1, "maxLength": 256}}}
+_TIME = {"type": "integer"}
+_COMMON = {
+    "id": ID_SCHEMA,
+    "name": {"type": "string", "minLength": 1, "maxLength": 256},
+    "desc": {"type": "string", "maxLength": 256},
+    "labels": _LABELS,
+    "create_time": _TIME,
+    "update_time": _TIME,
+}
+_IP_DEF = {"anyOf": [
+    {"type": "string", "format": "ipv4",
+     "pattern": r"^(((\d{1,2})|(1\d{2})|(2[0-4]\d)|(25[0-5]))\.){3}((\d{1,2})|(1\d{2})|(2[0-4]\d)|(25[0-5]))$"},
+    {"type": "string", "pattern": r"^([12]?[0-9]{1,2}.){3}[12]?[0-9]{1,2}/([12]?[0-9]|3[0-2])$"},
+    {"type": "string", "pattern": r"^[0-9a-fA-F:.]*:[0-9a-fA-F:.]*(%.+)?$"},
+    {"type": "string", "pattern": r"^([a-fA-F0-9]{0,4}:){1,8}(:[a-fA-F0-9]{0,4}){0,8}([a-fA-F0-9]{0,4})?/[0-9]{1,3}$"},
+]}
+_NODES = {"anyOf": [
+    {"type": "object", "patternProperties": {".*": {"type": "integer", "minimum": 0}}},
+    {"type": "array", "items": {
+        "type": "object",
+        "properties": {
+            "host": {"type": "string", "pattern": r"^\*$|" + HOST_PATTERN},
+            "port": {"type": "integer", "minimum": 1, "maximum": 65535},
+            "weight": {"type": "integer", "minimum": 0},
+            "priority": {"type": "integer"},
+            "metadata": {"type": "object"},
+        },
+        "required": ["host", "weight"],
+    }},
+]}
+_POSITIVE = {"type": "number", "exclusiveMinimum": 0}
+UPSTREAM_SCHEMA = {
+    "type": "object",
+    "properties": dict(_COMMON, **{
+        "nodes": _NODES,
+        "retries": {"type": "integer", "minimum": 0},
+        "retry_timeout": {"type": "number", "minimum": 0},
+        "timeout": {"type": "object", "properties": {
+            "connect": _POSITIVE, "send": _POSITIVE, "read": _POSITIVE},
+            "required": ["connect", "send", "read"]},
+        "type": {"type": "string"},
+        "checks": {"type": "object"},
+        "hash_on": {"type": "string", "enum": [
+            "vars", "header", "cookie", "consumer", "vars_combinations"]},
+        "key": {"type": "string"},
+        "scheme": {"type": "string", "enum": [
+            "grpc", "grpcs", "http", "https", "tcp", "tls", "udp", "kafka"]},
+        "discovery_type": {"type": "string"},
+        "discovery_args": {"type": "object"},
+        "pass_host": {"type": "string", "enum": ["pass", "node", "rewrite"]},
+        "upstream_host": {"type": "string", "pattern": HOST_PATTERN},
+        "service_name": {"type": "string", "minLength": 1, "maxLength": 256},
+        "tls": {"type": "object"},
+        "keepalive_pool": {"type": "object"},
+    }),
+    "oneOf": [{"required": ["nodes"]}, {"required": ["service_name", "discovery_type"]}],
+    "additionalProperties": False,
+}
+STREAM_ROUTE_SCHEMA = {
+    "type": "object",
+    "properties": dict(_COMMON, **{
+        "remote_addr": _IP_DEF,
+        "server_addr": _IP_DEF,
+        "server_port": {"type": "integer", "minimum": 1, "maximum": 65535},
+        "sni": {"type": "string", "pattern": r"^\*$|^\*?[0-9a-zA-Z-._\[\]:]+$"},
+        "upstream": UPSTREAM_SCHEMA,
+        "upstream_id": ID_SCHEMA,
+        "service_id": ID_SCHEMA,
+        "plugins": {"type": "object"},
+        "protocol": {"type": "object", "properties": {"name": {"type": "string"}},
+                     "required": ["name"]},
+    }),
+    "additionalProperties": False,
+}
+#: mqtt-proxy's schema: no additionalProperties, so the deprecated ``upstream`` is accepted.
+MQTT_PROXY_SCHEMA = {
+    "type": "object",
+    "properties": {"protocol_name": {"type": "string"},
+                   "protocol_level": {"type": "integer"}},
+    "required": ["protocol_level"],
+}
+STREAM_PLUGINS = {"mqtt-proxy": MQTT_PROXY_SCHEMA}
+
+CHASH_VAR_KEY = re.compile(
+    r"^((uri|server_name|server_addr|request_uri|remote_port|remote_addr|query_string"
+    r"|host|hostname|mqtt_client_id)|arg_[0-9a-zA-z_-]+)$")
+
+
+def ip_network(text):
+    """``ipaddress`` network for an APISIX IP-or-CIDR filter; ValueError if invalid."""
+    return ipaddress.ip_network(text.split("%")[0], strict=False)
+
+
+def check_plugins(plugins):
+    for name, conf in plugins.items():
+        schema = STREAM_PLUGINS.get(name)
+        if schema is None:
+            raise SchemaError("unknown plugin [%s]" % name)
+        if not isinstance(conf, dict):
+            raise SchemaError("invalid plugin conf %s for plugin [%s]"
+                              % (json.dumps(conf), name))
+        err = validate(schema, conf)
+        if err:
+            raise SchemaError("failed to check the configuration of stream plugin [%s]: %s"
+                              % (name, err))
+
+
+def check_stream_route(conf, upstream_exists=lambda _id: True):
+    """Raise SchemaError with APISIX's message unless ``conf`` is a valid stream route."""
+    check(STREAM_ROUTE_SCHEMA, conf)
+    for field in ("remote_addr", "server_addr"):
+        if field in conf:
+            try:
+                ip_network(conf[field])
+            except ValueError:
+                raise SchemaError("invalid %s: %s" % (field, conf[field])) from None
+    if "upstream_id" in conf and not upstream_exists(str(conf["upstream_id"])):
+        raise SchemaError("failed to fetch upstream info by upstream id [%s], "
+                          "response code: 404" % conf["upstream_id"])
+    if "service_id" in conf:
+        raise SchemaError("failed to fetch service info by service id [%s], "
+                          "response code: 404" % conf["service_id"])
+    check_plugins(conf.get("plugins") or {})
+
+
+def check_upstream(conf):
+    """``check_upstream_conf`` as APISIX runs it for ``/upstreams`` (not for stream routes)."""
+    check(UPSTREAM_SCHEMA, conf)
+    nodes = conf.get("nodes")
+    if isinstance(nodes, dict):
+        for addr in nodes:
+            host, _, port = addr.rpartition(":")
+            if ":" in host and not host.startswith("["):
+                raise SchemaError("invalid configuration: "
+                                  "IPv6 address must be enclosed with '[' and ']'")
+            if port and (not port.isdigit() or not 1 <= int(port) <= 65535):
+                raise SchemaError("invalid port %s" % port)
+    elif isinstance(nodes, list):
+        for node in nodes:
+            host = node.get("host", "")
+            if host.count(":") > 1 and not host.startswith("["):
+                raise SchemaError("invalid configuration: "
+                                  "IPv6 address must be enclosed with '[' and ']'")
+    if conf.get("type") == "chash" and conf.get("hash_on", "vars") != "consumer":
+        key = conf.get("key")
+        if not key:
+            raise SchemaError("missing key")
+        if conf.get("hash_on", "vars") == "vars" and not CHASH_VAR_KEY.search(key):
+            raise SchemaError('invalid configuration: failed to match pattern "%s" with "%s"'
+                              % (CHASH_VAR_KEY.pattern, key))

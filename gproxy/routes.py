@@ -1,0 +1,190 @@
+"""The route table: stream routes and upstreams as immutable runtime objects.
+
+``RouteTable`` is built from the store's plain dicts (already validated by
+``resources``) and never mutated: a change builds a new table and the server
+swaps one reference, so a live session keeps the route it matched.  Matching
+follows APISIX's ip_port router (docs/apisix-behaviour.md §4.2): routes with
+``sni`` only match TLS connections with that SNI; otherwise the first route,
+in load order, whose filters all pass wins.  Pure: no sockets, no DNS.
+"""
+
+import ipaddress
+import logging
+from dataclasses import dataclass
+
+from gproxy.balancer import Balancer, Node
+from gproxy.resources import ip_network
+
+log = logging.getLogger("gproxy.routes")
+
+#: nginx stream defaults when an upstream has no ``timeout`` (seconds).
+DEFAULT_CONNECT_TIMEOUT = 60.0
+DEFAULT_PROXY_TIMEOUT = 600.0
+
+
+def parse_nodes(nodes):
+    """APISIX's two node forms (map or array) as a list of Node."""
+    if isinstance(nodes, dict):
+        out = []
+        for addr, weight in nodes.items():
+            host, _, port = addr.rpartition(":")
+            if not host:  # "host" alone: APISIX defaults the port by scheme
+                host, port = addr, "80"
+            out.append(Node(host, int(port), weight))
+        return out
+    return [Node(n["host"], int(n.get("port", 80)), n["weight"], n.get("priority", 0))
+            for n in nodes or ()]
+
+
+def is_ip(host):
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return True
+    except ValueError:
+        return False
+
+
+class Upstream:
+    """One upstream: its nodes, balancer settings and (for IP nodes) its balancer."""
+
+    def __init__(self, conf, chash_ring="apisix"):
+        self.conf = conf
+        self.id = None if conf.get("id") is None else str(conf["id"])
+        self.type = conf.get("type", "roundrobin")
+        self.hash_on = conf.get("hash_on", "vars")
+        self.key = conf.get("key")
+        self.nodes = parse_nodes(conf.get("nodes"))
+        self.needs_dns = not all(is_ip(n.host) for n in self.nodes)
+        retries = conf.get("retries")
+        self.retries = retries if retries is not None and retries >= 0 else None
+        self.retry_timeout = conf.get("retry_timeout") or 0
+        timeout = conf.get("timeout") or {}
+        self.connect_timeout = timeout.get("connect", DEFAULT_CONNECT_TIMEOUT)
+        self.idle_timeout = max(timeout.get("send", DEFAULT_PROXY_TIMEOUT),
+                                timeout.get("read", DEFAULT_PROXY_TIMEOUT))
+        self._chash_ring = chash_ring
+        self._balancer = None if self.needs_dns else self._build(self.nodes)
+
+    def _build(self, nodes):
+        return Balancer(nodes, self.type, self._chash_ring)
+
+    def balancer(self, resolved=None):
+        """The balancer for ``resolved`` nodes (domain upstreams) or the static one."""
+        if resolved is None:
+            return self._balancer
+        cached = getattr(self, "_dns_cache", None)
+        if cached is None or cached.nodes != resolved:
+            cached = self._dns_cache = self._build(resolved)
+        return cached
+
+    def tries(self, nnodes):
+        """Dial attempts allowed: ``retries`` + 1, default one per node."""
+        return nnodes if self.retries is None else self.retries + 1
+
+
+@dataclass(frozen=True)
+class MqttConf:
+    protocol_name: str
+    protocol_level: int
+
+
+class Route:
+    """One stream route: match filters, optional mqtt-proxy conf, its upstream."""
+
+    def __init__(self, conf, upstream=None):
+        self.conf = conf
+        self.id = str(conf.get("id"))
+        self.remote_net = _net(conf.get("remote_addr"))
+        self.server_net = _net(conf.get("server_addr"))
+        self.server_port = conf.get("server_port")
+        self.sni = conf.get("sni")
+        self.upstream_id = None if conf.get("upstream_id") is None else str(conf["upstream_id"])
+        self.upstream = upstream
+        plugin = (conf.get("plugins") or {}).get("mqtt-proxy")
+        self.mqtt = None
+        if plugin is not None:
+            self.mqtt = MqttConf(plugin.get("protocol_name", "MQTT"), plugin["protocol_level"])
+        self.plugin_upstream = None
+        old = (plugin or {}).get("upstream")  # deprecated (≤ 2.15), used only without another
+        if isinstance(old, dict) and (old.get("host") or old.get("ip")) and old.get("port"):
+            host = old.get("host") or old.get("ip")
+            self.plugin_upstream = Upstream({"nodes": [{"host": host, "port": old["port"],
+                                                        "weight": 1}]})
+
+    def matches(self, server_ip, server_port, remote_ip):
+        if self.server_port is not None and self.server_port != server_port:
+            return False
+        if self.remote_net is not None and not _contains(self.remote_net, remote_ip):
+            return False
+        if self.server_net is not None and not _contains(self.server_net, server_ip):
+            return False
+        return True
+
+
+def _net(text):
+    return None if text is None else ip_network(text)
+
+
+def _contains(net, ip):
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if addr.version != net.version and getattr(addr, "ipv4_mapped", None):
+        addr = addr.ipv4_mapped  # an IPv4 client on a dual-stack listener
+    return addr.version == net.version and addr in net
+
+
+class RouteTable:
+    """An immutable snapshot of every stream route and upstream."""
+
+    def __init__(self, stream_routes=(), upstreams=(), chash_ring="apisix"):
+        self.upstreams = {}
+        for conf in upstreams:
+            up = Upstream(conf, chash_ring)
+            self.upstreams[up.id] = up
+        self.routes = []
+        for conf in stream_routes:
+            if (conf.get("protocol") or {}).get("superior_id") is not None:
+                continue  # xRPC subordinate routes are never matched directly
+            inline = conf.get("upstream")
+            self.routes.append(Route(conf, Upstream(inline, chash_ring) if inline else None))
+        self._plain = [r for r in self.routes if not r.sni]
+
+    def match(self, server_ip, server_port, remote_ip, sni=None):
+        """The first route whose filters pass, or None (APISIX: ``not hit any route``)."""
+        if sni:
+            for route in self.routes:
+                if route.sni and _sni_matches(route.sni, sni) and route.matches(
+                        server_ip, server_port, remote_ip):
+                    return route
+        for route in self._plain:
+            if route.matches(server_ip, server_port, remote_ip):
+                return route
+        return None
+
+    def upstream_for(self, route):
+        """The upstream a matched route proxies to: ``upstream_id`` wins over inline.
+
+        Returns ``(upstream, None)`` or ``(None, error line)`` in APISIX's wording.
+        """
+        if route.upstream_id is not None:
+            up = self.upstreams.get(route.upstream_id)
+            if up is None:
+                return None, "failed to find upstream by id: %s" % route.upstream_id
+            return up, None
+        if route.upstream is not None:
+            return route.upstream, None
+        if route.plugin_upstream is not None:
+            return route.plugin_upstream, None
+        return None, ("failed to set upstream: missing upstream configuration "
+                      "in Route or Service")
+
+
+def _sni_matches(pattern, sni):
+    pattern, sni = pattern.lower(), sni.lower()
+    if pattern == "*":
+        return True
+    if pattern.startswith("*."):
+        return sni.endswith(pattern[1:])
+    return pattern == sni

@@ -1,0 +1,182 @@
+"""A small JSON-schema checker that words its errors like APISIX's jsonschema.lua.
+
+APISIX users grep for and script against the Admin API's ``error_msg``
+strings, so gproxy validates stream routes and upstreams against APISIX's own
+schemas (docs/apisix-behaviour.md §3, §4.1, §5.1) and reports the first
+failure with api7/jsonschema's wording: ``property "x" validation failed:
+wrong type: expected integer, got string``.  Only the keywords those schemas
+use are implemented.  Pure: no I/O, imports nothing from gproxy but errors.
+"""
+
+import re
+
+from gproxy.errors import SchemaError
+
+
+def _lua_type(value):
+    """The Lua type name jsonschema.lua reports for a decoded JSON value."""
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, (dict, list)):
+        return "table"
+    return "userdata"  # JSON null (cjson.null)
+
+
+def _is_type(value, name):
+    if name == "object":
+        return isinstance(value, dict) or value == []
+    if name == "array":
+        return isinstance(value, list)
+    if name == "integer":
+        return (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and float(value).is_integer())
+    if name == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if name == "string":
+        return isinstance(value, str)
+    if name == "boolean":
+        return isinstance(value, bool)
+    raise ValueError("schema uses unknown type %r" % name)
+
+
+def _lua_str(value):
+    """Lua's ``%q`` for the strings jsonschema.lua quotes."""
+    return '"%s"' % str(value).replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _num(value):
+    return str(int(value)) if float(value).is_integer() else repr(value)
+
+
+def validate(schema, value):
+    """Return the first error message for ``value``, or ``None`` if it is valid."""
+    kind = schema.get("type")
+    if isinstance(kind, str) and not _is_type(value, kind):
+        return "wrong type: expected %s, got %s" % (kind, _lua_type(value))
+    if isinstance(kind, list) and not any(_is_type(value, k) for k in kind):
+        return "wrong type: expected one of %s, got %s" % (", ".join(kind), _lua_type(value))
+    for check in (_check_object, _check_array, _check_string, _check_number,
+                  _check_enum, _check_any_of, _check_one_of):
+        err = check(schema, value)
+        if err:
+            return err
+    return None
+
+
+def _check_object(schema, value):
+    if not isinstance(value, dict):
+        return None
+    props = schema.get("properties", {})
+    required = list(schema.get("required", ()))
+    for name, sub in props.items():
+        if name in value:
+            err = validate(sub, value[name])
+            if err:
+                return "property %s validation failed: %s" % (_lua_str(name), err)
+        elif name in required:
+            return "property %s is required" % _lua_str(name)
+    for name in required:
+        if name not in value:
+            return "property %s is required" % _lua_str(name)
+    patterns = schema.get("patternProperties", {})
+    extra = schema.get("additionalProperties", True)
+    for name, item in value.items():
+        matched = False
+        for patt, sub in patterns.items():
+            if re.search(patt, name):
+                matched = True
+                err = validate(sub, item)
+                if err:
+                    return "failed to validate %s (matching %s): %s" % (name, _lua_str(patt), err)
+        if extra is False and name not in props and not matched:
+            return "additional properties forbidden, found %s" % name
+    if len(value) < schema.get("minProperties", 0):
+        return "expect object to have at least %s properties" % schema["minProperties"]
+    return None
+
+
+def _check_array(schema, value):
+    if not isinstance(value, list):
+        return None
+    if len(value) < schema.get("minItems", 0):
+        return "expect array to have at least %s items" % schema["minItems"]
+    if "maxItems" in schema and len(value) > schema["maxItems"]:
+        return "expect array to have at most %s items" % schema["maxItems"]
+    if "items" in schema:
+        for i, item in enumerate(value, 1):
+            err = validate(schema["items"], item)
+            if err:
+                return "failed to validate item %d: %s" % (i, err)
+    if schema.get("uniqueItems"):
+        for j, item in enumerate(value):
+            if item in value[:j]:
+                return "expected unique items but items %d and %d are equal" % (
+                    value.index(item) + 1, j + 1)
+    return None
+
+
+def _check_string(schema, value):
+    if not isinstance(value, str):
+        return None
+    if "minLength" in schema and len(value) < schema["minLength"]:
+        return "string too short, expected at least %d, got %d" % (schema["minLength"], len(value))
+    if "maxLength" in schema and len(value) > schema["maxLength"]:
+        return "string too long, expected at most %d, got %d" % (schema["maxLength"], len(value))
+    if "pattern" in schema and not re.search(schema["pattern"], value):
+        return "failed to match pattern %s with %s" % (_lua_str(schema["pattern"]), _lua_str(value))
+    return None
+
+
+def _check_number(schema, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if "minimum" in schema and value < schema["minimum"]:
+        return "expected %s to be greater than %s" % (_num(value), _num(schema["minimum"]))
+    if "exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]:
+        return "expected %s to be sctrictly greater than %s" % (
+            _num(value), _num(schema["exclusiveMinimum"]))  # sic, jsonschema.lua
+    if "maximum" in schema and value > schema["maximum"]:
+        return "expected %s to be smaller than %s" % (_num(value), _num(schema["maximum"]))
+    return None
+
+
+def _check_enum(schema, value):
+    if "enum" in schema and value not in schema["enum"]:
+        return "matches non of the enum values"  # sic, jsonschema.lua
+    return None
+
+
+def _check_any_of(schema, value):
+    subs = schema.get("anyOf")
+    if not subs or any(validate(sub, value) is None for sub in subs):
+        return None
+    requireds = [sub["required"] for sub in subs if "required" in sub]
+    msg = "object matches none of the requireds"
+    if requireds:
+        msg += ": " + " or ".join(
+            "[%s]" % ",".join('"%s"' % r for r in req) for req in requireds)
+    return msg
+
+
+def _check_one_of(schema, value):
+    subs = schema.get("oneOf")
+    if not subs:
+        return None
+    matched = [i for i, sub in enumerate(subs, 1) if validate(sub, value) is None]
+    if not matched:
+        return "value should match only one schema, but matches none"
+    if len(matched) > 1:
+        return "value should match only one schema, but matches both schemas %d and %d" % tuple(
+            matched[:2])
+    return None
+
+
+def check(schema, value, prefix="invalid configuration: "):
+    """Raise SchemaError(prefix + first error) unless ``value`` fits ``schema``."""
+    err = validate(schema, value)
+    if err:
+        raise SchemaError(prefix + err)

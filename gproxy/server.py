@@ -1,0 +1,111 @@
+"""The process's services: stream listeners, the route table kept in step with the store.
+
+``Gproxy`` wires config, store, registry and the data path together: one
+gevent ``StreamServer`` per listener, all spawning sessions into one bounded
+pool, and a watcher greenlet that picks up outside edits of the store.  A
+store change builds a new ``RouteTable`` and swaps one reference, so new
+connections see it at once and live sessions keep the route they matched.
+It patches nothing and installs no signal handlers (that is ``cli``'s job), so
+it can be embedded in a program that runs a gevent hub.
+"""
+
+import logging
+import socket
+
+import gevent
+from gevent.pool import Pool
+from gevent.server import StreamServer
+
+from gproxy.registry import Registry
+from gproxy.routes import RouteTable
+from gproxy.session import Proxy, Settings
+from gproxy.store import FileStore
+
+log = logging.getLogger("gproxy.server")
+
+BACKLOG = 1024
+
+
+def bind_listener(spec, backlog=BACKLOG):
+    """A bound, listening gevent socket for a ListenerSpec (a TLS wrapper can sit on it)."""
+    family = socket.AF_INET6 if ":" in spec.host else socket.AF_INET
+    sock = gevent.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((spec.host, spec.port))
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class Gproxy:
+    """Everything one gproxy process serves, built from a validated Config."""
+
+    def __init__(self, cfg, store=None, registry=None):
+        self.cfg = cfg
+        self.store = store if store is not None else FileStore(cfg.store_path)
+        self.registry = registry if registry is not None else Registry()
+        self.proxy = Proxy(self.build_table(), self.registry, Settings.from_config(cfg))
+        self.store.subscribe(self.reload)
+        self.pool = Pool(cfg["gproxy.max_connections"])
+        self.servers = []
+        self._watcher = None
+
+    def build_table(self):
+        data = self.store.snapshot()
+        return RouteTable(data["stream_routes"], data["upstreams"],
+                          self.cfg["gproxy.balancer.chash_ring"])
+
+    def reload(self):
+        """Swap in a route table built from the store's current data."""
+        self.proxy.table = self.build_table()
+        log.info("route table rebuilt: routes=%d upstreams=%d",
+                 len(self.proxy.table.routes), len(self.proxy.table.upstreams))
+
+    def start(self):
+        for spec in self.cfg["apisix.stream_proxy.tcp"]:
+            try:
+                sock = bind_listener(spec)
+            except OSError as exc:
+                if spec.optional:
+                    log.info("listener %s skipped: %s", spec.addr, exc.strerror)
+                    continue
+                self.stop(0)
+                raise OSError(exc.errno, "cannot listen on %s: %s" % (spec.addr, exc.strerror))
+            server = StreamServer(sock, self.proxy.handle, spawn=self.pool)
+            server.start()
+            self.servers.append(server)
+            log.warning("stream proxy listening on %s", spec.addr)
+        self._watcher = gevent.spawn(self._watch, self.cfg["gproxy.store.watch_interval"])
+
+    def _watch(self, interval):
+        while True:
+            gevent.sleep(interval)
+            try:
+                self.store.poll()
+            except Exception:  # never let one bad poll stop future ones
+                log.exception("store: poll failed")
+
+    @property
+    def addresses(self):
+        """The bound ``(host, port)`` of each listener (useful with port 0)."""
+        return [server.address for server in self.servers]
+
+    def stop(self, timeout=10.0):
+        """Stop accepting, give live sessions ``timeout`` seconds, then close them."""
+        for server in self.servers:
+            server.close()
+        if self._watcher is not None:
+            self._watcher.kill(block=False)
+        if timeout and len(self.pool):
+            log.warning("draining %d sessions for up to %.0fs", len(self.pool), timeout)
+            self.pool.join(timeout=timeout)
+        self.registry.close_where()
+        self.pool.kill(timeout=1)
+        for server in self.servers:
+            server.stop(timeout=0)
+        self.servers = []

@@ -1,0 +1,264 @@
+"""One client connection: match -> preread CONNECT -> balance -> dial -> replay -> relay.
+
+``Proxy.handle(sock, addr)`` is the StreamServer handler.  It owns the client
+socket until it returns (gevent closes it then) and the upstream socket it
+dials.  Errors end this one session and are logged as one line; nothing here
+can touch the listener.  Log lines APISIX users grep for keep APISIX's exact
+wording (docs/apisix-behaviour.md §1-2, §5); CONNECT payloads are never logged.
+"""
+
+import logging
+import re
+import socket
+import time
+
+from gevent import Timeout
+from gevent import socket as gsocket
+
+from gproxy import mqtt
+from gproxy.balancer import Node
+from gproxy.errors import MalformedPacket, NoUpstream
+from gproxy.registry import Registry
+from gproxy.relay import relay, shutdown
+from gproxy.routes import RouteTable, is_ip
+
+log = logging.getLogger("gproxy.session")
+
+RECV_SIZE = 4096
+
+
+class Settings:
+    """The per-session knobs from config (seconds and bytes)."""
+
+    def __init__(self, preread_timeout=30.0, max_packet=mqtt.DEFAULT_MAX_PACKET,
+                 connect_timeout=None, idle_timeout=None):
+        self.preread_timeout = preread_timeout
+        self.max_packet = max_packet
+        self.connect_timeout = connect_timeout  # None: the upstream's or nginx's default
+        self.idle_timeout = idle_timeout
+
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(cfg["gproxy.preread.timeout"], cfg["gproxy.preread.buffer_size"],
+                   cfg["gproxy.proxy.connect_timeout"], cfg["gproxy.proxy.timeout"])
+
+
+def plain_ip(ip):
+    """``::ffff:1.2.3.4`` (an IPv4 client on a dual-stack socket) as ``1.2.3.4``."""
+    return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
+
+
+class Proxy:
+    """The data path shared by every listener: route table, registry, settings."""
+
+    def __init__(self, table=None, registry=None, settings=None):
+        self.table = table or RouteTable()
+        self.registry = registry or Registry()
+        self.settings = settings or Settings()
+
+    def handle(self, sock, addr):
+        try:
+            server = sock.getsockname()
+        except OSError:
+            return  # the client left before we looked
+        info = self.registry.new_session((plain_ip(addr[0]), addr[1]),
+                                         (plain_ip(server[0]), server[1]))
+        Session(self, sock, info).run()
+
+
+class Session:
+    """The life of one accepted connection."""
+
+    def __init__(self, proxy, sock, info):
+        self.proxy = proxy
+        self.sock = sock
+        self.info = info
+        self.upstream_sock = None
+        self.client_id = b""  # raw bytes from the CONNECT: the chash key
+        self.tail = ", client: %s:%d, server: %s:%d, session: %s" % (
+            info.client_addr, info.client_port, info.server_addr, info.server_port, info.id)
+
+    def log(self, level, msg, *args):
+        if log.isEnabledFor(level):
+            log.log(level, msg + self.tail, *args)
+
+    def reject(self, reason, level, msg, *args):
+        self.proxy.registry.reject(reason)
+        self.log(level, msg, *args)
+
+    def close(self):
+        """Registry closer: end this session from another greenlet."""
+        self.info.state = "closing"
+        for s in (self.sock, self.upstream_sock):
+            if s is not None:
+                shutdown(s, socket.SHUT_RDWR)
+
+    def run(self):
+        info = self.info
+        table = self.proxy.table  # one snapshot for the whole session
+        route = table.match(info.server_addr, info.server_port, info.client_addr)
+        if route is None:
+            # Close before reading: a client that already sent bytes gets an RST.
+            self.reject("no_route", logging.INFO, "match(): not hit any route")
+            return
+        info.route_id = route.id
+        with self.proxy.registry.track(info, self.close):
+            try:
+                self._proxy(table, route)
+            finally:
+                if self.upstream_sock is not None:
+                    self.upstream_sock.close()
+                info.state = "closed"
+
+    def _proxy(self, table, route):
+        upstream, err = table.upstream_for(route)
+        if err:
+            self.reject("no_upstream", logging.ERROR, err)
+            return
+        buf = b""
+        if route.mqtt is not None:
+            buf = self._preread(route.mqtt)
+            if buf is None:
+                return
+        try:
+            self._dial(upstream, self._hash_key(upstream))
+        except NoUpstream as exc:
+            self.reject("upstream_unavailable", logging.ERROR, str(exc))
+            return
+        self.info.state = "relaying"
+        try:
+            if buf:
+                self.upstream_sock.sendall(buf)  # every peeked byte, unchanged
+                self.info.bytes_in += len(buf)
+            idle = self.proxy.settings.idle_timeout or upstream.idle_timeout
+            why = relay(self.sock, self.upstream_sock, self.info, idle)
+        except OSError as exc:
+            why = "error: %s" % (exc.strerror or exc)
+        self.log(logging.INFO, "session closed: node=%s bytes_in=%d bytes_out=%d "
+                 "duration=%.3fs reason=%s", self.info.node, self.info.bytes_in,
+                 self.info.bytes_out, time.time() - self.info.connected_at, why or "eof")
+
+    def _preread(self, conf):
+        """Buffer the whole CONNECT, check it; the bytes, or None after rejecting."""
+        settings = self.proxy.settings
+        buf = bytearray()
+        packet = None
+        try:
+            with Timeout(settings.preread_timeout):
+                while packet is None:
+                    chunk = self.sock.recv(RECV_SIZE)
+                    if not chunk:
+                        return self._short_read(buf, "closed")
+                    buf += chunk
+                    packet = mqtt.parse_connect(buf, settings.max_packet)
+        except Timeout:
+            return self._short_read(buf, "timeout")
+        except OSError as exc:
+            return self._short_read(buf, exc.strerror or str(exc))
+        except MalformedPacket as exc:
+            self.reject(exc.reason, logging.ERROR, "%s", exc)
+            return None
+        try:
+            mqtt.check_protocol(packet, conf.protocol_name, conf.protocol_level)
+        except MalformedPacket as exc:
+            self.reject(exc.reason, logging.ERROR, "%s", exc)
+            return None
+        self.info.client_id = packet.client_id_text
+        self.info.protocol_level = packet.protocol_level
+        self.client_id = packet.client_id
+        self.log(logging.INFO, "mqtt client id: %s", packet.client_id_text)
+        return bytes(buf)
+
+    def _short_read(self, buf, why):
+        try:
+            header_done = mqtt.packet_length(bytes(buf)) is not None
+        except MalformedPacket:
+            header_done = False
+        what = "the Connect Command" if header_done else "the msg header"
+        self.reject("timeout" if why == "timeout" else "closed", logging.ERROR,
+                    "failed to read %s: %s", what, why)
+        return None
+
+    def _vars(self):
+        info = self.info
+        found = {"remote_addr": info.client_addr, "remote_port": str(info.client_port),
+                 "server_addr": info.server_addr, "server_port": str(info.server_port)}
+        if self.client_id:  # an empty id leaves the var unset, as in APISIX
+            found["mqtt_client_id"] = self.client_id
+        return found
+
+    def _hash_key(self, upstream):
+        if upstream.type != "chash":
+            return None
+        found = self._vars()
+        value = None
+        if upstream.hash_on == "vars":
+            value = found.get(upstream.key)
+        elif upstream.hash_on == "vars_combinations" and upstream.key:
+            value = re.sub(r"\$(\w+)", lambda m: _text(found.get(m.group(1), "")), upstream.key)
+        if value is None or value == "":
+            self.log(logging.WARNING, "chash_key fetch is nil, use default chash_key "
+                     "remote_addr: %s", self.info.client_addr)
+            value = self.info.client_addr
+        return value if isinstance(value, bytes) else value.encode()
+
+    def _resolve(self, upstream):
+        if not upstream.needs_dns:
+            return None
+        nodes = []
+        for node in upstream.nodes:
+            if is_ip(node.host):
+                nodes.append(node)
+                continue
+            try:
+                infos = gsocket.getaddrinfo(node.host, node.port, 0, socket.SOCK_STREAM)
+            except OSError as exc:
+                self.log(logging.ERROR, "failed to parse domain: %s, error: %s", node.host, exc)
+                continue
+            ip = infos[0][4][0]
+            nodes.append(Node(ip, node.port, node.weight, node.priority, node.host))
+        if not nodes:
+            raise NoUpstream("failed to set upstream: no valid upstream node")
+        return nodes
+
+    def _dial(self, upstream, key):
+        """Connect to the first node that answers; sets ``upstream_sock``."""
+        balancer = upstream.balancer(self._resolve(upstream))
+        if upstream.type not in ("roundrobin", "chash") and len(balancer.nodes) > 1:
+            raise NoUpstream("failed to pick server: invalid balancer type: %s" % upstream.type)
+        timeout = upstream.conf.get("timeout", {}).get("connect") or \
+            self.proxy.settings.connect_timeout or upstream.connect_timeout
+        deadline = time.monotonic() + upstream.retry_timeout if upstream.retry_timeout else None
+        self.info.state = "connecting"
+        tried = []
+        for node in balancer.candidates(key, upstream.tries(len(balancer.nodes))):
+            if deadline and tried and time.monotonic() > deadline:
+                break
+            tried.append(node.addr)
+            self.log(logging.INFO, "proxy request to %s", node.addr)
+            try:
+                conn = gsocket.create_connection((node.dial_host, node.port), timeout)
+            except (OSError, Timeout) as exc:
+                self.log(logging.ERROR, "connect() failed (%s) while connecting to upstream, "
+                         "upstream: \"%s\"", _errtext(exc), node.addr)
+                continue
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.settimeout(None)
+            self.upstream_sock = conn
+            self.info.node = node.addr
+            return
+        if not tried:
+            raise NoUpstream("failed to pick server: no node available")
+        raise NoUpstream("all upstream servers tried: %s" % ", ".join(tried))
+
+
+def _text(value):
+    return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else value
+
+
+def _errtext(exc):
+    if isinstance(exc, (socket.timeout, Timeout)):
+        return "110: Connection timed out"
+    return "%s: %s" % (exc.errno, exc.strerror) if getattr(exc, "errno", None) else str(exc)
+
