@@ -14,6 +14,7 @@ import socket
 
 import gevent
 from gevent.pool import Pool
+from gevent.pywsgi import WSGIServer
 from gevent.server import StreamServer
 
 from gproxy.registry import Registry
@@ -53,7 +54,20 @@ class Gproxy:
         self.store.subscribe(self.reload)
         self.pool = Pool(cfg["gproxy.max_connections"])
         self.servers = []
+        self.admin_server = None
         self._watcher = None
+
+    def admin_app(self):
+        """The Admin API (and the dashboard, when admin_ui is installed) as a WSGI app."""
+        from gproxy.admin import create_app
+        blueprints = []
+        try:
+            from admin_ui import create_blueprint
+        except ImportError:
+            log.info("admin_ui not installed: serving the Admin API without the dashboard")
+        else:
+            blueprints.append(create_blueprint())
+        return create_app(self.store, self.registry, self.cfg, blueprints)
 
     def build_table(self):
         data = self.store.snapshot()
@@ -80,7 +94,22 @@ class Gproxy:
             server.start()
             self.servers.append(server)
             log.warning("stream proxy listening on %s", spec.addr)
+        if self.cfg["apisix.enable_admin"]:
+            self._start_admin()
         self._watcher = gevent.spawn(self._watch, self.cfg["gproxy.store.watch_interval"])
+
+    def _start_admin(self):
+        host = self.cfg["deployment.admin.admin_listen.ip"]
+        port = self.cfg["deployment.admin.admin_listen.port"]
+        self.admin_server = WSGIServer((host, port), self.admin_app(),
+                                       log=None, error_log=logging.getLogger("gproxy.admin"))
+        try:
+            self.admin_server.start()
+        except OSError as exc:
+            self.stop(0)
+            raise OSError(exc.errno, "cannot listen on %s:%d for the Admin API: %s"
+                          % (host, port, exc.strerror))
+        log.warning("admin API listening on http://%s:%d/apisix/admin", host, port)
 
     def _watch(self, interval):
         while True:
@@ -99,6 +128,8 @@ class Gproxy:
         """Stop accepting, give live sessions ``timeout`` seconds, then close them."""
         for server in self.servers:
             server.close()
+        if self.admin_server is not None:
+            self.admin_server.close()
         if self._watcher is not None:
             self._watcher.kill(block=False)
         if timeout and len(self.pool):
@@ -108,4 +139,7 @@ class Gproxy:
         self.pool.kill(timeout=1)
         for server in self.servers:
             server.stop(timeout=0)
+        if self.admin_server is not None:
+            self.admin_server.stop(timeout=1)
+            self.admin_server = None
         self.servers = []

@@ -1,0 +1,264 @@
+"""One Admin API blueprint per APISIX resource (stream_routes, upstreams).
+
+Mirrors APISIX 3.x ``apisix/admin/resource.lua``: the order of checks in
+``check_conf`` (missing body, ids, forbidden timestamps, schema and the
+resource's own rules), the envelopes (``{"key","value"}``, ``{"list","total"}``,
+``{"deleted":"1"}``), and the status codes.  A failed check raises ApiError
+before the store is touched, so a bad request changes nothing.
+"""
+
+import copy
+import json
+import re
+import time
+
+from flask import Blueprint, Response, request
+
+from gproxy.errors import SchemaError
+from gproxy.resources import check_stream_route, check_upstream
+
+KIND = {"stream_routes": "stream route", "upstreams": "upstream"}
+
+
+class ApiError(Exception):
+    """An Admin API error: ``body`` is sent as JSON with ``status``."""
+
+    def __init__(self, message, status=400, **extra):
+        super().__init__(message)
+        self.status = status
+        self.body = dict({"error_msg": message}, **extra)
+
+
+def json_response(body, status=200):
+    """APISIX's body: the JSON (``/`` not escaped) and a trailing newline."""
+    return Response(json.dumps(body, ensure_ascii=False, separators=(",", ":")) + "\n", status=status,
+                    mimetype="application/json")
+
+
+_json = json_response
+
+
+def _cjson_message(exc):
+    """A JSONDecodeError worded like lua-cjson, which APISIX users see."""
+    pos = exc.pos + 1
+    if exc.msg.startswith("Expecting value"):
+        return "Expected value but found invalid token at character %d" % pos
+    if exc.msg.startswith("Expecting property name"):
+        return "Expected object key string but found invalid token at character %d" % pos
+    if exc.msg.startswith("Extra data"):
+        return "Expected the end but found invalid token at character %d" % pos
+    return "%s at character %d" % (exc.msg, pos)
+
+
+def read_body():
+    raw = request.get_data(as_text=True)
+    if not raw.strip():
+        return None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ApiError("invalid request body: " + _cjson_message(exc), req_body=raw) from None
+
+
+def _forbid_timestamps(conf, prefix=""):
+    for key in ("create_time", "update_time"):
+        if key in conf:
+            raise ApiError("the property is forbidden:  %s%s" % (prefix, key))
+    if not prefix and isinstance(conf.get("upstream"), dict):
+        _forbid_timestamps(conf["upstream"], "upstream.")
+
+
+def _record(rec):
+    return {"key": rec.key, "value": rec.value,
+            "createdIndex": rec.created_index, "modifiedIndex": rec.modified_index}
+
+
+class Resource:
+    """Checks and store operations for one resource name."""
+
+    def __init__(self, name, store):
+        self.name = name
+        self.kind = KIND[name]
+        self.store = store
+
+    def check_conf(self, id_, conf, need_id, allow_time=False):
+        """APISIX's ``check_conf``: returns the id to write under."""
+        if conf is None:
+            raise ApiError("missing configurations")
+        if isinstance(conf, dict):
+            id_ = id_ if id_ is not None else conf.get("id")
+            if need_id and id_ in (None, ""):
+                raise ApiError("missing %s id" % self.kind)
+            if not need_id and id_ is not None:
+                raise ApiError("wrong %s id, do not need it" % self.kind)
+            if need_id and conf.get("id") is not None and str(conf["id"]) != str(id_):
+                raise ApiError("wrong %s id" % self.kind)
+            if id_ is not None:
+                conf["id"] = id_
+            if not allow_time:
+                _forbid_timestamps(conf)
+        try:
+            if self.name == "upstreams":
+                check_upstream(conf)
+            else:
+                check_stream_route(conf, lambda uid: self.store.get("upstreams", uid) is not None)
+        except SchemaError as exc:
+            raise ApiError(str(exc)) from None
+        return id_
+
+    def write(self, id_, conf, status_new=201):
+        now = int(time.time())
+        old = self.store.get(self.name, id_)
+        conf["create_time"] = old.value.get("create_time", now) if old else now
+        conf["update_time"] = now
+        record, created = self.store.put(self.name, str(id_), conf)
+        return _json({"key": record.key, "value": record.value},
+                     status_new if created else 200)
+
+    def list(self):
+        records = sorted(self.store.list(self.name), key=lambda r: r.key)
+        records = [r for r in records if self._filtered(r.value)]
+        page_size = request.args.get("page_size")
+        if page_size is not None or request.args.get("page") is not None:
+            try:
+                size = int(page_size or 10)
+                page = max(int(request.args.get("page", 1)), 1)
+            except ValueError:
+                size, page = 0, 1
+            if not 10 <= size <= 500:
+                return Response("page_size must be between 10 and 500", 400)
+            records.sort(key=lambda r: r.created_index)
+            total = len(records)
+            records = records[(page - 1) * size:page * size]
+            return _json({"list": [_record(r) for r in records], "total": total})
+        return _json({"list": [_record(r) for r in records], "total": len(records)})
+
+    def _filtered(self, value):
+        name = request.args.get("name")
+        if name and not re.search(name, str(value.get("name", ""))):
+            return False
+        label = request.args.get("label")
+        if label:
+            key, _, want = label.partition(":")
+            labels = value.get("labels") or {}
+            if key not in labels or (want and labels[key] != want):
+                return False
+        wanted = dict(request.args.items())
+        field, _, want = request.args.get("filter", "").partition("=")
+        if field:
+            wanted[field] = want
+        for field in ("upstream_id", "service_id"):
+            if field in wanted and str(value.get(field)) != wanted[field]:
+                return False
+        return True
+
+    def delete(self, id_):
+        if self.name == "upstreams" and request.args.get("force") != "true":
+            users = [r.id for r in self.store.list("stream_routes")
+                     if str(r.value.get("upstream_id")) == str(id_)]
+            if users:
+                raise ApiError("can not delete this upstream, route [%s] is still using it now"
+                               % users[0])
+        removed = self.store.delete(self.name, id_)
+        if removed is None:
+            return _json({"message": "Key not found"}, 404)
+        return _json({"deleted": "1", "key": removed.key})
+
+    def patch(self, id_, sub_path):
+        conf = read_body()
+        if conf is None:
+            raise ApiError("missing new configuration")
+        if not sub_path and not isinstance(conf, dict):
+            raise ApiError("invalid configuration")
+        old = self.store.get(self.name, id_)
+        if old is None:
+            return _json({"message": "Key not found"}, 404)
+        value = copy.deepcopy(old.value)
+        if sub_path:
+            value = _set_path(value, sub_path, conf)
+        else:
+            value = merge_patch(value, conf)
+        self.check_conf(id_, value, True, allow_time=True)
+        return self.write(id_, value, status_new=200)
+
+
+def merge_patch(target, patch):
+    """RFC 7386 merge: objects merge recursively, ``null`` deletes, arrays replace."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge_patch(out.get(key), value)
+    return out
+
+
+def _set_path(value, sub_path, conf):
+    parts = [p for p in sub_path.split("/") if p]
+    node = value
+    for part in parts[:-1]:
+        if not isinstance(node, dict) or not isinstance(node.get(part), dict):
+            raise ApiError("invalid sub path: %s" % sub_path)
+        node = node[part]
+    if not isinstance(node, dict):
+        raise ApiError("invalid sub path: %s" % sub_path)
+    node[parts[-1]] = conf
+    return value
+
+
+def make_resource_blueprint(name, store, enabled=True):
+    res = Resource(name, store)
+    bp = Blueprint(name, __name__, url_prefix="/apisix/admin/" + name)
+
+    @bp.before_request
+    def stream_mode():
+        if not enabled:
+            raise ApiError("stream mode is disabled, can not add stream routes")
+
+    @bp.get("", strict_slashes=False)
+    def list_():
+        return res.list()
+
+    @bp.get("/<id_>")
+    def get(id_):
+        rec = store.get(name, id_)
+        if rec is None:
+            return _json({"message": "Key not found"}, 404)
+        return _json(_record(rec))
+
+    @bp.put("", strict_slashes=False)
+    @bp.put("/<id_>")
+    def put(id_=None):
+        conf = read_body()
+        id_ = res.check_conf(id_, conf, need_id=True)
+        return res.write(id_, conf)
+
+    @bp.post("", strict_slashes=False)
+    @bp.post("/<id_>")
+    def post(id_=None):
+        conf = read_body()
+        res.check_conf(id_, conf, need_id=False)
+        new_id = store.new_id()
+        conf["id"] = new_id
+        return res.write(new_id, conf)
+
+    @bp.delete("", strict_slashes=False)
+    @bp.delete("/<id_>")
+    def delete(id_=None):
+        if id_ is None:
+            raise ApiError("missing %s id" % res.kind)
+        return res.delete(id_)
+
+    @bp.patch("", strict_slashes=False)
+    @bp.patch("/<id_>")
+    @bp.patch("/<id_>/<path:sub_path>")
+    def patch(id_=None, sub_path=None):
+        if name == "stream_routes":
+            raise ApiError("not supported `PATCH` method for stream route", 405)
+        if id_ is None:
+            raise ApiError("missing %s id" % res.kind)
+        return res.patch(id_, sub_path)
+
+    return bp
