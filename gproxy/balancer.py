@@ -115,7 +115,7 @@ class RoundRobin:
         self._weights = _reduced_weights(self.nodes)
         self._max = max(self._weights, default=0)
         self._index = rng.randrange(len(self.nodes)) if self.nodes else 0
-        self._current = 0
+        self._current = self._max  # resty.roundrobin starts at cw = max weight
 
     def _next(self):
         n = len(self.nodes)

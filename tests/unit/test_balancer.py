@@ -159,13 +159,24 @@ def test_ring_matches_model_at_every_point():
             assert ring.pick(key_with_crc(point + 1)).addr == after
 
 
-def test_wrap_around_to_first_point():
-    model = model_ring([(A.addr, 1), (B.addr, 1)])
+@pytest.mark.parametrize("nodes", [
+    [A, B],
+    # here the first and the last point have different owners, so wrapping
+    # is told apart from "nearest point" or "last point"
+    [Node("127.0.0.1", 1883), Node("127.0.0.1", 1885)],
+], ids=["spec-nodes", "owners-differ"])
+def test_wrap_around_to_first_point(nodes):
+    model = model_ring([(n.addr, 1) for n in nodes])
     first_owner, last = model[0][1], model[-1][0]
-    assert model[-1][1] != first_owner  # so the test tells wrap from "nearest point"
-    ring = ChashRing([A, B])
-    for crc in (last + 1, (last + 0xFFFFFFFF) // 2, 0xFFFFFFFF, 0):
+    ring = ChashRing(nodes)
+    for crc in (last + 1, (last + 0xFFFFFFFF) // 2, 0xFFFFFFFF, 0, model[0][0]):
         assert ring.pick(key_with_crc(crc)).addr == first_owner
+    assert ring.pick(key_with_crc(last)).addr == model[-1][1]
+
+
+def test_wrap_around_case_is_meaningful():
+    model = model_ring([("127.0.0.1:1883", 1), ("127.0.0.1:1885", 1)])
+    assert model[0][1] != model[-1][1]
 
 
 @pytest.mark.parametrize("weights", [(1, 1), (1, 2, 3), (5, 1, 1, 2)])
@@ -269,7 +280,6 @@ def rr_picks(weights, count, seed=0, tried=()):
     ((3, 2, 1), 600, (300, 200, 100)),
     ((4, 2), 300, (200, 100)),           # gcd 2: cycle of 3
     ((1, 1, 1, 1), 400, (100, 100, 100, 100)),
-    ((2, 1, 1, 0), 400, (200, 100, 100, 0)),
 ])
 def test_roundrobin_proportions_exact(weights, count, expected, seed):
     nodes, picks = rr_picks(weights, count, seed)
@@ -304,16 +314,14 @@ def test_roundrobin_skips_tried():
     assert heavy.pick(None, {Node("h", 1, weight=50)}) == Node("l", 1, weight=1)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "RoundRobin starts with current weight 0, so before its first wrap every "
-    "node after the random start, weight-0 ones included, passes the "
-    "`weight >= current` test; resty.roundrobin starts at cw = max_weight"))
 def test_roundrobin_weight_zero_never_chosen():
     for seed in range(20):
         nodes, picks = rr_picks((1, 0, 1), 30, seed)
         assert nodes[1] not in picks, "seed %d: %s" % (seed, [n.host for n in picks[:3]])
         nodes, picks = rr_picks((1, 0, 1), 1, seed, tried={nodes[0], nodes[2]})
         assert picks == [None]
+        nodes, picks = rr_picks((2, 1, 1, 0), 400, seed)
+        assert tuple(Counter(picks)[n] for n in nodes) == (200, 100, 100, 0)
 
 
 def test_roundrobin_empty():
