@@ -118,19 +118,19 @@ class Resource:
     def list(self):
         records = sorted(self.store.list(self.name), key=lambda r: r.key)
         records = [r for r in records if self._filtered(r.value)]
-        page_size = request.args.get("page_size")
-        if page_size is not None or request.args.get("page") is not None:
-            try:
-                size = int(page_size or 10)
-                page = max(int(request.args.get("page", 1)), 1)
-            except ValueError:
-                size, page = 0, 1
+        try:  # like APISIX's v3 adapter: page only when both are numbers
+            page, size = int(request.args["page"]), int(request.args["page_size"])
+        except (KeyError, ValueError):
+            page = size = None
+        if page is not None:
             if not 10 <= size <= 500:
-                return Response("page_size must be between 10 and 500", 400)
+                return Response("page_size must be between 10 and 500", 400,
+                                mimetype="text/plain")
             records.sort(key=lambda r: r.created_index)
             total = len(records)
-            records = records[(page - 1) * size:page * size]
-            return _json({"list": [_record(r) for r in records], "total": total})
+            start = (max(page, 1) - 1) * size
+            return _json({"list": [_record(r) for r in records[start:start + size]],
+                          "total": total})
         return _json({"list": [_record(r) for r in records], "total": len(records)})
 
     def _filtered(self, value):

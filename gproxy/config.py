@@ -190,6 +190,8 @@ def _substitute(text):
 def _flatten(tree, prefix=""):
     for name, value in tree.items():
         key = prefix + str(name)
+        if key in _PARENTS and value is not None and not isinstance(value, dict):
+            raise ConfigError("%s: expected a mapping, got %r" % (key, value))
         if isinstance(value, dict) and (key in _PARENTS or key not in _DECLARED):
             if key in _PARENTS or value:
                 yield from _flatten(value, key + ".")

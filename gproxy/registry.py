@@ -55,20 +55,33 @@ class Registry:
         """A fresh SessionInfo for a client ``(ip, port)`` on a listener ``(ip, port)``."""
         return SessionInfo(next(self._ids), client[0], client[1], server[0], server[1])
 
-    @contextmanager
-    def track(self, info, closer=None):
-        """Show ``info`` as live for the duration of the ``with`` block."""
+    def add(self, info, closer=None):
+        """Show ``info`` as live; ``closer()`` is how an operator may end it."""
         self._live[info.id] = info
         if closer is not None:
             self._closers[info.id] = closer
         self.sessions_total += 1
+
+    def remove(self, info):
+        """The session has ended: fold its bytes into the totals."""
+        if self._live.pop(info.id, None) is None:
+            return
+        self._closers.pop(info.id, None)
+        self.bytes_in_closed += info.bytes_in
+        self.bytes_out_closed += info.bytes_out
+
+    def set_closer(self, info, closer):
+        if info.id in self._live:
+            self._closers[info.id] = closer
+
+    @contextmanager
+    def track(self, info, closer=None):
+        """Show ``info`` as live for the duration of the ``with`` block."""
+        self.add(info, closer)
         try:
             yield info
         finally:
-            self._live.pop(info.id, None)
-            self._closers.pop(info.id, None)
-            self.bytes_in_closed += info.bytes_in
-            self.bytes_out_closed += info.bytes_out
+            self.remove(info)
 
     def reject(self, reason):
         """Count a connection refused before proxying (``reason`` is a short token)."""

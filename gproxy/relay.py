@@ -1,37 +1,32 @@
 """The relay: pump bytes both ways between two connected sockets until both end.
 
-Nothing here knows MQTT.  Each direction copies with ``recv_into`` into its
-own buffer and ``sendall``; end of stream on one side is passed on as a
-half-close (``shutdown(SHUT_WR)``) and the other direction keeps flowing until
-it ends too (inetaf/tcpproxy's model).  An error on either side aborts both.
-Byte counts go onto the session record as they move.  The caller owns and
-closes the sockets.
+Nothing here knows MQTT.  Once a session is connected, its greenlet hands
+both file descriptors to a ``Relay`` and returns: from then on the bytes are
+moved by libev I/O watcher callbacks on the hub, so an idle session costs two
+sockets, two watchers and one small object, not greenlet stacks.
+
+Each direction reads into one shared buffer and writes straight to the other
+socket; what the other socket does not take at once is kept as that
+direction's backlog, and reading from the source stops until it drains
+(back-pressure, as nginx does).  End of stream on one side is passed on as a
+half-close (``shutdown(SHUT_WR)``) and the other direction keeps flowing
+until it ends too (inetaf/tcpproxy's model).  An error on either side aborts
+both.  Byte counts go onto the session record as they move.  Callbacks never
+block and never raise into the hub.
 """
 
 import errno
+import logging
 import socket
 import time
 
 import gevent
 
+log = logging.getLogger("gproxy.relay")
+
 BUFFER_SIZE = 64 * 1024
-
-
-class _Pair:
-    """The shared state of one relay: last activity and the abort switch."""
-
-    def __init__(self, client, upstream, idle_timeout):
-        self.client = client
-        self.upstream = upstream
-        self.idle_timeout = idle_timeout
-        self.last = time.monotonic()
-        self.aborted = None
-
-    def abort(self, reason):
-        if self.aborted is None:
-            self.aborted = reason
-        for sock in (self.client, self.upstream):
-            shutdown(sock, socket.SHUT_RDWR)
+READ, WRITE = 1, 2
+_RETRY = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
 
 
 def shutdown(sock, how):
@@ -41,32 +36,110 @@ def shutdown(sock, how):
         pass  # already closed or reset: nothing left to tell the peer
 
 
-def _pump(pair, src, dst, info, counter):
-    buf = bytearray(BUFFER_SIZE)
-    view = memoryview(buf)
-    # A quiet direction wakes every idle_timeout and checks the shared clock, so
-    # a session idles out within 1-2 x idle_timeout of its last byte either way.
-    src.settimeout(pair.idle_timeout)
-    while pair.aborted is None:
+class _Direction:
+    """One way of a relay: src -> dst, with its watchers and backlog."""
+
+    __slots__ = ("src", "dst", "reader", "writer", "backlog", "counter", "done")
+
+    def __init__(self, loop, src, dst, counter):
+        self.src = src
+        self.dst = dst
+        self.reader = loop.io(src.fileno(), READ)
+        self.writer = None  # created when dst first pushes back
+        self.backlog = None
+        self.counter = counter
+        self.done = False
+
+
+class Relay:
+    """Bytes between ``client`` and ``upstream`` (non-blocking stdlib sockets)."""
+
+    __slots__ = ("hub", "client", "upstream", "info", "on_done", "last", "idle", "reason",
+                 "up", "down")
+
+    def __init__(self, hub, client, upstream, info, on_done, idle):
+        self.hub = hub
+        self.idle = idle
+        self.client = client
+        self.upstream = upstream
+        self.info = info
+        self.on_done = on_done
+        self.last = time.monotonic()
+        self.reason = None
+        self.up = _Direction(hub.loop, client, upstream, "bytes_in")
+        self.down = _Direction(hub.loop, upstream, client, "bytes_out")
+
+    def start(self):
+        self.hub.relays.add(self)
+        self.up.reader.start(self._readable, self.up)
+        self.down.reader.start(self._readable, self.down)
+
+    def _readable(self, d):
         try:
-            n = src.recv_into(buf)
-        except socket.timeout:
-            if time.monotonic() - pair.last >= pair.idle_timeout:
-                pair.abort("idle")
-            continue
+            n = d.src.recv_into(self.hub.buffer)
         except OSError as exc:
-            pair.abort(_reason(exc))
+            if exc.errno not in _RETRY:
+                self.abort(_reason(exc))
             return
         if not n:
-            shutdown(dst, socket.SHUT_WR)  # pass the half-close on
+            d.reader.stop()
+            d.done = True
+            shutdown(d.dst, socket.SHUT_WR)  # pass the half-close on
+            if self.up.done and self.down.done:
+                self.finish()
             return
-        pair.last = time.monotonic()
+        self.last = time.monotonic()
+        setattr(self.info, d.counter, getattr(self.info, d.counter) + n)
+        view = memoryview(self.hub.buffer)[:n]
         try:
-            dst.sendall(view[:n])
+            sent = d.dst.send(view)
         except OSError as exc:
-            pair.abort(_reason(exc))
+            if exc.errno not in _RETRY:
+                self.abort(_reason(exc))
+                return
+            sent = 0
+        if sent < n:  # the other side is full: hold the rest, stop reading
+            d.backlog = bytes(view[sent:])
+            d.reader.stop()
+            if d.writer is None:
+                d.writer = self.hub.loop.io(d.dst.fileno(), WRITE)
+            d.writer.start(self._writable, d)
+
+    def _writable(self, d):
+        try:
+            sent = d.dst.send(d.backlog)
+        except OSError as exc:
+            if exc.errno not in _RETRY:
+                self.abort(_reason(exc))
             return
-        setattr(info, counter, getattr(info, counter) + n)
+        self.last = time.monotonic()
+        d.backlog = d.backlog[sent:] if sent < len(d.backlog) else None
+        if d.backlog is None:
+            d.writer.stop()
+            d.reader.start(self._readable, d)
+
+    def abort(self, reason):
+        """End both directions now (error, idle, or an operator's disconnect)."""
+        if self.reason is None:
+            self.reason = reason
+        self.finish()
+
+    def finish(self):
+        if self not in self.hub.relays:
+            return
+        self.hub.relays.discard(self)
+        for d in (self.up, self.down):
+            d.reader.stop()
+            d.reader.close()
+            if d.writer is not None:
+                d.writer.stop()
+                d.writer.close()
+        for sock in (self.client, self.upstream):
+            sock.close()
+        try:
+            self.on_done(self)
+        except Exception:  # never raise into the hub
+            log.exception("relay: completion callback failed")
 
 
 def _reason(exc):
@@ -75,20 +148,40 @@ def _reason(exc):
     return "error: %s" % (exc.strerror or exc)
 
 
-def relay(client, upstream, info, idle_timeout=600.0):
-    """Relay until both directions have ended; return None or why it was cut short.
+class RelayHub:
+    """The relays of one process: the shared read buffer and the idle sweeper."""
 
-    ``info.bytes_in`` counts client->upstream bytes, ``info.bytes_out`` the
-    other way.  The client->upstream pump runs in a second greenlet; this one
-    runs upstream->client.
-    """
-    pair = _Pair(client, upstream, idle_timeout)
-    up = gevent.spawn(_pump, pair, client, upstream, info, "bytes_in")
-    try:
-        _pump(pair, upstream, client, info, "bytes_out")
-        up.join()
-    finally:
-        if not up.dead:
-            pair.abort("cancelled")
-            up.kill(block=True)
-    return pair.aborted
+    def __init__(self, loop=None, sweep_interval=1.0):
+        self.loop = loop or gevent.get_hub().loop
+        self.buffer = bytearray(BUFFER_SIZE)
+        self.relays = set()
+        self.sweep_interval = sweep_interval
+        self._sweeper = None
+
+    def start(self, client, upstream, info, on_done, idle_timeout=600.0):
+        """Relay between two connected sockets; ``on_done(relay)`` runs once at the end.
+
+        The sockets become the relay's: it closes them.  A relay with no byte
+        either way for ``idle_timeout`` seconds is closed (nginx proxy_timeout).
+        """
+        for sock in (client, upstream):
+            sock.setblocking(False)
+        relay = Relay(self, client, upstream, info, on_done, idle_timeout)
+        relay.start()
+        if self._sweeper is None:
+            self._sweeper = gevent.spawn(self._sweep)
+        return relay
+
+    def _sweep(self):
+        while True:
+            gevent.sleep(self.sweep_interval)
+            now = time.monotonic()
+            for relay in [r for r in self.relays if now - r.last >= r.idle]:
+                relay.abort("idle")
+
+    def close_all(self, reason="shutdown"):
+        for relay in list(self.relays):
+            relay.abort(reason)
+        if self._sweeper is not None:
+            self._sweeper.kill(block=False)
+            self._sweeper = None

@@ -11,6 +11,7 @@ it can be embedded in a program that runs a gevent hub.
 
 import logging
 import socket
+import time
 
 import gevent
 from gevent.pool import Pool
@@ -132,10 +133,13 @@ class Gproxy:
             self.admin_server.close()
         if self._watcher is not None:
             self._watcher.kill(block=False)
-        if timeout and len(self.pool):
-            log.warning("draining %d sessions for up to %.0fs", len(self.pool), timeout)
-            self.pool.join(timeout=timeout)
+        if timeout and len(self.registry):
+            log.warning("draining %d sessions for up to %.0fs", len(self.registry), timeout)
+            deadline = time.monotonic() + timeout
+            while len(self.registry) and time.monotonic() < deadline:
+                gevent.sleep(0.1)
         self.registry.close_where()
+        self.proxy.relays.close_all()
         self.pool.kill(timeout=1)
         for server in self.servers:
             server.stop(timeout=0)

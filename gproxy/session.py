@@ -1,10 +1,13 @@
 """One client connection: match -> preread CONNECT -> balance -> dial -> replay -> relay.
 
 ``Proxy.handle(sock, addr)`` is the StreamServer handler.  It owns the client
-socket until it returns (gevent closes it then) and the upstream socket it
-dials.  Errors end this one session and are logged as one line; nothing here
-can touch the listener.  Log lines APISIX users grep for keep APISIX's exact
-wording (docs/apisix-behaviour.md §1-2, §5); CONNECT payloads are never logged.
+socket and the upstream socket it dials until it hands both to the relay
+(``relay.RelayHub``), which then owns and closes them; if anything fails
+before that, the handler closes what it opened and returns (gevent closes the
+client socket).  Errors end this one session and are logged as one line;
+nothing here can touch the listener.  Log lines APISIX users grep for keep
+APISIX's exact wording (docs/apisix-behaviour.md §1-2, §5); CONNECT payloads
+are never logged.
 """
 
 import logging
@@ -12,14 +15,13 @@ import re
 import socket
 import time
 
-from gevent import Timeout
 from gevent import socket as gsocket
 
 from gproxy import mqtt
 from gproxy.balancer import Node
 from gproxy.errors import MalformedPacket, NoUpstream
 from gproxy.registry import Registry
-from gproxy.relay import relay, shutdown
+from gproxy.relay import RelayHub, shutdown
 from gproxy.routes import RouteTable, is_ip
 
 log = logging.getLogger("gproxy.session")
@@ -31,16 +33,18 @@ class Settings:
     """The per-session knobs from config (seconds and bytes)."""
 
     def __init__(self, preread_timeout=30.0, max_packet=mqtt.DEFAULT_MAX_PACKET,
-                 connect_timeout=None, idle_timeout=None):
+                 connect_timeout=None, idle_timeout=None, max_connections=None):
         self.preread_timeout = preread_timeout
         self.max_packet = max_packet
         self.connect_timeout = connect_timeout  # None: the upstream's or nginx's default
         self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
 
     @classmethod
     def from_config(cls, cfg):
         return cls(cfg["gproxy.preread.timeout"], cfg["gproxy.preread.buffer_size"],
-                   cfg["gproxy.proxy.connect_timeout"], cfg["gproxy.proxy.timeout"])
+                   cfg["gproxy.proxy.connect_timeout"], cfg["gproxy.proxy.timeout"],
+                   cfg["gproxy.max_connections"])
 
 
 def plain_ip(ip):
@@ -49,12 +53,13 @@ def plain_ip(ip):
 
 
 class Proxy:
-    """The data path shared by every listener: route table, registry, settings."""
+    """The data path shared by every listener: route table, registry, relays, settings."""
 
-    def __init__(self, table=None, registry=None, settings=None):
+    def __init__(self, table=None, registry=None, settings=None, relays=None):
         self.table = table or RouteTable()
         self.registry = registry or Registry()
         self.settings = settings or Settings()
+        self.relays = relays or RelayHub()
 
     def handle(self, sock, addr):
         try:
@@ -67,7 +72,7 @@ class Proxy:
 
 
 class Session:
-    """The life of one accepted connection."""
+    """The life of one accepted connection, up to the hand-off to the relay."""
 
     def __init__(self, proxy, sock, info):
         self.proxy = proxy
@@ -75,40 +80,52 @@ class Session:
         self.info = info
         self.upstream_sock = None
         self.client_id = b""  # raw bytes from the CONNECT: the chash key
-        self.tail = ", client: %s:%d, server: %s:%d, session: %s" % (
-            info.client_addr, info.client_port, info.server_addr, info.server_port, info.id)
+        self.relay = None
 
     def log(self, level, msg, *args):
         if log.isEnabledFor(level):
-            log.log(level, msg + self.tail, *args)
+            info = self.info
+            log.log(level, msg + ", client: %s:%d, server: %s:%d, session: %s",
+                    *args, info.client_addr, info.client_port, info.server_addr,
+                    info.server_port, info.id)
 
     def reject(self, reason, level, msg, *args):
         self.proxy.registry.reject(reason)
         self.log(level, msg, *args)
 
     def close(self):
-        """Registry closer: end this session from another greenlet."""
+        """Registry closer: end this session from another greenlet or the Admin API."""
         self.info.state = "closing"
+        if self.relay is not None:
+            self.relay.abort("disconnected")
+            return
         for s in (self.sock, self.upstream_sock):
             if s is not None:
                 shutdown(s, socket.SHUT_RDWR)
 
     def run(self):
         info = self.info
+        registry = self.proxy.registry
         table = self.proxy.table  # one snapshot for the whole session
         route = table.match(info.server_addr, info.server_port, info.client_addr)
         if route is None:
             # Close before reading: a client that already sent bytes gets an RST.
             self.reject("no_route", logging.INFO, "match(): not hit any route")
             return
+        limit = self.proxy.settings.max_connections
+        if limit and len(registry) >= limit:
+            self.reject("limit", logging.ERROR, "too many sessions (max_connections %d)", limit)
+            return
         info.route_id = route.id
-        with self.proxy.registry.track(info, self.close):
-            try:
-                self._proxy(table, route)
-            finally:
+        registry.add(info, self.close)
+        try:
+            self._proxy(table, route)
+        finally:
+            if self.relay is None:  # never handed off: this greenlet cleans up
                 if self.upstream_sock is not None:
                     self.upstream_sock.close()
                 info.state = "closed"
+                registry.remove(info)
 
     def _proxy(self, table, route):
         upstream, err = table.upstream_for(route)
@@ -125,53 +142,67 @@ class Session:
         except NoUpstream as exc:
             self.reject("upstream_unavailable", logging.ERROR, str(exc))
             return
-        self.info.state = "relaying"
         try:
             if buf:
                 self.upstream_sock.sendall(buf)  # every peeked byte, unchanged
                 self.info.bytes_in += len(buf)
-            idle = self.proxy.settings.idle_timeout or upstream.idle_timeout
-            why = relay(self.sock, self.upstream_sock, self.info, idle)
         except OSError as exc:
-            why = "error: %s" % (exc.strerror or exc)
+            self.log(logging.ERROR, "failed to replay the CONNECT upstream: %s",
+                     exc.strerror or exc)
+            return
+        if self.info.state == "closing":
+            return  # an operator closed it while we dialled
+        self._hand_off(self.proxy.settings.idle_timeout or upstream.idle_timeout)
+
+    def _hand_off(self, idle):
+        """Give both sockets to the relay; this greenlet then returns."""
+        client = socket.socket(fileno=self.sock.detach())
+        upstream = socket.socket(fileno=self.upstream_sock.detach())
+        self.upstream_sock = None
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.info.state = "relaying"
+        self.relay = self.proxy.relays.start(client, upstream, self.info, self._relay_done, idle)
+
+    def _relay_done(self, relay):
+        info = self.info
+        info.state = "closed"
+        self.proxy.registry.remove(info)
         self.log(logging.INFO, "session closed: node=%s bytes_in=%d bytes_out=%d "
-                 "duration=%.3fs reason=%s", self.info.node, self.info.bytes_in,
-                 self.info.bytes_out, time.time() - self.info.connected_at, why or "eof")
+                 "duration=%.3fs reason=%s", info.node, info.bytes_in, info.bytes_out,
+                 time.time() - info.connected_at, relay.reason or "eof")
 
     def _preread(self, conf):
         """Buffer the whole CONNECT, check it; the bytes, or None after rejecting."""
         settings = self.proxy.settings
-        buf = bytearray()
+        deadline = time.monotonic() + settings.preread_timeout
+        buf = b""
         packet = None
         try:
-            with Timeout(settings.preread_timeout):
-                while packet is None:
-                    chunk = self.sock.recv(RECV_SIZE)
-                    if not chunk:
-                        return self._short_read(buf, "closed")
-                    buf += chunk
-                    packet = mqtt.parse_connect(buf, settings.max_packet)
-        except Timeout:
+            while packet is None:
+                self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                chunk = self.sock.recv(RECV_SIZE)
+                if not chunk:
+                    return self._short_read(buf, "closed")
+                buf += chunk
+                packet = mqtt.parse_connect(buf, settings.max_packet)
+            mqtt.check_protocol(packet, conf.protocol_name, conf.protocol_level)
+        except socket.timeout:
             return self._short_read(buf, "timeout")
         except OSError as exc:
             return self._short_read(buf, exc.strerror or str(exc))
         except MalformedPacket as exc:
             self.reject(exc.reason, logging.ERROR, "%s", exc)
             return None
-        try:
-            mqtt.check_protocol(packet, conf.protocol_name, conf.protocol_level)
-        except MalformedPacket as exc:
-            self.reject(exc.reason, logging.ERROR, "%s", exc)
-            return None
+        self.sock.settimeout(None)
+        self.client_id = packet.client_id
         self.info.client_id = packet.client_id_text
         self.info.protocol_level = packet.protocol_level
-        self.client_id = packet.client_id
-        self.log(logging.INFO, "mqtt client id: %s", packet.client_id_text)
-        return bytes(buf)
+        self.log(logging.INFO, "mqtt client id: %s", self.info.client_id)
+        return buf
 
     def _short_read(self, buf, why):
         try:
-            header_done = mqtt.packet_length(bytes(buf)) is not None
+            header_done = mqtt.packet_length(buf) is not None
         except MalformedPacket:
             header_done = False
         what = "the Connect Command" if header_done else "the msg header"
@@ -188,8 +219,8 @@ class Session:
         return found
 
     def _hash_key(self, upstream):
-        if upstream.type != "chash":
-            return None
+        if upstream.type != "chash" or len(upstream.nodes) == 1:
+            return None  # one node skips the balancer, and so the key (APISIX)
         found = self._vars()
         value = None
         if upstream.hash_on == "vars":
@@ -215,8 +246,7 @@ class Session:
             except OSError as exc:
                 self.log(logging.ERROR, "failed to parse domain: %s, error: %s", node.host, exc)
                 continue
-            ip = infos[0][4][0]
-            nodes.append(Node(ip, node.port, node.weight, node.priority, node.host))
+            nodes.append(Node(infos[0][4][0], node.port, node.weight, node.priority, node.host))
         if not nodes:
             raise NoUpstream("failed to set upstream: no valid upstream node")
         return nodes
@@ -236,15 +266,11 @@ class Session:
                 break
             tried.append(node.addr)
             self.log(logging.INFO, "proxy request to %s", node.addr)
-            try:
-                conn = gsocket.create_connection((node.dial_host, node.port), timeout)
-            except (OSError, Timeout) as exc:
+            conn = _connect(node, timeout)
+            if isinstance(conn, OSError):
                 self.log(logging.ERROR, "connect() failed (%s) while connecting to upstream, "
-                         "upstream: \"%s\"", _errtext(exc), node.addr)
+                         "upstream: \"%s\"", _errtext(conn), node.addr)
                 continue
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.settimeout(None)
             self.upstream_sock = conn
             self.info.node = node.addr
             return
@@ -253,12 +279,27 @@ class Session:
         raise NoUpstream("all upstream servers tried: %s" % ", ".join(tried))
 
 
+def _connect(node, timeout):
+    """A connected gevent socket to ``node``, or the OSError that stopped it."""
+    host = node.dial_host
+    conn = gsocket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                          socket.SOCK_STREAM)
+    conn.settimeout(timeout)
+    try:
+        conn.connect((host, node.port))
+    except OSError as exc:
+        conn.close()
+        return exc
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as nginx's tcp_nodelay
+    conn.settimeout(None)
+    return conn
+
+
 def _text(value):
     return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else value
 
 
 def _errtext(exc):
-    if isinstance(exc, (socket.timeout, Timeout)):
+    if isinstance(exc, socket.timeout):
         return "110: Connection timed out"
-    return "%s: %s" % (exc.errno, exc.strerror) if getattr(exc, "errno", None) else str(exc)
-
+    return "%s: %s" % (exc.errno, exc.strerror) if exc.errno else str(exc)

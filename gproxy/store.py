@@ -80,11 +80,13 @@ class Store:
         return {kind: [copy.deepcopy(r.value) for r in self.list(kind)] for kind in KINDS}
 
 
-def check_item(kind, value, upstream_ids):
+def check_item(kind, value):
+    """The Admin API's checks, less referential ones: like APISIX standalone, a
+    route naming a missing upstream loads and fails per connection instead."""
     if kind == "upstreams":
         check_upstream(value)
     else:
-        check_stream_route(value, lambda uid: uid in upstream_ids)
+        check_stream_route(value)
 
 
 def parse(text, path, require_end=True):
@@ -95,7 +97,6 @@ def parse(text, path, require_end=True):
     if not isinstance(data, dict):
         raise SchemaError("%s: expected a mapping with stream_routes and upstreams" % path)
     out, errors = {}, []
-    upstream_ids = set()
     for kind in KINDS:
         items = data.get(kind) or []
         if not isinstance(items, list):
@@ -105,15 +106,12 @@ def parse(text, path, require_end=True):
             try:
                 if not isinstance(value, dict) or value.get("id") is None:
                     raise SchemaError("missing id")
-                check_item(kind, value, upstream_ids)
+                check_item(kind, value)
             except SchemaError as exc:
                 errors.append("failed to check item data of [%s] err:%s ,val: %s"
                               % (kind, exc, json.dumps(value, default=str)))
                 continue
-            value["id"] = str(value["id"])
-            out[kind].append(value)
-            if kind == "upstreams":
-                upstream_ids.add(value["id"])
+            out[kind].append(value)  # the id keeps its type; the store key is str(id)
     return out, errors, int(data.get("gproxy_revision") or 0)
 
 
@@ -155,10 +153,13 @@ class FileStore(Store):
         fresh = {kind: {} for kind in KINDS}
         for kind in KINDS:
             for value in data[kind]:
-                old = self._data[kind].get(value["id"])
+                key = str(value["id"])
+                old = self._data[kind].get(key)
                 self._revision += 1
                 created = old.created_index if old else self._revision
-                fresh[kind][value["id"]] = Record(kind, value["id"], value, created, self._revision)
+                fresh[kind][key] = Record(kind, key, value, created, self._revision)
+                if key.isdigit():  # POST ids are revisions: never hand one out twice
+                    self._revision = max(self._revision, int(key))
         self._data = fresh
 
     def poll(self):
@@ -205,8 +206,11 @@ class FileStore(Store):
         return old
 
     def new_id(self):
-        self._revision += 1
-        return "%020d" % self._revision
+        while True:
+            self._revision += 1
+            new = "%020d" % self._revision
+            if all(new not in records for records in self._data.values()):
+                return new
 
     def subscribe(self, callback):
         self._callbacks.append(callback)
