@@ -46,17 +46,23 @@ def parse_args(argv):
                         "built-in defaults)" % DEFAULT_CONFIG)
     parser.add_argument("--log-level", choices=sorted(LEVELS, key=LEVELS.get),
                         help="override nginx_config.error_log_level")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="proxy processes sharing the listeners with SO_REUSEPORT "
+                        "(default 1; use the number of cores for the most connections/s)")
     parser.add_argument("--check", action="store_true",
                         help="validate the config and store, then exit")
     parser.add_argument("--version", action="version", version="gproxy " + __version__)
     return parser.parse_args(argv)
 
 
-def raise_fd_limit():
-    """Allow as many sockets as the hard limit permits (two per session)."""
+def raise_fd_limit(want=262144):
+    """Allow many sockets (two per session): up to ``want`` if we may, else the hard limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(want, soft), max(want, hard)))
+    except (ValueError, OSError):  # not root: the hard limit is as far as we can go
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def main(argv=None):
@@ -88,7 +94,7 @@ def main(argv=None):
         return 0
     raise_fd_limit()
     try:
-        app.start()
+        app.start(workers=max(args.workers, 1))
     except OSError as exc:
         print("gproxy: %s" % exc, file=sys.stderr)
         return 1

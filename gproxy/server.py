@@ -1,12 +1,14 @@
-"""The process's services: stream listeners, the route table kept in step with the store.
+"""The process's services: stream listeners, Admin API, and the store watcher.
 
 ``Gproxy`` wires config, store, registry and the data path together: one
 gevent ``StreamServer`` per listener, all spawning sessions into one bounded
-pool, and a watcher greenlet that picks up outside edits of the store.  A
-store change builds a new ``RouteTable`` and swaps one reference, so new
-connections see it at once and live sessions keep the route they matched.
-It patches nothing and installs no signal handlers (that is ``cli``'s job), so
-it can be embedded in a program that runs a gevent hub.
+pool, the Admin API (``pywsgi``) on the same hub, and a watcher greenlet that
+picks up outside edits of the store.  A store change builds a new
+``RouteTable`` and swaps one reference (or, with workers, pushes the data to
+every worker and waits for their acks), so new connections see it by the time
+the Admin API answers and live sessions keep the route they matched.  It
+patches nothing and installs no signal handlers (that is ``cli``'s job), so it
+can be embedded in a program that runs a gevent hub.
 """
 
 import logging
@@ -14,6 +16,7 @@ import socket
 import time
 
 import gevent
+import gevent.socket
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
 from gevent.server import StreamServer
@@ -28,12 +31,14 @@ log = logging.getLogger("gproxy.server")
 BACKLOG = 1024
 
 
-def bind_listener(spec, backlog=BACKLOG):
+def bind_listener(spec, backlog=BACKLOG, reuseport=False):
     """A bound, listening gevent socket for a ListenerSpec (a TLS wrapper can sit on it)."""
     family = socket.AF_INET6 if ":" in spec.host else socket.AF_INET
     sock = gevent.socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((spec.host, spec.port))
@@ -51,12 +56,32 @@ class Gproxy:
         self.cfg = cfg
         self.store = store if store is not None else FileStore(cfg.store_path)
         self.registry = registry if registry is not None else Registry()
-        self.proxy = Proxy(self.build_table(), self.registry, Settings.from_config(cfg))
+        self.proxy = Proxy(self.build_table(self.store.snapshot()), self.registry,
+                           Settings.from_config(cfg))
         self.store.subscribe(self.reload)
         self.pool = Pool(cfg["gproxy.max_connections"])
         self.servers = []
         self.admin_server = None
+        self.workers = None  # the parent's WorkerSet when running with --workers
         self._watcher = None
+
+    def build_table(self, data):
+        return RouteTable(data["stream_routes"], data["upstreams"],
+                          self.cfg["gproxy.balancer.chash_ring"])
+
+    def set_data(self, data):
+        """Swap in a route table built from ``{stream_routes, upstreams}``."""
+        self.proxy.table = self.build_table(data)
+        log.info("route table rebuilt: routes=%d upstreams=%d",
+                 len(self.proxy.table.routes), len(self.proxy.table.upstreams))
+
+    def reload(self):
+        """Store callback: make the store's current data live (in every worker)."""
+        data = self.store.snapshot()
+        if self.workers is not None:
+            self.workers.push_table(data)
+        else:
+            self.set_data(data)
 
     def admin_app(self):
         """The Admin API (and the dashboard, when admin_ui is installed) as a WSGI app."""
@@ -68,23 +93,31 @@ class Gproxy:
             log.info("admin_ui not installed: serving the Admin API without the dashboard")
         else:
             blueprints.append(create_blueprint())
-        return create_app(self.store, self.registry, self.cfg, blueprints)
+        sessions = self.workers if self.workers is not None else self.registry
+        return create_app(self.store, sessions, self.cfg, blueprints)
 
-    def build_table(self):
-        data = self.store.snapshot()
-        return RouteTable(data["stream_routes"], data["upstreams"],
-                          self.cfg["gproxy.balancer.chash_ring"])
+    def start(self, workers=1):
+        """Listen and serve (on the current hub); ``workers`` > 1 forks proxy processes."""
+        if workers > 1:
+            from gproxy.workers import fork_workers
+            self.workers = fork_workers(self, workers)
+        else:
+            self._listen(reuseport=False)
+        if self.cfg["apisix.enable_admin"]:
+            self._start_admin()
+        self._watcher = gevent.spawn(self._watch, self.cfg["gproxy.store.watch_interval"])
 
-    def reload(self):
-        """Swap in a route table built from the store's current data."""
-        self.proxy.table = self.build_table()
-        log.info("route table rebuilt: routes=%d upstreams=%d",
-                 len(self.proxy.table.routes), len(self.proxy.table.upstreams))
+    def start_worker(self, index):
+        """In a forked worker: a fresh registry and this worker's own listeners."""
+        self.registry = Registry()
+        self.proxy.registry = self.registry
+        self._listen(reuseport=True)
+        log.info("worker %d serving", index)
 
-    def start(self):
+    def _listen(self, reuseport):
         for spec in self.cfg["apisix.stream_proxy.tcp"]:
             try:
-                sock = bind_listener(spec)
+                sock = bind_listener(spec, reuseport=reuseport)
             except OSError as exc:
                 if spec.optional:
                     log.info("listener %s skipped: %s", spec.addr, exc.strerror)
@@ -95,9 +128,6 @@ class Gproxy:
             server.start()
             self.servers.append(server)
             log.warning("stream proxy listening on %s", spec.addr)
-        if self.cfg["apisix.enable_admin"]:
-            self._start_admin()
-        self._watcher = gevent.spawn(self._watch, self.cfg["gproxy.store.watch_interval"])
 
     def _start_admin(self):
         host = self.cfg["deployment.admin.admin_listen.ip"]
@@ -133,6 +163,9 @@ class Gproxy:
             self.admin_server.close()
         if self._watcher is not None:
             self._watcher.kill(block=False)
+        if self.workers is not None:
+            self.workers.stop(timeout)
+            self.workers = None
         if timeout and len(self.registry):
             log.warning("draining %d sessions for up to %.0fs", len(self.registry), timeout)
             deadline = time.monotonic() + timeout
