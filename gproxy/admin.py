@@ -14,6 +14,7 @@ import time
 from flask import Blueprint, Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
+from gproxy import __version__
 from gproxy.admin_resources import ApiError, json_response, make_resource_blueprint
 from gproxy.resources import MQTT_PROXY_SCHEMA, STREAM_PLUGINS
 
@@ -69,7 +70,7 @@ def _extensions_blueprint(registry):
     @bp.get("/sessions")
     def list_sessions():
         items = registry.snapshot()
-        return json_response({"list": items, "total": len(items)})
+        return json_response({"list": items, "total": len(items), "now": time.time()})
 
     @bp.get("/stats")
     def stats():
@@ -141,7 +142,7 @@ def create_app(store, registry, cfg, extra_blueprints=()):
     def headers(resp):
         if request.path.startswith(PREFIX):
             resp.headers["X-API-VERSION"] = API_VERSION
-            resp.headers["Server"] = "gproxy"
+            resp.headers["Server"] = "gproxy/" + __version__
             if cfg["deployment.admin.enable_admin_cors"]:
                 resp.headers.update(CORS)
         return resp

@@ -56,10 +56,10 @@ class Proxy:
     """The data path shared by every listener: route table, registry, relays, settings."""
 
     def __init__(self, table=None, registry=None, settings=None, relays=None):
-        self.table = table or RouteTable()
-        self.registry = registry or Registry()
-        self.settings = settings or Settings()
-        self.relays = relays or RelayHub()
+        self.table = table if table is not None else RouteTable()
+        self.registry = registry if registry is not None else Registry()  # empty is falsy
+        self.settings = settings if settings is not None else Settings()
+        self.relays = relays if relays is not None else RelayHub()
 
     def handle(self, sock, addr):
         try:
