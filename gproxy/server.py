@@ -49,6 +49,19 @@ def bind_listener(spec, backlog=BACKLOG, reuseport=False):
     return sock
 
 
+class AdminServer(WSGIServer):
+    """pywsgi with TCP_NODELAY: a response's headers and body go out in two
+    writes, and without it Nagle holds the body for the client's delayed ACK
+    (~40 ms per kept-alive request)."""
+
+    def handle(self, sock, address):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        super().handle(sock, address)
+
+
 class Gproxy:
     """Everything one gproxy process serves, built from a validated Config."""
 
@@ -132,7 +145,7 @@ class Gproxy:
     def _start_admin(self):
         host = self.cfg["deployment.admin.admin_listen.ip"]
         port = self.cfg["deployment.admin.admin_listen.port"]
-        self.admin_server = WSGIServer((host, port), self.admin_app(),
+        self.admin_server = AdminServer((host, port), self.admin_app(),
                                        log=None, error_log=logging.getLogger("gproxy.admin"))
         try:
             self.admin_server.start()

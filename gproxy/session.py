@@ -187,18 +187,23 @@ class Session:
                 packet = mqtt.parse_connect(buf, settings.max_packet)
             mqtt.check_protocol(packet, conf.protocol_name, conf.protocol_level)
         except socket.timeout:
-            return self._short_read(buf, "timeout")
+            return self._plugin_exit(self._short_read(buf, "timeout"))
         except OSError as exc:
-            return self._short_read(buf, exc.strerror or str(exc))
+            return self._plugin_exit(self._short_read(buf, exc.strerror or str(exc)))
         except MalformedPacket as exc:
             self.reject(exc.reason, logging.ERROR, "%s", exc)
-            return None
+            return self._plugin_exit(None)
         self.sock.settimeout(None)
         self.client_id = packet.client_id
         self.info.client_id = packet.client_id_text
         self.info.protocol_level = packet.protocol_level
         self.log(logging.INFO, "mqtt client id: %s", self.info.client_id)
         return buf
+
+    def _plugin_exit(self, result):
+        # APISIX's run_plugin logs this after any mqtt-proxy rejection (§2).
+        self.log(logging.WARNING, "mqtt-proxy exits with status code 503")
+        return result
 
     def _short_read(self, buf, why):
         try:

@@ -93,7 +93,10 @@ def parse(text, path, require_end=True):
     """Parse and check a store file's text; returns ``{kind: [value, ...]}`` and errors."""
     if require_end and text.rstrip()[-len(END_FLAG):] != END_FLAG:
         raise SchemaError("missing valid end flag in file %s" % path)
-    data = yaml.safe_load(text) or {}
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise SchemaError("%s is not valid YAML: %s" % (path, exc)) from None
     if not isinstance(data, dict):
         raise SchemaError("%s: expected a mapping with stream_routes and upstreams" % path)
     out, errors = {}, []
@@ -168,7 +171,7 @@ class FileStore(Store):
             return False
         try:
             self._load(strict=True)
-        except (OSError, yaml.YAMLError, SchemaError) as exc:
+        except (OSError, SchemaError) as exc:
             self._signature = signature  # report a broken edit once, not every poll
             log.error("store: ignoring edit of %s: %s", self.path, exc)
             return False
@@ -184,6 +187,7 @@ class FileStore(Store):
         return self._data[kind].get(str(id_))
 
     def put(self, kind, id_, value):
+        self.poll()  # a hand edit saved since the last poll must not be overwritten
         id_ = str(id_)
         old = self._data[kind].get(id_)
         self._revision += 1
@@ -195,6 +199,7 @@ class FileStore(Store):
         return record, old is None
 
     def delete(self, kind, id_):
+        self.poll()
         id_ = str(id_)
         old = self._data[kind].get(id_)
         if old is None:

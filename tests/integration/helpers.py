@@ -1,0 +1,216 @@
+"""Client-side helpers for the integration tests: a paho wrapper with bounded
+waits, raw-socket MQTT exchanges, and an independent model of APISIX's chash
+ring (docs/apisix-behaviour.md §5.3), written here from the spec and not
+imported from gproxy so that it can catch gproxy's mistakes.
+"""
+
+import bisect
+import queue
+import socket
+import struct
+import threading
+import zlib
+
+from tests import packets
+
+HOST = "127.0.0.1"
+WAIT = 5.0  # seconds for any single network expectation
+
+
+# -- APISIX's chash ring, from the spec ------------------------------------------
+
+class ApisixRing:
+    """resty.chash as APISIX builds it: 160 CRC-32 points per gcd-reduced weight."""
+
+    def __init__(self, nodes):
+        """``nodes``: ``[(host, port, weight), ...]``."""
+        weights = [w for _, _, w in nodes]
+        g = 0
+        for w in weights:
+            while w:
+                g, w = w, g % w
+        g = g or 1
+        points = []
+        for host, port, weight in nodes:
+            name = "%s:%d" % (host, port)
+            node_id = name.replace(":", "\0").encode()
+            prev = 0
+            for _ in range(160 * (weight // g)):
+                prev = zlib.crc32(node_id + struct.pack("<I", prev)) & 0xFFFFFFFF
+                points.append((prev, name))
+        points.sort()
+        self.hashes = [h for h, _ in points]
+        self.names = [n for _, n in points]
+
+    def pick(self, key):
+        """``host:port`` owning the first point with hash >= CRC32(key), wrapping."""
+        if isinstance(key, str):
+            key = key.encode()
+        i = bisect.bisect_left(self.hashes, zlib.crc32(key) & 0xFFFFFFFF)
+        return self.names[i % len(self.names)]
+
+
+# -- raw sockets -----------------------------------------------------------------
+
+def dial(port, source=None, timeout=WAIT):
+    """A blocking loopback TCP connection to ``port`` with a read timeout."""
+    sock = socket.create_connection((HOST, port), timeout=timeout,
+                                    source_address=(source, 0) if source else None)
+    sock.settimeout(timeout)
+    return sock
+
+
+def local_port(sock):
+    return sock.getsockname()[1]
+
+
+def recv_exact(sock, n):
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise AssertionError("connection closed after %d of %d bytes: %r" % (
+                len(buf), n, buf))
+        buf += chunk
+    return buf
+
+
+def expect_closed(sock):
+    """Assert the peer closes without sending a byte; ``"eof"`` or ``"reset"``.
+
+    A socket timeout (the peer kept the connection open) fails the test.
+    """
+    try:
+        data = sock.recv(65536)
+    except ConnectionResetError:
+        return "reset"
+    except socket.timeout:
+        raise AssertionError("the connection was not closed within %.1fs"
+                             % sock.gettimeout()) from None
+    assert data == b"", "expected the connection to close, got bytes:\n%s" % (
+        packets.hexdump(data))
+    return "eof"
+
+
+CONNACK_OK = bytes.fromhex("20 02 00 00")
+
+
+def raw_session(port, client_id, extra=b"", source=None):
+    """CONNECT (3.1.1) through ``port``, expect CONNACK accepted, DISCONNECT.
+
+    Returns the client's local port (to find gproxy's log lines for it).
+    ``extra`` is sent in the same ``sendall`` right after the CONNECT.
+    """
+    sock = dial(port, source)
+    try:
+        sock.sendall(packets.connect_v311(client_id) + extra)
+        packets.assert_packet(recv_exact(sock, 4), CONNACK_OK, "CONNACK for %r" % client_id)
+        sock.sendall(packets.disconnect())
+        return local_port(sock)
+    finally:
+        sock.close()
+
+
+# -- paho ------------------------------------------------------------------------
+
+class Paho:
+    """A paho-mqtt 2.x client on a background loop, with bounded waits.
+
+    Use as a context manager so the loop thread and the connection always end.
+    """
+
+    def __init__(self, client_id, port, protocol=None, source=None, clean_session=True,
+                 connect_properties=None):
+        import paho.mqtt.client as mqtt
+        self.mqtt = mqtt
+        self.port = port
+        self.source = source or ""
+        self.protocol = protocol if protocol is not None else mqtt.MQTTv311
+        self.connect_properties = connect_properties
+        kwargs = {}
+        if self.protocol != mqtt.MQTTv5:
+            kwargs["clean_session"] = clean_session
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                                  protocol=self.protocol, **kwargs)
+        self.client.reconnect_delay_set(30, 60)  # no silent reconnects during a test
+        self.connected = threading.Event()
+        self.connect_reason = None
+        self.connack_properties = None
+        self.disconnected = threading.Event()
+        self.messages = queue.Queue()
+        self._acks = {}
+        self._lock = threading.Lock()
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
+        self.local_port = None
+
+    # callbacks (paho's loop thread)
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        self.connect_reason = reason_code
+        self.connack_properties = properties
+        self.connected.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        self.disconnected.set()
+
+    def _on_message(self, client, userdata, message):
+        self.messages.put(message)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
+        self._ack(mid).set()
+
+    def _ack(self, mid):
+        with self._lock:
+            return self._acks.setdefault(mid, threading.Event())
+
+    # API
+    def __enter__(self):
+        return self.connect()
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def connect(self):
+        kwargs = {"keepalive": 30, "bind_address": self.source}
+        if self.protocol == self.mqtt.MQTTv5:
+            kwargs["clean_start"] = True
+            kwargs["properties"] = self.connect_properties
+        self.client.connect(HOST, self.port, **kwargs)
+        self.local_port = self.client.socket().getsockname()[1]
+        self.client.loop_start()
+        assert self.connected.wait(WAIT), "no CONNACK for %r within %.0fs" % (
+            self.client._client_id, WAIT)
+        assert not self.connect_reason.is_failure, "CONNACK refused: %s" % self.connect_reason
+        return self
+
+    def subscribe(self, topic, qos=0, **kwargs):
+        rc, mid = self.client.subscribe(topic, qos, **kwargs)
+        assert rc == self.mqtt.MQTT_ERR_SUCCESS, "subscribe failed: %s" % rc
+        assert self._ack(mid).wait(WAIT), "no SUBACK for %r" % topic
+
+    def publish(self, topic, payload, qos=0, properties=None):
+        info = self.client.publish(topic, payload, qos, properties=properties)
+        assert info.rc == self.mqtt.MQTT_ERR_SUCCESS, "publish failed: %s" % info.rc
+        if qos:
+            info.wait_for_publish(WAIT)
+            assert info.is_published(), "no PUBACK/PUBCOMP for %r" % topic
+        return info
+
+    def expect_message(self, timeout=WAIT):
+        try:
+            return self.messages.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError("no message within %.1fs" % timeout) from None
+
+    def close(self):
+        try:
+            if self.connected.is_set() and not self.disconnected.is_set():
+                self.client.disconnect()
+                self.disconnected.wait(WAIT)
+        finally:
+            self.client.loop_stop()
+            sock = self.client.socket()
+            if sock is not None:
+                sock.close()
