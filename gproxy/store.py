@@ -127,10 +127,29 @@ class FileStore(Store):
         self._revision = 0
         self._callbacks = []
         self._signature = None
+        self._remove_stale_temp_files()
         if os.path.exists(self.path):
             self._load(strict=False)
         else:
             log.info("store: %s does not exist yet; starting empty", self.path)
+
+    def _temp_prefix(self):
+        return ".%s." % os.path.basename(self.path)
+
+    def _remove_stale_temp_files(self):
+        """Temp files left by a write a crash interrupted: never the store, safe to drop."""
+        directory = os.path.dirname(self.path)
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            return
+        for name in names:
+            if name.startswith(self._temp_prefix()):
+                try:
+                    os.unlink(os.path.join(directory, name))
+                    log.info("store: removed %s left by an interrupted write", name)
+                except OSError:
+                    pass
 
     # -- reading -----------------------------------------------------------
     def _stat(self):
@@ -238,11 +257,20 @@ class FileStore(Store):
         body = yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, allow_unicode=True)
         return HEADER + body + END_FLAG + "\n"
 
+    def _mode(self):
+        try:
+            return os.stat(self.path).st_mode & 0o777
+        except OSError:
+            umask = os.umask(0)
+            os.umask(umask)
+            return 0o666 & ~umask
+
     def _write(self, data):
         directory = os.path.dirname(self.path)
         os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".%s." % os.path.basename(self.path), dir=directory)
+        fd, tmp = tempfile.mkstemp(prefix=self._temp_prefix(), dir=directory)
         try:
+            os.fchmod(fd, self._mode())  # mkstemp makes 0600; keep the file's own mode
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 fh.write(self.render(data))
                 fh.flush()
