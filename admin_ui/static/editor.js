@@ -153,6 +153,12 @@ export class ResourceEditor {
     this.deleteButton.addEventListener("click", () => this.remove());
   }
 
+  // Open an object (or a new one when id is undefined) in form or JSON mode.
+  async show(id, mode) {
+    await this.open(id);
+    if (mode === "json") this.switchMode("json");
+  }
+
   // The form stays disabled until the object is in it, so nothing typed early is overwritten.
   async open(id) {
     const token = this.opening = (this.opening || 0) + 1;

@@ -97,10 +97,5 @@ export function createUpstreamEditor(section, ctx) {
     toast: ctx.toast,
     navigate: ctx.navigate,
   });
-  return {
-    async show(id, mode) {
-      await editor.open(id);
-      if (mode === "json") editor.switchMode("json");
-    },
-  };
+  return editor;
 }
