@@ -1,0 +1,1 @@
+"""gproxy's benchmark harness: gproxy vs HAProxy, nginx stream and no proxy (see README.md)."""

@@ -1,0 +1,113 @@
+"""Config file text for each process under test: pure functions, no I/O.
+
+Every listener is on ``host``; values that depend on the machine (fd limit)
+are computed by the caller and passed in.
+"""
+
+
+def mosquitto(host, port):
+    return "\n".join([
+        "listener %d %s" % (port, host),
+        "allow_anonymous true",
+        "max_connections -1",
+        "persistence false",
+        "log_dest stderr",
+        "log_type error",
+        "log_type warning",
+        "connection_messages false",
+        "set_tcp_nodelay true",
+        # QoS 0 is never dropped for a slow subscriber; the publisher bounds
+        # what is in flight instead (see workloads.throughput).
+        "max_queued_messages 0",
+        ""])
+
+
+def haproxy(host, port, broker_port, maxconn, nofile):
+    return """global
+    nbthread 1
+    maxconn %(maxconn)d
+    ulimit-n %(nofile)d
+
+defaults
+    mode tcp
+    maxconn %(maxconn)d
+    timeout connect 5s
+    timeout client 600s
+    timeout server 600s
+
+frontend mqtt
+    bind %(host)s:%(port)d
+    tcp-request inspect-delay 5s
+    tcp-request content reject unless { req.payload(0,0),mqtt_is_valid }
+    default_backend brokers
+
+backend brokers
+    balance hash req.payload(0,0),mqtt_field_value(connect,client_identifier)
+    hash-type consistent
+    server broker1 %(host)s:%(broker)d
+""" % {"maxconn": maxconn, "nofile": nofile, "host": host, "port": port,
+       "broker": broker_port}
+
+
+def nginx(host, port, broker_port, module, run_dir, nofile, worker_connections):
+    return """load_module %(module)s;
+worker_processes 1;
+daemon off;
+pid %(dir)s/nginx.pid;
+error_log %(dir)s/nginx.log warn;
+worker_rlimit_nofile %(nofile)d;
+events {
+    worker_connections %(wc)d;
+}
+stream {
+    upstream brokers {
+        server %(host)s:%(broker)d;
+    }
+    server {
+        listen %(host)s:%(port)d;
+        proxy_pass brokers;
+        proxy_connect_timeout 5s;
+        proxy_timeout 600s;
+    }
+}
+""" % {"module": module, "dir": run_dir, "nofile": nofile, "wc": worker_connections,
+       "host": host, "port": port, "broker": broker_port}
+
+
+def gproxy(host, port, admin_port):
+    return """apisix:
+  stream_proxy:
+    tcp:
+      - "%(host)s:%(port)d"
+deployment:
+  admin:
+    admin_listen:
+      ip: %(host)s
+      port: %(admin)d
+nginx_config:
+  error_log_level: warn
+gproxy:
+  max_connections: 20000
+  store:
+    backend: file
+    path: apisix.yaml
+""" % {"host": host, "port": port, "admin": admin_port}
+
+
+def gproxy_routes(host, broker_port):
+    """The store file: one mqtt-proxy stream route, chash on the MQTT client id."""
+    return """stream_routes:
+  - id: 1
+    plugins:
+      mqtt-proxy:
+        protocol_name: MQTT
+        protocol_level: 4
+    upstream:
+      type: chash
+      key: mqtt_client_id
+      nodes:
+        - host: %s
+          port: %d
+          weight: 1
+#END
+""" % (host, broker_port)

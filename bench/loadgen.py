@@ -1,0 +1,198 @@
+"""Load-generator worker bodies: each runs in its own forked process.
+
+Raw blocking sockets and pre-built packets only (no MQTT library in the hot
+loop).  A worker reports one picklable result on its pipe, including its own
+CPU seconds so the harness can show the load generator is not the bottleneck.
+Every socket has a timeout and every loop a deadline.
+"""
+
+import errno
+import socket
+import time
+from array import array
+
+from bench import mqttwire
+from bench.procstat import self_cpu_seconds
+
+
+def recv_exact(sock, n):
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionResetError(errno.ECONNRESET, "closed by peer")
+        data += chunk
+    return data
+
+
+def _error_name(exc):
+    if isinstance(exc, socket.timeout):
+        return "timeout"
+    return errno.errorcode.get(getattr(exc, "errno", None) or 0, type(exc).__name__)
+
+
+def mqtt_session(addr, client_id, timeout):
+    """A socket past CONNECT/CONNACK (keep-alive 0: the broker never times it out)."""
+    sock = socket.create_connection(addr, timeout)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(mqttwire.connect(client_id))
+        got = recv_exact(sock, 4)
+        if got != mqttwire.CONNACK_OK:
+            raise ConnectionError("bad CONNACK %s" % got.hex())
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _sleep_until(t):
+    while True:
+        left = t - time.time()
+        if left <= 0:
+            return
+        time.sleep(min(left, 0.05))
+
+
+def conn_worker(pipe, addr, prefix, start_at, duration, timeout):
+    """Connect, CONNECT, wait for CONNACK, DISCONNECT, close; repeat until the end."""
+    template = mqttwire.ConnectTemplate(prefix)
+    latencies = array("d")
+    errors = {}
+    n = 0
+    _sleep_until(start_at)
+    cpu0, t0 = self_cpu_seconds(), time.perf_counter()
+    end = t0 + duration
+    while True:
+        began = time.perf_counter()
+        if began >= end:
+            break
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(addr)
+            sock.sendall(template.build(n))
+            if recv_exact(sock, 4) == mqttwire.CONNACK_OK:
+                latencies.append(time.perf_counter() - began)
+            else:
+                errors["bad_connack"] = errors.get("bad_connack", 0) + 1
+            sock.sendall(mqttwire.DISCONNECT)
+        except OSError as exc:
+            name = _error_name(exc)
+            errors[name] = errors.get(name, 0) + 1
+        finally:
+            sock.close()
+        n += 1
+    pipe.send({"ok": len(latencies), "latencies": latencies.tobytes(), "errors": errors,
+               "cpu": self_cpu_seconds() - cpu0, "wall": time.perf_counter() - t0})
+
+
+def idle_worker(pipe, addr, prefix, count, timeout, hold, batch=100):
+    """Open ``count`` MQTT sessions, report, hold them until told (or ``hold`` s), close."""
+    template = mqttwire.ConnectTemplate(prefix)
+    open_socks, errors = [], {}
+    cpu0 = self_cpu_seconds()
+
+    def fail(sock, exc):
+        name = _error_name(exc)
+        errors[name] = errors.get(name, 0) + 1
+        sock.close()
+
+    for first in range(0, count, batch):
+        sent = []
+        for i in range(first, min(count, first + batch)):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            try:
+                sock.connect(addr)
+                sock.sendall(template.build(i))
+                sent.append(sock)
+            except OSError as exc:
+                fail(sock, exc)
+        for sock in sent:
+            try:
+                if recv_exact(sock, 4) != mqttwire.CONNACK_OK:
+                    raise ConnectionError("bad CONNACK")
+                open_socks.append(sock)
+            except OSError as exc:
+                fail(sock, exc)
+    pipe.send({"ok": len(open_socks), "errors": errors, "cpu": self_cpu_seconds() - cpu0})
+    pipe.poll(hold)  # the harness measures, then says "close"
+    for sock in open_socks:
+        try:
+            sock.sendall(mqttwire.DISCONNECT)
+        except OSError:
+            pass
+        sock.close()
+    pipe.send("closed")
+
+
+def subscriber(pipe, addr, client_id, topic, received, start_at, duration, timeout):
+    """Subscribe, then count every byte the broker sends in [start_at, start_at+duration].
+
+    Only QoS 0 PUBLISH frames arrive after the SUBACK (keep-alive 0: no
+    PINGRESP), so the raw stream length is the delivered frame bytes.
+    ``received`` (shared) lets the publisher bound what is in flight.
+    """
+    sock = mqtt_session(addr, client_id, timeout)
+    sock.sendall(mqttwire.subscribe(topic))
+    if recv_exact(sock, 5) != mqttwire.suback():
+        raise ConnectionError("bad SUBACK")
+    pipe.send("subscribed")
+    buf = bytearray(1 << 20)
+    sock.settimeout(0.2)
+    total = 0
+    first = last = None
+    cpu0 = self_cpu_seconds()
+    end = start_at + duration
+    while True:
+        try:
+            n = sock.recv_into(buf)
+        except socket.timeout:
+            n = -1
+        now = time.time()
+        if n == 0:
+            break
+        if n > 0:
+            total += n
+            received.value = total
+        if first is None and now >= start_at:
+            first = (now, total)
+        if now >= end:
+            last = (now, total)
+            break
+    cpu = self_cpu_seconds() - cpu0
+    sock.close()
+    if first is None or last is None or last[0] <= first[0]:
+        pipe.send({"bytes": 0, "seconds": 0.0, "cpu": cpu, "error": "no data in window"})
+    else:
+        pipe.send({"bytes": last[1] - first[1], "seconds": last[0] - first[0], "cpu": cpu})
+
+
+def publisher(pipe, addr, client_id, topic, payload_size, received, go_at, end_at,
+              window, timeout, batch_bytes=256 * 1024):
+    """Pipeline QoS 0 PUBLISH frames in big ``sendall`` batches until ``end_at``.
+
+    At most ``window`` bytes may be ahead of what the subscriber has read, so
+    the broker never queues (or drops) without bound and the rate measured is
+    what the whole chain sustains.
+    """
+    frame = mqttwire.publish(topic, b"x" * payload_size)
+    batch = frame * max(1, batch_bytes // len(frame))
+    sock = mqtt_session(addr, client_id, timeout)
+    _sleep_until(go_at)
+    cpu0 = self_cpu_seconds()
+    sent = waits = 0
+    while time.time() < end_at:
+        if sent - received.value > window:
+            waits += 1
+            time.sleep(0.0002)
+            continue
+        sock.sendall(batch)
+        sent += len(batch)
+    try:
+        sock.sendall(mqttwire.DISCONNECT)
+    except OSError:
+        pass
+    sock.close()
+    pipe.send({"sent": sent, "waits": waits, "cpu": self_cpu_seconds() - cpu0})

@@ -1,0 +1,80 @@
+"""Read a process tree's memory and CPU from /proc (Linux only).
+
+A target is measured as the process the harness started plus every live
+descendant (nginx's worker, gproxy's ``--workers``), so multi-process proxies
+are summed.  Only reads /proc; never signals anything.
+"""
+
+import os
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(pid):
+    """/proc/<pid>/stat split after the ``(comm)`` field, which may hold spaces."""
+    with open("/proc/%d/stat" % pid) as fh:
+        text = fh.read()
+    return text[text.rindex(")") + 2:].split()
+
+
+def descendants(root):
+    """``root`` and every live process below it."""
+    children = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            ppid = int(_stat_fields(int(name))[1])
+        except (OSError, ValueError, IndexError):
+            continue  # exited while we looked
+        children.setdefault(ppid, []).append(int(name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, ()))
+    return out
+
+
+def rss_kib(pid):
+    """VmRSS of one process in KiB (0 if it is gone)."""
+    try:
+        with open("/proc/%d/status" % pid) as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def cpu_seconds(pid):
+    """utime + stime of one process in seconds (0 if it is gone)."""
+    try:
+        fields = _stat_fields(pid)
+    except OSError:
+        return 0.0
+    # After "(comm)": state=0 ppid=1 ... utime=11 stime=12 (proc(5) fields 14, 15).
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def tree_rss_kib(root):
+    return sum(rss_kib(pid) for pid in descendants(root))
+
+
+def tree_cpu_seconds(root):
+    return sum(cpu_seconds(pid) for pid in descendants(root))
+
+
+def self_cpu_seconds():
+    """This process's own user + system CPU (for load-generator workers)."""
+    t = os.times()
+    return t.user + t.system
+
+
+def machine_busy_seconds():
+    """CPU seconds spent not idle, summed over all CPUs (/proc/stat "cpu" line)."""
+    with open("/proc/stat") as fh:
+        fields = [int(v) for v in fh.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / CLK_TCK
