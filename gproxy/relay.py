@@ -16,7 +16,9 @@ block and never raise into the hub.
 """
 
 import errno
+import fcntl
 import logging
+import os
 import socket
 import time
 
@@ -27,6 +29,13 @@ log = logging.getLogger("gproxy.relay")
 BUFFER_SIZE = 64 * 1024
 READ, WRITE = 1, 2
 _RETRY = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
+#: A direction whose read fills the whole buffer is carrying bulk data: from then
+#: on it moves bytes with splice(2) through a pipe, never copying them into Python.
+#: Idle and chatty MQTT sessions never get a pipe, so they cost no extra fds.
+SPLICE = hasattr(os, "splice")
+PIPE_SIZE = 1024 * 1024
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
 def shutdown(sock, how):
@@ -39,16 +48,34 @@ def shutdown(sock, how):
 class _Direction:
     """One way of a relay: src -> dst, with its watchers and backlog."""
 
-    __slots__ = ("src", "dst", "reader", "writer", "backlog", "counter", "done")
+    __slots__ = ("src", "dst", "reader", "writer", "backlog", "counter", "done", "pipe")
 
     def __init__(self, loop, src, dst, counter):
         self.src = src
         self.dst = dst
         self.reader = loop.io(src.fileno(), READ)
         self.writer = None  # created when dst first pushes back
-        self.backlog = None
+        self.backlog = None  # bytes dst has not taken yet (in the pipe, when splicing)
         self.counter = counter
         self.done = False
+        self.pipe = None  # (read fd, write fd) once this direction splices
+
+    def start_splicing(self):
+        try:
+            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return  # out of fds: keep copying
+        try:
+            fcntl.fcntl(w, _F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass  # the default 64 KiB pipe still works
+        self.pipe = (r, w)
+
+    def close_pipe(self):
+        if self.pipe is not None:
+            os.close(self.pipe[0])
+            os.close(self.pipe[1])
+            self.pipe = None
 
 
 class Relay:
@@ -75,6 +102,8 @@ class Relay:
         self.down.reader.start(self._readable, self.down)
 
     def _readable(self, d):
+        if d.pipe is not None:
+            return self._spliced(d)
         try:
             n = d.src.recv_into(self.hub.buffer)
         except OSError as exc:
@@ -82,12 +111,7 @@ class Relay:
                 self.abort(_reason(exc))
             return
         if not n:
-            d.reader.stop()
-            d.done = True
-            shutdown(d.dst, socket.SHUT_WR)  # pass the half-close on
-            if self.up.done and self.down.done:
-                self.finish()
-            return
+            return self._eof(d)
         self.last = time.monotonic()
         setattr(self.info, d.counter, getattr(self.info, d.counter) + n)
         view = memoryview(self.hub.buffer)[:n]
@@ -99,21 +123,67 @@ class Relay:
                 return
             sent = 0
         if sent < n:  # the other side is full: hold the rest, stop reading
-            d.backlog = bytes(view[sent:])
-            d.reader.stop()
-            if d.writer is None:
-                d.writer = self.hub.loop.io(d.dst.fileno(), WRITE)
-            d.writer.start(self._writable, d)
+            self._hold(d, bytes(view[sent:]))
+        if n == BUFFER_SIZE and SPLICE and d.backlog is None:
+            d.start_splicing()
 
-    def _writable(self, d):
+    def _spliced(self, d):
         try:
-            sent = d.dst.send(d.backlog)
+            n = os.splice(d.src.fileno(), d.pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
         except OSError as exc:
             if exc.errno not in _RETRY:
                 self.abort(_reason(exc))
             return
+        if not n:
+            return self._eof(d)
         self.last = time.monotonic()
-        d.backlog = d.backlog[sent:] if sent < len(d.backlog) else None
+        setattr(self.info, d.counter, getattr(self.info, d.counter) + n)
+        left = self._drain_pipe(d, n)
+        if left:
+            self._hold(d, left)
+
+    def _drain_pipe(self, d, n):
+        """Move ``n`` bytes from the pipe to dst; return how many are still in the pipe."""
+        while n:
+            try:
+                n -= os.splice(d.pipe[0], d.dst.fileno(), n, flags=_SPLICE_FLAGS)
+            except OSError as exc:
+                if exc.errno not in _RETRY:
+                    self.abort(_reason(exc))
+                return 0 if self.reason else n
+        return 0
+
+    def _hold(self, d, backlog):
+        d.backlog = backlog
+        d.reader.stop()
+        if d.writer is None:
+            d.writer = self.hub.loop.io(d.dst.fileno(), WRITE)
+        d.writer.start(self._writable, d)
+
+    def _eof(self, d):
+        d.reader.stop()
+        d.done = True
+        other = self.down if d is self.up else self.up
+        if other.done:
+            self.finish()  # both ways ended: close() sends the FIN, no shutdown needed
+        else:
+            shutdown(d.dst, socket.SHUT_WR)  # pass the half-close on
+
+    def _writable(self, d):
+        if d.pipe is not None:
+            left = self._drain_pipe(d, d.backlog)
+        else:
+            try:
+                sent = d.dst.send(d.backlog)
+            except OSError as exc:
+                if exc.errno not in _RETRY:
+                    self.abort(_reason(exc))
+                return
+            left = d.backlog[sent:] if sent < len(d.backlog) else None
+        if self.reason is not None:
+            return
+        self.last = time.monotonic()
+        d.backlog = left or None
         if d.backlog is None:
             d.writer.stop()
             d.reader.start(self._readable, d)
@@ -134,6 +204,7 @@ class Relay:
             if d.writer is not None:
                 d.writer.stop()
                 d.writer.close()
+            d.close_pipe()
         for sock in (self.client, self.upstream):
             sock.close()
         try:

@@ -1,7 +1,7 @@
 """The process's services: stream listeners, Admin API, and the store watcher.
 
 ``Gproxy`` wires config, store, registry and the data path together: one
-gevent ``StreamServer`` per listener, all spawning sessions into one bounded
+gevent ``StreamServer`` (``netio.PlainStreamServer``) per listener, all spawning sessions into one bounded
 pool, the Admin API (``pywsgi``) on the same hub, and a watcher greenlet that
 picks up outside edits of the store.  A store change builds a new
 ``RouteTable`` and swaps one reference (or, with workers, pushes the data to
@@ -19,8 +19,8 @@ import gevent
 import gevent.socket
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
-from gevent.server import StreamServer
 
+from gproxy.netio import PlainStreamServer
 from gproxy.registry import Registry
 from gproxy.routes import RouteTable
 from gproxy.session import Proxy, Settings
@@ -137,7 +137,8 @@ class Gproxy:
                     continue
                 self.stop(0)
                 raise OSError(exc.errno, "cannot listen on %s: %s" % (spec.addr, exc.strerror))
-            server = StreamServer(sock, self.proxy.handle, spawn=self.pool)
+            handler = self.proxy.handler_for(sock.getsockname()[:2])
+            server = PlainStreamServer(sock, handler, spawn=self.pool)
             server.start()
             self.servers.append(server)
             log.warning("stream proxy listening on %s", spec.addr)

@@ -17,7 +17,7 @@ import time
 
 from gevent import socket as gsocket
 
-from gproxy import mqtt
+from gproxy import mqtt, netio
 from gproxy.balancer import Node
 from gproxy.errors import MalformedPacket, NoUpstream
 from gproxy.registry import Registry
@@ -61,14 +61,24 @@ class Proxy:
         self.settings = settings if settings is not None else Settings()
         self.relays = relays if relays is not None else RelayHub()
 
-    def handle(self, sock, addr):
-        try:
-            server = sock.getsockname()
-        except OSError:
-            return  # the client left before we looked
-        info = self.registry.new_session((plain_ip(addr[0]), addr[1]),
-                                         (plain_ip(server[0]), server[1]))
+    def handle(self, sock, addr, server=None):
+        """One accepted client. ``server`` is the listener's address when it is
+        bound to one IP; on a wildcard listener the local address is looked up."""
+        if server is None:
+            try:
+                server = sock.getsockname()
+            except OSError:
+                return  # the client left before we looked
+            server = (plain_ip(server[0]), server[1])
+        info = self.registry.new_session((plain_ip(addr[0]), addr[1]), server)
         Session(self, sock, info).run()
+
+    def handler_for(self, bound):
+        """The StreamServer handler for a listener bound to ``(ip, port)``."""
+        if bound[0] in ("0.0.0.0", "::"):
+            return self.handle
+        server = (plain_ip(bound[0]), bound[1])
+        return lambda sock, addr: self.handle(sock, addr, server)
 
 
 class Session:
@@ -144,7 +154,8 @@ class Session:
             return
         try:
             if buf:
-                self.upstream_sock.sendall(buf)  # every peeked byte, unchanged
+                # every peeked byte, unchanged
+                netio.sendall(self.upstream_sock, buf, self.proxy.settings.idle_timeout)
                 self.info.bytes_in += len(buf)
         except OSError as exc:
             self.log(logging.ERROR, "failed to replay the CONNECT upstream: %s",
@@ -156,8 +167,8 @@ class Session:
 
     def _hand_off(self, idle):
         """Give both sockets to the relay; this greenlet then returns."""
-        client = socket.socket(fileno=self.sock.detach())
-        upstream = socket.socket(fileno=self.upstream_sock.detach())
+        client = netio.adopt(self.sock)  # the server's close() then finds nothing to close
+        upstream = netio.adopt(self.upstream_sock)
         self.upstream_sock = None
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.info.state = "relaying"
@@ -179,8 +190,7 @@ class Session:
         packet = None
         try:
             while packet is None:
-                self.sock.settimeout(max(deadline - time.monotonic(), 0.001))
-                chunk = self.sock.recv(RECV_SIZE)
+                chunk = netio.recv(self.sock, RECV_SIZE, deadline)
                 if not chunk:
                     return self._short_read(buf, "closed")
                 buf += chunk
@@ -193,7 +203,6 @@ class Session:
         except MalformedPacket as exc:
             self.reject(exc.reason, logging.ERROR, "%s", exc)
             return self._plugin_exit(None)
-        self.sock.settimeout(None)
         self.client_id = packet.client_id
         self.info.client_id = packet.client_id_text
         self.info.protocol_level = packet.protocol_level
@@ -271,7 +280,7 @@ class Session:
                 break
             tried.append(node.addr)
             self.log(logging.INFO, "proxy request to %s", node.addr)
-            conn = _connect(node, timeout)
+            conn = netio.connect(node.dial_host, node.port, timeout)
             if isinstance(conn, OSError):
                 self.log(logging.ERROR, "connect() failed (%s) while connecting to upstream, "
                          "upstream: \"%s\"", _errtext(conn), node.addr)
@@ -282,22 +291,6 @@ class Session:
         if not tried:
             raise NoUpstream("failed to pick server: no node available")
         raise NoUpstream("all upstream servers tried: %s" % ", ".join(tried))
-
-
-def _connect(node, timeout):
-    """A connected gevent socket to ``node``, or the OSError that stopped it."""
-    host = node.dial_host
-    conn = gsocket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
-                          socket.SOCK_STREAM)
-    conn.settimeout(timeout)
-    try:
-        conn.connect((host, node.port))
-    except OSError as exc:
-        conn.close()
-        return exc
-    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as nginx's tcp_nodelay
-    conn.settimeout(None)
-    return conn
 
 
 def _text(value):
