@@ -6,17 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need=()
-command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
-command -v mosquitto_sub >/dev/null 2>&1 || need+=(mosquitto-clients)
-command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ] || need+=(chromium)
-if [ ${#need[@]} -gt 0 ]; then
-    sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    echo "installing Debian packages: ${need[*]}"
-    $sudo apt-get update -q
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${need[@]}"
-fi
+# mosquitto: brokers for the integration tests; chromium: the dashboard's browser tests.
+bash scripts/apt-need.sh mosquitto=/usr/sbin/mosquitto \
+    mosquitto-clients=/usr/bin/mosquitto_sub chromium=/usr/bin/chromium
 
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
