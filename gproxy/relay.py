@@ -29,10 +29,11 @@ log = logging.getLogger("gproxy.relay")
 BUFFER_SIZE = 64 * 1024
 READ, WRITE = 1, 2
 _RETRY = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
-#: A direction whose read fills the whole buffer is carrying bulk data: from then
-#: on it moves bytes with splice(2) through a pipe, never copying them into Python.
+#: A direction that reads this much at once is carrying bulk data: from then on
+#: it moves bytes with splice(2) through a pipe, never copying them into Python.
 #: Idle and chatty MQTT sessions never get a pipe, so they cost no extra fds.
 SPLICE = hasattr(os, "splice")
+SPLICE_AFTER = 16 * 1024
 PIPE_SIZE = 1024 * 1024
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -124,7 +125,7 @@ class Relay:
             sent = 0
         if sent < n:  # the other side is full: hold the rest, stop reading
             self._hold(d, bytes(view[sent:]))
-        if n == BUFFER_SIZE and SPLICE and d.backlog is None:
+        if n >= SPLICE_AFTER and SPLICE and d.backlog is None:
             d.start_splicing()
 
     def _spliced(self, d):
