@@ -59,9 +59,10 @@ class Upstream:
         self.retries = retries if retries is not None and retries >= 0 else None
         self.retry_timeout = conf.get("retry_timeout") or 0
         timeout = conf.get("timeout") or {}
-        self.connect_timeout = timeout.get("connect", DEFAULT_CONNECT_TIMEOUT)
-        self.idle_timeout = max(timeout.get("send", DEFAULT_PROXY_TIMEOUT),
-                                timeout.get("read", DEFAULT_PROXY_TIMEOUT))
+        self.connect_timeout = timeout.get("connect")  # None: gproxy.proxy.connect_timeout
+        # The upstream's own send/read timeouts win over gproxy.proxy.timeout.
+        self.idle_timeout = (max(timeout["send"], timeout["read"])
+                             if "send" in timeout and "read" in timeout else None)
         self._chash_ring = chash_ring
         self._balancer = None if self.needs_dns else self._build(self.nodes)
 

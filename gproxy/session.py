@@ -22,7 +22,7 @@ from gproxy.balancer import Node
 from gproxy.errors import MalformedPacket, NoUpstream
 from gproxy.registry import Registry
 from gproxy.relay import RelayHub, shutdown
-from gproxy.routes import RouteTable, is_ip
+from gproxy.routes import DEFAULT_CONNECT_TIMEOUT, DEFAULT_PROXY_TIMEOUT, RouteTable, is_ip
 
 log = logging.getLogger("gproxy.session")
 
@@ -163,7 +163,8 @@ class Session:
             return
         if self.info.state == "closing":
             return  # an operator closed it while we dialled
-        self._hand_off(self.proxy.settings.idle_timeout or upstream.idle_timeout)
+        self._hand_off(upstream.idle_timeout or self.proxy.settings.idle_timeout
+                       or DEFAULT_PROXY_TIMEOUT)
 
     def _hand_off(self, idle):
         """Give both sockets to the relay; this greenlet then returns."""
@@ -270,8 +271,8 @@ class Session:
         balancer = upstream.balancer(self._resolve(upstream))
         if upstream.type not in ("roundrobin", "chash") and len(balancer.nodes) > 1:
             raise NoUpstream("failed to pick server: invalid balancer type: %s" % upstream.type)
-        timeout = upstream.conf.get("timeout", {}).get("connect") or \
-            self.proxy.settings.connect_timeout or upstream.connect_timeout
+        timeout = (upstream.connect_timeout or self.proxy.settings.connect_timeout
+                   or DEFAULT_CONNECT_TIMEOUT)
         deadline = time.monotonic() + upstream.retry_timeout if upstream.retry_timeout else None
         self.info.state = "connecting"
         tried = []
