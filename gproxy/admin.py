@@ -160,5 +160,4 @@ def create_app(store, registry, cfg, extra_blueprints=()):
                                      404)
         return json_response({"error_msg": "%d %s" % (exc.code, exc.name)}, exc.code)
 
-    app.config["started_at"] = time.time()
     return app

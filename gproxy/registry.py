@@ -70,10 +70,6 @@ class Registry:
         self.bytes_in_closed += info.bytes_in
         self.bytes_out_closed += info.bytes_out
 
-    def set_closer(self, info, closer):
-        if info.id in self._live:
-            self._closers[info.id] = closer
-
     @contextmanager
     def track(self, info, closer=None):
         """Show ``info`` as live for the duration of the ``with`` block."""

@@ -65,6 +65,7 @@ class Upstream:
                              if "send" in timeout and "read" in timeout else None)
         self._chash_ring = chash_ring
         self._balancer = None if self.needs_dns else self._build(self.nodes)
+        self._dns_balancer = None  # rebuilt when a lookup gives other addresses
 
     def _build(self, nodes):
         return Balancer(nodes, self.type, self._chash_ring)
@@ -73,10 +74,9 @@ class Upstream:
         """The balancer for ``resolved`` nodes (domain upstreams) or the static one."""
         if resolved is None:
             return self._balancer
-        cached = getattr(self, "_dns_cache", None)
-        if cached is None or cached.nodes != resolved:
-            cached = self._dns_cache = self._build(resolved)
-        return cached
+        if self._dns_balancer is None or self._dns_balancer.nodes != resolved:
+            self._dns_balancer = self._build(resolved)
+        return self._dns_balancer
 
     def tries(self, nnodes):
         """Dial attempts allowed: ``retries`` + 1, default one per node."""
