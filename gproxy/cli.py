@@ -74,7 +74,7 @@ def main(argv=None):
     import signal
     from gproxy import config
     from gproxy.errors import ConfigError, SchemaError
-    from gproxy.server import Gproxy
+    from gproxy.runtime.app import Gproxy
 
     setup_logging(args.log_level or "warn")
     path = args.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)

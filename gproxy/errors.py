@@ -32,3 +32,15 @@ class SchemaError(GproxyError):
 
 class NoUpstream(GproxyError):
     """No node can be chosen for a session; the message is the log line."""
+
+
+class Reject(GproxyError):
+    """A session phase refuses the client: counted under ``reason``, logged at ``level``.
+
+    ``str(exc)`` is the log line (APISIX's wording where it has one).
+    """
+
+    def __init__(self, reason, level, message, *args):
+        super().__init__(message % args if args else message)
+        self.reason = reason
+        self.level = level

@@ -16,4 +16,7 @@ fi
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
 
 export PATH="$PATH:/usr/sbin"
+# The package layout's import contracts (setup.cfg [importlinter]) first: a broken
+# contract fails the run before any test does.
+.venv/bin/lint-imports --no-cache
 exec .venv/bin/python -m pytest "$@"

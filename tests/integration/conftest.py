@@ -506,9 +506,20 @@ class Gproxy:
         """gproxy's lines about one client's session.
 
         ``client`` is the client's local port on 127.0.0.1, or an ``(ip, port)`` pair.
+        Lines are in nginx's shape: the session's first line names the client's
+        address (``*12 client 127.0.0.1:40000 connected to 0.0.0.0:9100``) and every
+        later one carries the same ``<pid>#0: *12`` prefix.
         """
         ip, port = client if isinstance(client, tuple) else (HOST, client)
-        return self.find("client: %s:%d," % (ip, port), since)
+        opened = re.compile(r" (\d+)#0: \*(\d+) client %s:%d connected to "
+                            % (re.escape(ip), port))
+        lines = self.log_file.lines(since)
+        for i, line in enumerate(lines):
+            found = opened.search(line)
+            if found:
+                prefix = " %s#0: *%s " % found.groups()
+                return [ln for ln in lines[i + 1:] if prefix in ln]
+        return []
 
     def wait_for_session_line(self, client, pattern, timeout=5.0, since=0):
         """The first line about ``client``'s session (see above) matching ``pattern``."""

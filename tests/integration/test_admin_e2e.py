@@ -337,7 +337,7 @@ def ping(sock):
 
 def session_node(gp, client_port, since=0):
     line = gp.wait_for_session_line(client_port, "proxy request to ", since=since)
-    return line.split("proxy request to ", 1)[1].split(",", 1)[0]
+    return line.split("proxy request to ", 1)[1].split(" ", 1)[0]
 
 
 def assert_refused(gp, brokers, count=3, prefix="refused"):
@@ -395,7 +395,7 @@ def test_plugin_doc_walkthrough(transport, seed_brokers, gproxy, tmp_path):
         msg = sub.expect_message()
         assert (msg.topic, msg.payload) == ("demo", b"hello")
         for client, cid in ((sub, "sub-1"), (pub, "pub-1")):
-            gp.wait_for_session_line(client.local_port, "mqtt client id: %s," % cid, since=since)
+            gp.wait_for_session_line(client.local_port, "mqtt client id: %s while prereading client data," % cid, since=since)
             assert session_node(gp, client.local_port, since) == b1.addr
     assert {"sub-1", "pub-1"} <= set(b1.client_ids())
 

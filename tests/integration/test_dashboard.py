@@ -45,7 +45,7 @@ KEY = "dashboard-test-key-0123456789abcdef"
 ROUTE = "mqtt-brokers"
 WAIT_MS = 5000
 DOCS = pathlib.Path(__file__).resolve().parents[2] / "docs"
-PROXY_TO = re.compile(r"proxy request to (\S+?), client: ")
+PROXY_TO = re.compile(r"proxy request to (\S+) while connecting to upstream, client: ")
 
 
 # -- fixtures --------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from paho.mqtt.properties import Properties  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
-PROXY_TO = re.compile(r"proxy request to (\S+?), client: ")
+PROXY_TO = re.compile(r"proxy request to (\S+) while connecting to upstream, client: ")
 
 
 def proxied_to(gp, client_port, since=0):
@@ -62,7 +62,7 @@ def test_mqtt311_publish_subscribe_end_to_end(mosquitto, gproxy, qos):
         msg = sub.expect_message()
         assert (msg.topic, msg.payload, msg.qos) == ("gp/t311", b"hello 3.1.1", qos)
         for client in (sub, pub):
-            gp.wait_for_session_line(client.local_port, "mqtt client id: %s," % (
+            gp.wait_for_session_line(client.local_port, "mqtt client id: %s while prereading client data," % (
                 client.client._client_id.decode()), since=mark)
             assert proxied_to(gp, client.local_port, mark) == broker.addr
     assert {"sub-311", "pub-311"} <= set(broker.client_ids())
@@ -86,7 +86,7 @@ def test_mqtt5_with_properties_end_to_end(mosquitto, gproxy):
         assert (msg.topic, msg.payload) == ("gp/t5", b"hello 5")
         assert msg.properties.UserProperty == [("k", "v"), ("trace", "42")]
         assert msg.properties.ContentType == "text/plain"
-        gp.wait_for_session_line(sub.local_port, "mqtt client id: sub-v5,")
+        gp.wait_for_session_line(sub.local_port, "mqtt client id: sub-v5 while prereading client data,")
     assert "(p5, c1" in broker.log.wait_for("as sub-v5 ")
 
 
@@ -97,7 +97,7 @@ def test_mqtt31_mqisdp_end_to_end(mosquitto, gproxy):
         sub.subscribe("gp/t31", 1)
         pub.publish("gp/t31", b"hello 3.1", 1)
         assert sub.expect_message().payload == b"hello 3.1"
-        gp.wait_for_session_line(sub.local_port, "mqtt client id: sub-31,")
+        gp.wait_for_session_line(sub.local_port, "mqtt client id: sub-31 while prereading client data,")
     assert "(p1, c1" in broker.log.wait_for("as sub-31 ")
 
 
@@ -153,9 +153,9 @@ def test_empty_client_id_falls_back_to_remote_addr(two_brokers, gproxy):
         client.publish("gp/anon", b"anonymous", 1)
         assert client.expect_message().payload == b"anonymous"
         port = client.local_port
-        gp.wait_for_session_line(port, re.compile(r"mqtt client id: , client: "), since=mark)
+        gp.wait_for_session_line(port, "mqtt client id:  while prereading client data, client: 127.0.0.1, server: ", since=mark)
         line = gp.wait_for_session_line(
-            port, "chash_key fetch is nil, use default chash_key remote_addr: 127.0.0.1,",
+            port, "chash_key fetch is nil, use default chash_key remote_addr: 127.0.0.1 while connecting to upstream,",
             since=mark)
         assert "[warn]" in line
         assert proxied_to(gp, port, mark) == expected
@@ -279,7 +279,7 @@ def test_chash_retries_along_the_ring_when_the_picked_node_is_down(mosquitto, gp
             port = raw_session(gp.port, client_id)
             assert proxied_to(gp, port, mark) == dead_addr  # the ring's first choice
             gp.wait_for_session_line(port, "connect() failed", since=mark)
-            gp.wait_for_session_line(port, "proxy request to %s," % broker.addr, since=mark)
+            gp.wait_for_session_line(port, "proxy request to %s while connecting to upstream," % broker.addr, since=mark)
             broker.wait_for_client(client_id)
     finally:
         dead.close()

@@ -16,10 +16,10 @@ import re
 
 import pytest
 
-from gproxy.admin import create_app
+from gproxy.admin.app import create_app
 from gproxy.config import Config
-from gproxy.registry import Registry
-from gproxy.store import FileStore
+from gproxy.proxy.registry import Registry
+from gproxy.store.file import FileStore
 
 ADMIN_KEY = "edd1c9f034335f136f87ad84b625c8f1"
 VIEWER_KEY = "4054f7cf07e344346cd3f287985e76a2"

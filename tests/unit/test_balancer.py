@@ -1,4 +1,4 @@
-"""gproxy.balancer against docs/apisix-behaviour.md §5.2-5.4.
+"""gproxy.model.balancer against docs/apisix-behaviour.md §5.2-5.4.
 
 The chash ring is checked against a reference model written here from the
 spec's words (CRC-32 of ``id || prev`` as 4 little-endian bytes, 160 points per
@@ -16,7 +16,7 @@ from collections import Counter
 
 import pytest
 
-from gproxy.balancer import Balancer, ChashRing, KetamaRing, Node, RoundRobin
+from gproxy.model.balancer import Balancer, ChashRing, KetamaRing, Node, RoundRobin
 
 A = Node("0.0.0.0", 1995)
 B = Node("127.0.0.1", 1995)

@@ -1,4 +1,4 @@
-"""gproxy.mqtt against docs/apisix-behaviour.md §1-2 (APISIX mqtt-proxy preread).
+"""gproxy.protocols.mqtt against docs/apisix-behaviour.md §1-2 (APISIX mqtt-proxy preread).
 
 Every packet comes from tests/packets.py, never from gproxy.  Valid packets
 are fed whole, byte by byte and in seeded random splits (STYLE.md habit 2);
@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gproxy.errors import MalformedPacket
-from gproxy.mqtt import DEFAULT_MAX_PACKET, ConnectPacket, check_protocol, parse_connect
+from gproxy.protocols.mqtt import DEFAULT_MAX_PACKET, ConnectPacket, check_protocol, parse_connect
 from tests import packets as P
 
 FUZZ = settings(max_examples=400, deadline=None, database=None,

@@ -2,8 +2,8 @@
 
 import pytest
 
-from gproxy.balancer import Node
-from gproxy.routes import RouteTable, Upstream, parse_nodes
+from gproxy.model.balancer import Node
+from gproxy.model.routes import RouteTable, Upstream, parse_nodes
 
 UP = {"type": "roundrobin", "nodes": [{"host": "127.0.0.1", "port": 1883, "weight": 1}]}
 

@@ -12,7 +12,7 @@ import re
 import pytest
 import yaml
 
-from gproxy.store import FileStore
+from gproxy.store.file import FileStore
 
 UPSTREAM = {"id": "1", "type": "roundrobin", "nodes": {"127.0.0.1:1995": 1}}
 ROUTE = {"id": "1", "server_port": 1985, "upstream_id": "1",

@@ -33,6 +33,11 @@ class SessionInfo:
     connected_at: float = field(default_factory=time.time)
     state: str = "preread"
 
+    @property
+    def seq(self):
+        """The per-process connection number, nginx's ``*<n>`` in log lines."""
+        return self.id.rpartition("-")[2]
+
     def as_dict(self):
         return asdict(self)
 

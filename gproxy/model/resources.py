@@ -11,7 +11,7 @@ import json
 import re
 
 from gproxy.errors import SchemaError
-from gproxy.schema import check, validate
+from gproxy.model.schema import check, validate
 
 ID_SCHEMA = {"anyOf": [
     {"type": "string", "minLength": 1, "maxLength": 64, "pattern": r"^[a-zA-Z0-9-_.]+$"},

@@ -1,65 +1,30 @@
-"""The process's services: stream listeners, Admin API, and the store watcher.
+"""The process: stream listeners, store, Admin API and workers, wired together.
 
-``Gproxy`` wires config, store, registry and the data path together: one
-gevent ``StreamServer`` (``netio.PlainStreamServer``) per listener, all spawning sessions into one bounded
-pool, the Admin API (``pywsgi``) on the same hub, and a watcher greenlet that
-picks up outside edits of the store.  A store change builds a new
-``RouteTable`` and swaps one reference (or, with workers, pushes the data to
-every worker and waits for their acks), so new connections see it by the time
-the Admin API answers and live sessions keep the route they matched.  It
-patches nothing and installs no signal handlers (that is ``cli``'s job), so it
-can be embedded in a program that runs a gevent hub.
+``Gproxy`` is the only place the data path, the store and the Admin API meet.
+It builds a ``RouteTable`` from the store, serves every stream listener into
+one bounded pool of session greenlets, runs the Admin API (``pywsgi``) on the
+same hub, and polls the store for outside edits.  A store change builds a new
+table and swaps one reference (or, with workers, pushes the data to every
+worker and waits for their acks), so new connections see it by the time the
+Admin API answers and live sessions keep the route they matched.  It patches
+nothing and installs no signal handlers (that is ``cli``'s job), so it can be
+embedded in a program that runs a gevent hub.
 """
 
 import logging
-import socket
 import time
 
 import gevent
-import gevent.socket
 from gevent.pool import Pool
-from gevent.pywsgi import WSGIServer
 
-from gproxy.netio import PlainStreamServer
-from gproxy.registry import Registry
-from gproxy.routes import RouteTable
-from gproxy.session import Proxy, Settings
-from gproxy.store import FileStore
+from gproxy.model.routes import RouteTable
+from gproxy.proxy.listener import Listener, bind_listener
+from gproxy.proxy.registry import Registry
+from gproxy.proxy.session import Proxy
+from gproxy.proxy.settings import Settings
+from gproxy.store.file import FileStore
 
 log = logging.getLogger("gproxy.server")
-
-BACKLOG = 1024
-
-
-def bind_listener(spec, backlog=BACKLOG, reuseport=False):
-    """A bound, listening gevent socket for a ListenerSpec (a TLS wrapper can sit on it)."""
-    family = socket.AF_INET6 if ":" in spec.host else socket.AF_INET
-    sock = gevent.socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuseport:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((spec.host, spec.port))
-        sock.listen(backlog)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-class AdminServer(WSGIServer):
-    """pywsgi with TCP_NODELAY: a response's headers and body go out in two
-    writes, and without it Nagle holds the body for the client's delayed ACK
-    (~40 ms per kept-alive request)."""
-
-    def handle(self, sock, address):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
-        super().handle(sock, address)
 
 
 class Gproxy:
@@ -73,7 +38,7 @@ class Gproxy:
                            Settings.from_config(cfg))
         self.store.subscribe(self.reload)
         self.pool = Pool(cfg["gproxy.max_connections"])
-        self.servers = []
+        self.listeners = []
         self.admin_server = None
         self.workers = None  # the parent's WorkerSet when running with --workers
         self._watcher = None
@@ -98,7 +63,7 @@ class Gproxy:
 
     def admin_app(self):
         """The Admin API (and the dashboard, when admin_ui is installed) as a WSGI app."""
-        from gproxy.admin import create_app
+        from gproxy.admin.app import create_app
         blueprints = []
         try:
             from admin_ui import create_blueprint
@@ -112,7 +77,7 @@ class Gproxy:
     def start(self, workers=1):
         """Listen and serve (on the current hub); ``workers`` > 1 forks proxy processes."""
         if workers > 1:
-            from gproxy.workers import fork_workers
+            from gproxy.runtime.workers import fork_workers
             self.workers = fork_workers(self, workers)
         else:
             self._listen(reuseport=False)
@@ -130,20 +95,20 @@ class Gproxy:
     def _listen(self, reuseport):
         for spec in self.cfg["apisix.stream_proxy.tcp"]:
             try:
-                sock = bind_listener(spec, reuseport=reuseport)
+                sock = bind_listener(spec.host, spec.port, reuseport=reuseport)
             except OSError as exc:
                 if spec.optional:
                     log.info("listener %s skipped: %s", spec.addr, exc.strerror)
                     continue
                 self.stop(0)
                 raise OSError(exc.errno, "cannot listen on %s: %s" % (spec.addr, exc.strerror))
-            handler = self.proxy.handler_for(sock.getsockname()[:2])
-            server = PlainStreamServer(sock, handler, spawn=self.pool)
-            server.start()
-            self.servers.append(server)
+            listener = Listener(sock, spec)
+            listener.serve(self.proxy.handle, self.pool)
+            self.listeners.append(listener)
             log.warning("stream proxy listening on %s", spec.addr)
 
     def _start_admin(self):
+        from gproxy.admin.server import AdminServer
         host = self.cfg["deployment.admin.admin_listen.ip"]
         port = self.cfg["deployment.admin.admin_listen.port"]
         self.admin_server = AdminServer((host, port), self.admin_app(),
@@ -167,12 +132,12 @@ class Gproxy:
     @property
     def addresses(self):
         """The bound ``(host, port)`` of each listener (useful with port 0)."""
-        return [server.address for server in self.servers]
+        return [listener.address for listener in self.listeners]
 
     def stop(self, timeout=10.0):
         """Stop accepting, give live sessions ``timeout`` seconds, then close them."""
-        for server in self.servers:
-            server.close()
+        for listener in self.listeners:
+            listener.close()
         if self.admin_server is not None:
             self.admin_server.close()
         if self._watcher is not None:
@@ -188,9 +153,9 @@ class Gproxy:
         self.registry.close_where()
         self.proxy.relays.close_all()
         self.pool.kill(timeout=1)
-        for server in self.servers:
-            server.stop(timeout=0)
+        for listener in self.listeners:
+            listener.stop()
         if self.admin_server is not None:
             self.admin_server.stop(timeout=1)
             self.admin_server = None
-        self.servers = []
+        self.listeners = []

@@ -15,7 +15,7 @@ import time
 from flask import Blueprint, Response, request
 
 from gproxy.errors import SchemaError
-from gproxy.resources import check_stream_route, check_upstream
+from gproxy.model.resources import check_stream_route, check_upstream
 
 KIND = {"stream_routes": "stream route", "upstreams": "upstream"}
 
@@ -35,7 +35,7 @@ def json_response(body, status=200):
                     mimetype="application/json")
 
 
-_json = json_response
+
 
 
 def _cjson_message(exc):
@@ -112,7 +112,7 @@ class Resource:
         conf["create_time"] = old.value.get("create_time", now) if old else now
         conf["update_time"] = now
         record, created = self.store.put(self.name, str(id_), conf)
-        return _json({"key": record.key, "value": record.value},
+        return json_response({"key": record.key, "value": record.value},
                      status_new if created else 200)
 
     def list(self):
@@ -129,9 +129,9 @@ class Resource:
             records.sort(key=lambda r: r.created_index)
             total = len(records)
             start = (max(page, 1) - 1) * size
-            return _json({"list": [_record(r) for r in records[start:start + size]],
+            return json_response({"list": [_record(r) for r in records[start:start + size]],
                           "total": total})
-        return _json({"list": [_record(r) for r in records], "total": len(records)})
+        return json_response({"list": [_record(r) for r in records], "total": len(records)})
 
     def _filtered(self, value):
         name = request.args.get("name")
@@ -161,8 +161,8 @@ class Resource:
                                % users[0])
         removed = self.store.delete(self.name, id_)
         if removed is None:
-            return _json({"message": "Key not found"}, 404)
-        return _json({"deleted": "1", "key": removed.key})
+            return json_response({"message": "Key not found"}, 404)
+        return json_response({"deleted": "1", "key": removed.key})
 
     def patch(self, id_, sub_path):
         conf = read_body()
@@ -172,7 +172,7 @@ class Resource:
             raise ApiError("invalid configuration")
         old = self.store.get(self.name, id_)
         if old is None:
-            return _json({"message": "Key not found"}, 404)
+            return json_response({"message": "Key not found"}, 404)
         value = copy.deepcopy(old.value)
         if sub_path:
             value = _set_path(value, sub_path, conf)
@@ -225,8 +225,8 @@ def make_resource_blueprint(name, store, enabled=True):
     def get(id_):
         rec = store.get(name, id_)
         if rec is None:
-            return _json({"message": "Key not found"}, 404)
-        return _json(_record(rec))
+            return json_response({"message": "Key not found"}, 404)
+        return json_response(_record(rec))
 
     @bp.put("", strict_slashes=False)
     @bp.put("/<id_>")

@@ -15,6 +15,7 @@ or crash on short data we reject with a clear line instead (§2).
 from dataclasses import dataclass
 
 from gproxy.errors import MalformedPacket
+from gproxy.protocols.text import printable
 
 #: nginx's default ``preread_buffer_size``; a CONNECT longer than this is refused.
 DEFAULT_MAX_PACKET = 16 * 1024
@@ -150,7 +151,7 @@ def check_protocol(packet, protocol_name, protocol_level):
     if packet.protocol_name != protocol_name.encode():
         raise MalformedPacket(
             "expect protocol name: %s, but got %s"
-            % (protocol_name, packet.protocol_name.decode("latin-1")),
+            % (protocol_name, printable(packet.protocol_name)),
             reason="protocol_name")
     if packet.protocol_level != protocol_level:
         raise MalformedPacket(

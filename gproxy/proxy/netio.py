@@ -14,7 +14,6 @@ import os
 import socket
 import time
 
-from gevent.server import StreamServer
 from gevent.socket import wait_read, wait_write
 
 _TIMEOUT = socket.timeout("timed out")
@@ -69,16 +68,3 @@ def adopt(sock):
     would make to find them out.
     """
     return RawSocket(sock.family, sock.type, sock.proto, sock.detach())
-
-
-class PlainStreamServer(StreamServer):
-    """A StreamServer whose handler gets a plain non-blocking socket, not a gevent one."""
-
-    def do_read(self):
-        try:
-            fd, address = self.socket._accept()
-        except BlockingIOError:
-            return None
-        sock = RawSocket(self.socket.family, self.socket.type, self.socket.proto, fd)
-        sock.setblocking(False)
-        return sock, address

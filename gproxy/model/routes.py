@@ -12,10 +12,10 @@ import ipaddress
 import logging
 from dataclasses import dataclass
 
-from gproxy.balancer import Balancer, Node
-from gproxy.resources import ip_network
+from gproxy.model.balancer import Balancer, Node
+from gproxy.model.resources import ip_network
 
-log = logging.getLogger("gproxy.routes")
+log = logging.getLogger("gproxy.model.routes")
 
 #: nginx stream defaults when an upstream has no ``timeout`` (seconds).
 DEFAULT_CONNECT_TIMEOUT = 60.0

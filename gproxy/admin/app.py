@@ -1,0 +1,78 @@
+"""The APISIX-compatible Admin API: ``create_app(store, sessions, cfg)``.
+
+Serves ``/apisix/admin/stream_routes`` and ``/apisix/admin/upstreams`` with
+APISIX 3.x's wire format, status codes and error bodies
+(docs/apisix-behaviour.md §6), plus gproxy's own key-protected extensions
+under ``/apisix/admin/gproxy/`` (live sessions, totals, disconnect).
+Every write goes through the store, whose change callback swaps the route
+table before the response is sent.  Knows nothing about sockets.
+"""
+
+from flask import Flask, Response, request
+from werkzeug.exceptions import HTTPException
+
+from gproxy import __version__
+from gproxy.admin import auth
+from gproxy.admin.extensions import extensions_blueprint
+from gproxy.admin.plugins import plugins_blueprint
+from gproxy.admin.resources import ApiError, json_response, make_resource_blueprint
+
+PREFIX = "/apisix/admin"
+API_VERSION = "v3"
+MAX_BODY = 1024 * 1024
+RESOURCES = ("stream_routes", "upstreams", "plugins", "gproxy")
+CORS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "GET, PUT, POST, PATCH, DELETE, OPTIONS",
+    "Access-Control-Allow-Headers": "X-API-KEY, Content-Type",
+    "Access-Control-Max-Age": "3600",
+}
+
+
+def create_app(store, sessions, cfg, extra_blueprints=()):
+    """The admin Flask app. ``extra_blueprints`` lets the dashboard plug in."""
+    app = Flask("gproxy.admin")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+    stream_enabled = cfg["apisix.proxy_mode"] != "http"
+    app.register_blueprint(make_resource_blueprint("stream_routes", store, stream_enabled))
+    app.register_blueprint(make_resource_blueprint("upstreams", store, True))
+    app.register_blueprint(plugins_blueprint(PREFIX))
+    app.register_blueprint(extensions_blueprint(PREFIX, sessions))
+    for bp in extra_blueprints:
+        app.register_blueprint(bp)
+
+    @app.before_request
+    def guard():
+        if not request.path.startswith(PREFIX):
+            return None  # the dashboard's pages; its API calls come back through here
+        if not auth.client_allowed(cfg):
+            return auth.forbidden()
+        if request.method == "OPTIONS":
+            return Response(status=200)
+        if request.method == "HEAD" and request.path.rstrip("/") == PREFIX:
+            return Response(status=200)
+        return auth.check_token(cfg)
+
+    @app.after_request
+    def headers(resp):
+        if request.path.startswith(PREFIX):
+            resp.headers["X-API-VERSION"] = API_VERSION
+            resp.headers["Server"] = "gproxy/" + __version__
+            if cfg["deployment.admin.enable_admin_cors"]:
+                resp.headers.update(CORS)
+        return resp
+
+    @app.errorhandler(ApiError)
+    def api_error(exc):
+        return json_response(exc.body, exc.status)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc):
+        if exc.code == 404 and request.path.startswith(PREFIX + "/"):
+            segment = request.path[len(PREFIX) + 1:].split("/")[0]
+            if segment and segment not in RESOURCES:
+                return json_response({"error_msg": "Unsupported resource type: %s" % segment},
+                                     404)
+        return json_response({"error_msg": "%d %s" % (exc.code, exc.name)}, exc.code)
+
+    return app

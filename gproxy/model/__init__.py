@@ -1,0 +1,8 @@
+"""What routes, upstreams and balancers are: pure data and decisions.
+
+Owns: APISIX's resource schemas and Admin checks (``resources``, with the
+jsonschema.lua-worded checker ``schema``), the immutable route table and its
+matching (``routes``), and the balancers including the APISIX-exact chash
+ring (``balancer``).  Pure: no sockets, files, clocks or gevent; must not
+import the data path, the store, the Admin API or the runtime.
+"""

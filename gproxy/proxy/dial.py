@@ -1,0 +1,108 @@
+"""Choose a node and connect to it: hash key, DNS, balancer order, retries.
+
+APISIX's balancer phase for stream routes (docs/apisix-behaviour.md §5.2-5.4):
+domain nodes are resolved per connection (failures dropped), one node skips
+the balancer, chash hashes the variable named by ``key`` and falls back to
+the client address when it is unset, and a failed connect moves on to the
+next candidate within ``retries`` and ``retry_timeout``.
+"""
+
+import logging
+import re
+import socket
+import time
+
+from gevent import socket as gsocket
+
+from gproxy.errors import NoUpstream
+from gproxy.model.balancer import Node
+from gproxy.model.routes import DEFAULT_CONNECT_TIMEOUT, is_ip
+from gproxy.proxy import netio
+
+BALANCER_TYPES = ("roundrobin", "chash")
+
+
+def session_vars(s):
+    """nginx-style variables a chash ``key`` may name (plus what phases set)."""
+    info = s.info
+    found = {"remote_addr": info.client_addr, "remote_port": str(info.client_port),
+             "server_addr": info.server_addr, "server_port": str(info.server_port)}
+    found.update(s.vars)
+    return found
+
+
+def hash_key(s, upstream):
+    """The chash key as bytes, or None when the balancer needs none."""
+    if upstream.type != "chash" or len(upstream.nodes) == 1:
+        return None  # one node skips the balancer, and so the key (APISIX)
+    found = session_vars(s)
+    value = None
+    if upstream.hash_on == "vars":
+        value = found.get(upstream.key)
+    elif upstream.hash_on == "vars_combinations" and upstream.key:
+        value = re.sub(r"\$(\w+)", lambda m: _text(found.get(m.group(1), "")), upstream.key)
+    if value is None or value == "":
+        s.log(logging.WARNING, "chash_key fetch is nil, use default chash_key "
+              "remote_addr: %s", s.info.client_addr)
+        value = s.info.client_addr
+    return value if isinstance(value, bytes) else value.encode()
+
+
+def resolve(s, upstream):
+    """Domain nodes as IP nodes (None when every node is an IP already)."""
+    if not upstream.needs_dns:
+        return None
+    nodes = []
+    for node in upstream.nodes:
+        if is_ip(node.host):
+            nodes.append(node)
+            continue
+        try:
+            infos = gsocket.getaddrinfo(node.host, node.port, 0, socket.SOCK_STREAM)
+        except OSError as exc:
+            s.log(logging.ERROR, "failed to parse domain: %s, error: %s", node.host, exc)
+            continue
+        nodes.append(Node(infos[0][4][0], node.port, node.weight, node.priority, node.host))
+    if not nodes:
+        raise NoUpstream("failed to set upstream: no valid upstream node")
+    return nodes
+
+
+def dial(s):
+    """Connect to the first candidate that answers; sets ``s.upstream_sock``."""
+    upstream = s.upstream
+    key = hash_key(s, upstream)
+    balancer = upstream.balancer(resolve(s, upstream))
+    if upstream.type not in BALANCER_TYPES and len(balancer.nodes) > 1:
+        raise NoUpstream("failed to pick server: invalid balancer type: %s" % upstream.type)
+    timeout = (upstream.connect_timeout or s.settings.connect_timeout
+               or DEFAULT_CONNECT_TIMEOUT)
+    deadline = time.monotonic() + upstream.retry_timeout if upstream.retry_timeout else None
+    s.info.state = "connecting"
+    tried = []
+    for node in balancer.candidates(key, upstream.tries(len(balancer.nodes))):
+        if deadline and tried and time.monotonic() > deadline:
+            break
+        tried.append(node.addr)
+        s.peer = node.addr
+        s.log(logging.INFO, "proxy request to %s", node.addr)
+        conn = netio.connect(node.dial_host, node.port, timeout)
+        if isinstance(conn, OSError):
+            s.log(logging.ERROR, "connect() failed (%s)", _errtext(conn))
+            continue
+        s.upstream_sock = conn
+        s.info.node = node.addr
+        return
+    if not tried:
+        raise NoUpstream("failed to pick server: no node available")
+    raise NoUpstream("all upstream servers tried: %s" % ", ".join(tried))
+
+
+def _text(value):
+    return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else value
+
+
+def _errtext(exc):
+    if isinstance(exc, socket.timeout):
+        return "110: Connection timed out"
+    return "%s: %s" % (exc.errno, exc.strerror) if exc.errno else str(exc)

@@ -1,0 +1,94 @@
+"""Listeners: bound sockets, the StreamServer that accepts on them, and the
+phases every session accepted there goes through.
+
+A listener knows its own address text (``0.0.0.0:9100``, nginx's ``server:``
+in every log line) and, for a socket bound to one IP, its local address, so a
+session needs no ``getsockname`` to match routes.  Listener kinds (TLS, PROXY
+protocol) differ only in the phases they put before the common ones.
+"""
+
+import socket
+
+import gevent.socket
+from gevent.server import StreamServer
+
+from gproxy.proxy.netio import RawSocket
+
+BACKLOG = 1024
+
+
+def plain_ip(ip):
+    """``::ffff:1.2.3.4`` (an IPv4 client on a dual-stack socket) as ``1.2.3.4``."""
+    return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
+
+
+def addr_text(host, port):
+    """``host:port`` as nginx prints a listen address (IPv6 bracketed)."""
+    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+
+
+def bind_listener(host, port, backlog=BACKLOG, reuseport=False):
+    """A bound, listening gevent socket (a TLS wrapper can sit on it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = gevent.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class PlainStreamServer(StreamServer):
+    """A StreamServer whose handler gets a plain non-blocking socket, not a gevent one."""
+
+    def do_read(self):
+        try:
+            fd, address = self.socket._accept()
+        except BlockingIOError:
+            return None
+        sock = RawSocket(self.socket.family, self.socket.type, self.socket.proto, fd)
+        sock.setblocking(False)
+        return sock, address
+
+
+class Listener:
+    """One bound address and how its sessions start.
+
+    ``phases`` run in order before the common ones (route match onwards);
+    ``spec`` is the config entry it came from.
+    """
+
+    def __init__(self, sock, spec=None, phases=()):
+        self.sock = sock
+        self.spec = spec
+        self.phases = tuple(phases)
+        host, port = sock.getsockname()[:2]
+        self.text = addr_text(host, port)  # nginx's "server:" in log lines
+        self.wildcard = host in ("0.0.0.0", "::")
+        self.local = None if self.wildcard else (plain_ip(host), port)
+        self.server = None
+
+    @property
+    def address(self):
+        return self.sock.getsockname()[:2]
+
+    def serve(self, handle, pool):
+        """Accept on the hub; ``handle(listener, sock, addr)`` runs per client in ``pool``."""
+        self.server = PlainStreamServer(self.sock, lambda s, a: handle(self, s, a), spawn=pool)
+        self.server.start()
+
+    def close(self):
+        """Stop accepting (the socket closes); sessions already accepted go on."""
+        if self.server is not None:
+            self.server.close()
+
+    def stop(self):
+        if self.server is not None:
+            self.server.stop(timeout=0)

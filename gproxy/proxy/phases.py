@@ -1,0 +1,74 @@
+"""The phases every session goes through after its listener's own ones.
+
+Each phase is a function of the ``Session``: it reads what earlier phases
+set, sets what later ones need, and refuses the client by raising ``Reject``.
+A new kind of session start (PROXY header, TLS handshake, WebSocket upgrade)
+is one more function in a listener's or route's list, not a branch here.
+
+    match_route -> find_upstream -> preread -> dial -> replay   (then the relay)
+"""
+
+import logging
+
+from gproxy.errors import NoUpstream, Reject
+from gproxy.proxy import dial as dialing
+from gproxy.proxy import netio
+from gproxy.proxy.preread import preread_mqtt
+
+PREREAD = "prereading client data"  # nginx's log actions
+CONNECTING = "connecting to upstream"
+PROXYING = "proxying connection"
+
+
+def match_route(s):
+    """APISIX's stream router, before any byte is read (§4.2)."""
+    s.action = PREREAD
+    info = s.info
+    route = s.table.match(info.server_addr, info.server_port, info.client_addr, s.sni)
+    if route is None:
+        # Close before reading: a client that already sent bytes gets an RST.
+        raise Reject("no_route", logging.INFO, "match(): not hit any route")
+    limit = s.settings.max_connections
+    if limit and len(s.registry) >= limit:
+        raise Reject("limit", logging.ERROR, "too many sessions (max_connections %d)", limit)
+    s.route = route
+    info.route_id = route.id
+    s.track()
+
+
+def find_upstream(s):
+    """``upstream_id`` wins over the inline upstream (§4.2)."""
+    upstream, err = s.table.upstream_for(s.route)
+    if err:
+        raise Reject("no_upstream", logging.ERROR, err)
+    s.upstream = upstream
+
+
+def preread(s):
+    """Read what the route's plugin needs before a node can be chosen."""
+    if s.route.mqtt is not None:
+        preread_mqtt(s, s.route.mqtt)
+
+
+def dial(s):
+    s.action = CONNECTING
+    try:
+        dialing.dial(s)
+    except NoUpstream as exc:
+        raise Reject("upstream_unavailable", logging.ERROR, str(exc)) from None
+
+
+def replay(s):
+    """Every byte peeked goes to the node first, unchanged."""
+    s.action = PROXYING
+    if not s.replay:
+        return
+    try:
+        netio.sendall(s.upstream_sock, s.replay, s.settings.idle_timeout)
+    except OSError as exc:
+        raise Reject("replay_failed", logging.ERROR, "failed to replay the CONNECT upstream: %s",
+                     exc.strerror or exc) from None
+    s.info.bytes_in += len(s.replay)
+
+
+COMMON = (match_route, find_upstream, preread, dial, replay)

@@ -1,0 +1,152 @@
+"""One client connection, as a list of phases, up to the hand-off to the relay.
+
+``Proxy.handle(listener, sock, addr)`` is every listener's handler.  It builds
+a ``Session`` and runs the listener's own phases (a PROXY protocol header, a
+TLS handshake, ...) and then the common ones (``phases.COMMON``: match a
+route, find its upstream, preread, dial, replay).  A phase is a plain
+function of the session; it refuses the client by raising ``Reject``, which
+is counted and logged as one line here.  After the last phase both sockets go
+to the relay, which owns and closes them from then on; if anything fails
+before that, this module closes what was opened.  Nothing here can touch the
+listener.  Log lines keep nginx's shape (``<message> while <action>, client:
+<ip>, server: <listen addr>``) and, where APISIX has one, its wording
+(docs/apisix-behaviour.md §1-2, §5); CONNECT payloads are never logged.
+"""
+
+import logging
+import socket
+import time
+
+from gproxy.errors import Reject
+from gproxy.model.routes import DEFAULT_PROXY_TIMEOUT, RouteTable
+from gproxy.proxy import netio
+from gproxy.proxy.listener import plain_ip
+from gproxy.proxy.phases import COMMON
+from gproxy.proxy.registry import Registry
+from gproxy.proxy.relay import RelayHub, shutdown
+from gproxy.proxy.settings import Settings
+
+log = logging.getLogger("gproxy.session")
+
+
+class Proxy:
+    """The data path shared by every listener: route table, registry, relays, settings."""
+
+    def __init__(self, table=None, registry=None, settings=None, relays=None):
+        self.table = table if table is not None else RouteTable()
+        self.registry = registry if registry is not None else Registry()  # empty is falsy
+        self.settings = settings if settings is not None else Settings()
+        self.relays = relays if relays is not None else RelayHub()
+
+    def handle(self, listener, sock, addr):
+        """One accepted client on ``listener`` (the StreamServer handler)."""
+        server = listener.local
+        if server is None:  # a wildcard listener: which of our addresses was it?
+            try:
+                server = sock.getsockname()
+            except OSError:
+                return  # the client left before we looked
+            server = (plain_ip(server[0]), server[1])
+        info = self.registry.new_session((plain_ip(addr[0]), addr[1]), server)
+        Session(self, listener, sock, info).run()
+
+
+class Session:
+    """The life of one accepted connection, up to the hand-off to the relay.
+
+    Phases read and fill these attributes: ``route``/``upstream`` once
+    matched, ``replay`` (the bytes to send upstream first: every byte peeked,
+    unchanged), ``vars`` (nginx-style variables for hashing: ``mqtt_client_id``
+    ...), ``upstream_sock`` once dialled, ``action`` (nginx's ``while ...``).
+    """
+
+    def __init__(self, proxy, listener, sock, info):
+        self.proxy = proxy
+        self.settings = proxy.settings
+        self.registry = proxy.registry
+        self.table = proxy.table  # one snapshot for the whole session
+        self.listener = listener
+        self.sock = sock
+        self.info = info
+        self.route = None
+        self.upstream = None
+        self.replay = b""
+        self.vars = {}
+        self.upstream_sock = None
+        self.sni = None  # the TLS client's server name, once a handshake phase ran
+        self.peer = None  # the node being dialled, then the one connected
+        self.action = None
+        self.relay = None
+        self.tracked = False
+
+    # -- logging -----------------------------------------------------------
+    def log(self, level, msg, *args):
+        """One line in nginx's shape: ``*<n> <msg> while <action>, client: ..., server: ...``."""
+        if log.isEnabledFor(level):
+            info = self.info
+            tail = ", client: %s, server: %s" % (info.client_addr, self.listener.text)
+            if self.peer is not None:
+                tail += ', upstream: "%s"' % self.peer
+            action = " while " + self.action if self.action else ""
+            log.log(level, "*%s " + msg + action + tail, info.seq, *args)
+
+    # -- the life cycle ----------------------------------------------------
+    def run(self):
+        if log.isEnabledFor(logging.INFO):  # nginx's first line of a session
+            info = self.info
+            log.info("*%s client %s:%d connected to %s", info.seq, info.client_addr,
+                     info.client_port, self.listener.text)
+        try:
+            for phase in self.listener.phases + COMMON:
+                phase(self)
+            self.hand_off()
+        except Reject as exc:
+            self.registry.reject(exc.reason)
+            self.log(exc.level, "%s", exc)
+        except OSError as exc:  # a socket error mid-phase ends this session only
+            self.log(logging.ERROR, "%s", exc.strerror or exc)
+        finally:
+            if self.relay is None:  # never handed off: this greenlet cleans up
+                if self.upstream_sock is not None:
+                    self.upstream_sock.close()
+                if self.tracked:
+                    self.info.state = "closed"
+                    self.registry.remove(self.info)
+
+    def track(self):
+        """Show the session as live (from the route match on)."""
+        self.registry.add(self.info, self.close)
+        self.tracked = True
+
+    def close(self):
+        """Registry closer: end this session from another greenlet or the Admin API."""
+        self.info.state = "closing"
+        if self.relay is not None:
+            self.relay.abort("disconnected")
+            return
+        for s in (self.sock, self.upstream_sock):
+            if s is not None:
+                shutdown(s, socket.SHUT_RDWR)
+
+    def hand_off(self):
+        """Give both sockets to the relay; this greenlet then returns."""
+        if self.info.state == "closing":
+            return  # an operator closed it while we dialled
+        idle = (self.upstream.idle_timeout or self.settings.idle_timeout
+                or DEFAULT_PROXY_TIMEOUT)
+        client = netio.adopt(self.sock)  # the server's close() then finds nothing to close
+        upstream = netio.adopt(self.upstream_sock)
+        self.upstream_sock = None
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.info.state = "relaying"
+        self.action = "proxying connection"
+        self.relay = self.proxy.relays.start(client, upstream, self.info, self._relay_done, idle)
+
+    def _relay_done(self, relay):
+        info = self.info
+        info.state = "closed"
+        self.registry.remove(info)
+        self.action = None
+        self.log(logging.INFO, "session closed: node=%s bytes_in=%d bytes_out=%d "
+                 "duration=%.3fs reason=%s", info.node, info.bytes_in, info.bytes_out,
+                 time.time() - info.connected_at, relay.reason or "eof")

@@ -1,0 +1,90 @@
+"""The parent's merged view of its workers' sessions (``--workers N``).
+
+``WorkerSet`` offers what the Admin API reads from a Registry (``snapshot``,
+``stats``, ``close``, ``close_where``), asking every worker over its control
+channel and merging the answers; a worker that does not answer is logged and
+left out of that answer.
+"""
+
+import logging
+import os
+from collections import Counter
+
+import gevent
+
+log = logging.getLogger("gproxy.workers")
+
+SUMMED = ("live_sessions", "sessions_total", "bytes_in", "bytes_out")
+
+
+def merge_stats(replies, workers):
+    """One stats dict from every worker's: counts summed, start time the earliest."""
+    total = Counter()
+    rejected, per_node = Counter(), Counter()
+    started = []
+    for reply in replies:
+        for key in SUMMED:
+            total[key] += reply[key]
+        rejected.update(reply["rejected"])
+        per_node.update(reply["per_node"])
+        started.append(reply["started_at"])
+    return dict(total, rejected=dict(rejected), per_node=dict(per_node),
+                started_at=min(started, default=0), workers=workers)
+
+
+class WorkerSet:
+    """The parent's view of its workers; quacks like a Registry for the Admin API."""
+
+    def __init__(self, channels):
+        self.channels = channels
+
+    def _all(self, message):
+        replies = []
+        for ch in self.channels:
+            try:
+                reply = ch.call(message)
+            except (OSError, gevent.Timeout) as exc:
+                log.error("worker %d did not answer %s: %s", ch.pid, message["op"], exc)
+                continue
+            if "error" in reply:
+                log.error("worker %d failed %s: %s", ch.pid, message["op"], reply["error"])
+                continue
+            replies.append(reply)
+        return replies
+
+    def push_table(self, data):
+        self._all({"op": "table", "data": data})
+
+    def snapshot(self):
+        out = []
+        for reply in self._all({"op": "sessions"}):
+            out.extend(reply["list"])
+        return sorted(out, key=lambda s: s["connected_at"])
+
+    def stats(self):
+        return merge_stats(self._all({"op": "stats"}), len(self.channels))
+
+    def close(self, session_id):
+        return any(r.get("closed") for r in self._all({"op": "close", "sid": session_id}))
+
+    def close_where(self, route_id=None):
+        closed = []
+        for reply in self._all({"op": "close_where", "route_id": route_id}):
+            closed.extend(reply["closed"])
+        return closed
+
+    def __len__(self):
+        return sum(r["live_sessions"] for r in self._all({"op": "stats"}))
+
+    def stop(self, timeout):
+        for ch in self.channels:
+            try:
+                ch.call({"op": "stop", "timeout": timeout}, timeout=timeout + 5)
+            except (OSError, gevent.Timeout):
+                pass
+        for ch in self.channels:
+            try:
+                os.waitpid(ch.pid, 0)
+            except ChildProcessError:
+                pass
+            ch.close()

@@ -1,0 +1,113 @@
+"""``--workers N``: N forked proxy processes behind SO_REUSEPORT listeners.
+
+The parent keeps the store, the Admin API and the dashboard; each worker
+binds the stream listeners itself with SO_REUSEPORT (the kernel spreads new
+connections across them) and runs the data path.  They talk over one Unix
+socketpair per worker (``channel``: JSON lines with request ids):
+
+    parent -> worker  {"op": "table", "data": {...}}   worker -> {"ok": true}
+                      {"op": "sessions"} / {"op": "stats"} / {"op": "close", "sid": ...}
+                      {"op": "close_where", "route_id": ...} / {"op": "stop"}
+
+A store write pushes the new data to every worker and waits for each ack
+before the Admin API answers, so "in effect when the response is sent" holds
+across processes.  A worker whose parent dies sees EOF, drains and exits; a
+malformed message is logged and dropped, never fatal.
+"""
+
+import logging
+import os
+import signal
+import socket
+import sys
+
+import gevent.socket
+
+from gproxy.runtime.channel import ACK_TIMEOUT, Channel, LineReader, decode, encode
+from gproxy.runtime.merged import WorkerSet
+
+log = logging.getLogger("gproxy.workers")
+
+
+def _handlers(app):
+    registry = lambda: app.registry  # noqa: E731 (the worker's own, set at start)
+    return {
+        "table": lambda m: (app.set_data(m["data"]), {"ok": True})[1],
+        "sessions": lambda m: {"list": registry().snapshot()},
+        "stats": lambda m: registry().stats(),
+        "close": lambda m: {"closed": registry().close(m["sid"])},
+        "close_where": lambda m: {"closed": registry().close_where(m.get("route_id"))},
+    }
+
+
+def serve_control(app, sock):
+    """Worker side: answer the parent until it says stop (returns the grace period)."""
+    handlers = _handlers(app)
+    reader = LineReader(sock)
+    while True:
+        line = reader.readline()
+        if not line:
+            log.warning("worker %d: parent went away; stopping", os.getpid())
+            return 0.0
+        message = decode(line)
+        if message is None:
+            continue
+        op, request_id = message.get("op"), message.get("id")
+        if op == "stop":
+            sock.sendall(encode({"id": request_id, "ok": True}))
+            return float(message.get("timeout", 10.0))
+        handler = handlers.get(op)
+        if handler is None:
+            log.error("worker %d: dropped a control message with unknown op %r",
+                      os.getpid(), op)
+            reply = {"error": "unknown op"}
+        else:
+            try:
+                reply = handler(message)
+            except Exception as exc:  # a bad request must not kill the worker
+                log.exception("worker: %s failed", op)
+                reply = {"error": str(exc)}
+        sock.sendall(encode(dict(reply, id=request_id)))
+
+
+def _run_worker(app, index, child_end):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent coordinates shutdown
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    code = 0
+    ctl = gevent.socket.socket(fileno=child_end.detach())
+    try:
+        try:
+            app.start_worker(index)
+        except OSError as exc:
+            ctl.sendall(encode({"error": str(exc)}))
+            raise
+        ctl.sendall(encode({"ready": True}))
+        app.stop(serve_control(app, ctl))
+    except BaseException:
+        code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def fork_workers(app, count):
+    """Fork ``count`` workers running ``app``'s data path; returns the parent's WorkerSet."""
+    channels = []
+    for index in range(count):
+        parent_end, child_end = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            parent_end.close()
+            for ch in channels:
+                ch.close()
+            _run_worker(app, index, child_end)
+        child_end.close()
+        channel = Channel(pid, gevent.socket.socket(fileno=parent_end.detach()))
+        channels.append(channel)
+        hello = channel.hello(ACK_TIMEOUT * 2)
+        if hello is None or not hello.get("ready"):
+            WorkerSet(channels).stop(0)
+            raise OSError("worker %d did not start: %s"
+                          % (index, (hello or {}).get("error", "timed out")))
+    return WorkerSet(channels)

@@ -1,0 +1,9 @@
+"""Where stream routes and upstreams are kept.
+
+Owns: the ``Store`` interface (``base``), APISIX's standalone YAML layout
+(``codec``) and the embedded file backend (``file``); room for an etcd backend.
+Must not import the data path (``gproxy.proxy``), the Admin API or the runtime:
+the runtime hands a store to whoever needs one.
+"""
+
+from gproxy.store.base import KINDS, Record, Store  # noqa: F401
