@@ -39,6 +39,19 @@ class ConnectPacket:
         return self.client_id.decode("utf-8", "backslashreplace")
 
 
+def encode_varint(value):
+    """MQTT variable byte integer (§1.5.5): seven bits a byte, least significant first."""
+    if not 0 <= value < 128 ** _VBI_MAX_BYTES:
+        raise ValueError("variable byte integer out of range: %d" % value)
+    out = bytearray()
+    while True:
+        value, digit = divmod(value, 128)
+        if not value:
+            out.append(digit)
+            return bytes(out)
+        out.append(digit | 0x80)
+
+
 def decode_varint(buf, offset):
     """Decode an MQTT variable byte integer starting at ``buf[offset]``.
 

@@ -1,20 +1,40 @@
-"""The relay: pump bytes both ways between two connected sockets until both end.
+"""The relay: pump bytes both ways between two connected endpoints until both end.
 
-Nothing here knows MQTT.  Once a session is connected, its greenlet hands
-both file descriptors to a ``Relay`` and returns: from then on the bytes are
-moved by libev I/O watcher callbacks on the hub, so an idle session costs two
-sockets, two watchers and one small object, not greenlet stacks.
+Once a session is connected, its greenlet hands both endpoints to a ``Relay``
+and returns: from then on the bytes are moved by hub I/O watcher callbacks,
+so an idle session costs two sockets, two watchers and one small object, not
+greenlet stacks.
 
 Each direction reads into one shared buffer and writes straight to the other
-socket; what the other socket does not take at once is kept as that
-direction's backlog, and reading from the source stops until it drains
-(back-pressure, as nginx does).  End of stream on one side is passed on as a
-half-close (``shutdown(SHUT_WR)``) and the other direction keeps flowing
-until it ends too (inetaf/tcpproxy's model).  An error on either side aborts
-both.  Byte counts go onto the session record as they move.  Callbacks never
-block and never raise into the hub.
+side; what the other side does not take at once is kept as that direction's
+backlog, and reading stops until it drains (back-pressure, as nginx does).
+End of stream on one side is passed on as a half-close and the other
+direction keeps flowing until it ends too (inetaf/tcpproxy's model).  An
+error on either side aborts both.  Byte counts go onto the session record.
+
+Three things make this more than a byte pump:
+
+* **Event order.**  libev runs the callbacks of one loop iteration last-in
+  first-out, the reverse of the order epoll reported the sockets ready, so
+  bytes two clients sent 50 µs apart could reach the broker swapped.  Watcher
+  callbacks therefore only record themselves; ``EventQueue`` replays them,
+  after every I/O callback of the iteration, in the kernel's order.
+* **MQTT packet boundaries.**  On MQTT routes each direction follows where
+  packets begin and end (``protocols.mqttstream``, headers only), so
+  ``Relay.end`` can stop each direction exactly between two packets and
+  append a DISCONNECT: the broker sees a clean disconnection and publishes no
+  Will, an MQTT 5 client learns why.
+* **splice(2).**  Bulk bytes move through a pipe without entering Python:
+  the body of a large MQTT packet (``SPLICE_BODY`` or more still to come),
+  or anything once a non-MQTT direction reads ``SPLICE_AFTER`` at once.
+
+An endpoint is a non-blocking C-level socket, or any object with
+``recv_into``, ``send``, ``fileno``, ``shutdown`` and ``close`` that raises
+``BlockingIOError`` for "not now" (a TLS endpoint also has ``pending()``).
+Callbacks never block and never raise into the hub.
 """
 
+import _socket
 import errno
 import fcntl
 import logging
@@ -24,19 +44,26 @@ import time
 
 import gevent
 
+from gproxy.protocols.mqttstream import Boundaries
+
 log = logging.getLogger("gproxy.relay")
 
 BUFFER_SIZE = 64 * 1024
 READ, WRITE = 1, 2
 _RETRY = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
-#: A direction that reads this much at once is carrying bulk data: from then on
-#: it moves bytes with splice(2) through a pipe, never copying them into Python.
-#: Idle and chatty MQTT sessions never get a pipe, so they cost no extra fds.
 SPLICE = hasattr(os, "splice")
+#: A non-MQTT direction that reads this much at once is carrying bulk data:
+#: from then on it moves bytes with splice(2) through a pipe.
 SPLICE_AFTER = 16 * 1024
+#: On MQTT routes, a packet body with at least this much still to come is
+#: spliced; smaller packets are copied (their headers must be read anyway).
+SPLICE_BODY = 64 * 1024
 PIPE_SIZE = 1024 * 1024
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+#: libev's lowest watcher priority (EV_MINPRI): run after every I/O callback.
+_LOWEST = -2
+_RAW = _socket.socket
 
 
 def shutdown(sock, how):
@@ -46,31 +73,87 @@ def shutdown(sock, how):
         pass  # already closed or reset: nothing left to tell the peer
 
 
+class EventQueue:
+    """Relay callbacks, run in the order the kernel reported their sockets ready.
+
+    A watcher's callback is the queue's ``append`` with ``(function, arg)``: it
+    records and returns.  A check watcher at the lowest priority runs after
+    all I/O callbacks of a loop iteration and replays the records: libev
+    queued them last-in first-out, so they are replayed backwards (libuv
+    dispatches in order, so there they are replayed forwards).  Records added
+    while replaying (a TLS endpoint with bytes still buffered) run after.
+    """
+
+    def __init__(self, loop):
+        self.ready = []
+        self.append = self.ready.append
+        self.reverse = type(loop).__module__.startswith("gevent.libev")
+        self._check = loop.check(ref=False)
+        self._check.priority = _LOWEST
+        self._check.start(self._run)
+
+    def _run(self):
+        ready = self.ready
+        n = len(ready)
+        if not n:
+            return
+        for i in (range(n - 1, -1, -1) if self.reverse else range(n)):
+            self._call(ready[i])
+        i = n
+        while i < len(ready):
+            self._call(ready[i])
+            i += 1
+        del ready[:]
+
+    @staticmethod
+    def _call(record):
+        func, arg = record
+        try:
+            func(arg)
+        except Exception:  # never raise into the hub
+            log.exception("relay: callback failed")
+
+    def close(self):
+        self._check.stop()
+        self._check.close()
+
+
 class _Direction:
-    """One way of a relay: src -> dst, with its watchers and backlog."""
+    """One way of a relay: src -> dst, with its watchers, backlog and boundaries."""
 
-    __slots__ = ("src", "dst", "reader", "writer", "backlog", "counter", "done", "pipe")
+    __slots__ = ("src", "dst", "reader", "writer", "backlog", "counter", "done", "pipe",
+                 "splicing", "track", "ending", "bye", "pending", "can_splice")
 
-    def __init__(self, loop, src, dst, counter):
+    def __init__(self, loop, src, dst, counter, track):
         self.src = src
         self.dst = dst
         self.reader = loop.io(src.fileno(), READ)
         self.writer = None  # created when dst first pushes back
-        self.backlog = None  # bytes dst has not taken yet (in the pipe, when splicing)
+        self.backlog = None  # bytes dst has not taken yet (an int: bytes in the pipe)
         self.counter = counter
-        self.done = False
+        self.done = False  # src ended (or this direction was ended cleanly)
         self.pipe = None  # (read fd, write fd) once this direction splices
+        self.splicing = False
+        self.track = Boundaries() if track else None
+        self.ending = False  # stop at the next packet boundary
+        self.bye = None  # bytes to send dst at that boundary (a DISCONNECT)
+        self.pending = getattr(src, "pending", None)  # TLS: bytes already decrypted
+        # splice(2) needs kernel sockets on both sides (not TLS or WebSocket endpoints)
+        self.can_splice = SPLICE and type(src) is _RAW and type(dst) is _RAW
 
-    def start_splicing(self):
+    def open_pipe(self):
+        if self.pipe is not None:
+            return True
         try:
             r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
-            return  # out of fds: keep copying
+            return False  # out of fds: keep copying
         try:
             fcntl.fcntl(w, _F_SETPIPE_SZ, PIPE_SIZE)
         except OSError:
             pass  # the default 64 KiB pipe still works
         self.pipe = (r, w)
+        return True
 
     def close_pipe(self):
         if self.pipe is not None:
@@ -80,12 +163,12 @@ class _Direction:
 
 
 class Relay:
-    """Bytes between ``client`` and ``upstream`` (non-blocking stdlib sockets)."""
+    """Bytes between ``client`` and ``upstream`` endpoints."""
 
     __slots__ = ("hub", "client", "upstream", "info", "on_done", "last", "idle", "reason",
-                 "up", "down")
+                 "up", "down", "deadline")
 
-    def __init__(self, hub, client, upstream, info, on_done, idle):
+    def __init__(self, hub, client, upstream, info, on_done, idle, mqtt=False):
         self.hub = hub
         self.idle = idle
         self.client = client
@@ -94,19 +177,28 @@ class Relay:
         self.on_done = on_done
         self.last = time.monotonic()
         self.reason = None
-        self.up = _Direction(hub.loop, client, upstream, "bytes_in")
-        self.down = _Direction(hub.loop, upstream, client, "bytes_out")
+        self.deadline = None  # when a clean end gives up and aborts
+        self.up = _Direction(hub.loop, client, upstream, "bytes_in", mqtt)
+        self.down = _Direction(hub.loop, upstream, client, "bytes_out", mqtt)
 
     def start(self):
         self.hub.relays.add(self)
-        self.up.reader.start(self._readable, self.up)
-        self.down.reader.start(self._readable, self.down)
+        for d in (self.up, self.down):
+            self._resume(d)
 
+    def _resume(self, d):
+        d.reader.start(self.hub.queue.append, (self._readable, d))
+
+    # -- moving bytes ------------------------------------------------------
     def _readable(self, d):
-        if d.pipe is not None:
+        if self.reason is not None or d.done:
+            return
+        if d.splicing:
             return self._spliced(d)
         try:
             n = d.src.recv_into(self.hub.buffer)
+        except BlockingIOError:
+            return
         except OSError as exc:
             if exc.errno not in _RETRY:
                 self.abort(_reason(exc))
@@ -116,21 +208,41 @@ class Relay:
         self.last = time.monotonic()
         setattr(self.info, d.counter, getattr(self.info, d.counter) + n)
         view = memoryview(self.hub.buffer)[:n]
+        if d.track is not None:
+            if d.ending:
+                cut = d.track.next_boundary(view, 0, n)
+                if cut is not None:  # forward up to the boundary, then say goodbye
+                    setattr(self.info, d.counter, getattr(self.info, d.counter) - (n - cut))
+                    return self._send_last(d, view[:cut])
+            else:
+                d.track.feed(view, 0, n)
+        self._send(d, view)
+        if d.backlog is None and d.can_splice:
+            if d.track is None:
+                if n >= SPLICE_AFTER and d.open_pipe():
+                    d.splicing = True
+            elif d.track.left >= SPLICE_BODY and d.open_pipe():
+                d.splicing = True
+        if d.pending is not None and d.backlog is None and d.pending():
+            self.hub.queue.append((self._readable, d))  # decrypted bytes wait in TLS
+
+    def _send(self, d, view):
         try:
             sent = d.dst.send(view)
+        except BlockingIOError:
+            sent = 0
         except OSError as exc:
             if exc.errno not in _RETRY:
                 self.abort(_reason(exc))
                 return
             sent = 0
-        if sent < n:  # the other side is full: hold the rest, stop reading
+        if sent < len(view):  # the other side is full: hold the rest, stop reading
             self._hold(d, bytes(view[sent:]))
-        if n >= SPLICE_AFTER and SPLICE and d.backlog is None:
-            d.start_splicing()
 
     def _spliced(self, d):
+        want = PIPE_SIZE if d.track is None else min(PIPE_SIZE, d.track.left)
         try:
-            n = os.splice(d.src.fileno(), d.pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
+            n = os.splice(d.src.fileno(), d.pipe[1], want, flags=_SPLICE_FLAGS)
         except OSError as exc:
             if exc.errno not in _RETRY:
                 self.abort(_reason(exc))
@@ -139,9 +251,15 @@ class Relay:
             return self._eof(d)
         self.last = time.monotonic()
         setattr(self.info, d.counter, getattr(self.info, d.counter) + n)
+        if d.track is not None:
+            d.track.left -= n
+            if not d.track.left:
+                d.splicing = False  # the body is done: read the next header
         left = self._drain_pipe(d, n)
         if left:
             self._hold(d, left)
+        elif d.ending and not d.splicing:
+            self._say_bye(d)
 
     def _drain_pipe(self, d, n):
         """Move ``n`` bytes from the pipe to dst; return how many are still in the pipe."""
@@ -159,23 +277,18 @@ class Relay:
         d.reader.stop()
         if d.writer is None:
             d.writer = self.hub.loop.io(d.dst.fileno(), WRITE)
-        d.writer.start(self._writable, d)
-
-    def _eof(self, d):
-        d.reader.stop()
-        d.done = True
-        other = self.down if d is self.up else self.up
-        if other.done:
-            self.finish()  # both ways ended: close() sends the FIN, no shutdown needed
-        else:
-            shutdown(d.dst, socket.SHUT_WR)  # pass the half-close on
+        d.writer.start(self.hub.queue.append, (self._writable, d))
 
     def _writable(self, d):
-        if d.pipe is not None:
+        if self.reason is not None or d.backlog is None:
+            return
+        if isinstance(d.backlog, int):
             left = self._drain_pipe(d, d.backlog)
         else:
             try:
                 sent = d.dst.send(d.backlog)
+            except BlockingIOError:
+                return
             except OSError as exc:
                 if exc.errno not in _RETRY:
                     self.abort(_reason(exc))
@@ -185,9 +298,74 @@ class Relay:
             return
         self.last = time.monotonic()
         d.backlog = left or None
+        if d.backlog is not None:
+            return
+        d.writer.stop()
+        if d.done:  # the goodbye (or the last bytes before EOF) went out
+            return self._closed_out(d)
+        if d.ending and (d.track is None or d.track.at_boundary):
+            return self._say_bye(d)
+        self._resume(d)
+
+    def _eof(self, d):
+        d.reader.stop()
+        d.done = True
         if d.backlog is None:
-            d.writer.stop()
-            d.reader.start(self._readable, d)
+            self._closed_out(d)
+
+    def _closed_out(self, d):
+        """Nothing more will go to d.dst: pass the half-close on, or finish."""
+        other = self.down if d is self.up else self.up
+        if other.done and other.backlog is None:
+            self.finish()  # both ways ended: close() sends the FIN
+        else:
+            shutdown(d.dst, socket.SHUT_WR)
+
+    # -- ending cleanly ----------------------------------------------------
+    def end(self, broker_bye, client_bye, grace):
+        """Stop each direction at its next packet boundary and say goodbye.
+
+        ``broker_bye`` goes to the broker after the client's last whole
+        packet; ``client_bye`` (None: nothing) to the client after the
+        broker's.  Returns False, having aborted, when the boundaries are not
+        known (not an MQTT route, or a stream that stopped parsing).
+        """
+        if self.reason is not None:
+            return True
+        if self.up.track is None or self.up.track.lost or self.down.track.lost:
+            self.abort("shutdown")
+            return False
+        self.deadline = time.monotonic() + grace
+        for d, bye in ((self.up, broker_bye), (self.down, client_bye)):
+            if d.done or d.ending:
+                continue
+            d.ending, d.bye = True, bye
+            if d.backlog is None and not d.splicing and d.track.at_boundary:
+                self._say_bye(d)
+        return True
+
+    def _send_last(self, d, view):
+        """Forward the rest of the last whole packet, then the goodbye."""
+        if len(view):
+            self._send(d, view)
+        if d.backlog is None:
+            self._say_bye(d)
+        else:
+            d.backlog = bytes(d.backlog) + (d.bye or b"")
+            d.bye = None
+            d.reader.stop()
+            d.done = True
+
+    def _say_bye(self, d):
+        d.reader.stop()
+        d.done = True
+        bye, d.bye = d.bye, None
+        if bye:
+            self._send(d, memoryview(bye))
+            if self.reason is not None:
+                return
+        if d.backlog is None:
+            self._closed_out(d)
 
     def abort(self, reason):
         """End both directions now (error, idle, or an operator's disconnect)."""
@@ -199,6 +377,8 @@ class Relay:
         if self not in self.hub.relays:
             return
         self.hub.relays.discard(self)
+        if self.reason is None:
+            self.reason = "eof"  # queued callbacks of this relay now do nothing
         for d in (self.up, self.down):
             d.reader.stop()
             d.reader.close()
@@ -221,24 +401,26 @@ def _reason(exc):
 
 
 class RelayHub:
-    """The relays of one process: the shared read buffer and the idle sweeper."""
+    """The relays of one process: the event queue, the shared buffer, the sweeper."""
 
     def __init__(self, loop=None, sweep_interval=1.0):
         self.loop = loop or gevent.get_hub().loop
+        self.queue = EventQueue(self.loop)
         self.buffer = bytearray(BUFFER_SIZE)
         self.relays = set()
         self.sweep_interval = sweep_interval
         self._sweeper = None
 
-    def start(self, client, upstream, info, on_done, idle_timeout=600.0):
-        """Relay between two connected sockets; ``on_done(relay)`` runs once at the end.
+    def start(self, client, upstream, info, on_done, idle_timeout=600.0, mqtt=False):
+        """Relay between two connected endpoints; ``on_done(relay)`` runs once at the end.
 
-        The sockets become the relay's: it closes them.  A relay with no byte
+        The endpoints become the relay's: it closes them.  A relay with no byte
         either way for ``idle_timeout`` seconds is closed (nginx proxy_timeout).
+        ``mqtt``: follow packet boundaries, so ``Relay.end`` can end it cleanly.
         """
         for sock in (client, upstream):
             sock.setblocking(False)
-        relay = Relay(self, client, upstream, info, on_done, idle_timeout)
+        relay = Relay(self, client, upstream, info, on_done, idle_timeout, mqtt)
         relay.start()
         if self._sweeper is None:
             self._sweeper = gevent.spawn(self._sweep)
@@ -248,8 +430,9 @@ class RelayHub:
         while True:
             gevent.sleep(self.sweep_interval)
             now = time.monotonic()
-            for relay in [r for r in self.relays if now - r.last >= r.idle]:
-                relay.abort("idle")
+            for relay in [r for r in self.relays
+                          if now - r.last >= r.idle or (r.deadline and now >= r.deadline)]:
+                relay.abort("idle" if relay.deadline is None else "end timed out")
 
     def close_all(self, reason="shutdown"):
         for relay in list(self.relays):

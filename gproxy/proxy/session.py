@@ -140,7 +140,8 @@ class Session:
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.info.state = "relaying"
         self.action = "proxying connection"
-        self.relay = self.proxy.relays.start(client, upstream, self.info, self._relay_done, idle)
+        self.relay = self.proxy.relays.start(client, upstream, self.info, self._relay_done, idle,
+                                             mqtt=self.route.mqtt is not None)
 
     def _relay_done(self, relay):
         info = self.info
@@ -149,4 +150,4 @@ class Session:
         self.action = None
         self.log(logging.INFO, "session closed: node=%s bytes_in=%d bytes_out=%d "
                  "duration=%.3fs reason=%s", info.node, info.bytes_in, info.bytes_out,
-                 time.time() - info.connected_at, relay.reason or "eof")
+                 time.time() - info.connected_at, relay.reason)

@@ -1,0 +1,116 @@
+"""Where MQTT packets begin and end in a byte stream, without reading their bodies.
+
+The relay forwards bytes as they come; to end a session cleanly (shutdown,
+evict, drain) it must stop exactly between two packets and append a
+DISCONNECT there, so the broker never sees half a packet and publishes no
+Will.  ``Boundaries`` follows one direction of a session by reading only each
+packet's fixed header (type byte + remaining length, MQTT 5.0 §2.1) and
+skipping its body by length, so its cost grows with the number of packets,
+not bytes, and a packet body can be moved without ever entering Python.
+
+Also builds the DISCONNECT packets gproxy sends (MQTT 3.1.1 §3.14, 5.0 §3.14).
+Pure: no I/O.
+"""
+
+from gproxy.protocols.mqtt import encode_varint
+
+#: MQTT 5.0 §3.14.2.1 reason codes gproxy sends.
+NORMAL = 0x00
+SERVER_SHUTTING_DOWN = 0x8B
+USE_ANOTHER_SERVER = 0x9C
+#: MQTT 5.0 §3.14.2.2.5: Server Reference property identifier.
+SERVER_REFERENCE = 0x1C
+DISCONNECT_TYPE = 0xE0
+
+
+class Boundaries:
+    """Packet boundaries of one direction of an MQTT byte stream.
+
+    ``feed(data, start, end)`` accounts for ``data[start:end]``.  ``left`` is
+    how many bytes of the current packet are still to come (0 between
+    packets, unless a header is split across reads: see ``at_boundary``).
+    ``lost`` becomes True if the stream stops looking like MQTT (a remaining
+    length longer than four bytes); from then on no boundary is known.
+    """
+
+    __slots__ = ("left", "header", "lost", "packets")
+
+    def __init__(self):
+        self.left = 0        # body bytes of the current packet still to come
+        self.header = b""    # a fixed header split across reads, so far
+        self.lost = False
+        self.packets = 0     # whole packets seen (headers parsed)
+
+    @property
+    def at_boundary(self):
+        """True when the bytes so far end exactly after a whole packet."""
+        return not self.lost and self.left == 0 and not self.header
+
+    def feed(self, data, start=0, end=None):
+        """Account for ``data[start:end]``; returns nothing (see ``next_boundary``)."""
+        self.next_boundary(data, start, end, stop=False)
+
+    def next_boundary(self, data, start=0, end=None, stop=True):
+        """Advance over ``data[start:end]``.
+
+        With ``stop``: returns the offset (in ``data``) of the first packet
+        boundary at or after ``start`` and stops there, or None after taking
+        all of it when no boundary lies inside.  A boundary at ``start`` itself
+        counts when the stream is already between packets.
+        """
+        if end is None:
+            end = len(data)
+        pos = start
+        while True:
+            if self.lost:
+                return None
+            if self.left:
+                step = self.left if self.left <= end - pos else end - pos
+                self.left -= step
+                pos += step
+                if self.left:
+                    return None  # the packet goes on past this chunk
+                continue
+            if not self.header and stop:
+                return pos  # between two packets
+            if pos >= end:
+                return None
+            pos = self._header(data, pos, end)
+
+    def _header(self, data, pos, end):
+        """Parse (part of) a fixed header from ``data[pos:end]``; returns the new offset."""
+        header = self.header + bytes(data[pos:min(end, pos + 5 - len(self.header))])
+        value, multiplier = 0, 1
+        for i in range(1, len(header)):
+            byte = header[i]
+            value += (byte & 0x7F) * multiplier
+            if not byte & 0x80:
+                used = i + 1 - len(self.header)  # bytes of this chunk in the header
+                self.header = b""
+                self.left = value
+                self.packets += 1
+                return pos + used
+            multiplier *= 128
+            if i == 4:
+                self.lost = True  # a fifth length byte: not MQTT (§1.5.5)
+                return end
+        self.header = header  # the header goes on in the next chunk
+        return end
+
+
+def disconnect(level, reason=NORMAL, server_reference=None):
+    """A DISCONNECT for a client or broker speaking protocol ``level``.
+
+    MQTT 3.1.1 and 3.1 have no reason code (``e0 00``); for MQTT 5.0 a normal
+    disconnection is also ``e0 00`` (§3.14.2.1: reason 0 may be omitted), and
+    any other reason is sent with its code and, for 0x9C, an optional Server
+    Reference.
+    """
+    if level != 5 or (reason == NORMAL and server_reference is None):
+        return bytes((DISCONNECT_TYPE, 0))
+    props = b""
+    if server_reference:
+        ref = server_reference.encode("utf-8")
+        props = bytes((SERVER_REFERENCE,)) + len(ref).to_bytes(2, "big") + ref
+    body = bytes((reason,)) + encode_varint(len(props)) + props
+    return bytes((DISCONNECT_TYPE,)) + encode_varint(len(body)) + body
