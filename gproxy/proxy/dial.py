@@ -78,7 +78,7 @@ def dial(s):
     timeout = (upstream.connect_timeout or s.settings.connect_timeout
                or DEFAULT_CONNECT_TIMEOUT)
     deadline = time.monotonic() + upstream.retry_timeout if upstream.retry_timeout else None
-    s.info.state = "connecting"
+    s.set_state("connecting")
     tried = []
     for node in balancer.candidates(key, upstream.tries(len(balancer.nodes))):
         if deadline and tried and time.monotonic() > deadline:
@@ -91,7 +91,7 @@ def dial(s):
             s.log(logging.ERROR, "connect() failed (%s)", _errtext(conn))
             continue
         s.upstream_sock = conn
-        s.info.node = node.addr
+        s.registry.set_node(s.info, node.addr)
         return
     if not tried:
         raise NoUpstream("failed to pick server: no node available")

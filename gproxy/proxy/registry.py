@@ -1,18 +1,26 @@
-"""The registry: live sessions as metadata records, plus running totals.
+"""The registry: live sessions as metadata records, plus counters kept as they change.
 
 A session is a ``SessionInfo`` (ids, addresses, route, node, byte counts,
-timestamps); the table never holds a socket.  To let an operator disconnect a
-session, its owner registers a *closer* callable next to the record.
-``snapshot()`` and ``stats()`` return plain JSON-ready dicts so several worker
-processes can each report theirs and a parent can merge them.  Pure: no I/O.
+timestamps); the table never holds a socket.  Its owner registers a *handle*
+next to the record (an object with ``close()`` and ``end(code, grace,
+server_reference)``), which is how an operator disconnects or evicts it.
+
+Every count a reader needs (live sessions per route, node and state;
+sessions and rejections since start) is kept up to date as sessions start,
+change state and end, so the Admin API, the dashboard and the metrics read
+counters instead of walking every session.  That is why the state and node
+of a tracked session change only through ``set_state``/``set_node``.
+``snapshot()`` and ``stats()`` return plain JSON-ready dicts so worker
+processes can each report theirs and a parent can merge them.  No I/O.
 """
 
 import itertools
 import os
 import time
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+
+STATES = ("preread", "connecting", "relaying", "closing")
 
 
 @dataclass
@@ -43,16 +51,20 @@ class SessionInfo:
 
 
 class Registry:
-    """Live sessions and totals of one process."""
+    """Live sessions and counters of one process."""
 
     def __init__(self, worker=None):
         prefix = "%s-" % (worker if worker is not None else os.getpid())
         self._ids = (prefix + str(n) for n in itertools.count(1))
         self._live = {}
-        self._closers = {}
+        self._handles = {}
         self.started_at = time.time()
         self.sessions_total = 0
-        self.rejected = Counter()
+        self.route_total = Counter()   # sessions ever matched, per route
+        self.rejected = Counter()      # refused before proxying, per reason
+        self.per_route = Counter()     # live, per route
+        self.per_node = Counter()      # live, per node
+        self.per_state = Counter()     # live, per state
         self.bytes_in_closed = 0
         self.bytes_out_closed = 0
 
@@ -60,50 +72,58 @@ class Registry:
         """A fresh SessionInfo for a client ``(ip, port)`` on a listener ``(ip, port)``."""
         return SessionInfo(next(self._ids), client[0], client[1], server[0], server[1])
 
-    def add(self, info, closer=None):
-        """Show ``info`` as live; ``closer()`` is how an operator may end it."""
+    # -- life cycle --------------------------------------------------------
+    def add(self, info, handle=None):
+        """Show ``info`` as live; ``handle`` is how an operator may end it."""
         self._live[info.id] = info
-        if closer is not None:
-            self._closers[info.id] = closer
+        if handle is not None:
+            self._handles[info.id] = handle
         self.sessions_total += 1
+        self.route_total[info.route_id] += 1
+        self.per_route[info.route_id] += 1
+        self.per_state[info.state] += 1
+        if info.node is not None:
+            self.per_node[info.node] += 1
+
+    def set_state(self, info, state):
+        if info.id in self._live:
+            _move(self.per_state, info.state, state)
+        info.state = state
+
+    def set_node(self, info, node):
+        if info.id in self._live:
+            _move(self.per_node, info.node, node)
+        info.node = node
 
     def remove(self, info):
         """The session has ended: fold its bytes into the totals."""
         if self._live.pop(info.id, None) is None:
             return
-        self._closers.pop(info.id, None)
+        self._handles.pop(info.id, None)
+        _move(self.per_route, info.route_id, None)
+        _move(self.per_state, info.state, None)
+        _move(self.per_node, info.node, None)
         self.bytes_in_closed += info.bytes_in
         self.bytes_out_closed += info.bytes_out
-
-    @contextmanager
-    def track(self, info, closer=None):
-        """Show ``info`` as live for the duration of the ``with`` block."""
-        self.add(info, closer)
-        try:
-            yield info
-        finally:
-            self.remove(info)
+        info.state = "closed"
 
     def reject(self, reason):
         """Count a connection refused before proxying (``reason`` is a short token)."""
         self.rejected[reason] += 1
 
+    # -- reading -----------------------------------------------------------
     def get(self, session_id):
         return self._live.get(session_id)
 
-    def close(self, session_id):
-        """Ask a live session to end; True if it was known and closable."""
-        closer = self._closers.get(session_id)
-        if closer is None:
-            return False
-        closer()
-        return True
+    def handle(self, session_id):
+        return self._handles.get(session_id)
 
-    def close_where(self, route_id=None):
-        """Close every live session (of one route, if given); returns the ids closed."""
-        ids = [sid for sid, info in list(self._live.items())
-               if route_id is None or info.route_id == str(route_id)]
-        return [sid for sid in ids if self.close(sid)]
+    def ids(self, route_id=None):
+        """Ids of live sessions (of one route, if given), oldest first."""
+        if route_id is None:
+            return list(self._live)
+        route_id = str(route_id)
+        return [sid for sid, info in self._live.items() if info.route_id == route_id]
 
     def __len__(self):
         return len(self._live)
@@ -113,14 +133,51 @@ class Registry:
         return [info.as_dict() for info in list(self._live.values())]
 
     def stats(self):
-        live = list(self._live.values())
-        per_node = Counter(info.node for info in live if info.node)
+        live = self._live.values()
         return {
-            "live_sessions": len(live),
+            "live_sessions": len(self._live),
             "sessions_total": self.sessions_total,
             "rejected": dict(self.rejected),
             "bytes_in": self.bytes_in_closed + sum(i.bytes_in for i in live),
             "bytes_out": self.bytes_out_closed + sum(i.bytes_out for i in live),
-            "per_node": dict(per_node),
+            "per_node": dict(self.per_node),
+            "per_route": {str(k): v for k, v in self.per_route.items()},
+            "per_state": dict(self.per_state),
+            "route_total": {str(k): v for k, v in self.route_total.items()},
             "started_at": self.started_at,
         }
+
+    # -- acting on sessions ------------------------------------------------
+    def close(self, session_id):
+        """Close a live session at once; True if it was known and closable."""
+        handle = self._handles.get(session_id)
+        if handle is None:
+            return False
+        handle.close()
+        return True
+
+    def close_where(self, route_id=None):
+        """Close every live session (of one route, if given); returns the ids closed."""
+        return [sid for sid in self.ids(route_id) if self.close(sid)]
+
+    def end(self, session_id, code, grace, server_reference=None):
+        """End a live session cleanly (DISCONNECT at a packet boundary); True if known."""
+        handle = self._handles.get(session_id)
+        if handle is None:
+            return False
+        handle.end(code, grace, server_reference)
+        return True
+
+
+def _move(counter, old, new):
+    """One item moves from ``old`` to ``new`` (None: nowhere) in ``counter``."""
+    if old == new:
+        return
+    if old is not None:
+        left = counter[old] - 1
+        if left > 0:
+            counter[old] = left
+        else:
+            del counter[old]
+    if new is not None:
+        counter[new] += 1

@@ -19,6 +19,7 @@ import time
 
 from gproxy.errors import Reject
 from gproxy.model.routes import DEFAULT_PROXY_TIMEOUT, RouteTable
+from gproxy.protocols.mqttstream import SERVER_SHUTTING_DOWN, disconnect
 from gproxy.proxy import netio
 from gproxy.proxy.listener import plain_ip
 from gproxy.proxy.phases import COMMON
@@ -110,23 +111,38 @@ class Session:
                 if self.upstream_sock is not None:
                     self.upstream_sock.close()
                 if self.tracked:
-                    self.info.state = "closed"
                     self.registry.remove(self.info)
 
     def track(self):
-        """Show the session as live (from the route match on)."""
-        self.registry.add(self.info, self.close)
+        """Show the session as live (from the route match on); the registry
+        gets this object as the handle to close or end it."""
+        self.registry.add(self.info, self)
         self.tracked = True
 
+    def set_state(self, state):
+        self.registry.set_state(self.info, state)
+
     def close(self):
-        """Registry closer: end this session from another greenlet or the Admin API."""
-        self.info.state = "closing"
+        """Close at once (an operator's Disconnect, or a forced stop)."""
+        self.set_state("closing")
         if self.relay is not None:
             self.relay.abort("disconnected")
             return
         for s in (self.sock, self.upstream_sock):
             if s is not None:
                 shutdown(s, socket.SHUT_RDWR)
+
+    def end(self, code=SERVER_SHUTTING_DOWN, grace=5.0, server_reference=None):
+        """End cleanly: at a packet boundary the broker gets a DISCONNECT (so it
+        publishes no Will) and an MQTT 5 client one with reason ``code``
+        (0x8B server shutting down, 0x9C use another server).  A session not
+        relaying yet, or not on an MQTT route, is closed at once."""
+        level = self.info.protocol_level
+        if self.relay is None or level is None:
+            return self.close()
+        self.set_state("closing")
+        client_bye = disconnect(level, code, server_reference) if level == 5 else None
+        self.relay.end(disconnect(level), client_bye, grace)
 
     def hand_off(self):
         """Give both sockets to the relay; this greenlet then returns."""
@@ -138,14 +154,13 @@ class Session:
         upstream = netio.adopt(self.upstream_sock)
         self.upstream_sock = None
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.info.state = "relaying"
+        self.set_state("relaying")
         self.action = "proxying connection"
         self.relay = self.proxy.relays.start(client, upstream, self.info, self._relay_done, idle,
                                              mqtt=self.route.mqtt is not None)
 
     def _relay_done(self, relay):
         info = self.info
-        info.state = "closed"
         self.registry.remove(info)
         self.action = None
         self.log(logging.INFO, "session closed: node=%s bytes_in=%d bytes_out=%d "

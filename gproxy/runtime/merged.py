@@ -14,22 +14,23 @@ import gevent
 
 log = logging.getLogger("gproxy.workers")
 
-SUMMED = ("live_sessions", "sessions_total", "bytes_in", "bytes_out")
-
-
 def merge_stats(replies, workers):
-    """One stats dict from every worker's: counts summed, start time the earliest."""
-    total = Counter()
-    rejected, per_node = Counter(), Counter()
+    """One stats dict from every worker's: numbers and per-key counts summed,
+    the start time the earliest."""
+    merged = {}
     started = []
     for reply in replies:
-        for key in SUMMED:
-            total[key] += reply[key]
-        rejected.update(reply["rejected"])
-        per_node.update(reply["per_node"])
+        for key, value in reply.items():
+            if key in ("id", "started_at"):
+                continue
+            if isinstance(value, dict):
+                merged.setdefault(key, Counter()).update(value)
+            else:
+                merged[key] = merged.get(key, 0) + value
         started.append(reply["started_at"])
-    return dict(total, rejected=dict(rejected), per_node=dict(per_node),
-                started_at=min(started, default=0), workers=workers)
+    out = {key: dict(v) if isinstance(v, Counter) else v for key, v in merged.items()}
+    out.update(started_at=min(started, default=0), workers=workers)
+    return out
 
 
 class WorkerSet:
@@ -66,6 +67,11 @@ class WorkerSet:
 
     def close(self, session_id):
         return any(r.get("closed") for r in self._all({"op": "close", "sid": session_id}))
+
+    def end(self, session_id, code, grace, server_reference=None):
+        return any(r.get("ended") for r in self._all({
+            "op": "end", "sid": session_id, "code": code, "grace": grace,
+            "server_reference": server_reference}))
 
     def close_where(self, route_id=None):
         closed = []

@@ -7,7 +7,8 @@ socketpair per worker (``channel``: JSON lines with request ids):
 
     parent -> worker  {"op": "table", "data": {...}}   worker -> {"ok": true}
                       {"op": "sessions"} / {"op": "stats"} / {"op": "close", "sid": ...}
-                      {"op": "close_where", "route_id": ...} / {"op": "stop"}
+                      {"op": "close_where", "route_id": ...} / {"op": "end", "sid": ...}
+                      {"op": "stop"}
 
 A store write pushes the new data to every worker and waits for each ack
 before the Admin API answers, so "in effect when the response is sent" holds
@@ -37,6 +38,8 @@ def _handlers(app):
         "stats": lambda m: registry().stats(),
         "close": lambda m: {"closed": registry().close(m["sid"])},
         "close_where": lambda m: {"closed": registry().close_where(m.get("route_id"))},
+        "end": lambda m: {"ended": registry().end(m["sid"], m["code"], m["grace"],
+                                                  m.get("server_reference"))},
     }
 
 

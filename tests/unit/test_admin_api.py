@@ -697,11 +697,17 @@ def test_rejected_request_does_not_notify(seeded):
 # -- gproxy extensions: sessions and stats ----------------------------------------
 
 class Closer:
+    """A session handle that counts how often it was closed or ended."""
+
     def __init__(self):
         self.calls = 0
+        self.ends = []
 
-    def __call__(self):
+    def close(self):
         self.calls += 1
+
+    def end(self, code, grace, server_reference=None):
+        self.ends.append((code, grace, server_reference))
 
 
 def open_session(stack, registry, route_id, client=("10.0.0.5", 50000), **fields):
@@ -710,7 +716,8 @@ def open_session(stack, registry, route_id, client=("10.0.0.5", 50000), **fields
     for name, value in fields.items():
         setattr(info, name, value)
     closer = Closer()
-    stack.enter_context(registry.track(info, closer))
+    registry.add(info, closer)
+    stack.callback(registry.remove, info)
     return info, closer
 
 
