@@ -1,4 +1,11 @@
-"""``gproxy`` command line: the only place that patches, reads argv and installs signals."""
+"""``gproxy`` command line: the only place that patches, reads argv and installs signals.
+
+Signals (gunicorn's model: handlers only set flags, the main greenlet acts):
+SIGTERM or SIGINT drains (``Gproxy.stop``: stop accepting, end sessions
+cleanly within ``gproxy.shutdown.grace``); a second one forces.  SIGHUP
+re-reads the config file and applies it (``Gproxy.reload_config``); a file
+that does not load is logged and the running configuration kept.
+"""
 
 import argparse
 import logging
@@ -70,8 +77,6 @@ def main(argv=None):
     from gevent import monkey
     monkey.patch_all()  # gunicorn-style: this process is a gevent program end to end
 
-    import gevent
-    import signal
     from gproxy import config
     from gproxy.errors import ConfigError, SchemaError
     from gproxy.runtime.app import Gproxy
@@ -99,22 +104,55 @@ def main(argv=None):
         print("gproxy: %s" % exc, file=sys.stderr)
         return 1
 
-    stopping = gevent.event.Event()
-    signals = {"count": 0}
+    serve(app, lambda: reload(app, path, args.log_level))
+    return 0
 
-    def on_signal():  # only sets flags; the main greenlet does the work
-        signals["count"] += 1
-        stopping.set()
+
+def reload(app, path, log_level):
+    """SIGHUP: re-read the config; a file that does not load changes nothing."""
+    from gproxy import config
+    from gproxy.errors import ConfigError
+    log = logging.getLogger("gproxy")
+    log.warning("reload: reading %s", path or "(defaults)")
+    try:
+        cfg = config.load(path)
+    except ConfigError as exc:
+        log.error("reload: %s; keeping the running configuration", exc)
+        return
+    app.reload_config(cfg, log_level)
+
+
+def serve(app, on_reload):
+    """Run until SIGTERM/SIGINT has drained the app (a second one forces)."""
+    import gevent
+    import gevent.event
+    import signal
+    wake = gevent.event.Event()
+    flags = {"stop": 0, "reload": 0}
+
+    def flag(name):  # signal handlers only set flags; this greenlet does the work
+        def handler():
+            flags[name] += 1
+            wake.set()
+        return handler
 
     for sig in (signal.SIGTERM, signal.SIGINT):
-        gevent.signal_handler(sig, on_signal)
-    stopping.wait()
-    logging.getLogger("gproxy").warning("shutting down")
-    drain = gevent.spawn(app.stop, 10.0)
-    while not drain.ready():
-        if signals["count"] > 1:  # a second signal forces the exit
+        gevent.signal_handler(sig, flag("stop"))
+    gevent.signal_handler(signal.SIGHUP, flag("reload"))
+    log = logging.getLogger("gproxy")
+    drain = None
+    while drain is None or not drain.ready():
+        wake.wait()
+        wake.clear()
+        if flags["reload"] and drain is None:
+            flags["reload"] = 0
+            on_reload()
+        if flags["stop"] and drain is None:
+            log.warning("shutting down (a second SIGTERM or SIGINT forces)")
+            drain = gevent.spawn(app.stop)
+            drain.link(lambda _: wake.set())
+        elif flags["stop"] > 1:
+            log.warning("shutting down now: closing every session")
             drain.kill()
             app.stop(0)
             break
-        drain.join(timeout=0.2)
-    return 0

@@ -20,6 +20,10 @@ log = logging.getLogger("gproxy.config")
 
 DEFAULT_ADMIN_KEY = "edd1c9f034335f136f87ad84b625c8f1"
 LOG_LEVELS = ("debug", "info", "notice", "warn", "error", "crit", "alert", "emerg")
+#: nginx level names -> logging levels
+PY_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "notice": logging.INFO,
+             "warn": logging.WARNING, "error": logging.ERROR, "crit": logging.CRITICAL,
+             "alert": logging.CRITICAL, "emerg": logging.CRITICAL}
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,24 @@ SETTINGS = [
     ("gproxy.max_connections", 10000, _count, "concurrent sessions per process"),
     ("gproxy.balancer.chash_ring", "apisix", _choice("apisix", "ketama"),
      "chash ring: APISIX-exact CRC32 ring, or uhashring's ketama"),
+    ("gproxy.shutdown.grace", 5.0, _typed((int, float), lambda v: v >= 0, "a number >= 0"),
+     "seconds SIGTERM gives live sessions to end cleanly (DISCONNECT at a packet boundary)"),
+    ("gproxy.shutdown.server_reference", "", _typed(str),
+     "a peer gproxy (host:port) for MQTT 5 clients: set, shutdown sends 0x9C Use another "
+     "server with this Server Reference instead of 0x8B Server shutting down"),
+    ("apisix.enable_control", True, _bool, "serve the control API (GET /v1/healthcheck)"),
+    ("apisix.control.ip", "127.0.0.1", _typed(str), "control API address"),
+    ("apisix.control.port", 9090, _port, "control API port"),
+    ("plugin_attr.prometheus.enable_export_server", True, _bool,
+     "serve Prometheus metrics at /apisix/prometheus/metrics"),
+    ("plugin_attr.prometheus.export_addr.ip", "127.0.0.1", _typed(str), "metrics address"),
+    ("plugin_attr.prometheus.export_addr.port", 9091, _port, "metrics port"),
+    ("gproxy.admin.max_connections", 64, _count,
+     "concurrent connections to each HTTP listener (admin, control, metrics); more wait "
+     "in the backlog, so they never take the file descriptors sessions need"),
+    ("gproxy.admin.timeout", 30.0, _number,
+     "seconds an HTTP client has to send a request's headers, and may stay idle between "
+     "requests, on the admin, control and metrics listeners"),
 ]
 _DECLARED = {key for key, *_ in SETTINGS}
 _PARENTS = {key.rsplit(".", i)[0] for key in _DECLARED for i in range(1, key.count(".") + 1)}
@@ -206,6 +228,7 @@ class Config:
         raw = raw or {}
         if not isinstance(raw, dict):
             raise ConfigError("config: expected a mapping at the top level")
+        self.raw = raw  # as read: a worker process rebuilds its Config from it
         self.path = path
         self.base_dir = os.path.dirname(os.path.abspath(path)) if path else os.getcwd()
         self.values = {key: default for key, default, *_ in SETTINGS}

@@ -39,3 +39,16 @@ def extensions_blueprint(prefix, sessions):
         return json_response({"closed": sessions.close_where(route_id)})
 
     return bp
+
+
+def health_blueprint(prefix, health):
+    """``GET /apisix/admin/gproxy/health``: the health checkers, as the control API
+    lists them (``health()``), for the dashboard, which talks to the Admin API only."""
+    bp = Blueprint("gproxy_health", __name__, url_prefix=prefix + "/gproxy")
+
+    @bp.get("/health")
+    def health_list():
+        items = health()
+        return json_response({"list": items, "total": len(items)})
+
+    return bp

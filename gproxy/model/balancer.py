@@ -159,14 +159,25 @@ class Balancer:
             groups.setdefault(node.priority, []).append(node)
         self._groups = [factory(groups[p]) for p in sorted(groups, reverse=True)]
 
-    def candidates(self, key, tries):
-        """Yield up to ``tries`` distinct nodes in the order to dial them."""
+    def candidates(self, key, tries, unhealthy=()):
+        """Yield up to ``tries`` distinct nodes in the order to dial them.
+
+        Nodes whose ``addr`` is in ``unhealthy`` are skipped as if already
+        tried (chash walks on along the ring), unless every node is
+        unhealthy: then all are candidates, as APISIX falls back to the
+        whole node list rather than refuse.
+        """
         if len(self.nodes) == 1:  # APISIX bypasses the balancer for one node
             yield self.nodes[0]
             return
-        tried = set()
+        skip = set()
+        if unhealthy:
+            skip = {node for node in self.nodes if node.addr in unhealthy}
+            if len(skip) == len(self.nodes):
+                skip = set()
+        tried = set(skip)
         for picker in self._groups:
-            while len(tried) < tries:
+            while len(tried) - len(skip) < tries:
                 node = picker.pick(key, tried)
                 if node is None:
                     break

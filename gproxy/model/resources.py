@@ -51,6 +51,49 @@ _NODES = {"anyOf": [
     }},
 ]}
 _POSITIVE = {"type": "number", "exclusiveMinimum": 0}
+_STATUSES = {"type": "array", "minItems": 1, "uniqueItems": True,
+             "items": {"type": "integer", "minimum": 200, "maximum": 599}}
+_COUNT = {"type": "integer", "minimum": 1, "maximum": 254}
+_COUNT0 = {"type": "integer", "minimum": 0, "maximum": 254}
+_INTERVAL = {"type": "integer", "minimum": 1}
+#: APISIX's health_checker schema (schema_def.lua), plus gproxy's ``type: mqtt``
+#: probe and its ``mqtt`` settings (an extension: CONNECT, CONNACK, DISCONNECT).
+CHECKS_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "active": {"type": "object", "properties": {
+            "type": {"type": "string", "enum": ["http", "https", "tcp", "mqtt"]},
+            "timeout": {"type": "number"},
+            "concurrency": {"type": "integer"},
+            "host": {"type": "string", "pattern": HOST_PATTERN},
+            "port": {"type": "integer", "minimum": 1, "maximum": 65535},
+            "http_path": {"type": "string"},
+            "https_verify_certificate": {"type": "boolean"},
+            "req_headers": {"type": "array", "minItems": 1, "items": {"type": "string"}},
+            "healthy": {"type": "object", "properties": {
+                "interval": _INTERVAL, "http_statuses": _STATUSES, "successes": _COUNT}},
+            "unhealthy": {"type": "object", "properties": {
+                "interval": _INTERVAL, "http_statuses": _STATUSES, "http_failures": _COUNT,
+                "tcp_failures": _COUNT, "timeouts": _COUNT}},
+            "mqtt": {"type": "object", "properties": {
+                "protocol_level": {"type": "integer", "enum": [3, 4, 5]},
+                "client_id": {"type": "string", "maxLength": 256},
+                "username": {"type": "string"},
+                "password": {"type": "string"}},
+                "additionalProperties": False},
+        }},
+        "passive": {"type": "object", "properties": {
+            "type": {"type": "string", "enum": ["http", "https", "tcp"]},
+            "healthy": {"type": "object", "properties": {
+                "http_statuses": _STATUSES, "successes": _COUNT0}},
+            "unhealthy": {"type": "object", "properties": {
+                "http_statuses": _STATUSES, "http_failures": _COUNT0,
+                "tcp_failures": _COUNT0, "timeouts": _COUNT0}},
+        }},
+    },
+    "anyOf": [{"required": ["active"]}, {"required": ["active", "passive"]}],
+    "additionalProperties": False,
+}
 UPSTREAM_SCHEMA = {
     "type": "object",
     "properties": dict(_COMMON, **{
@@ -61,7 +104,7 @@ UPSTREAM_SCHEMA = {
             "connect": _POSITIVE, "send": _POSITIVE, "read": _POSITIVE},
             "required": ["connect", "send", "read"]},
         "type": {"type": "string"},
-        "checks": {"type": "object"},
+        "checks": CHECKS_SCHEMA,
         "hash_on": {"type": "string", "enum": [
             "vars", "header", "cookie", "consumer", "vars_combinations"]},
         "key": {"type": "string"},

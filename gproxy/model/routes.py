@@ -63,6 +63,9 @@ class Upstream:
         # The upstream's own send/read timeouts win over gproxy.proxy.timeout.
         self.idle_timeout = (max(timeout["send"], timeout["read"])
                              if "send" in timeout and "read" in timeout else None)
+        self.checks = conf.get("checks") or None
+        self.name = None  # APISIX's resource key: /apisix/upstreams/<id> or /apisix/stream_routes/<id>
+        self.health = None  # a model.health.HealthState, set when this upstream is checked
         self._chash_ring = chash_ring
         self._balancer = None if self.needs_dns else self._build(self.nodes)
         self._dns_balancer = None  # rebuilt when a lookup gives other addresses
@@ -143,13 +146,17 @@ class RouteTable:
         self.upstreams = {}
         for conf in upstreams:
             up = Upstream(conf, chash_ring)
+            up.name = "/apisix/upstreams/%s" % up.id
             self.upstreams[up.id] = up
         self.routes = []
         for conf in stream_routes:
             if (conf.get("protocol") or {}).get("superior_id") is not None:
                 continue  # xRPC subordinate routes are never matched directly
             inline = conf.get("upstream")
-            self.routes.append(Route(conf, Upstream(inline, chash_ring) if inline else None))
+            route = Route(conf, Upstream(inline, chash_ring) if inline else None)
+            if route.upstream is not None:
+                route.upstream.name = "/apisix/stream_routes/%s" % route.id
+            self.routes.append(route)
         self._plain = [r for r in self.routes if not r.sni]
 
     def match(self, server_ip, server_port, remote_ip, sni=None):
@@ -163,6 +170,15 @@ class RouteTable:
             if route.matches(server_ip, server_port, remote_ip):
                 return route
         return None
+
+    def checked_upstreams(self):
+        """Upstreams with ``checks`` that a route can reach, by name (APISIX checks
+        only upstreams with more than one node)."""
+        found = {}
+        for up in list(self.upstreams.values()) + [r.upstream for r in self.routes]:
+            if up is not None and up.checks and len(up.nodes) > 1:
+                found[up.name] = up
+        return found
 
     def upstream_for(self, route):
         """The upstream a matched route proxies to: ``upstream_id`` wins over inline.

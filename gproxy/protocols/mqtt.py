@@ -7,8 +7,9 @@ It does no I/O, no logging and knows nothing of routes.
 The rules mirror ``apisix/stream/plugins/mqtt-proxy.lua`` (see
 docs/apisix-behaviour.md §1-2): the fixed-header byte must be 16..32, the
 protocol name is read with Lua's clamping ``string.sub``, connect flags and
-keep-alive are skipped unread, MQTT 5 properties are skipped by length, and
-only the client identifier of the payload is read.  Where APISIX would hang
+keep-alive are checked for nothing (the keep-alive is read, when present,
+only so the session's idle timeout can follow it), MQTT 5 properties are
+skipped by length, and only the client identifier of the payload is read.  Where APISIX would hang
 or crash on short data we reject with a clear line instead (§2).
 """
 
@@ -32,6 +33,7 @@ class ConnectPacket:
     protocol_level: int
     client_id: bytes
     length: int  # bytes of the whole packet, fixed header included
+    keep_alive: int = None  # seconds (MQTT 3.1.1 §3.1.2.10); 0: the client sets none
 
     @property
     def client_id_text(self):
@@ -142,7 +144,10 @@ def _parse_variable_part(pkt, pos):
     if pos >= len(pkt):
         raise _short("protocol level")
     level = pkt[pos]
-    pos += 1 + 3  # connect flags and keep alive are skipped unread
+    # Connect flags and keep alive are not checked (APISIX skips them); the
+    # keep alive is kept when both its bytes are there, for the idle timeout.
+    keep_alive = (pkt[pos + 2] << 8) | pkt[pos + 3] if pos + 4 <= len(pkt) else None
+    pos += 1 + 3
     if level == 5:
         props = decode_varint(pkt, pos)
         if props is None:
@@ -156,7 +161,7 @@ def _parse_variable_part(pkt, pos):
         raise MalformedPacket(
             "failed to parse mqtt request, expect len: %d but got %d"
             % (expect_len, len(pkt)))
-    return ConnectPacket(name, level, pkt[pos:expect_len], len(pkt))
+    return ConnectPacket(name, level, pkt[pos:expect_len], len(pkt), keep_alive)
 
 
 def check_protocol(packet, protocol_name, protocol_level):

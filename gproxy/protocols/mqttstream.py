@@ -8,11 +8,13 @@ packet's fixed header (type byte + remaining length, MQTT 5.0 §2.1) and
 skipping its body by length, so its cost grows with the number of packets,
 not bytes, and a packet body can be moved without ever entering Python.
 
-Also builds the DISCONNECT packets gproxy sends (MQTT 3.1.1 §3.14, 5.0 §3.14).
-Pure: no I/O.
+Also builds the few packets gproxy itself sends: DISCONNECT (MQTT 3.1.1
+§3.14, 5.0 §3.14), and the CONNECT of its MQTT health probe with a reader for
+the broker's CONNACK (§3.1, §3.2).  Pure: no I/O.
 """
 
-from gproxy.protocols.mqtt import encode_varint
+from gproxy.errors import MalformedPacket
+from gproxy.protocols.mqtt import decode_varint, encode_varint
 
 #: MQTT 5.0 §3.14.2.1 reason codes gproxy sends.
 NORMAL = 0x00
@@ -114,3 +116,49 @@ def disconnect(level, reason=NORMAL, server_reference=None):
         props = bytes((SERVER_REFERENCE,)) + len(ref).to_bytes(2, "big") + ref
     body = bytes((reason,)) + encode_varint(len(props)) + props
     return bytes((DISCONNECT_TYPE,)) + encode_varint(len(body)) + body
+
+
+CONNACK_TYPE = 0x20
+_PROTOCOL = {3: b"MQIsdp", 4: b"MQTT", 5: b"MQTT"}
+
+
+def _string(data):
+    return len(data).to_bytes(2, "big") + data
+
+
+def connect(client_id, level=4, keep_alive=0, username=None, password=None):
+    """A clean-session CONNECT with no Will (MQTT 3.1.1 §3.1, 5.0 §3.1)."""
+    flags = 0x02  # clean session / clean start
+    payload = _string(client_id.encode("utf-8"))
+    if username is not None:
+        flags |= 0x80
+        payload += _string(username.encode("utf-8"))
+    if password is not None:
+        flags |= 0x40
+        payload += _string(password.encode("utf-8"))
+    body = _string(_PROTOCOL[level]) + bytes((level, flags)) + keep_alive.to_bytes(2, "big")
+    if level == 5:
+        body += b"\x00"  # no properties
+    body += payload
+    return bytes((0x10,)) + encode_varint(len(body)) + body
+
+
+def connack_code(buf):
+    """The CONNACK return/reason code at the start of ``buf``, or None if incomplete.
+
+    0 is success for every level (3.1.1 §3.2.2.3, 5.0 §3.2.2.2).  Raises
+    MalformedPacket when the first packet is not a CONNACK.
+    """
+    if not buf:
+        return None
+    if buf[0] != CONNACK_TYPE:
+        raise MalformedPacket("expected a CONNACK, got packet type+flags %d" % buf[0])
+    decoded = decode_varint(buf, 1)
+    if decoded is None:
+        return None
+    remaining, start = decoded
+    if remaining < 2:
+        raise MalformedPacket("CONNACK too short")
+    if len(buf) < start + 2:
+        return None
+    return buf[start + 1]

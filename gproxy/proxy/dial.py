@@ -4,7 +4,12 @@ APISIX's balancer phase for stream routes (docs/apisix-behaviour.md §5.2-5.4):
 domain nodes are resolved per connection (failures dropped), one node skips
 the balancer, chash hashes the variable named by ``key`` and falls back to
 the client address when it is unset, and a failed connect moves on to the
-next candidate within ``retries`` and ``retry_timeout``.
+next candidate within ``retries`` and ``retry_timeout``.  Nodes the health
+checker marks unhealthy are skipped (all are tried when none is healthy), and
+every dial's outcome is reported to it (passive checks) and to the registry
+(connect failures per node, dial latency).  A dial that fails because this
+process is out of descriptors is not the node's fault: the client is refused
+at once (``fd_limit``) and accepting pauses.
 """
 
 import logging
@@ -14,10 +19,13 @@ import time
 
 from gevent import socket as gsocket
 
-from gproxy.errors import NoUpstream
+from gproxy.errors import NoUpstream, Reject
 from gproxy.model.balancer import Node
+from gproxy.model.health import SUCCESS, TCP_FAILURE, TIMEOUT
 from gproxy.model.routes import DEFAULT_CONNECT_TIMEOUT, is_ip
 from gproxy.proxy import netio
+from gproxy.proxy.health import passive
+from gproxy.proxy.overload import out_of_fds
 
 BALANCER_TYPES = ("roundrobin", "chash")
 
@@ -80,22 +88,41 @@ def dial(s):
     deadline = time.monotonic() + upstream.retry_timeout if upstream.retry_timeout else None
     s.set_state("connecting")
     tried = []
-    for node in balancer.candidates(key, upstream.tries(len(balancer.nodes))):
+    health = upstream.health
+    unhealthy = health.unhealthy if health is not None else ()
+    tries = upstream.tries(len(balancer.nodes))
+    for node in balancer.candidates(key, tries, unhealthy):
         if deadline and tried and time.monotonic() > deadline:
             break
         tried.append(node.addr)
         s.peer = node.addr
         s.log(logging.INFO, "proxy request to %s", node.addr)
+        started = time.monotonic()
         conn = netio.connect(node.dial_host, node.port, timeout)
         if isinstance(conn, OSError):
-            s.log(logging.ERROR, "connect() failed (%s)", _errtext(conn))
+            _failed(s, node, conn, health)
             continue
+        s.registry.dialled(node.addr, time.monotonic() - started)
+        if health is not None:
+            passive(health, node.addr, SUCCESS)
         s.upstream_sock = conn
         s.registry.set_node(s.info, node.addr)
         return
     if not tried:
         raise NoUpstream("failed to pick server: no node available")
     raise NoUpstream("all upstream servers tried: %s" % ", ".join(tried))
+
+
+def _failed(s, node, exc, health):
+    if out_of_fds(exc):  # our own limit: say so once a second, refuse, pause accepting
+        s.listener.gate.out_of_fds(exc, "socket()", count=False)  # the Reject counts it
+        raise Reject("fd_limit", logging.DEBUG, "socket() failed (%d: %s)",
+                     exc.errno, exc.strerror)
+    s.log(logging.ERROR, "connect() failed (%s)", _errtext(exc))
+    timed_out = isinstance(exc, socket.timeout)
+    s.registry.connect_failed(node.addr, "timeout" if timed_out else "error")
+    if health is not None:
+        passive(health, node.addr, TIMEOUT if timed_out else TCP_FAILURE)
 
 
 def _text(value):

@@ -4,7 +4,10 @@ phases every session accepted there goes through.
 A listener knows its own address text (``0.0.0.0:9100``, nginx's ``server:``
 in every log line) and, for a socket bound to one IP, its local address, so a
 session needs no ``getsockname`` to match routes.  Listener kinds (TLS, PROXY
-protocol) differ only in the phases they put before the common ones.
+protocol) differ only in the phases they put before the common ones.  Every
+listener of a process shares one ``overload.Gate``: at ``max_connections``
+open sessions they all stop accepting (clients wait in the backlog), and an
+accept that fails for want of descriptors pauses them instead of spinning.
 """
 
 import socket
@@ -13,6 +16,7 @@ import gevent.socket
 from gevent.server import StreamServer
 
 from gproxy.proxy.netio import RawSocket
+from gproxy.proxy.overload import Gate, out_of_fds
 
 BACKLOG = 1024
 
@@ -46,13 +50,26 @@ def bind_listener(host, port, backlog=BACKLOG, reuseport=False):
 
 
 class PlainStreamServer(StreamServer):
-    """A StreamServer whose handler gets a plain non-blocking socket, not a gevent one."""
+    """A StreamServer whose handler gets a plain non-blocking socket, not a gevent one,
+    and that accepts only while its gate is open."""
+
+    gate = None
 
     def do_read(self):
+        gate = self.gate
+        if gate.full():
+            gate.pause()  # stops this watcher too: the backlog holds the rest
+            return None
         try:
             fd, address = self.socket._accept()
         except BlockingIOError:
             return None
+        except OSError as exc:
+            if not out_of_fds(exc):
+                raise
+            gate.out_of_fds(exc, "accept4()")
+            return None
+        gate.enter()
         sock = RawSocket(self.socket.family, self.socket.type, self.socket.proto, fd)
         sock.setblocking(False)
         return sock, address
@@ -65,10 +82,11 @@ class Listener:
     ``spec`` is the config entry it came from.
     """
 
-    def __init__(self, sock, spec=None, phases=()):
+    def __init__(self, sock, spec=None, phases=(), gate=None):
         self.sock = sock
         self.spec = spec
         self.phases = tuple(phases)
+        self.gate = gate if gate is not None else Gate()
         host, port = sock.getsockname()[:2]
         self.text = addr_text(host, port)  # nginx's "server:" in log lines
         self.wildcard = host in ("0.0.0.0", "::")
@@ -80,13 +98,22 @@ class Listener:
         return self.sock.getsockname()[:2]
 
     def serve(self, handle, pool):
-        """Accept on the hub; ``handle(listener, sock, addr)`` runs per client in ``pool``."""
+        """Accept on the hub; ``handle(listener, sock, addr)`` runs per client in ``pool``.
+
+        The handler must call ``listener.gate.leave()`` once the session ends.
+        """
         self.server = PlainStreamServer(self.sock, lambda s, a: handle(self, s, a), spawn=pool)
+        self.server.gate = self.gate
+        self.gate.servers.append(self.server)
         self.server.start()
+        if self.gate.paused:
+            self.server.stop_accepting()
 
     def close(self):
         """Stop accepting (the socket closes); sessions already accepted go on."""
         if self.server is not None:
+            if self.server in self.gate.servers:
+                self.gate.servers.remove(self.server)
             self.server.close()
 
     def stop(self):

@@ -44,8 +44,12 @@ def sendall(sock, data, timeout=None):
 
 
 def connect(host, port, timeout):
-    """A connected non-blocking socket, or the OSError that stopped it."""
-    sock = RawSocket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    """A connected non-blocking socket, or the OSError that stopped it (also
+    when no socket could be made: EMFILE and friends)."""
+    try:
+        sock = RawSocket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    except OSError as exc:
+        return exc
     sock.setblocking(False)
     try:
         err = sock.connect_ex((host, port))

@@ -45,6 +45,7 @@ def preread_mqtt(s, conf):
     info = s.info
     info.client_id = packet.client_id_text
     info.protocol_level = packet.protocol_level
+    s.keep_alive = packet.keep_alive
     s.log(logging.INFO, "mqtt client id: %s", printable(packet.client_id))
     s.replay = buf
 

@@ -14,6 +14,7 @@ of a tracked session change only through ``set_state``/``set_node``.
 processes can each report theirs and a parent can merge them.  No I/O.
 """
 
+import bisect
 import itertools
 import os
 import time
@@ -21,6 +22,9 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 STATES = ("preread", "connecting", "relaying", "closing")
+#: Upper bounds (seconds) of the dial latency histogram's buckets.
+DIAL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 @dataclass
@@ -67,6 +71,9 @@ class Registry:
         self.per_state = Counter()     # live, per state
         self.bytes_in_closed = 0
         self.bytes_out_closed = 0
+        self.connect_failures = Counter()  # failed dials, per "node reason" (error|timeout)
+        self.dial_buckets = [0] * (len(DIAL_BUCKETS) + 1)  # last: slower than every bound
+        self.dial_sum = 0.0
 
     def new_session(self, client, server):
         """A fresh SessionInfo for a client ``(ip, port)`` on a listener ``(ip, port)``."""
@@ -111,6 +118,15 @@ class Registry:
         """Count a connection refused before proxying (``reason`` is a short token)."""
         self.rejected[reason] += 1
 
+    def dialled(self, node, seconds):
+        """A dial to ``node`` connected after ``seconds`` (the latency histogram)."""
+        self.dial_buckets[bisect.bisect_left(DIAL_BUCKETS, seconds)] += 1
+        self.dial_sum += seconds
+
+    def connect_failed(self, node, reason):
+        """A dial to ``node`` failed (``reason``: ``error`` or ``timeout``)."""
+        self.connect_failures["%s %s" % (node, reason)] += 1
+
     # -- reading -----------------------------------------------------------
     def get(self, session_id):
         return self._live.get(session_id)
@@ -144,6 +160,9 @@ class Registry:
             "per_route": {str(k): v for k, v in self.per_route.items()},
             "per_state": dict(self.per_state),
             "route_total": {str(k): v for k, v in self.route_total.items()},
+            "connect_failures": dict(self.connect_failures),
+            "dial_buckets": {str(i): n for i, n in enumerate(self.dial_buckets) if n},
+            "dial_sum": self.dial_sum,
             "started_at": self.started_at,
         }
 

@@ -46,10 +46,13 @@ class Proxy:
             try:
                 server = sock.getsockname()
             except OSError:
+                listener.gate.leave()
                 return  # the client left before we looked
             server = (plain_ip(server[0]), server[1])
         info = self.registry.new_session((plain_ip(addr[0]), addr[1]), server)
-        Session(self, listener, sock, info).run()
+        session = Session(self, listener, sock, info)
+        session.cleanup.append(listener.gate.leave)
+        session.run()
 
 
 class Session:
@@ -79,6 +82,8 @@ class Session:
         self.action = None
         self.relay = None
         self.tracked = False
+        self.keep_alive = None  # seconds, from the CONNECT (MQTT routes)
+        self.cleanup = []  # called once when the session ends (limits, accept gate)
 
     # -- logging -----------------------------------------------------------
     def log(self, level, msg, *args):
@@ -112,6 +117,13 @@ class Session:
                     self.upstream_sock.close()
                 if self.tracked:
                     self.registry.remove(self.info)
+                self.ended()
+
+    def ended(self):
+        """Run the cleanup callbacks (once): the session holds nothing any more."""
+        cleanup, self.cleanup = self.cleanup, []
+        for release in cleanup:
+            release()
 
     def track(self):
         """Show the session as live (from the route match on); the registry
@@ -148,8 +160,7 @@ class Session:
         """Give both sockets to the relay; this greenlet then returns."""
         if self.info.state == "closing":
             return  # an operator closed it while we dialled
-        idle = (self.upstream.idle_timeout or self.settings.idle_timeout
-                or DEFAULT_PROXY_TIMEOUT)
+        idle = self.idle_timeout()
         client = netio.adopt(self.sock)  # the server's close() then finds nothing to close
         upstream = netio.adopt(self.upstream_sock)
         self.upstream_sock = None
@@ -159,9 +170,23 @@ class Session:
         self.relay = self.proxy.relays.start(client, upstream, self.info, self._relay_done, idle,
                                              mqtt=self.route.mqtt is not None)
 
+    def idle_timeout(self):
+        """Seconds of silence both ways before the relay gives up.
+
+        An MQTT client that announced a keep alive must send something within
+        1.5 times it or the broker drops it (MQTT 3.1.1 §3.1.2.10, 5.0
+        §3.1.2.10), so a silent session is dead by then; with no keep alive
+        (0) the upstream's timeout or ``gproxy.proxy.timeout`` applies.
+        """
+        if self.keep_alive:
+            return 1.5 * self.keep_alive
+        return (self.upstream.idle_timeout or self.settings.idle_timeout
+                or DEFAULT_PROXY_TIMEOUT)
+
     def _relay_done(self, relay):
         info = self.info
         self.registry.remove(info)
+        self.ended()
         self.action = None
         self.log(logging.INFO, "session closed: node=%s bytes_in=%d bytes_out=%d "
                  "duration=%.3fs reason=%s", info.node, info.bytes_in, info.bytes_out,

@@ -1,27 +1,34 @@
 """The process: stream listeners, store, Admin API and workers, wired together.
 
 ``Gproxy`` is the only place the data path, the store and the Admin API meet.
-It builds a ``RouteTable`` from the store, serves every stream listener into
-one bounded pool of session greenlets, runs the Admin API (``pywsgi``) on the
-same hub, and polls the store for outside edits.  A store change builds a new
-table and swaps one reference (or, with workers, pushes the data to every
-worker and waits for their acks), so new connections see it by the time the
-Admin API answers and live sessions keep the route they matched.  It patches
-nothing and installs no signal handlers (that is ``cli``'s job), so it can be
-embedded in a program that runs a gevent hub.
+It builds a ``RouteTable`` from the store (attaching the health checkers'
+state to checked upstreams), serves every stream listener behind one accept
+gate (``gproxy.max_connections``), runs the Admin API, the control API and
+the metrics (``pywsgi``, capped) on the same hub, and polls the store for
+outside edits.  A store change builds a new table and swaps one reference
+(or, with workers, pushes the data to every worker and waits for their
+acks), so new connections see it by the time the Admin API answers and live
+sessions keep the route they matched.  ``stop(grace)`` drains (see
+``drain``); ``reload_config(cfg)`` applies a new config file without
+dropping a session.  It patches nothing and installs no signal handlers
+(that is ``cli``'s job), so it can be embedded in a program that runs a
+gevent hub.
 """
 
 import logging
-import time
 
 import gevent
 from gevent.pool import Pool
 
 from gproxy.model.routes import RouteTable
+from gproxy.proxy.health import HealthCheckers
 from gproxy.proxy.listener import Listener, bind_listener
+from gproxy.proxy.overload import Gate
 from gproxy.proxy.registry import Registry
 from gproxy.proxy.session import Proxy
 from gproxy.proxy.settings import Settings
+from gproxy.runtime import services
+from gproxy.runtime.drain import drain
 from gproxy.store.file import FileStore
 
 log = logging.getLogger("gproxy.server")
@@ -34,18 +41,26 @@ class Gproxy:
         self.cfg = cfg
         self.store = store if store is not None else FileStore(cfg.store_path)
         self.registry = registry if registry is not None else Registry()
+        self.health = HealthCheckers()
+        self.gate = Gate(cfg["gproxy.max_connections"],
+                         reject=lambda reason: self.registry.reject(reason))
         self.proxy = Proxy(self.build_table(self.store.snapshot()), self.registry,
                            Settings.from_config(cfg))
         self.store.subscribe(self.reload)
-        self.pool = Pool(cfg["gproxy.max_connections"])
+        self.pool = Pool()  # session greenlets; the gate bounds how many sessions are open
         self.listeners = []
         self.admin_server = None
+        self.http_servers = []  # the control API and metrics listeners
         self.workers = None  # the parent's WorkerSet when running with --workers
+        self.worker_index = None  # set in a forked worker
         self._watcher = None
+        self._stopping = False
 
     def build_table(self, data):
-        return RouteTable(data["stream_routes"], data["upstreams"],
-                          self.cfg["gproxy.balancer.chash_ring"])
+        table = RouteTable(data["stream_routes"], data["upstreams"],
+                           self.cfg["gproxy.balancer.chash_ring"])
+        self.health.sync(table)  # checked upstreams keep their health across swaps
+        return table
 
     def set_data(self, data):
         """Swap in a route table built from ``{stream_routes, upstreams}``."""
@@ -72,8 +87,20 @@ class Gproxy:
         else:
             blueprints.append(create_blueprint())
         sessions = self.workers if self.workers is not None else self.registry
+        blueprints.append(services.health_blueprint(self.health_report))
         return create_app(self.store, sessions, self.cfg, blueprints)
 
+    # -- what the control API, metrics and dashboard read --------------------
+    def stats(self):
+        return (self.workers if self.workers is not None else self.registry).stats()
+
+    def health_report(self):
+        """Every health checker in APISIX's ``/v1/healthcheck`` shape (workers merged)."""
+        if self.workers is not None:
+            return self.workers.health()
+        return self.health.report()
+
+    # -- starting ------------------------------------------------------------
     def start(self, workers=1):
         """Listen and serve (on the current hub); ``workers`` > 1 forks proxy processes."""
         if workers > 1:
@@ -81,40 +108,43 @@ class Gproxy:
             self.workers = fork_workers(self, workers)
         else:
             self._listen(reuseport=False)
+            self.health.start()
         if self.cfg["apisix.enable_admin"]:
             self._start_admin()
+        self.http_servers = services.start_http(self)
         self._watcher = gevent.spawn(self._watch, self.cfg["gproxy.store.watch_interval"])
 
     def start_worker(self, index):
         """In a forked worker: a fresh registry and this worker's own listeners."""
         self.registry = Registry()
         self.proxy.registry = self.registry
+        self.worker_index = index
         self._listen(reuseport=True)
+        self.health.start()
         log.info("worker %d serving", index)
 
-    def _listen(self, reuseport):
-        for spec in self.cfg["apisix.stream_proxy.tcp"]:
+    def _listen(self, reuseport, specs=None):
+        for spec in self.cfg["apisix.stream_proxy.tcp"] if specs is None else specs:
             try:
                 sock = bind_listener(spec.host, spec.port, reuseport=reuseport)
             except OSError as exc:
                 if spec.optional:
                     log.info("listener %s skipped: %s", spec.addr, exc.strerror)
                     continue
-                self.stop(0)
+                if specs is None:
+                    self.stop(0)
                 raise OSError(exc.errno, "cannot listen on %s: %s" % (spec.addr, exc.strerror))
-            listener = Listener(sock, spec)
+            listener = Listener(sock, spec, gate=self.gate)
             listener.serve(self.proxy.handle, self.pool)
             self.listeners.append(listener)
             log.warning("stream proxy listening on %s", spec.addr)
 
     def _start_admin(self):
-        from gproxy.admin.server import AdminServer
         host = self.cfg["deployment.admin.admin_listen.ip"]
         port = self.cfg["deployment.admin.admin_listen.port"]
-        self.admin_server = AdminServer((host, port), self.admin_app(),
-                                       log=None, error_log=logging.getLogger("gproxy.admin"))
         try:
-            self.admin_server.start()
+            self.admin_server = services.serve_http(self.cfg, (host, port), self.admin_app(),
+                                                    "gproxy.admin")
         except OSError as exc:
             self.stop(0)
             raise OSError(exc.errno, "cannot listen on %s:%d for the Admin API: %s"
@@ -134,28 +164,48 @@ class Gproxy:
         """The bound ``(host, port)`` of each listener (useful with port 0)."""
         return [listener.address for listener in self.listeners]
 
-    def stop(self, timeout=10.0):
-        """Stop accepting, give live sessions ``timeout`` seconds, then close them."""
+    # -- changing ------------------------------------------------------------
+    def reload_config(self, cfg, log_level=None):
+        """Apply a new config (SIGHUP): listeners, log level, limits, timeouts.
+
+        Live sessions are untouched: a removed listener only stops accepting,
+        and new settings apply to sessions that start from now on.
+        """
+        from gproxy.runtime.reload import apply_config
+        apply_config(self, cfg, log_level)
+
+    # -- stopping ------------------------------------------------------------
+    def stop(self, grace=None):
+        """Stop accepting, end live sessions cleanly within ``grace`` seconds
+        (default ``gproxy.shutdown.grace``; 0 closes them at once), then close
+        what is left.  A second call (with 0) forces a drain in progress."""
+        if grace is None:
+            grace = self.cfg["gproxy.shutdown.grace"]
         for listener in self.listeners:
             listener.close()
-        if self.admin_server is not None:
-            self.admin_server.close()
+        self.health.stop()
+        for server in [self.admin_server] + self.http_servers:
+            if server is not None:
+                server.close()
         if self._watcher is not None:
             self._watcher.kill(block=False)
+        forcing, self._stopping = self._stopping, True
         if self.workers is not None:
-            self.workers.stop(timeout)
+            if forcing:
+                self.workers.force()
+            else:
+                self.workers.stop(grace)
             self.workers = None
-        if timeout and len(self.registry):
-            log.warning("draining %d sessions for up to %.0fs", len(self.registry), timeout)
-            deadline = time.monotonic() + timeout
-            while len(self.registry) and time.monotonic() < deadline:
-                gevent.sleep(0.1)
+        drain(self.registry, grace, self.cfg["gproxy.shutdown.server_reference"])
         self.registry.close_where()
         self.proxy.relays.close_all()
         self.pool.kill(timeout=1)
         for listener in self.listeners:
             listener.stop()
-        if self.admin_server is not None:
-            self.admin_server.stop(timeout=1)
-            self.admin_server = None
+        self.gate.close()
+        for server in [self.admin_server] + self.http_servers:
+            if server is not None:
+                server.stop(timeout=1)
+        self.admin_server = None
+        self.http_servers = []
         self.listeners = []

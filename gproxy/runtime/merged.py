@@ -8,9 +8,13 @@ left out of that answer.
 
 import logging
 import os
+import signal
+import time
 from collections import Counter
 
 import gevent
+
+from gproxy.model.health import merge_reports
 
 log = logging.getLogger("gproxy.workers")
 
@@ -82,15 +86,51 @@ class WorkerSet:
     def __len__(self):
         return sum(r["live_sessions"] for r in self._all({"op": "stats"}))
 
+    def health(self):
+        """Every worker's health checkers, merged (``model.health.merge_reports``)."""
+        return merge_reports([reply["list"] for reply in self._all({"op": "health"})])
+
+    def reload(self, cfg, log_level=None):
+        self._all({"op": "reload", "raw": cfg.raw, "path": cfg.path, "log_level": log_level})
+
     def stop(self, timeout):
+        """Tell every worker to drain within ``timeout`` s, then wait for them to exit.
+
+        Killed (by a second signal) while waiting, the caller calls ``force``.
+        """
         for ch in self.channels:
             try:
-                ch.call({"op": "stop", "timeout": timeout}, timeout=timeout + 5)
+                ch.call({"op": "stop", "timeout": timeout}, timeout=5)
             except (OSError, gevent.Timeout):
                 pass
+        self._reap(timeout + 5)
+
+    def force(self):
+        """A drain is under way: have every worker close what is left, now."""
         for ch in self.channels:
             try:
-                os.waitpid(ch.pid, 0)
-            except ChildProcessError:
+                ch.sock.sendall(b'\n{"op":"stop","timeout":0}\n')
+            except OSError:
                 pass
-            ch.close()
+        self._reap(5)
+
+    def _reap(self, timeout):
+        deadline = time.monotonic() + timeout
+        waiting = [ch for ch in self.channels]
+        while waiting:
+            for ch in list(waiting):
+                try:
+                    pid, _ = os.waitpid(ch.pid, os.WNOHANG)
+                except ChildProcessError:
+                    pid = ch.pid
+                if pid:
+                    waiting.remove(ch)
+                    ch.close()
+            if waiting and time.monotonic() >= deadline:
+                for ch in waiting:
+                    log.error("worker %d did not exit in time; killing it", ch.pid)
+                    os.kill(ch.pid, signal.SIGKILL)
+                deadline = float("inf")
+            elif waiting:
+                gevent.sleep(0.05)
+        self.channels = []

@@ -8,12 +8,15 @@ socketpair per worker (``channel``: JSON lines with request ids):
     parent -> worker  {"op": "table", "data": {...}}   worker -> {"ok": true}
                       {"op": "sessions"} / {"op": "stats"} / {"op": "close", "sid": ...}
                       {"op": "close_where", "route_id": ...} / {"op": "end", "sid": ...}
-                      {"op": "stop"}
+                      {"op": "health"} / {"op": "reload", "raw": {...}, "path": ...}
+                      {"op": "stop", "timeout": grace}   (drain, then exit)
+                      {"op": "stop", "timeout": 0}       (during a drain: force)
 
 A store write pushes the new data to every worker and waits for each ack
 before the Admin API answers, so "in effect when the response is sent" holds
 across processes.  A worker whose parent dies sees EOF, drains and exits; a
-malformed message is logged and dropped, never fatal.
+malformed message is logged and dropped, never fatal.  A worker keeps
+reading its channel while it drains, so the parent can still force it.
 """
 
 import logging
@@ -22,6 +25,7 @@ import signal
 import socket
 import sys
 
+import gevent
 import gevent.socket
 
 from gproxy.runtime.channel import ACK_TIMEOUT, Channel, LineReader, decode, encode
@@ -40,13 +44,20 @@ def _handlers(app):
         "close_where": lambda m: {"closed": registry().close_where(m.get("route_id"))},
         "end": lambda m: {"ended": registry().end(m["sid"], m["code"], m["grace"],
                                                   m.get("server_reference"))},
+        "health": lambda m: {"list": app.health.report()},
+        "reload": lambda m: (_reload(app, m), {"ok": True})[1],
     }
 
 
-def serve_control(app, sock):
+def _reload(app, message):
+    from gproxy.config import Config
+    app.reload_config(Config(message["raw"], message.get("path")), message.get("log_level"))
+
+
+def serve_control(app, sock, reader=None):
     """Worker side: answer the parent until it says stop (returns the grace period)."""
     handlers = _handlers(app)
-    reader = LineReader(sock)
+    reader = reader or LineReader(sock)
     while True:
         line = reader.readline()
         if not line:
@@ -76,6 +87,7 @@ def serve_control(app, sock):
 def _run_worker(app, index, child_end):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent coordinates shutdown
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the parent reloads and tells us
     code = 0
     ctl = gevent.socket.socket(fileno=child_end.detach())
     try:
@@ -85,13 +97,34 @@ def _run_worker(app, index, child_end):
             ctl.sendall(encode({"error": str(exc)}))
             raise
         ctl.sendall(encode({"ready": True}))
-        app.stop(serve_control(app, ctl))
+        reader = LineReader(ctl)
+        drain = gevent.spawn(app.stop, serve_control(app, ctl, reader))
+        gevent.spawn(_force_on_request, app, ctl, reader, drain)
+        drain.join()
+        if not drain.successful():
+            code = 1
     except BaseException:
         code = 1
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+def _force_on_request(app, sock, reader, drain):
+    """While draining: a second stop from the parent forces (closes what is left)."""
+    while not drain.ready():
+        try:
+            line = reader.readline()
+        except OSError:
+            return
+        if not line:
+            return  # the parent went away: the drain goes on to its deadline
+        message = decode(line)
+        if message is not None and message.get("op") == "stop":
+            drain.kill()
+            app.stop(0)
+            return
 
 
 def fork_workers(app, count):

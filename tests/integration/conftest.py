@@ -438,12 +438,17 @@ class Gproxy:
         self.ports = [free_port() for _ in range(listeners)]
         self.port = self.ports[0]
         self.admin_port = free_port()
+        self.control_port = free_port()
+        self.metrics_port = free_port()
         self.config_path = os.path.join(directory, "config.yaml")
         self.routes_path = os.path.join(directory, "apisix.yaml")
         self.log_file = LogFile(os.path.join(directory, "gproxy.log"))
         cfg = {
-            "apisix": {"stream_proxy": {"tcp": ["%s:%d" % (HOST, p) for p in self.ports]}},
+            "apisix": {"stream_proxy": {"tcp": ["%s:%d" % (HOST, p) for p in self.ports]},
+                       "control": {"ip": HOST, "port": self.control_port}},
             "deployment": {"admin": {"admin_listen": {"ip": HOST, "port": self.admin_port}}},
+            "plugin_attr": {"prometheus": {"export_addr": {"ip": HOST,
+                                                           "port": self.metrics_port}}},
             "gproxy": {"store": {"backend": "file", "path": "apisix.yaml"},
                        "preread": {"timeout": 2, "buffer_size": 16384}},
         }

@@ -189,6 +189,21 @@ def test_connect_flags_and_keepalive_are_skipped_unread():
     assert parse_connect(P.packet(0x10, body)).client_id == b"abc"
 
 
+@pytest.mark.parametrize("keepalive", [0, 1, 60, 0xFFFF])
+@pytest.mark.parametrize("level", [3, 4, 5])
+def test_keep_alive_is_read_for_the_idle_timeout(level, keepalive):
+    pkt = parse_connect(P.connect(b"ka", level=level, keepalive=keepalive))
+    assert (pkt.client_id, pkt.keep_alive) == (b"ka", keepalive)
+
+
+def test_a_missing_keep_alive_is_no_error_of_its_own():
+    # name + level + flags, then the packet ends: APISIX fails on the client id
+    # length, not on the keep alive, and so do we.
+    body = P.encode_string("MQTT") + b"\x04\x02"
+    with pytest.raises(MalformedPacket, match="client identifier length"):
+        parse_connect(P.packet(0x10, body))
+
+
 def test_payload_after_client_id_is_not_checked():
     body = P.encode_string("MQTT") + b"\x04\x02\x00\x3c" + P.encode_string("abc") + b"junk"
     pkt = parse_connect(P.packet(0x10, body))

@@ -1,0 +1,217 @@
+"""Health checking I/O: one active checker per checked upstream, and passive reports.
+
+``HealthCheckers.sync(table)`` follows the route table: an upstream with
+``checks`` and more than one node (APISIX checks no single-node upstream)
+gets a ``Checker``, a greenlet that probes each node every
+``healthy.interval`` (or ``unhealthy.interval`` while it is down) with a TCP
+connect, or with an MQTT CONNECT/CONNACK/DISCONNECT for ``type: mqtt``.  A
+table swap keeps the checker, and so the health, of every upstream whose
+``checks`` did not change; its nodes follow the new node list.  The state
+itself (counters, thresholds, what balancers skip) is
+``gproxy.model.health``; ``passive()`` is how a session's dial reports.
+Probes never count as sessions and never log a CONNECT's credentials.
+"""
+
+import logging
+import socket
+import time
+
+import gevent
+from gevent import socket as gsocket
+from gevent.pool import Pool
+
+from gproxy.errors import MalformedPacket
+from gproxy.model.balancer import Node
+from gproxy.model.health import SUCCESS, TCP_FAILURE, TIMEOUT, Checks, HealthState
+from gproxy.model.routes import is_ip
+from gproxy.protocols import mqttstream
+from gproxy.proxy import netio
+from gproxy.proxy.overload import out_of_fds
+
+log = logging.getLogger("gproxy.health")
+
+
+def _changed(state, addr, status, outcome, how):
+    node = state.nodes[addr]
+    level = logging.WARNING if status == "unhealthy" else logging.INFO
+    log.log(level, "healthcheck: %s node %s is %s (success=%d tcp_failure=%d "
+            "timeout_failure=%d, %s)", state.name, addr, status, node.success,
+            node.tcp_failure, node.timeout_failure, how)
+
+
+def passive(state, addr, outcome):
+    """A real session's dial to ``addr`` ended with ``outcome``."""
+    status = state.report(addr, outcome, passive=True)
+    if status is not None:
+        _changed(state, addr, status, outcome, "passive")
+
+
+def probe_tcp(host, port, timeout):
+    conn = netio.connect(host, port, timeout)
+    if isinstance(conn, OSError):
+        return conn
+    conn.close()
+    return SUCCESS
+
+
+def probe_mqtt(host, port, timeout, conf):
+    """CONNECT, wait for CONNACK, DISCONNECT: a broker may take TCP and refuse clients."""
+    deadline = time.monotonic() + timeout
+    conn = netio.connect(host, port, timeout)
+    if isinstance(conn, OSError):
+        return conn
+    level = conf["protocol_level"]
+    try:
+        netio.sendall(conn, mqttstream.connect(conf["client_id"], level, 0,
+                                               conf.get("username"), conf.get("password")),
+                      max(deadline - time.monotonic(), 0.001))
+        buf = b""
+        code = None
+        while code is None:
+            chunk = netio.recv(conn, 64, deadline)
+            if not chunk:
+                return TCP_FAILURE
+            buf += chunk
+            code = mqttstream.connack_code(buf)
+        if code != 0:
+            return TCP_FAILURE
+        netio.sendall(conn, mqttstream.disconnect(level), 1.0)
+        return SUCCESS
+    except socket.timeout as exc:
+        return exc
+    except (OSError, MalformedPacket):
+        return TCP_FAILURE
+    finally:
+        conn.close()
+
+
+def _outcome(result):
+    if isinstance(result, socket.timeout):
+        return TIMEOUT
+    if isinstance(result, OSError):
+        return None if out_of_fds(result) else TCP_FAILURE  # our fds, not the node's fault
+    return result
+
+
+class Checker:
+    """Active probing of one upstream's nodes, on a greenlet of its own."""
+
+    def __init__(self, upstream):
+        self.checks = Checks(upstream.checks)
+        self.state = HealthState(upstream.name, self.checks,
+                                 [] if upstream.needs_dns else upstream.nodes)
+        self.upstream = upstream
+        self.due = {}  # addr -> monotonic time of its next probe
+        self.greenlet = None
+
+    def start(self):
+        if self.checks.active is not None:
+            self.greenlet = gevent.spawn(self._run)
+
+    def stop(self):
+        if self.greenlet is not None:
+            self.greenlet.kill(block=False)
+            self.greenlet = None
+
+    def follow(self, upstream):
+        """The table changed but these checks did not: probe the new node list."""
+        self.upstream = upstream
+        if not upstream.needs_dns:
+            self.state.set_nodes(upstream.nodes)
+
+    def _nodes(self):
+        up = self.upstream
+        if not up.needs_dns:
+            return up.nodes
+        nodes = []
+        for node in up.nodes:
+            if is_ip(node.host):
+                nodes.append(node)
+                continue
+            try:
+                infos = gsocket.getaddrinfo(node.host, node.port, 0, socket.SOCK_STREAM)
+            except OSError:
+                continue
+            nodes.append(Node(infos[0][4][0], node.port, node.weight, node.priority, node.host))
+        self.state.set_nodes(nodes)
+        return nodes
+
+    def _run(self):
+        active = self.checks.active
+        pool = Pool(max(int(active.get("concurrency") or 1), 1))
+        while True:
+            now = time.monotonic()
+            nodes = self._nodes()
+            due = [n for n in nodes if self.due.get(n.addr, 0) <= now]
+            for node in due:
+                pool.spawn(self._probe, node)
+            pool.join()
+            self._sleep(nodes)
+
+    def _sleep(self, nodes):
+        waits = [self.due.get(n.addr, 0) - time.monotonic() for n in nodes]
+        gevent.sleep(min([w for w in waits if w > 0] or [1.0]) if waits else 1.0)
+
+    def _probe(self, node):
+        active = self.checks.active
+        port = active.get("port") or node.port
+        timeout = active.get("timeout") or 1
+        host = node.dial_host
+        try:
+            if self.checks.probe == "mqtt":
+                result = probe_mqtt(host, port, timeout, self.checks.mqtt)
+            else:
+                result = probe_tcp(host, port, timeout)
+        except Exception:  # a probe must never kill its checker
+            log.exception("healthcheck: probe of %s failed", node.addr)
+            result = TCP_FAILURE
+        outcome = _outcome(result)
+        addr = node.addr
+        if outcome is not None:
+            status = self.state.report(addr, outcome)
+            if status is not None:
+                _changed(self.state, addr, status, outcome, "active %s probe" % self.checks.probe)
+        interval = self.checks.interval(self.state.is_healthy(addr))
+        # interval 0: no more probes in this status (passive reports may still change it)
+        self.due[addr] = time.monotonic() + interval if interval else float("inf")
+
+
+class HealthCheckers:
+    """Every checker of one process, kept in step with the route table."""
+
+    def __init__(self):
+        self.checkers = {}  # upstream name -> Checker
+        self.running = False  # probing starts with start(): not in a --workers parent
+
+    def start(self):
+        self.running = True
+        for checker in self.checkers.values():
+            if checker.greenlet is None:
+                checker.start()
+
+    def sync(self, table):
+        """Attach health to ``table``'s checked upstreams (before it goes live)."""
+        wanted = table.checked_upstreams()
+        for name, checker in list(self.checkers.items()):
+            up = wanted.get(name)
+            if up is None or up.checks != checker.checks.conf:
+                checker.stop()
+                del self.checkers[name]
+        for name, up in wanted.items():
+            checker = self.checkers.get(name)
+            if checker is None:
+                checker = self.checkers[name] = Checker(up)
+                if self.running:
+                    checker.start()
+            else:
+                checker.follow(up)
+            up.health = checker.state
+
+    def report(self):
+        """Every checker as APISIX's ``GET /v1/healthcheck`` lists them."""
+        return [checker.state.as_dict() for checker in self.checkers.values()]
+
+    def stop(self):
+        self.running = False
+        for checker in self.checkers.values():
+            checker.stop()

@@ -1,0 +1,66 @@
+"""The HTTP listeners beside the data path: Admin API, control API, metrics.
+
+Each is a WSGI app served by ``AdminServer`` (pywsgi, capped at
+``gproxy.admin.max_connections`` with ``gproxy.admin.timeout``) on the
+proxy's hub.  The control API (``apisix.enable_control``, ``apisix.control``)
+and the metrics (``plugin_attr.prometheus``) read the runtime's ``stats()``
+and ``health_report()``; with ``--workers`` they run in the parent and see
+every worker.  A control or metrics address that cannot be bound is logged
+and skipped: the proxy itself still starts.
+"""
+
+import logging
+
+from gproxy import __version__
+from gproxy.admin.extensions import health_blueprint as _health_blueprint
+from gproxy.admin.server import AdminServer
+from gproxy.control.api import create_control_app
+from gproxy.control.metrics import PATH, GproxyCollector, create_metrics_app
+from gproxy.proxy.registry import DIAL_BUCKETS
+
+log = logging.getLogger("gproxy.server")
+ADMIN_PREFIX = "/apisix/admin"
+
+
+def health_blueprint(health):
+    return _health_blueprint(ADMIN_PREFIX, health)
+
+
+def serve_http(cfg, address, app, logger):
+    server = AdminServer(address, app, cfg["gproxy.admin.max_connections"],
+                         cfg["gproxy.admin.timeout"], log=None,
+                         error_log=logging.getLogger(logger))
+    server.start()
+    return server
+
+
+def _optional(cfg, address, app, what, url):
+    try:
+        server = serve_http(cfg, address, app, "gproxy.control")
+    except OSError as exc:
+        log.error("%s: cannot listen on %s:%d: %s; not served", what, address[0], address[1],
+                  exc.strerror)
+        return None
+    log.warning("%s listening on http://%s:%d%s", what, address[0], address[1], url)
+    return server
+
+
+def metrics_app(gp):
+    from prometheus_client import ProcessCollector
+    collector = GproxyCollector(gp.stats, gp.health_report, __version__, DIAL_BUCKETS)
+    return create_metrics_app(collector, [ProcessCollector(registry=None)])
+
+
+def start_http(gp):
+    """Start the control API and metrics listeners the config asks for."""
+    cfg = gp.cfg
+    servers = []
+    if cfg["apisix.enable_control"]:
+        address = (cfg["apisix.control.ip"], cfg["apisix.control.port"])
+        servers.append(_optional(cfg, address, create_control_app(gp.health_report),
+                                 "control API", "/v1/healthcheck"))
+    if cfg["plugin_attr.prometheus.enable_export_server"]:
+        address = (cfg["plugin_attr.prometheus.export_addr.ip"],
+                   cfg["plugin_attr.prometheus.export_addr.port"])
+        servers.append(_optional(cfg, address, metrics_app(gp), "prometheus metrics", PATH))
+    return [server for server in servers if server is not None]
