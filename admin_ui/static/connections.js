@@ -1,5 +1,6 @@
-// Live connections: totals, sessions per node, and the sessions table, polled
-// every second from /apisix/admin/gproxy/{sessions,stats} while the page is open.
+// Live connections: totals, sessions per node (with each node's health-check
+// status), and the sessions table, polled every second from
+// /apisix/admin/gproxy/{sessions,stats,health} while the page is open.
 
 import {api, enc, listValues} from "./api.js";
 import {$, $$, h, clear, setText, setOptions} from "./dom.js";
@@ -90,11 +91,12 @@ export function createConnections(section, ctx) {
     try {
       if (polls % CONFIG_EVERY === 0) await loadConfig();
       polls += 1;
-      const [list, stats] = await Promise.all([api("GET", "/gproxy/sessions"), api("GET", "/gproxy/stats")]);
+      const [list, stats, health] = await Promise.all([api("GET", "/gproxy/sessions"),
+        api("GET", "/gproxy/stats"), api("GET", "/gproxy/health")]);
       if (!running) return;
       sessions = (list.data && list.data.list) || [];
       renderStats(stats.data || {});
-      renderBars(stats.data && stats.data.per_node);
+      renderBars(stats.data && stats.data.per_node, healthByNode((health.data && health.data.list) || []));
       renderBulk();
       renderTable();
       setText(updated, `Updated ${dateTime(Date.now() / 1000).slice(11)}.`);
@@ -133,7 +135,20 @@ export function createConnections(section, ctx) {
     }
   }
 
-  function renderBars(perNode) {
+  // "ip:port" -> the worst status any health checker reports for that node.
+  const WORST = ["healthy", "mostly_healthy", "mostly_unhealthy", "unhealthy"];
+  function healthByNode(checkers) {
+    const out = {};
+    for (const checker of checkers) {
+      for (const n of checker.nodes || []) {
+        const addr = String(n.ip).includes(":") ? `[${n.ip}]:${n.port}` : `${n.ip}:${n.port}`;
+        if (!(addr in out) || WORST.indexOf(n.status) > WORST.indexOf(out[addr])) out[addr] = n.status;
+      }
+    }
+    return out;
+  }
+
+  function renderBars(perNode, health) {
     const counts = Object.assign({}, perNode || {});
     for (const s of sessions) if (s.node && !(s.node in counts)) counts[s.node] = 0;
     for (const n of configuredNodes) if (!(n in counts)) counts[n] = 0;
@@ -143,10 +158,14 @@ export function createConnections(section, ctx) {
     for (const [node, n] of entries) {
       const fill = h("span", {className: "bar-fill"});
       fill.style.width = `${(100 * n) / max}%`;
+      const status = (health || {})[node] || "unchecked";
       bars.appendChild(h("div", {className: "bar-row", role: "listitem", "data-node": node},
         h("span", {className: "bar-label mono", title: node}, node),
         h("span", {className: "bar-track"}, fill),
-        h("span", {className: "bar-value", "data-count": String(n)}, count(n))));
+        h("span", {className: "bar-value", "data-count": String(n)}, count(n)),
+        h("span", {className: `bar-health health-${status}`, "data-health": status,
+          title: status === "unchecked" ? "no health check on this node's upstream" : `health check: ${status}`},
+        status === "unchecked" ? "not checked" : status.replace("_", " "))));
     }
     barsEmpty.hidden = entries.length > 0;
   }

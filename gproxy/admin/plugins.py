@@ -3,7 +3,7 @@
 from flask import Blueprint, request
 
 from gproxy.admin.resources import json_response
-from gproxy.model.resources import MQTT_PROXY_SCHEMA, STREAM_PLUGINS
+from gproxy.model.resources import STREAM_PLUGINS
 
 
 def plugins_blueprint(prefix):
@@ -18,9 +18,10 @@ def plugins_blueprint(prefix):
         if request.args.get("subsystem") != "stream" or name not in STREAM_PLUGINS:
             return json_response({"error_msg": "plugin not found in subsystem %s"
                                   % request.args.get("subsystem", "http")}, 404)
-        schema = dict(MQTT_PROXY_SCHEMA)
-        schema["properties"] = dict(schema["properties"], protocol_name={
-            "type": "string", "default": "MQTT"})
+        schema = dict(STREAM_PLUGINS[name])
+        if name == "mqtt-proxy":
+            schema["properties"] = dict(schema["properties"], protocol_name={
+                "type": "string", "default": "MQTT"})
         return json_response(schema)
 
     return bp

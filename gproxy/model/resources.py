@@ -11,6 +11,7 @@ import json
 import re
 
 from gproxy.errors import SchemaError
+from gproxy.model.limits import LIMIT_CONN_SCHEMA, LIMIT_RATE_SCHEMA
 from gproxy.model.schema import check, validate
 
 ID_SCHEMA = {"anyOf": [
@@ -144,7 +145,8 @@ MQTT_PROXY_SCHEMA = {
                    "protocol_level": {"type": "integer"}},
     "required": ["protocol_level"],
 }
-STREAM_PLUGINS = {"mqtt-proxy": MQTT_PROXY_SCHEMA}
+STREAM_PLUGINS = {"mqtt-proxy": MQTT_PROXY_SCHEMA, "limit-conn": LIMIT_CONN_SCHEMA,
+                  "gproxy-limit-rate": LIMIT_RATE_SCHEMA}
 
 CHASH_VAR_KEY = re.compile(
     r"^((uri|server_name|server_addr|request_uri|remote_port|remote_addr|query_string"

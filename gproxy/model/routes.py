@@ -104,7 +104,10 @@ class Route:
         self.sni = conf.get("sni")
         self.upstream_id = None if conf.get("upstream_id") is None else str(conf["upstream_id"])
         self.upstream = upstream
-        plugin = (conf.get("plugins") or {}).get("mqtt-proxy")
+        plugins = conf.get("plugins") or {}
+        self.limit_conn = plugins.get("limit-conn")  # APISIX's stream limit-conn conf
+        self.limit_rate = plugins.get("gproxy-limit-rate")  # gproxy's extension
+        plugin = plugins.get("mqtt-proxy")
         self.mqtt = None
         if plugin is not None:
             self.mqtt = MqttConf(plugin.get("protocol_name", "MQTT"), plugin["protocol_level"])

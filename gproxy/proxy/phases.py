@@ -5,7 +5,7 @@ set, sets what later ones need, and refuses the client by raising ``Reject``.
 A new kind of session start (PROXY header, TLS handshake, WebSocket upgrade)
 is one more function in a listener's or route's list, not a branch here.
 
-    match_route -> find_upstream -> preread -> dial -> replay   (then the relay)
+    match_route -> find_upstream -> limits -> preread -> dial -> replay   (then the relay)
 """
 
 import logging
@@ -13,6 +13,7 @@ import logging
 from gproxy.errors import NoUpstream, Reject
 from gproxy.proxy import dial as dialing
 from gproxy.proxy import netio
+from gproxy.proxy.limits import limits
 from gproxy.proxy.preread import preread_mqtt
 
 PREREAD = "prereading client data"  # nginx's log actions
@@ -71,4 +72,4 @@ def replay(s):
     s.info.bytes_in += len(s.replay)
 
 
-COMMON = (match_route, find_upstream, preread, dial, replay)
+COMMON = (match_route, find_upstream, limits, preread, dial, replay)

@@ -21,6 +21,7 @@ from gproxy.errors import Reject
 from gproxy.model.routes import DEFAULT_PROXY_TIMEOUT, RouteTable
 from gproxy.protocols.mqttstream import SERVER_SHUTTING_DOWN, disconnect
 from gproxy.proxy import netio
+from gproxy.proxy.limits import Limits
 from gproxy.proxy.listener import plain_ip
 from gproxy.proxy.phases import COMMON
 from gproxy.proxy.registry import Registry
@@ -34,6 +35,7 @@ class Proxy:
     """The data path shared by every listener: route table, registry, relays, settings."""
 
     def __init__(self, table=None, registry=None, settings=None, relays=None):
+        self.limits = Limits()
         self.table = table if table is not None else RouteTable()
         self.registry = registry if registry is not None else Registry()  # empty is falsy
         self.settings = settings if settings is not None else Settings()

@@ -432,8 +432,12 @@ def _merge(base, extra):
 class Gproxy:
     """One ``python -m gproxy`` child process with its own config directory."""
 
-    def __init__(self, directory, stream_routes, upstreams=(), config=None, listeners=1):
+    def __init__(self, directory, stream_routes, upstreams=(), config=None, listeners=1,
+                 workers=1, preexec_fn=None, log_level="info"):
         self.dir = directory
+        self.log_level = log_level  # None: the config file's nginx_config.error_log_level
+        self.workers = workers
+        self.preexec_fn = preexec_fn
         os.makedirs(directory, exist_ok=True)
         self.ports = [free_port() for _ in range(listeners)]
         self.port = self.ports[0]
@@ -453,12 +457,54 @@ class Gproxy:
                        "preread": {"timeout": 2, "buffer_size": 16384}},
         }
         _merge(cfg, config)
-        with open(self.config_path, "w") as fh:
-            yaml.safe_dump(cfg, fh, sort_keys=False)
+        self.cfg = cfg
+        self.write_config(cfg)
         if callable(stream_routes):  # routes that need the listener ports
             stream_routes = stream_routes(self.ports)
         self.rewrite_routes(stream_routes, upstreams)
         self.proc = None
+
+    def write_config(self, cfg):
+        """Replace config.yaml (it takes effect at start, or on SIGHUP)."""
+        tmp = self.config_path + ".tmp"
+        with open(tmp, "w") as fh:
+            yaml.safe_dump(cfg, fh, sort_keys=False)
+        os.replace(tmp, self.config_path)
+
+    # HTTP: Admin API, control API, metrics
+    def http(self, port, path, method="GET", body=None, headers=None, timeout=5.0):
+        """``(status, body bytes)`` of one request to a gproxy HTTP listener."""
+        import http.client
+        conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
+    def admin(self, method, path, body=None):
+        import json
+        data = None if body is None else json.dumps(body)
+        status, raw = self.http(self.admin_port, "/apisix/admin" + path, method, data,
+                                {"X-API-KEY": "edd1c9f034335f136f87ad84b625c8f1"})
+        return status, json.loads(raw) if raw.strip() else None
+
+    def healthcheck(self, path=""):
+        import json
+        status, raw = self.http(self.control_port, "/v1/healthcheck" + path)
+        return status, json.loads(raw)
+
+    def metrics(self):
+        """The scraped metrics as ``{(name, frozenset(labels.items())): value}``."""
+        from prometheus_client.parser import text_string_to_metric_families
+        status, raw = self.http(self.metrics_port, "/apisix/prometheus/metrics")
+        assert status == 200, raw
+        out = {}
+        for family in text_string_to_metric_families(raw.decode()):
+            for sample in family.samples:
+                out[(sample.name, frozenset(sample.labels.items()))] = sample.value
+        return out
 
     def rewrite_routes(self, stream_routes, upstreams=()):
         """Replace apisix.yaml atomically (temp file + rename), as a hand edit would."""
@@ -479,9 +525,10 @@ class Gproxy:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         with open(self.log_file.path, "ab") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gproxy", "-c", self.config_path, "--log-level", "info"],
+                [sys.executable, "-m", "gproxy", "-c", self.config_path, "--workers",
+                 str(self.workers)] + (["--log-level", self.log_level] if self.log_level else []),
                 cwd=self.dir, env=env, stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=err)
+                stdout=subprocess.DEVNULL, stderr=err, preexec_fn=self.preexec_fn)
         try:
             for port in self.ports:
                 wait_listening(port, self.proc, timeout=15, what="gproxy")
@@ -542,8 +589,8 @@ class Gproxy:
 def _gproxy_factory(make_dir):
     procs = []
 
-    def make(stream_routes, upstreams=(), config=None, listeners=1):
-        proxy = Gproxy(make_dir(), stream_routes, upstreams, config, listeners)
+    def make(stream_routes, upstreams=(), config=None, listeners=1, **kwargs):
+        proxy = Gproxy(make_dir(), stream_routes, upstreams, config, listeners, **kwargs)
         procs.append(proxy)
         return proxy.start()
 

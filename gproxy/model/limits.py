@@ -1,0 +1,75 @@
+"""Connection limits per route: APISIX's ``limit-conn`` and gproxy's ``gproxy-limit-rate``.
+
+* ``conn_delay`` is resty.limit.conn's ``incoming`` for APISIX's stream
+  ``limit-conn`` plugin: with ``conn`` sessions already counted for a key, a
+  new one is rejected beyond ``conn + burst``, and one beyond ``conn`` waits
+  ``default_conn_delay * floor((n - 1) / conn)`` seconds before going on.
+* ``RateLimit`` is nginx's ``limit_req`` leaky bucket (with ``nodelay``): at
+  most ``rate`` new sessions a second on average, ``burst`` more at once;
+  the excess is refused at once rather than queued, which is what a
+  reconnect storm needs (clients back off and retry).
+
+Pure: callers pass the clock.
+"""
+
+import math
+
+#: APISIX's schema for the stream limit-conn plugin (apisix/stream/plugins/limit-conn.lua).
+LIMIT_CONN_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "conn": {"type": "integer", "exclusiveMinimum": 0},
+        "burst": {"type": "integer", "minimum": 0},
+        "default_conn_delay": {"type": "number", "exclusiveMinimum": 0},
+        "only_use_default_delay": {"type": "boolean"},
+        "key": {"type": "string", "enum": ["remote_addr", "server_addr"]},
+    },
+    "required": ["conn", "burst", "default_conn_delay", "key"],
+}
+#: gproxy's extension: new sessions per second, per route or per client/listener address.
+LIMIT_RATE_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "rate": {"type": "number", "exclusiveMinimum": 0},
+        "burst": {"type": "integer", "minimum": 0},
+        "key": {"type": "string", "enum": ["route", "remote_addr", "server_addr"]},
+    },
+    "required": ["rate"],
+    "additionalProperties": False,
+}
+
+
+def conn_delay(count, conf):
+    """Seconds the ``count``-th concurrent session must wait, or None to reject it."""
+    limit = conf["conn"]
+    if count > limit + conf["burst"]:
+        return None
+    if count > limit:
+        return conf["default_conn_delay"] * math.floor((count - 1) / limit)
+    return 0.0
+
+
+class RateLimit:
+    """One leaky bucket per key (nginx ``limit_req``, excess refused at once)."""
+
+    PRUNE_AT = 10000  # keys kept before the idle ones are dropped
+
+    def __init__(self, rate, burst=0):
+        self.rate = float(rate)
+        self.burst = burst
+        self.buckets = {}  # key -> (excess, last time)
+
+    def allow(self, key, now):
+        excess, last = self.buckets.get(key, (0.0, now))
+        excess = max(excess - self.rate * (now - last), 0.0) + 1.0
+        if excess > self.burst + 1:
+            return False
+        if len(self.buckets) >= self.PRUNE_AT:
+            self._prune(now)
+        self.buckets[key] = (excess, now)
+        return True
+
+    def _prune(self, now):
+        for key, (excess, last) in list(self.buckets.items()):
+            if excess - self.rate * (now - last) <= 0:
+                del self.buckets[key]
