@@ -50,8 +50,9 @@ class Checks:
 
     def __init__(self, conf):
         self.conf = conf
-        self.active = _merged(ACTIVE, conf["active"]) if conf.get("active") else None
-        self.passive = _merged(PASSIVE, conf["passive"]) if conf.get("passive") else None
+        self.active = _merged(ACTIVE, conf["active"]) if conf.get("active") is not None else None
+        self.passive = (_merged(PASSIVE, conf["passive"]) if conf.get("passive") is not None
+                        else None)
         kind = (self.active or self.passive or {}).get("type") or "http"
         self.type = kind  # as APISIX's control API reports it
         self.probe = "mqtt" if kind == "mqtt" else "tcp"

@@ -218,3 +218,48 @@ class Paho:
             sock = self.client.socket()
             if sock is not None:
                 sock.close()
+
+
+# -- a node that drops SYNs -----------------------------------------------------------
+
+class SynDropper:
+    """A listening socket whose accept queue is full and never drained.
+
+    ``listen(0)`` leaves room for one queued connection; two connections we
+    open ourselves fill it, and Linux then drops every further SYN (the
+    dialler sees a connect timeout, like a broker behind a black-holing
+    firewall, not a refusal).
+    """
+
+    def __init__(self):
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind((HOST, 0))
+        self.listener.listen(0)
+        self.host, self.port = self.listener.getsockname()
+        self.fillers = []
+        for _ in range(3):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setblocking(False)
+            s.connect_ex((HOST, self.port))
+            self.fillers.append(s)
+        self._check_full()
+
+    def _check_full(self):
+        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        probe.settimeout(0.5)
+        try:
+            probe.connect((HOST, self.port))
+        except socket.timeout:
+            return
+        finally:
+            probe.close()
+        raise AssertionError("the accept queue of %d is not full" % self.port)
+
+    @property
+    def addr(self):
+        return "%s:%d" % (self.host, self.port)
+
+    def close(self):
+        for s in self.fillers:
+            s.close()
+        self.listener.close()
