@@ -8,10 +8,19 @@ that long between requests, so a slow or greedy HTTP client can never take
 the file descriptors the data path needs.
 """
 
+import errno
+import logging
 import socket
+import time
 
+import gevent
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
+
+log = logging.getLogger("gproxy.admin")
+#: accept() failing for want of descriptors: pause, as nginx does, rather than retry at once.
+_FD_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+_FD_PAUSE = 0.5
 
 
 class AdminServer(WSGIServer):
@@ -22,6 +31,27 @@ class AdminServer(WSGIServer):
     def __init__(self, listener, application, max_connections=64, timeout=30.0, **kwargs):
         super().__init__(listener, application, spawn=Pool(max_connections), **kwargs)
         self.timeout = timeout
+        self._next_report = 0.0
+
+    def do_read(self):
+        try:
+            return super().do_read()
+        except OSError as exc:
+            if exc.errno not in _FD_ERRNOS:
+                raise
+            failure = exc
+        now = time.monotonic()
+        if now >= self._next_report:  # once a second at most
+            self._next_report = now + 1.0
+            log.critical("accept4() failed (%d: %s) on an HTTP listener", failure.errno,
+                         failure.strerror)
+        self.stop_accepting()
+        gevent.spawn_later(_FD_PAUSE, self._resume)
+        return None
+
+    def _resume(self):
+        if not self.closed:
+            self.start_accepting()
 
     def handle(self, sock, address):
         try:

@@ -43,7 +43,7 @@ class Throttled:
             self.held += 1
             return
         if self.held:
-            msg += ", %d more like it in the last %.0fs" % (self.held, self.interval)
+            msg += " (and %d more since the last such line)" % self.held
         self.held = 0
         self.next = now + self.interval
         self.logger.log(self.level, msg, *args)
