@@ -223,3 +223,21 @@ def test_idle_timeout_follows_the_keep_alive(sink, gproxy):
         forever.recv(10)
     quiet.close()
     forever.close()
+
+
+def test_sighup_reaches_every_worker(mosquitto, gproxy):
+    broker = mosquitto()
+    gp = gproxy([mqtt_route([node(broker)], level=4)], workers=2)
+    new = free_port()
+    cfg = gp.cfg
+    cfg["apisix"]["stream_proxy"]["tcp"].append("%s:%d" % (HOST, new))
+    gp.write_config(cfg)
+    mark = gp.mark()
+    gp.proc.send_signal(signal.SIGHUP)
+    ok = wait_until(lambda: len(gp.find("stream proxy listening on %s:%d" % (HOST, new),
+                                        since=mark)) == 2, 10)
+    assert ok, gp.log(mark)
+    for i in range(6):  # the kernel spreads these over both workers' sockets
+        with Paho("hup-%d" % i, new):
+            pass
+    assert gp.proc.poll() is None
