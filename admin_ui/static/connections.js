@@ -152,6 +152,7 @@ export function createConnections(section, ctx) {
     const counts = Object.assign({}, perNode || {});
     for (const s of sessions) if (s.node && !(s.node in counts)) counts[s.node] = 0;
     for (const n of configuredNodes) if (!(n in counts)) counts[n] = 0;
+    for (const n of Object.keys(health || {})) if (!(n in counts)) counts[n] = 0;
     const entries = Object.entries(counts).sort((a, b) => b[1] - a[1] || compare(a[0], b[0]));
     const max = Math.max(1, ...entries.map(([, n]) => n));
     clear(bars);

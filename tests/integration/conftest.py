@@ -436,7 +436,7 @@ class Gproxy:
                  workers=1, preexec_fn=None, log_level="info"):
         self.dir = directory
         self.log_level = log_level  # None: the config file's nginx_config.error_log_level
-        self.workers = workers
+        self.nworkers = workers
         self.preexec_fn = preexec_fn
         os.makedirs(directory, exist_ok=True)
         self.ports = [free_port() for _ in range(listeners)]
@@ -526,7 +526,7 @@ class Gproxy:
         with open(self.log_file.path, "ab") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "gproxy", "-c", self.config_path, "--workers",
-                 str(self.workers)] + (["--log-level", self.log_level] if self.log_level else []),
+                 str(self.nworkers)] + (["--log-level", self.log_level] if self.log_level else []),
                 cwd=self.dir, env=env, stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, stderr=err, preexec_fn=self.preexec_fn)
         try:

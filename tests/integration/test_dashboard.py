@@ -461,6 +461,23 @@ def test_data_is_shown_as_text_never_as_markup(page, gp):
     assert admin(gp, "DELETE", "/stream_routes/evil")[0] == 200
 
 
+def test_node_health_shows_in_the_per_node_chart(page, gp, brokers):
+    a, b = brokers
+    checks = {"active": {"type": "tcp", "healthy": {"interval": 1, "successes": 1},
+                         "unhealthy": {"interval": 1, "tcp_failures": 1}}}
+    status, _ = admin(gp, "PUT", "/stream_routes/checked", {"server_port": 1, "upstream": {
+        "type": "roundrobin", "nodes": {a.addr: 1, b.addr: 1}, "checks": checks}})
+    assert status == 201
+    b.stop()  # the last test that needs the brokers
+    page.click("a[data-tab=connections]")
+    health = "#node-bars .bar-row[data-node='%s'] [data-health]"
+    expect(page.locator(health % a.addr)).to_have_attribute("data-health", "healthy",
+                                                           timeout=10000)
+    expect(page.locator(health % b.addr)).to_have_attribute("data-health", "unhealthy",
+                                                           timeout=10000)
+    assert admin(gp, "DELETE", "/stream_routes/checked")[0] == 200
+
+
 def test_sign_out_forgets_the_key(page, gp):
     page.click("#signout")
     expect(page.locator("#view-signin")).to_be_visible()
