@@ -93,9 +93,16 @@ def watcher(broker, counts, name):
     return client
 
 
+#: Sessions a second per churning thread at most: each session costs the load
+#: generator's host about four loopback ports (client, upstream, paho's socketpair)
+#: that stay in TIME_WAIT for a minute; faster would exhaust the ephemeral ports.
+PACE = 10.0
+
+
 def churn(port, counts, stop, worker):
     n = 0
     while not stop.is_set():
+        started = time.monotonic()
         n += 1
         cid = "soak-%d-%d" % (worker, n % 50)  # ids come back, as reconnecting devices do
         payload = ("%d-%d-%f" % (worker, n, time.time())).encode()
@@ -103,6 +110,7 @@ def churn(port, counts, stop, worker):
         counts.add(served=int(ok), failed=int(not ok))
         if not ok:
             time.sleep(0.2)  # a device backs off
+        time.sleep(max(0.0, 1.0 / PACE - (time.monotonic() - started)))
 
 
 def one_session(port, cid, payload, counts):
@@ -112,11 +120,11 @@ def one_session(port, cid, payload, counts):
     client.reconnect_delay_set(30, 30)  # no silent reconnect inside one session
     connected = threading.Event()
     client.on_connect = lambda c, u, f, rc, p: (not rc.is_failure) and connected.set()
+    client.connect_async(HOST, port, keepalive=10)
     try:
-        client.connect(HOST, port, keepalive=10)
+        client.loop_start()  # it connects: if this fails, no broker knows the client
     except OSError:
         return False
-    client.loop_start()
     try:
         if not connected.wait(5):
             return False
