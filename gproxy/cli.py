@@ -98,13 +98,14 @@ def main(argv=None):
         print("gproxy: config %s and store %s are valid" % (path or "(defaults)", cfg.store_path))
         return 0
     raise_fd_limit()
+    signals = install_signals()  # before listening: a SIGHUP must never find the default
     try:
         app.start(workers=max(args.workers, 1))
     except OSError as exc:
         print("gproxy: %s" % exc, file=sys.stderr)
         return 1
 
-    serve(app, lambda: reload(app, path, args.log_level))
+    serve(app, signals, lambda: reload(app, path, args.log_level))
     return 0
 
 
@@ -122,15 +123,15 @@ def reload(app, path, log_level):
     app.reload_config(cfg, log_level)
 
 
-def serve(app, on_reload):
-    """Run until SIGTERM/SIGINT has drained the app (a second one forces)."""
+def install_signals():
+    """SIGTERM/SIGINT and SIGHUP handlers that only set flags; returns (flags, wake)."""
     import gevent
     import gevent.event
     import signal
     wake = gevent.event.Event()
     flags = {"stop": 0, "reload": 0}
 
-    def flag(name):  # signal handlers only set flags; this greenlet does the work
+    def flag(name):  # signal handlers only set flags; the main greenlet does the work
         def handler():
             flags[name] += 1
             wake.set()
@@ -139,11 +140,21 @@ def serve(app, on_reload):
     for sig in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(sig, flag("stop"))
     gevent.signal_handler(signal.SIGHUP, flag("reload"))
+    return flags, wake
+
+
+def serve(app, signals, on_reload):
+    """Run until SIGTERM/SIGINT has drained the app (a second one forces)."""
+    import gevent
+    flags, wake = signals
+    wake.set()  # a signal may have come while starting
     log = logging.getLogger("gproxy")
     drain = None
     while drain is None or not drain.ready():
         wake.wait()
         wake.clear()
+        if not any(flags.values()) and drain is None:
+            continue
         if flags["reload"] and drain is None:
             flags["reload"] = 0
             on_reload()

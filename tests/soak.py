@@ -28,7 +28,6 @@ import os
 import random
 import signal
 import socket
-import statistics
 import sys
 import tempfile
 import threading

@@ -530,7 +530,8 @@ class Gproxy:
                 cwd=self.dir, env=env, stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, stderr=err, preexec_fn=self.preexec_fn)
         try:
-            for port in self.ports:
+            # the stream listeners, then the HTTP ones (started after them)
+            for port in self.ports + [self.admin_port, self.control_port, self.metrics_port]:
                 wait_listening(port, self.proc, timeout=15, what="gproxy")
         except RuntimeError as exc:
             self.stop()

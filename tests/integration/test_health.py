@@ -8,7 +8,7 @@ import time
 import pytest
 
 from tests.integration.conftest import HOST, mqtt_route, node, wait_until
-from tests.integration.helpers import ApisixRing, Paho, SynDropper, raw_session
+from tests.integration.helpers import ApisixRing, SynDropper, raw_session
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
