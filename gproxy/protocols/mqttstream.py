@@ -47,8 +47,29 @@ class Boundaries:
         return not self.lost and self.left == 0 and not self.header
 
     def feed(self, data, start=0, end=None):
-        """Account for ``data[start:end]``; returns nothing (see ``next_boundary``)."""
-        self.next_boundary(data, start, end, stop=False)
+        """Account for ``data[start:end]`` (the relay calls this for every read)."""
+        if end is None:
+            end = len(data)
+        pos, left = start, self.left
+        while not self.lost:
+            if left:
+                room = end - pos
+                if left >= room:
+                    self.left = left - room
+                    return
+                pos += left
+                left = 0
+            if pos >= end:
+                break
+            if not self.header and pos + 1 < end and data[pos + 1] < 0x80:
+                left = data[pos + 1]  # the common case: a one-byte remaining length
+                pos += 2
+                self.packets += 1
+                continue
+            self.left = 0
+            pos = self._header(data, pos, end)
+            left = self.left
+        self.left = left
 
     def next_boundary(self, data, start=0, end=None, stop=True):
         """Advance over ``data[start:end]``.

@@ -15,13 +15,13 @@ import logging
 import time
 
 import gevent
-from gevent.pool import Pool
 
 from gproxy.model.routes import RouteTable
 from gproxy.proxy.listener import Listener, bind_listener
 from gproxy.proxy.registry import Registry
 from gproxy.proxy.session import Proxy
 from gproxy.proxy.settings import Settings
+from gproxy.proxy.workers import SessionGreenlets
 from gproxy.store.file import FileStore
 
 log = logging.getLogger("gproxy.server")
@@ -37,7 +37,7 @@ class Gproxy:
         self.proxy = Proxy(self.build_table(self.store.snapshot()), self.registry,
                            Settings.from_config(cfg))
         self.store.subscribe(self.reload)
-        self.pool = Pool(cfg["gproxy.max_connections"])
+        self.greenlets = SessionGreenlets()
         self.listeners = []
         self.admin_server = None
         self.workers = None  # the parent's WorkerSet when running with --workers
@@ -103,7 +103,7 @@ class Gproxy:
                 self.stop(0)
                 raise OSError(exc.errno, "cannot listen on %s: %s" % (spec.addr, exc.strerror))
             listener = Listener(sock, spec)
-            listener.serve(self.proxy.handle, self.pool)
+            listener.serve(self.proxy.handle, self.greenlets.spawn)
             self.listeners.append(listener)
             log.warning("stream proxy listening on %s", spec.addr)
 
@@ -152,7 +152,7 @@ class Gproxy:
                 gevent.sleep(0.1)
         self.registry.close_where()
         self.proxy.relays.close_all()
-        self.pool.kill(timeout=1)
+        self.greenlets.kill()
         for listener in self.listeners:
             listener.stop()
         if self.admin_server is not None:
