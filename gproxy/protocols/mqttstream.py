@@ -61,11 +61,25 @@ class Boundaries:
                 left = 0
             if pos >= end:
                 break
-            if not self.header and pos + 1 < end and data[pos + 1] < 0x80:
-                left = data[pos + 1]  # the common case: a one-byte remaining length
-                pos += 2
-                self.packets += 1
-                continue
+            if not self.header and pos + 3 < end:
+                # The common case, a whole header inside this chunk (up to three
+                # length bytes: packets under 2 MiB), decoded inline.
+                b1 = data[pos + 1]
+                if b1 < 0x80:
+                    left, size = b1, 2
+                else:
+                    b2 = data[pos + 2]
+                    if b2 < 0x80:
+                        left, size = (b1 & 0x7F) | (b2 << 7), 3
+                    else:
+                        b3 = data[pos + 3]
+                        left = (b1 & 0x7F) | ((b2 & 0x7F) << 7) | ((b3 & 0x7F) << 14)
+                        size = 4 if b3 < 0x80 else 0
+                if size:
+                    pos += size
+                    self.packets += 1
+                    continue
+                left = 0
             self.left = 0
             pos = self._header(data, pos, end)
             left = self.left
