@@ -141,7 +141,7 @@ SETTINGS = [
      "stream listeners: port, \"ip:port\", \"ip:lo-hi\" or {addr, tls}"),
     ("apisix.stream_proxy.only", True, _bool, "accepted for APISIX compatibility"),
     ("apisix.proxy_mode", "http&stream", _choice("http", "stream", "http&stream"),
-     "accepted for APISIX compatibility; gproxy always proxies streams"),
+     "http turns the stream proxy off, as in APISIX 3.5+; stream or http&stream keep it"),
     ("apisix.enable_admin", True, _bool, "serve the Admin API and dashboard"),
     ("deployment.admin.admin_listen.ip", "127.0.0.1", _typed(str), "Admin API address"),
     ("deployment.admin.admin_listen.port", 9080, _port, "Admin API port"),
@@ -200,9 +200,16 @@ def _flatten(tree, prefix=""):
 
 
 class Config:
-    """Validated settings: ``cfg["gproxy.preread.timeout"]``; ``cfg.path`` is the file."""
+    """Validated settings: ``cfg["gproxy.preread.timeout"]``; ``cfg.path`` is the file.
+
+    ``stream_enabled`` is APISIX's stream switch: off when the config has no
+    ``apisix.stream_proxy`` (APISIX <= 3.4's rule) or says ``proxy_mode:
+    http`` (3.5+).  ``Config()`` (no config file at all) keeps the stream
+    proxy on, on the default listener.
+    """
 
     def __init__(self, raw=None, path=None):
+        defaults_only = raw is None and path is None
         raw = raw or {}
         if not isinstance(raw, dict):
             raise ConfigError("config: expected a mapping at the top level")
@@ -220,6 +227,8 @@ class Config:
         for key, check in validators.items():
             self.values[key] = check(self.values[key], key)
         self._check_admin_exposure()
+        self.stream_enabled = self["apisix.proxy_mode"] != "http" and (
+            defaults_only or (raw.get("apisix") or {}).get("stream_proxy") is not None)
 
     def __getitem__(self, key):
         return self.values[key]

@@ -33,8 +33,7 @@ def create_app(store, sessions, cfg, extra_blueprints=()):
     """The admin Flask app. ``extra_blueprints`` lets the dashboard plug in."""
     app = Flask("gproxy.admin")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
-    stream_enabled = cfg["apisix.proxy_mode"] != "http"
-    app.register_blueprint(make_resource_blueprint("stream_routes", store, stream_enabled))
+    app.register_blueprint(make_resource_blueprint("stream_routes", store, cfg.stream_enabled))
     app.register_blueprint(make_resource_blueprint("upstreams", store, True))
     app.register_blueprint(plugins_blueprint(PREFIX))
     app.register_blueprint(extensions_blueprint(PREFIX, sessions))

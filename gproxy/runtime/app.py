@@ -93,6 +93,10 @@ class Gproxy:
         log.info("worker %d serving", index)
 
     def _listen(self, reuseport):
+        if not self.cfg.stream_enabled:  # APISIX: no stream_proxy, or proxy_mode http
+            log.warning("stream mode is disabled (no apisix.stream_proxy in the config, or "
+                        "apisix.proxy_mode is http): no stream listener")
+            return
         for spec in self.cfg["apisix.stream_proxy.tcp"]:
             try:
                 sock = bind_listener(spec.host, spec.port, reuseport=reuseport)
