@@ -100,7 +100,6 @@ ADDR = (st.sampled_from(["127.0.0.1", "10.0.0.0/8", "::1", "2001:db8::/32", "fe8
 EXTRA_KEYS = ("foo", "Nodes", "hash", "plugin_config_id")
 
 
-@st.composite
 def bodies(draw, fields, required=(), alternatives=()):
     """A valid-looking object over ``fields``, then zero to two faults: a wrong value,
     an extra key, a required key dropped, or a conflicting alternative added."""
@@ -122,8 +121,13 @@ def bodies(draw, fields, required=(), alternatives=()):
     return body
 
 
-UPSTREAMS = bodies(UPSTREAM_FIELDS, required=("nodes",),
-                   alternatives={"service_name": "svc", "discovery_type": "dns"})
+@st.composite
+def upstream_bodies(draw):  # no arguments: Hypothesis's repr of it stays short
+    return bodies(draw, UPSTREAM_FIELDS, required=("nodes",),
+                  alternatives={"service_name": "svc", "discovery_type": "dns"})
+
+
+UPSTREAMS = upstream_bodies()
 ROUTE_FIELDS = dict(COMMON, **{
     "remote_addr": ADDR,
     "server_addr": ADDR,
@@ -138,7 +142,12 @@ ROUTE_FIELDS = dict(COMMON, **{
                                        optional={"superior_id": ID[0], "conf": OBJECTS}),
                  wrong({"name": 1}, "redis", {"conf": {}})),
 })
-ROUTES = bodies(ROUTE_FIELDS)
+@st.composite
+def route_bodies(draw):
+    return bodies(draw, ROUTE_FIELDS)
+
+
+ROUTES = route_bodies()
 
 CASES = {"upstream": (UPSTREAM_SCHEMA, UPSTREAMS),
          "stream_route": (STREAM_ROUTE_SCHEMA, ROUTES)}
