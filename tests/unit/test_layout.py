@@ -97,7 +97,7 @@ def test_starting_embedded_gproxy_patches_nothing(tmp_path):
         "import gproxy",
         "assert state() == before, 'patched on import'",
         "s = socket.socket(); s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]; s.close()",
-        "proxy = gproxy.start({'apisix': {'stream_proxy': {'tcp': ['127.0.0.1:%d' % port]}},"
+        "proxy = gproxy.start({'apisix': {'stream_proxy': {'tcp': ['127.0.0.1:%%d' %% port]}},"
         " 'deployment': {'admin': False},"
         " 'gproxy': {'store': {'path': %r}}})" % str(tmp_path / "apisix.yaml"),
         "assert state() == before, 'patched by start()'",
