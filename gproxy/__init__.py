@@ -13,6 +13,8 @@ _LAZY = ("start", "AdminError", "EmbeddedProxy")
 
 def __getattr__(name):
     if name in _LAZY:
-        from gproxy.runtime import embed
-        return getattr(embed, name)
+        # Imported by name on first use: every gproxy module imports this package
+        # (for __version__), and none of them may pull in the runtime with it.
+        import importlib
+        return getattr(importlib.import_module("gproxy.runtime.embed"), name)
     raise AttributeError("module 'gproxy' has no attribute %r" % name)
