@@ -131,6 +131,15 @@ def _admin_keys(value, key):
     return value
 
 
+def _etcd_hosts(value, key):
+    if isinstance(value, str):
+        value = [value]
+    if (not isinstance(value, list) or not value or not all(
+            isinstance(v, str) and re.match(r"^https?://[^/]+$", v.rstrip("/")) for v in value)):
+        raise ConfigError("%s: expected a list of http(s)://host:port URLs, got %r" % (key, value))
+    return [v.rstrip("/") for v in value]
+
+
 _number = _typed((int, float), lambda v: v > 0, "a number > 0")
 _count = _typed(int, lambda v: v > 0, "an integer > 0")
 _bool = _typed(bool)
@@ -154,6 +163,21 @@ SETTINGS = [
     ("deployment.admin.enable_admin_cors", True, _bool, "send CORS headers"),
     ("nginx_config.error_log_level", "warn", _choice(*LOG_LEVELS), "log level"),
     ("gproxy.store.backend", "file", _choice("file"), "where routes live"),
+    ("deployment.role", "traditional", _choice("traditional", "data_plane"),
+     "APISIX's role; its config_provider picks the store"),
+    ("deployment.role_traditional.config_provider", "yaml", _choice("yaml", "etcd"),
+     "yaml: the store file (gproxy.store.path); etcd: shared routes on deployment.etcd"),
+    ("deployment.role_data_plane.config_provider", "yaml", _choice("yaml", "etcd"),
+     "as role_traditional.config_provider, for APISIX data-plane configs"),
+    ("deployment.etcd.host", ["http://127.0.0.1:2379"], _etcd_hosts, "etcd endpoints"),
+    ("deployment.etcd.prefix", "/apisix", _typed(str, lambda v: v.startswith("/"),
+                                                 "a key prefix starting with /"),
+     "etcd key prefix: <prefix>/stream_routes/<id>, <prefix>/upstreams/<id>"),
+    ("deployment.etcd.timeout", 30, _number, "seconds an etcd request may take"),
+    ("deployment.etcd.watch_timeout", 50, _number,
+     "seconds an idle watch waits before it is re-opened from its revision"),
+    ("deployment.etcd.health_check_timeout", 10, _number,
+     "seconds an etcd endpoint that failed 3 times is skipped"),
     ("gproxy.store.path", "apisix.yaml", _typed(str),
      "store file, relative to the config file's directory"),
     ("gproxy.store.watch_interval", 1.0, _number, "seconds between checks for hand edits"),
@@ -213,6 +237,7 @@ class Config:
         raw = raw or {}
         if not isinstance(raw, dict):
             raise ConfigError("config: expected a mapping at the top level")
+        raw = _admin_off(raw)
         self.path = path
         self.base_dir = os.path.dirname(os.path.abspath(path)) if path else os.getcwd()
         self.values = {key: default for key, default, *_ in SETTINGS}
@@ -234,6 +259,13 @@ class Config:
         return self.values[key]
 
     @property
+    def store_backend(self):
+        """``etcd`` or ``file``, from APISIX's role and its config_provider."""
+        role = self["deployment.role"]
+        provider = self["deployment.role_%s.config_provider" % role]
+        return "etcd" if provider == "etcd" else "file"
+
+    @property
     def store_path(self):
         return os.path.join(self.base_dir, self["gproxy.store.path"])
 
@@ -251,6 +283,16 @@ class Config:
                 "deployment.admin.admin_key: the default admin key must not be used on "
                 "the non-loopback admin address %s; set deployment.admin.admin_key to "
                 "[{name: admin, key: <your own random key>, role: admin}]" % host)
+
+
+def _admin_off(raw):
+    """``deployment.admin: false`` is short for ``apisix.enable_admin: false``."""
+    deployment, apisix = raw.get("deployment"), raw.get("apisix") or {}
+    if (not isinstance(deployment, dict) or deployment.get("admin") is not False
+            or not isinstance(apisix, dict)):
+        return raw
+    deployment = {k: v for k, v in deployment.items() if k != "admin"}
+    return dict(raw, deployment=deployment, apisix=dict(apisix, enable_admin=False))
 
 
 def load(path):

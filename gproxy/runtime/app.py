@@ -22,7 +22,7 @@ from gproxy.proxy.registry import Registry
 from gproxy.proxy.session import Proxy
 from gproxy.proxy.settings import Settings
 from gproxy.proxy.workers import SessionGreenlets
-from gproxy.store.file import FileStore
+from gproxy.store.factory import open_store
 
 log = logging.getLogger("gproxy.server")
 
@@ -32,7 +32,7 @@ class Gproxy:
 
     def __init__(self, cfg, store=None, registry=None):
         self.cfg = cfg
-        self.store = store if store is not None else FileStore(cfg.store_path)
+        self.store = store if store is not None else open_store(cfg)
         self.registry = registry if registry is not None else Registry()
         self.proxy = Proxy(self.build_table(self.store.snapshot()), self.registry,
                            Settings.from_config(cfg))

@@ -323,3 +323,52 @@ def test_cli_check_accepts_the_seed_snippet(tmp_path):
     proc = run_check(write(tmp_path, SEED_SNIPPET))
     assert proc.returncode == 0, proc.stderr
     assert not (tmp_path / "apisix.yaml").exists()  # --check writes nothing
+
+
+# -- store selection and embedding switches (issue 17) ---------------------------
+
+def test_the_file_store_is_the_default():
+    assert Config().store_backend == "file"
+    assert Config({"deployment": {"role": "traditional"}}).store_backend == "file"
+
+
+def test_apisix_keys_select_etcd():
+    cfg = Config(yaml_load("""
+        deployment:
+          role: traditional
+          role_traditional: {config_provider: etcd}
+          etcd: {host: ["http://127.0.0.1:2379/"], prefix: /apisix, timeout: 30}
+        """))
+    assert cfg.store_backend == "etcd"
+    assert cfg["deployment.etcd.host"] == ["http://127.0.0.1:2379"]
+    assert cfg["deployment.etcd.prefix"] == "/apisix"
+    data_plane = Config({"deployment": {"role": "data_plane",
+                                        "role_data_plane": {"config_provider": "etcd"}}})
+    assert data_plane.store_backend == "etcd"
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"deployment": {"etcd": {"host": ["127.0.0.1:2379"]}}}, "deployment.etcd.host"),
+    ({"deployment": {"etcd": {"host": []}}}, "deployment.etcd.host"),
+    ({"deployment": {"etcd": {"prefix": "apisix"}}}, "deployment.etcd.prefix"),
+    ({"deployment": {"etcd": {"timeout": 0}}}, "deployment.etcd.timeout"),
+    ({"deployment": {"role_traditional": {"config_provider": "consul"}}},
+     "deployment.role_traditional.config_provider"),
+    ({"deployment": {"role": "control_plane"}}, "deployment.role"),
+])
+def test_bad_etcd_settings_name_the_key(raw, key):
+    with pytest.raises(ConfigError, match="^" + key.replace(".", r"\.")):
+        Config(raw)
+
+
+def test_deployment_admin_false_turns_the_admin_api_off():
+    cfg = Config({"deployment": {"admin": False}, "apisix": {"stream_proxy": {"tcp": [9100]}}})
+    assert cfg["apisix.enable_admin"] is False
+    assert cfg["apisix.stream_proxy.tcp"][0].port == 9100
+    assert Config({"apisix": {"enable_admin": False}})["apisix.enable_admin"] is False
+    assert Config()["apisix.enable_admin"] is True
+
+
+def yaml_load(text):
+    import yaml
+    return yaml.safe_load(textwrap.dedent(text))
