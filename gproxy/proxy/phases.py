@@ -14,6 +14,7 @@ from gproxy.errors import NoUpstream, Reject
 from gproxy.proxy import dial as dialing
 from gproxy.proxy import netio
 from gproxy.proxy.preread import preread_mqtt
+from gproxy.proxy.wspreread import preread_websocket, upgrade_upstream
 
 PREREAD = "prereading client data"  # nginx's log actions
 CONNECTING = "connecting to upstream"
@@ -45,9 +46,14 @@ def find_upstream(s):
 
 
 def preread(s):
-    """Read what the route's plugin needs before a node can be chosen."""
-    if s.route.mqtt is not None:
-        preread_mqtt(s, s.route.mqtt)
+    """Read what the route's plugin needs before a node can be chosen.
+
+    An mqtt-proxy route also serves MQTT over WebSocket on the same port
+    (unless its ``websocket.enable`` is false): the first byte tells.
+    """
+    conf = s.route.mqtt
+    if conf is not None:
+        preread_mqtt(s, conf, preread_websocket if conf.websocket.enable else None)
 
 
 def dial(s):
@@ -61,6 +67,8 @@ def dial(s):
 def replay(s):
     """Every byte peeked goes to the node first, unchanged."""
     s.action = PROXYING
+    if s.ws is not None and s.ws.passthrough:
+        upgrade_upstream(s)  # the broker's WebSocket listener answers the upgrade first
     if not s.replay:
         return
     try:
