@@ -35,8 +35,14 @@ def frame(opcode, payload=b"", fin=True, mask=b"\x11\x22\x33\x44", rsv=0, length
         head = struct.pack("!BBQ", first, bit | 127, n)
     if mask is None:
         return head + payload
-    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    return head + mask + masked
+    return head + mask + xor(payload, mask)
+
+
+def xor(data, key):
+    """``data`` masked (or unmasked) with the 4-byte ``key`` (RFC 6455 §5.3)."""
+    n = len(data)
+    stream = (bytes(key) * (n // 4 + 1))[:n]
+    return (int.from_bytes(data, "big") ^ int.from_bytes(stream, "big")).to_bytes(n, "big")
 
 
 def binary(payload, **kw):
@@ -84,13 +90,14 @@ def upgrade_request(path="/mqtt", key=RFC_KEY, host="127.0.0.1", protocols="mqtt
     return (eol.join(lines) + eol + eol).encode("latin-1")
 
 
-def read_frame(data):
-    """``(fin, opcode, payload, rest)`` of the first server frame in ``data``,
-    or None if it is not all there.  Server frames must not be masked."""
+def read_frame(data, masked=False):
+    """``(fin, opcode, payload, rest)`` of the first frame in ``data``, or None
+    if it is not all there.  Server frames must not be masked, client frames
+    must (``masked``)."""
     if len(data) < 2:
         return None
     first, second = data[0], data[1]
-    assert not second & 0x80, "a server frame was masked: %r" % data[:16]
+    assert bool(second & 0x80) == masked, "masking is wrong: %r" % data[:16]
     n, pos = second & 0x7F, 2
     if n == 126:
         if len(data) < 4:
@@ -100,9 +107,17 @@ def read_frame(data):
         if len(data) < 10:
             return None
         n, pos = struct.unpack("!Q", data[2:10])[0], 10
+    key = b""
+    if masked:
+        if len(data) < pos + 4:
+            return None
+        key, pos = data[pos:pos + 4], pos + 4
     if len(data) < pos + n:
         return None
-    return bool(first & 0x80), first & 0x0F, data[pos:pos + n], data[pos + n:]
+    payload = data[pos:pos + n]
+    if masked:
+        payload = xor(payload, key)
+    return bool(first & 0x80), first & 0x0F, payload, data[pos + n:]
 
 
 def close_code(payload):

@@ -69,12 +69,12 @@ def preread_websocket(s, conf, first, deadline):
     try:
         mqtt_bytes = read_connect(s, conf, frames.recv)
     except FrameError as exc:
-        _close(s.sock, exc.code, str(exc))
+        _close(s.sock, exc.code, deadline, str(exc))
         plugin_exit(s, exc.reason, "websocket: %s" % exc)
     except Reject as exc:
         code = frames.close_code if frames.close_code else _CLOSE_FOR.get(
             exc.reason, wsframe.POLICY_VIOLATION)
-        _close(s.sock, code)
+        _close(s.sock, code, deadline)
         raise
     return b"".join(frames.raw) if options.passthrough else mqtt_bytes
 
@@ -104,19 +104,23 @@ def _read_upgrade(s, buf, deadline, options):
 
 def _refuse(s, exc, deadline):
     """Answer the HTTP status, let the client read it, and end the session."""
-    sock = s.sock
-    try:
-        sock.send(wshandshake.error_response(exc))
-        sock.shutdown(socket.SHUT_WR)
-        _drain(sock, min(deadline, time.monotonic() + LINGER))
-    except OSError:
-        pass  # the client is gone: nothing to tell it
+    _send_and_linger(s.sock, wshandshake.error_response(exc), deadline)
     plugin_exit(s, exc.reason, "websocket handshake refused: %d %s: %s" % (
         exc.status, wshandshake.REASONS.get(exc.status, "Error"), exc))
 
 
+def _send_and_linger(sock, data, deadline):
+    """Send a last answer, then drain what the client still sends (at most ``LINGER``
+    seconds, never past the preread deadline) so closing does not reset the answer."""
+    try:
+        sock.send(data)
+        sock.shutdown(socket.SHUT_WR)
+        _drain(sock, min(deadline, time.monotonic() + LINGER))
+    except OSError:
+        pass  # the client is gone: nothing to tell it
+
+
 def _drain(sock, deadline, limit=64 * 1024):
-    """Read and drop what the client still sends, so closing does not reset the answer."""
     while limit > 0:
         try:
             chunk = netio.recv(sock, RECV_SIZE, deadline)
@@ -127,12 +131,10 @@ def _drain(sock, deadline, limit=64 * 1024):
         limit -= len(chunk)
 
 
-def _close(sock, code, reason=""):
-    """Send a Close frame if the socket takes it now; never wait for it."""
-    try:
-        sock.send(wsframe.encode_frame(wsframe.CLOSE, wsframe.close_payload(code, reason[:100])))
-    except OSError:
-        pass
+def _close(sock, code, deadline, reason=""):
+    """A Close frame with ``code``, if the socket takes it now, then a short linger."""
+    _send_and_linger(sock, wsframe.encode_frame(
+        wsframe.CLOSE, wsframe.close_payload(code, reason[:100])), deadline)
 
 
 class _Frames:
@@ -200,7 +202,7 @@ def upgrade_upstream(s):
             buf += chunk
             end = wshandshake.parse_accept(buf, ws.request.key, s.settings.max_packet)
     except (HandshakeError, OSError) as exc:
-        _close(s.sock, wsframe.BAD_GATEWAY)
+        _close(s.sock, wsframe.BAD_GATEWAY, time.monotonic() + LINGER)
         why = (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc)
         raise Reject("ws_upstream", logging.ERROR,
                      "websocket upgrade with the broker failed: %s", why) from None
