@@ -2,8 +2,10 @@
 
 Each phase is a function of the ``Session``: it reads what earlier phases
 set, sets what later ones need, and refuses the client by raising ``Reject``.
-A new kind of session start (PROXY header, TLS handshake, WebSocket upgrade)
-is one more function in a listener's or route's list, not a branch here.
+A new kind of session start (PROXY header, TLS handshake) is one more
+function in a listener's list, not a branch here.  MQTT over WebSocket rides
+on the mqtt-proxy preread (the first byte tells, ``wspreread``); in its
+passthrough mode the broker's upgrade comes before the replay.
 
     match_route -> find_upstream -> preread -> dial -> replay   (then the relay)
 """
