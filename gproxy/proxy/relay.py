@@ -188,6 +188,9 @@ class Relay:
         self.hub.relays.add(self)
         for d in (self.up, self.down):
             self._resume(d)
+            if d.pending is not None and d.pending():
+                # bytes (or an end) already in hand: no watcher would fire for them
+                EventQueue._call((self._readable, d))
 
     def _resume(self, d):
         d.reader.start(self.hub.queue.append, (self._readable, d))

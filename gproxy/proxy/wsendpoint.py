@@ -46,7 +46,7 @@ class WebSocketEndpoint:
                  "_error", "_writer", "_loop", "_shut", "_closed", "_inner_pending",
                  "_sendmsg")
 
-    def __init__(self, sock, parser, loop=None):
+    def __init__(self, sock, parser, loop=None, client_close=None):
         self.sock = sock
         self.parser = parser      # mid-stream: preread read the frames up to the CONNECT
         self.client_close = None  # the code of the client's Close, once it sent one
@@ -61,6 +61,8 @@ class WebSocketEndpoint:
         self._closed = False
         self._inner_pending = getattr(sock, "pending", None)
         self._sendmsg = getattr(sock, "sendmsg", None)
+        if client_close is not None:  # its Close came with the CONNECT: end as if read now
+            self._closed_by_client(client_close)
 
     # -- what the relay sees of a socket ------------------------------------
     def fileno(self):
@@ -150,11 +152,14 @@ class WebSocketEndpoint:
             elif kind == wsframe.PING:
                 self._write(wsframe.encode_frame(wsframe.PONG, a))
             elif kind == wsframe.CLOSE:
-                self.client_close = a or wsframe.NORMAL
-                self._eof = True
-                self._send_close(a)  # echo the code (None: an empty Close)
+                self._closed_by_client(a)
         if data:
             self._in = data[0] if len(data) == 1 else b"".join(data)
+
+    def _closed_by_client(self, code):
+        self.client_close = code or wsframe.NORMAL
+        self._eof = True
+        self._send_close(code)  # echo the code (None: an empty Close)
 
     def _fail(self, exc):
         self._error = WebSocketError(errno.EPROTO, "websocket: %s (close %d)" % (exc, exc.code))

@@ -38,20 +38,21 @@ LINGER = 1.0  # seconds to drain a refused client so the answer is not lost to a
 class WebSocket:
     """A session's WebSocket state, from the upgrade to the hand-off (``Session.ws``)."""
 
-    __slots__ = ("request", "head", "passthrough", "parser")
+    __slots__ = ("request", "head", "passthrough", "parser", "client_close")
 
     def __init__(self, request, head, passthrough, parser):
         self.request = request
         self.head = head          # the upgrade request as received (passthrough replays it)
         self.passthrough = passthrough
         self.parser = parser      # the frame parser, mid-stream: the endpoint goes on with it
+        self.client_close = None  # a Close that came right behind the CONNECT
 
     def wrap(self, sock):
         """The relay's client endpoint: MQTT bytes (terminate) or the socket itself."""
         if self.passthrough:
             return sock
         self.parser.max_payload = None  # the relay streams frames of any size
-        return WebSocketEndpoint(sock, self.parser)
+        return WebSocketEndpoint(sock, self.parser, client_close=self.client_close)
 
 
 def preread_websocket(s, conf, first, deadline):
@@ -76,6 +77,7 @@ def preread_websocket(s, conf, first, deadline):
             exc.reason, wsframe.POLICY_VIOLATION)
         _close(s.sock, code, deadline)
         raise
+    s.ws.client_close = frames.close_code
     return b"".join(frames.raw) if options.passthrough else mqtt_bytes
 
 

@@ -19,7 +19,7 @@ import urllib.request
 
 import pytest
 
-from tests.integration.conftest import HOST, MOSQUITTO, free_port, mqtt_route, node, wait_until
+from tests.integration.conftest import HOST, MOSQUITTO, mqtt_route, node, wait_until
 from tests.integration.helpers import ApisixRing, Paho
 from tests.integration.test_dashboard import CHROMIUM, CHROMIUM_ARGS
 
@@ -43,7 +43,7 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
 def web():
     """The test page over HTTP on loopback; yields its origin."""
     server = http.server.ThreadingHTTPServer(
-        (HOST, free_port()), functools.partial(_Quiet, directory=str(WEB)))
+        (HOST, 0), functools.partial(_Quiet, directory=str(WEB)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield "http://%s:%d" % (HOST, server.server_address[1])

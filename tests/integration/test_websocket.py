@@ -435,3 +435,13 @@ def test_passthrough_broker_refusing_the_upgrade_gets_close_1014(mosquitto, gpro
     gp.wait_for_session_line(ws.local_port, "websocket upgrade with the broker failed: "
                              "broker refused the upgrade: HTTP/1.1 400", since=mark)
     assert conn.data == W.upgrade_request(key=ws.key)  # no frame went before the 101
+
+
+def test_close_right_behind_the_connect_is_echoed_after_the_connect_went_through(setup):
+    gp, a, _, _ = setup
+    with WsClient(gp.port, source=ONE) as ws:
+        ws.open()
+        ws.send(W.binary(P.connect_v311("hit-and-run")) + W.close(1000, b"bye"))
+        assert ws.frame() == (True, W.CLOSE, b"\x03\xe8")  # no data frame after our Close
+        assert expect_closed(ws.sock) == "eof"
+    a.wait_for_client("hit-and-run")

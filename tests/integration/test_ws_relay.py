@@ -27,14 +27,15 @@ WAIT = 5.0
 class Pair:
     """One relay: ``client`` speaks WebSocket, ``broker`` plain MQTT bytes."""
 
-    def __init__(self, hub, mqtt=True):
+    def __init__(self, hub, mqtt=True, client_close=None):
         self.client, client_end = socket.socketpair()
         upstream_end, self.broker = socket.socketpair()
         for s in (self.client, self.broker):
             s.setblocking(False)
         self.info = SessionInfo("1", "127.0.0.1", 1, "127.0.0.1", 2)
         self.done = []
-        self.endpoint = WebSocketEndpoint(client_end, FrameParser(masked=True))
+        self.endpoint = WebSocketEndpoint(client_end, FrameParser(masked=True),
+                                          client_close=client_close)
         self.relay = hub.start(self.endpoint, upstream_end, self.info, self.done.append, 60.0,
                                mqtt=mqtt)
         self.from_client = b""  # raw bytes the client received, not parsed yet
@@ -202,4 +203,12 @@ def test_relay_end_says_goodbye_at_packet_boundaries_in_frames(pair):
     p.client.send(W.binary(publish[10:] + P.pingreq()))
     got = p.read(p.broker, lambda got: False)
     assert got == publish[10:] + P.disconnect()  # the PINGREQ after the boundary is dropped
+    assert p.wait_done() == "eof"
+
+
+def test_a_close_read_before_the_relay_ends_it_without_more_client_bytes(pair):
+    p = pair(client_close=1001)  # preread saw the Close right behind the CONNECT
+    assert p.frames() == [(True, W.CLOSE, b"\x03\xe9")]  # echoed at once
+    assert p.read(p.broker, lambda got: False) == b""  # the broker gets its FIN
+    p.broker.close()
     assert p.wait_done() == "eof"
