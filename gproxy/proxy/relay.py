@@ -189,8 +189,7 @@ class Relay:
         for d in (self.up, self.down):
             self._resume(d)
             if d.pending is not None and d.pending():
-                # bytes (or an end) already in hand: no watcher would fire for them
-                EventQueue._call((self._readable, d))
+                self._readable(d)  # bytes (or an end) in hand already: no watcher would fire
 
     def _resume(self, d):
         d.reader.start(self.hub.queue.append, (self._readable, d))

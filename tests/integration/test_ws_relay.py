@@ -30,8 +30,8 @@ class Pair:
     def __init__(self, hub, mqtt=True, client_close=None):
         self.client, client_end = socket.socketpair()
         upstream_end, self.broker = socket.socketpair()
-        for s in (self.client, self.broker):
-            s.setblocking(False)
+        for s in (self.client, self.broker, client_end, upstream_end):
+            s.setblocking(False)  # the relay takes endpoints non-blocking
         self.info = SessionInfo("1", "127.0.0.1", 1, "127.0.0.1", 2)
         self.done = []
         self.endpoint = WebSocketEndpoint(client_end, FrameParser(masked=True),
