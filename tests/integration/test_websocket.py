@@ -421,7 +421,7 @@ def test_passthrough_with_paho_both_ways(passthrough):
         assert sub.expect_message().payload == b"q" * 200000
 
 
-def test_passthrough_broker_refusing_the_upgrade_gets_close_1014(mosquitto, gproxy, sink):
+def test_passthrough_broker_refusing_the_upgrade_gets_close_1014(gproxy, sink):
     route = _with_ws(mqtt_route([node(sink)]), {"mode": "passthrough"})
     gp = gproxy([route])
     mark = gp.mark()
