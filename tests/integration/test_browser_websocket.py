@@ -21,11 +21,21 @@ import pytest
 
 from tests.integration.conftest import HOST, MOSQUITTO, mqtt_route, node, wait_until
 from tests.integration.helpers import ApisixRing, Paho
-from tests.integration.test_dashboard import CHROMIUM, CHROMIUM_ARGS
+from tests.needs import require
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="needs Playwright for Python")
-if not os.access(CHROMIUM, os.X_OK):
-    pytest.skip("needs Debian's chromium at %s" % CHROMIUM, allow_module_level=True)
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
+
+try:
+    from playwright import sync_api
+except ImportError:  # pragma: no cover - the test extra installs it
+    sync_api = None
+require(sync_api is not None, "the MQTT.js browser tests need Playwright for Python "
+        "(pip install playwright); they never download a browser", module_level=True)
+require(os.access(CHROMIUM, os.X_OK), "the MQTT.js browser tests need Debian's chromium at %s "
+        "(apt-get install chromium)" % CHROMIUM, module_level=True)
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser, pytest.mark.timeout(90)]
 
@@ -53,8 +63,7 @@ def web():
 
 @pytest.fixture(scope="module")
 def setup(module_mosquitto, module_gproxy, web):
-    if MOSQUITTO is None:
-        pytest.skip("needs mosquitto")
+    require(MOSQUITTO is not None, "needs mosquitto (apt-get install mosquitto)")
     a, b = module_mosquitto("a"), module_mosquitto("b")
     ws = {"path": "/mqtt", "allow_origins": [web]}
 
