@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # `python bench/run.py`
 from bench import procstat, profile, report, targets as tg, workloads  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ALL_WORKLOADS = ["idle", "ping", "conn", "tput64", "tput16k"]
+ALL_WORKLOADS = ["idle", "ping", "conn", "tput64", "tput16k", "wsconn", "wstput64", "wstput16k"]
 MODES = {  # rounds, conn s, tput s, ping count, idle conns
     "quick": dict(rounds=1, conn_duration=3.0, tput_duration=2.0, ping_count=1000,
                   idle_conns=2000),

@@ -227,6 +227,8 @@ class Nginx(Service):
 
 
 class Gproxy(Service):
+    websocket = True  # its mqtt-proxy route also takes MQTT over WebSocket (the ws workloads)
+
     def __init__(self, run_dir, name, python, broker_port, extra_args=(), workers=1):
         self.name = name
         self.listeners = workers  # each SO_REUSEPORT worker binds its own

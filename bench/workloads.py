@@ -1,4 +1,4 @@
-"""The four workloads, seen from the harness: start workers, sample /proc, reduce.
+"""The workloads, seen from the harness: start workers, sample /proc, reduce.
 
 Each function takes a started target (``port``, ``pid`` or None for direct),
 the broker and the options, runs for a bounded time and returns a flat dict of
@@ -74,12 +74,18 @@ def _merge_errors(results):
     return errors
 
 
-def conn_rate(target, broker, opts, prefix):
-    """N processes: connect + CONNECT + CONNACK + DISCONNECT + close, for a duration."""
+def conn_rate(target, broker, opts, prefix, ws=False):
+    """N processes: connect + CONNECT + CONNACK + DISCONNECT + close, for a duration.
+
+    ``ws``: the same over WebSocket (upgrade first), for targets that speak it;
+    the metrics are then named ``wsconn_*``.
+    """
+    if ws and not getattr(target, "websocket", False):
+        return {}
     addr = (HOST, target.port)
     start_at = time.time() + 0.5 + 0.02 * opts.conn_procs
     workers = [_spawn(loadgen.conn_worker, addr, prefix + b"%02d-" % i, start_at,
-                      opts.conn_duration, opts.timeout) for i in range(opts.conn_procs)]
+                      opts.conn_duration, opts.timeout, ws) for i in range(opts.conn_procs)]
     try:
         _sleep_until(start_at)
         proxy0, broker0 = _cpu(target.pid), _cpu(broker.pid)
@@ -109,7 +115,7 @@ def conn_rate(target, broker, opts, prefix):
            "conn_loadgen_cores": sum(r["cpu"] for r in results if r) / wall}
     if missing:
         out["conn_errors"]["worker_lost"] = missing
-    return out
+    return {("ws" + k if ws else k): v for k, v in out.items()}
 
 
 def _ms(seconds):
@@ -165,8 +171,14 @@ def idle(target, broker, opts, prefix):
     return out
 
 
-def throughput(target, broker, opts, prefix, payload_size, label):
-    """One publisher, one subscriber, both through the target; MB/s at the subscriber."""
+def throughput(target, broker, opts, prefix, payload_size, key, ws=False):
+    """One publisher, one subscriber, both through the target; MB/s at the subscriber.
+
+    ``ws``: both speak MQTT over WebSocket (MB/s of MQTT bytes, frame headers
+    not counted), for targets that speak it.
+    """
+    if ws and not getattr(target, "websocket", False):
+        return {}
     addr = (HOST, target.port)
     topic = b"bench/" + prefix
     received = CTX.RawValue("q", 0)
@@ -175,13 +187,14 @@ def throughput(target, broker, opts, prefix, payload_size, label):
     start_at = go_at + warmup
     end_at = start_at + duration
     sub = _spawn(loadgen.subscriber, addr, prefix + b"sub", topic, received, start_at,
-                 duration, opts.timeout)
+                 duration, opts.timeout, ws)
     workers = [sub]
     try:
         if _receive(sub[1], time.monotonic() + 1.8) != "subscribed":
             raise RuntimeError("subscriber did not subscribe in time")
         workers.append(_spawn(loadgen.publisher, addr, prefix + b"pub", topic, payload_size,
-                              received, go_at, end_at + 0.2, opts.tput_window, opts.timeout))
+                              received, go_at, end_at + 0.2, opts.tput_window, opts.timeout,
+                              256 * 1024, ws))
         _sleep_until(start_at)
         proxy0 = _cpu(target.pid)
         broker0 = _cpu(broker.pid)
@@ -194,7 +207,7 @@ def throughput(target, broker, opts, prefix, payload_size, label):
     if not sub_r or not pub_r or not sub_r["bytes"]:
         raise RuntimeError("throughput run failed: subscriber=%r publisher=%r" % (sub_r, pub_r))
     got, seconds = sub_r["bytes"], sub_r["seconds"]
-    p = "tput%s_" % label
+    p = key + "_"
     return {p + "MBps": got / seconds / 1e6,
             p + "cpu_s_per_GB": (proxy1 - proxy0) / (got / 1e9) if target.pid else None,
             p + "proxy_cores": (proxy1 - proxy0) / duration if target.pid else None,
@@ -271,6 +284,10 @@ WORKLOADS = {
     "idle": idle,
     "ping": ping,
     "conn": conn_rate,
-    "tput64": lambda t, b, o, p: throughput(t, b, o, p, 64, "64"),
-    "tput16k": lambda t, b, o, p: throughput(t, b, o, p, 16 * 1024, "16k"),
+    "tput64": lambda t, b, o, p: throughput(t, b, o, p, 64, "tput64"),
+    "tput16k": lambda t, b, o, p: throughput(t, b, o, p, 16 * 1024, "tput16k"),
+    # MQTT over WebSocket: gproxy only (the other targets would need an HTTP front)
+    "wsconn": lambda t, b, o, p: conn_rate(t, b, o, p, ws=True),
+    "wstput64": lambda t, b, o, p: throughput(t, b, o, p, 64, "wstput64", ws=True),
+    "wstput16k": lambda t, b, o, p: throughput(t, b, o, p, 16 * 1024, "wstput16k", ws=True),
 }

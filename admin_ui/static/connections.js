@@ -13,6 +13,7 @@ const COLUMNS = {
   client: (s) => `${s.client_addr}\u0000${String(s.client_port).padStart(5, "0")}`,
   client_id: (s) => s.client_id ?? "",
   protocol_level: (s) => s.protocol_level ?? -1,
+  transport: (s) => s.transport ?? "tcp",
   route_id: (s) => s.route_id ?? "",
   node: (s) => s.node ?? "",
   state: (s) => s.state ?? "",
@@ -169,7 +170,7 @@ export function createConnections(section, ctx) {
 
   function matches(s, needle) {
     if (!needle) return true;
-    return [s.client_id, s.route_id, s.node, s.id, hostPort(s.client_addr, s.client_port)]
+    return [s.client_id, s.route_id, s.node, s.id, s.transport, hostPort(s.client_addr, s.client_port)]
       .some((v) => v !== null && v !== undefined && String(v).toLowerCase().includes(needle));
   }
 
@@ -198,7 +199,7 @@ export function createConnections(section, ctx) {
     setText(countLabel, shown.length === total ? `${total} live` : `${shown.length} of ${total} live`);
   }
 
-  const FIELDS = ["id", "client", "client_id", "protocol_level", "route_id", "node", "state",
+  const FIELDS = ["id", "client", "client_id", "protocol_level", "transport", "route_id", "node", "state",
     "bytes_in", "bytes_out", "connected_at"];
 
   function newRow(s) {
@@ -221,6 +222,8 @@ export function createConnections(section, ctx) {
     setText(cid, s.client_id === null || s.client_id === undefined ? "–" : s.client_id === "" ? "(empty)" : s.client_id);
     cid.classList.toggle("muted", !s.client_id);
     setText(cell("protocol_level"), mqttVersion(s.protocol_level));
+    // tcp: raw MQTT; ws: MQTT over WebSocket (bytes are MQTT bytes when gproxy unwraps)
+    setText(cell("transport"), s.transport ?? "tcp");
     setText(cell("route_id"), s.route_id ?? "–");
     setText(cell("node"), s.node ?? "–");
     const state = cell("state");

@@ -94,11 +94,25 @@ STREAM_ROUTE_SCHEMA = {
     }),
     "additionalProperties": False,
 }
+#: gproxy's extension (docs/websocket.md): MQTT over WebSocket on the same route.
+#: APISIX's mqtt-proxy schema has no additionalProperties, so APISIX accepts
+#: (and ignores) this key too: a route using it still loads there.
+WEBSOCKET_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "enable": {"type": "boolean"},
+        "path": {"type": "string", "pattern": "^/", "maxLength": 4096},
+        "allow_origins": {"type": "array", "items": {"type": "string", "minLength": 1}},
+        "mode": {"type": "string", "enum": ["terminate", "passthrough"]},
+    },
+    "additionalProperties": False,
+}
 #: mqtt-proxy's schema: no additionalProperties, so the deprecated ``upstream`` is accepted.
 MQTT_PROXY_SCHEMA = {
     "type": "object",
     "properties": {"protocol_name": {"type": "string"},
-                   "protocol_level": {"type": "integer"}},
+                   "protocol_level": {"type": "integer"},
+                   "websocket": WEBSOCKET_SCHEMA},
     "required": ["protocol_level"],
 }
 STREAM_PLUGINS = {"mqtt-proxy": MQTT_PROXY_SCHEMA}

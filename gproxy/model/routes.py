@@ -84,9 +84,28 @@ class Upstream:
 
 
 @dataclass(frozen=True)
+class WebSocketConf:
+    """gproxy's ``websocket`` option of mqtt-proxy (docs/websocket.md)."""
+
+    enable: bool = True
+    path: str = None         # None: any path
+    origins: tuple = None    # lower-cased; None: any Origin
+    passthrough: bool = False  # pass the upgrade and frames to a WebSocket broker
+
+    @classmethod
+    def from_conf(cls, conf):
+        conf = conf or {}
+        origins = conf.get("allow_origins")
+        return cls(conf.get("enable", True), conf.get("path"),
+                   None if origins is None else tuple(o.lower() for o in origins),
+                   conf.get("mode") == "passthrough")
+
+
+@dataclass(frozen=True)
 class MqttConf:
     protocol_name: str
     protocol_level: int
+    websocket: WebSocketConf = WebSocketConf()
 
 
 class Route:
@@ -104,7 +123,8 @@ class Route:
         plugin = (conf.get("plugins") or {}).get("mqtt-proxy")
         self.mqtt = None
         if plugin is not None:
-            self.mqtt = MqttConf(plugin.get("protocol_name", "MQTT"), plugin["protocol_level"])
+            self.mqtt = MqttConf(plugin.get("protocol_name", "MQTT"), plugin["protocol_level"],
+                                 WebSocketConf.from_conf(plugin.get("websocket")))
         self.plugin_upstream = None
         old = (plugin or {}).get("upstream")  # deprecated (≤ 2.15), used only without another
         if isinstance(old, dict) and (old.get("host") or old.get("ip")) and old.get("port"):

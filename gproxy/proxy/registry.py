@@ -9,7 +9,8 @@ Every count a reader needs (live sessions per route, node and state;
 sessions and rejections since start) is kept up to date as sessions start,
 change state and end, so the Admin API, the dashboard and the metrics read
 counters instead of walking every session.  That is why the state and node
-of a tracked session change only through ``set_state``/``set_node``.
+of a tracked session change only through ``set_state``/``set_node``
+(and its transport through ``set_transport``).
 ``snapshot()`` and ``stats()`` return plain JSON-ready dicts so worker
 processes can each report theirs and a parent can merge them.  No I/O.
 """
@@ -40,6 +41,7 @@ class SessionInfo:
     bytes_out: int = 0  # broker -> client
     connected_at: float = field(default_factory=time.time)
     state: str = "preread"
+    transport: str = "tcp"  # "ws": MQTT over WebSocket (later "wss" on TLS listeners)
 
     @property
     def seq(self):
@@ -65,6 +67,7 @@ class Registry:
         self.per_route = {}     # live, per route
         self.per_node = {}      # live, per node
         self.per_state = {}     # live, per state
+        self.per_transport = {}  # live, per transport (tcp, ws)
         self.bytes_in_closed = 0
         self.bytes_out_closed = 0
 
@@ -83,6 +86,7 @@ class Registry:
         self.route_total[route] = self.route_total.get(route, 0) + 1
         _move(self.per_route, None, route)
         _move(self.per_state, None, info.state)
+        _move(self.per_transport, None, info.transport)
         if info.node is not None:
             _move(self.per_node, None, info.node)
 
@@ -90,6 +94,11 @@ class Registry:
         if info.id in self._live:
             _move(self.per_state, info.state, state)
         info.state = state
+
+    def set_transport(self, info, transport):
+        if info.id in self._live:
+            _move(self.per_transport, info.transport, transport)
+        info.transport = transport
 
     def set_node(self, info, node):
         if info.id in self._live:
@@ -104,6 +113,7 @@ class Registry:
         _move(self.per_route, info.route_id, None)
         _move(self.per_state, info.state, None)
         _move(self.per_node, info.node, None)
+        _move(self.per_transport, info.transport, None)
         self.bytes_in_closed += info.bytes_in
         self.bytes_out_closed += info.bytes_out
         info.state = "closed"
@@ -144,6 +154,7 @@ class Registry:
             "per_node": dict(self.per_node),
             "per_route": {str(k): v for k, v in self.per_route.items()},
             "per_state": dict(self.per_state),
+            "per_transport": dict(self.per_transport),
             "route_total": {str(k): v for k, v in self.route_total.items()},
             "started_at": self.started_at,
         }

@@ -188,6 +188,8 @@ class Relay:
         self.hub.relays.add(self)
         for d in (self.up, self.down):
             self._resume(d)
+            if d.pending is not None and d.pending():
+                self._readable(d)  # bytes (or an end) in hand already: no watcher would fire
 
     def _resume(self, d):
         d.reader.start(self.hub.queue.append, (self._readable, d))

@@ -74,6 +74,7 @@ class Session:
         self.vars = {}
         self.upstream_sock = None
         self.sni = None  # the TLS client's server name, once a handshake phase ran
+        self.ws = None  # a WebSocket client's state, once its upgrade was read (wspreread)
         self.peer = None  # the node being dialled, then the one connected
         self.action = None
         self.relay = None
@@ -154,10 +155,13 @@ class Session:
         # came from the listener: the relay takes them as they are.
         client, upstream = self.sock, self.upstream_sock
         self.upstream_sock = None
+        mqtt = self.route.mqtt is not None
+        if self.ws is not None:  # MQTT bytes in frames, or frames passed through
+            client, mqtt = self.ws.wrap(client), mqtt and not self.ws.passthrough
         self.set_state("relaying")
         self.action = "proxying connection"
         self.relay = self.proxy.relays.start(client, upstream, self.info, self._relay_done, idle,
-                                             mqtt=self.route.mqtt is not None)
+                                             mqtt=mqtt)
 
     def _relay_done(self, relay):
         info = self.info

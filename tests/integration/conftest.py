@@ -55,6 +55,21 @@ def free_port():
         return s.getsockname()[1]
 
 
+def free_ports(n):
+    """``n`` distinct free loopback ports: all held bound until all are chosen (one
+    ``free_port()`` after another can get the same port back from the kernel)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(s)
+            s.bind((HOST, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def _listening_in_proc(port):
     """True/False from /proc/net/tcp{,6}; None if /proc is not readable."""
     seen_file = False
@@ -461,9 +476,8 @@ class Gproxy:
     def __init__(self, directory, stream_routes, upstreams=(), config=None, listeners=1):
         self.dir = directory
         os.makedirs(directory, exist_ok=True)
-        self.ports = [free_port() for _ in range(listeners)]
+        *self.ports, self.admin_port = free_ports(listeners + 1)
         self.port = self.ports[0]
-        self.admin_port = free_port()
         self.config_path = os.path.join(directory, "config.yaml")
         self.routes_path = os.path.join(directory, "apisix.yaml")
         self.log_file = LogFile(os.path.join(directory, "gproxy.log"))

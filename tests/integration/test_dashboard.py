@@ -377,6 +377,7 @@ def test_live_clients_show_up_on_their_node_and_can_be_disconnected(page, gp, br
         expect(row.locator("td[data-col=node]")).to_have_text(node)
         expect(row.locator("td[data-col=route_id]")).to_have_text(ROUTE)
         expect(row.locator("td[data-col=protocol_level]")).to_have_text("3.1.1")
+        expect(row.locator("td[data-col=transport]")).to_have_text("tcp")
         expect(row.locator("td[data-col=client]")).to_have_text(
             "%s:%d" % (HOST, clients[cid].local_port))
     per_node = collections.Counter(expected_node.values())
