@@ -171,7 +171,7 @@ class Relay:
     __slots__ = ("hub", "client", "upstream", "info", "on_done", "last", "idle", "reason",
                  "up", "down", "deadline")
 
-    def __init__(self, hub, client, upstream, info, on_done, idle, mqtt=False):
+    def __init__(self, hub, client, upstream, info, on_done, idle, mqtt=False, replayed=b""):
         self.hub = hub
         self.idle = idle
         self.client = client
@@ -183,6 +183,8 @@ class Relay:
         self.deadline = None  # when a clean end gives up and aborts
         self.up = _Direction(hub.loop, client, upstream, "bytes_in", mqtt)
         self.down = _Direction(hub.loop, upstream, client, "bytes_out", mqtt)
+        if mqtt and replayed:  # the replay may end inside a second packet
+            self.up.track.feed(replayed)
 
     def start(self):
         self.hub.relays.add(self)
@@ -416,7 +418,8 @@ class RelayHub:
         self.sweep_interval = sweep_interval
         self._sweeper = None
 
-    def start(self, client, upstream, info, on_done, idle_timeout=600.0, mqtt=False):
+    def start(self, client, upstream, info, on_done, idle_timeout=600.0, mqtt=False,
+              replayed=b""):
         """Relay between two connected endpoints; ``on_done(relay)`` runs once at the end.
 
         The endpoints (already non-blocking) become the relay's: it closes them.
@@ -424,7 +427,7 @@ class RelayHub:
         (nginx proxy_timeout).  ``mqtt``: follow packet boundaries, so
         ``Relay.end`` can end it cleanly.
         """
-        relay = Relay(self, client, upstream, info, on_done, idle_timeout, mqtt)
+        relay = Relay(self, client, upstream, info, on_done, idle_timeout, mqtt, replayed)
         relay.start()
         if self._sweeper is None:
             self._sweeper = gevent.spawn(self._sweep)

@@ -161,7 +161,7 @@ class Session:
         self.set_state("relaying")
         self.action = "proxying connection"
         self.relay = self.proxy.relays.start(client, upstream, self.info, self._relay_done, idle,
-                                             mqtt=mqtt)
+                                             mqtt=mqtt, replayed=self.replay)
 
     def _relay_done(self, relay):
         info = self.info

@@ -35,7 +35,8 @@ class Pair:
         self.relay = hub.start(client_end, upstream_end, self.info, self.done.append, 60.0,
                                mqtt=mqtt)
 
-    def read_all(self, sock, timeout=5.0):
+    @staticmethod
+    def read_all(sock, timeout=5.0):
         """Everything ``sock`` receives until the relay closes its side."""
         sock.setblocking(False)
         got = b""
@@ -145,3 +146,24 @@ def test_a_non_mqtt_relay_is_closed_at_once(hub):
     assert pair.relay.end(BROKER_BYE, None, 5.0) is False
     assert pair.done and pair.done[0].reason == "shutdown"
     pair.close()
+
+
+def test_a_replay_that_ends_inside_a_second_packet_keeps_the_boundaries(hub):
+    """The session replays the CONNECT and whatever the client pipelined after it;
+    the relay must count those bytes, or it would end in the middle of a packet."""
+    connect = P.connect_v311(b"pipelined")
+    subscribe = P.packet(0x82, b"\x00\x01" + P.encode_string("t/#") + b"\x00")
+    replayed = connect + subscribe[:4]
+    client, client_end = socket.socketpair()
+    upstream_end, broker = socket.socketpair()
+    for s in (client_end, upstream_end):
+        s.setblocking(False)
+    done = []
+    relay = hub.start(client_end, upstream_end, SessionInfo("t-2", "127.0.0.1", 1, "127.0.0.1", 2),
+                      done.append, 60.0, mqtt=True, replayed=replayed)
+    relay.end(BROKER_BYE, None, 5.0)
+    settle()
+    client.sendall(subscribe[4:] + P.pingreq())
+    assert Pair.read_all(broker) == subscribe[4:] + BROKER_BYE
+    client.close()
+    broker.close()
