@@ -7,6 +7,7 @@ Every socket has a timeout and every loop a deadline.
 """
 
 import errno
+import select
 import socket
 import time
 from array import array
@@ -210,3 +211,55 @@ def publisher(pipe, addr, client_id, topic, payload_size, received, go_at, end_a
         pass
     sock.close()
     pipe.send({"sent": sent, "waits": waits, "cpu": self_cpu_seconds() - cpu0})
+
+
+def paced_publisher(pipe, addr, client_id, topic, rate, payload_size, timeout):
+    """Publish QoS 0 at ``rate`` msgs/s on a fixed schedule until the harness says stop.
+
+    Messages that fell behind the schedule (a late wake-up) are sent at once,
+    so the average rate holds.
+    """
+    frame = mqttwire.publish(topic, b"x" * payload_size)
+    sock = mqtt_session(addr, client_id, timeout)
+    pipe.send("ready")
+    interval, sent = 1.0 / rate, 0
+    cpu0, t0 = self_cpu_seconds(), time.monotonic()
+    while True:
+        due = int((time.monotonic() - t0) / interval) + 1 - sent
+        if due > 0:
+            sock.sendall(frame * due)
+            sent += due
+        if pipe.poll(max(0.0, t0 + sent * interval - time.monotonic())):
+            break  # "stop"
+    seconds = time.monotonic() - t0
+    pipe.recv()
+    try:
+        sock.sendall(mqttwire.DISCONNECT)
+    except OSError:
+        pass
+    sock.close()
+    pipe.send({"sent": sent, "seconds": seconds, "cpu": self_cpu_seconds() - cpu0})
+
+
+def counting_subscriber(pipe, addr, client_id, topic, timeout):
+    """Subscribe, then count the bytes delivered until the harness says stop."""
+    sock = mqtt_session(addr, client_id, timeout)
+    sock.sendall(mqttwire.subscribe(topic))
+    if recv_exact(sock, 5) != mqttwire.suback():
+        raise ConnectionError("bad SUBACK")
+    pipe.send("subscribed")
+    buf = bytearray(1 << 16)
+    total, t0 = 0, time.monotonic()
+    while True:
+        ready, _, _ = select.select([sock, pipe], [], [], timeout)
+        if pipe in ready or not ready:
+            break
+        n = sock.recv_into(buf)
+        if not n:
+            break
+        total += n
+    seconds = time.monotonic() - t0
+    if pipe.poll():
+        pipe.recv()
+    sock.close()
+    pipe.send({"bytes": total, "seconds": seconds})
