@@ -41,7 +41,7 @@ def core_tput(payload_size, key):
             return {}  # no proxy: nothing per core to add to the direct throughput rows
         return per_core(workloads.throughput, target, broker, opts, prefix,
                         payload_size=payload_size, key=key,
-                        duration=opts.core_tput_duration, lead=1.0)
+                        duration=opts.core_tput_duration)
     return run
 
 

@@ -31,7 +31,7 @@ PER_CORE = [w for w in ALL_WORKLOADS if w.startswith("core-")]
 MODES = {
     "quick": dict(rounds=1, conn_duration=3.0, tput_duration=2.0, ping_count=1000,
                   idle_conns=2000, loaded_duration=1.0, order_trials=300,
-                  core_conn_duration=2.0, core_tput_duration=1.0,
+                  core_conn_duration=1.5, core_tput_duration=1.0,
                   workloads=[w for w in ALL_WORKLOADS if w != "core-tput64"]),
     "full": dict(rounds=3, conn_duration=8.0, tput_duration=5.0, ping_count=5000,
                  idle_conns=10000, loaded_duration=4.0, order_trials=2000,
@@ -80,7 +80,7 @@ def parse_args(argv):
     p.add_argument("--order-trials", type=int, help="order probe: trials per gap "
                    "(quick 300, full 2000)")
     p.add_argument("--core-conn-duration", type=float,
-                   help="seconds per per-core connection-rate run (quick 2, full 5)")
+                   help="seconds per per-core connection-rate run (quick 1.5, full 5)")
     p.add_argument("--core-tput-duration", type=float,
                    help="seconds per per-core throughput run (quick 1, full 3)")
     p.add_argument("--timeout", type=float, default=10.0, help="per-socket-operation timeout")

@@ -192,7 +192,7 @@ def idle(target, broker, opts, prefix):
 
 
 def throughput(target, broker, opts, prefix, payload_size, key, ws=False, duration=None,
-               lead=2.0, cpus=None):
+               lead=1.0, cpus=None):
     """One publisher, one subscriber, both through the target; MB/s at the subscriber.
 
     ``ws``: both speak MQTT over WebSocket (MB/s of MQTT bytes, frame headers
