@@ -8,6 +8,7 @@ PID and start time so a recycled PID is never signalled.  All listeners are on
 """
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -21,7 +22,35 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 
 
+def _ephemeral_range():
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
+            low, high = (int(v) for v in fh.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port():
+    """A loopback port nothing uses now, below the ephemeral range where there is room.
+
+    ``bind(0)`` hands out ports from ``ip_local_port_range``, the range every
+    outgoing connection on the machine takes its local port from; with the load
+    generator's thousands of connections (and their TIME_WAITs) and other users
+    of the box, such a port was often taken again by the time a target bound it
+    (nginx once missed a whole round).  A random port below that range is
+    only ever taken by someone binding it on purpose.  Checked by binding
+    without SO_REUSEADDR, which also refuses a port a TIME_WAIT still holds.
+    """
+    low = _ephemeral_range()[0]
+    for _ in range(100 if low > 11024 else 0):
+        port = random.randrange(10000, low)
+        with socket.socket() as s:
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
@@ -89,6 +118,7 @@ class Service:
         raise NotImplementedError
 
     def start(self, timeout=20.0):
+        self.pick_ports()
         self.write_config()
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=self._log,
@@ -105,6 +135,9 @@ class Service:
 
     def write_config(self):
         pass
+
+    def pick_ports(self):
+        """Choose listening ports right before each start (see ``free_port``)."""
 
     def ready_ports(self):
         return [p for p in (self.port, self.order_port) if p is not None]
@@ -198,11 +231,14 @@ class HAProxy(Service):
     def __init__(self, run_dir, binary, broker_port, nofile, sink_port):
         super().__init__(run_dir)
         self.binary, self.broker_port, self.nofile = binary, broker_port, nofile
-        self.port, self.order_port, self.sink_port = free_port(), free_port(), sink_port
+        self.sink_port = sink_port
         self.maxconn = min(30000, (nofile - 100) // 2)  # two fds a session
         self.conf = os.path.join(run_dir, "haproxy.cfg")
         self.note = "mode tcp, nbthread 1, maxconn %d, ulimit-n %d, chash on the MQTT " \
             "client id" % (self.maxconn, nofile)
+
+    def pick_ports(self):
+        self.port, self.order_port = free_port(), free_port()
 
     def write_config(self):
         with open(self.conf, "w") as fh:
@@ -219,11 +255,14 @@ class Nginx(Service):
     def __init__(self, run_dir, binary, broker_port, nofile, sink_port):
         super().__init__(run_dir)
         self.binary, self.broker_port, self.nofile = binary, broker_port, nofile
-        self.port, self.order_port, self.sink_port = free_port(), free_port(), sink_port
+        self.sink_port = sink_port
         self.worker_connections = min(30000, nofile)
         self.conf = os.path.join(run_dir, "nginx.conf")
         self.note = "stream module, worker_processes 1 (+ master), worker_connections %d; " \
             "plain proxy_pass (nginx cannot hash on the MQTT client id)" % self.worker_connections
+
+    def pick_ports(self):
+        self.port, self.order_port = free_port(), free_port()
 
     def write_config(self):
         with open(self.conf, "w") as fh:
@@ -244,8 +283,7 @@ class Gproxy(Service):
         self.listeners = self.workers = workers  # each SO_REUSEPORT worker binds its own
         super().__init__(run_dir)
         self.python, self.broker_port, self.extra_args = python, broker_port, list(extra_args)
-        self.port, self.order_port, self.sink_port = free_port(), free_port(), sink_port
-        self.admin_port = free_port()
+        self.sink_port = sink_port
         self.dir = os.path.join(run_dir, "conf-" + name)
         os.makedirs(self.dir, exist_ok=True)
         # With the harness's own interpreter, run from the repository so the
@@ -257,6 +295,9 @@ class Gproxy(Service):
         self.note = "mqtt-proxy route, chash on mqtt_client_id, max_connections 20000" + (
             ", args: %s" % " ".join(self.extra_args) if self.extra_args else "") + (
             "" if own_python else ", interpreter %s" % python)
+
+    def pick_ports(self):
+        self.port, self.order_port, self.admin_port = free_port(), free_port(), free_port()
 
     def write_config(self):
         with open(self.conf, "w") as fh:
