@@ -218,11 +218,11 @@ def write(results_dir, doc, head, rows):
              "in cores are context (no ratio)." % (
                  doc["command"], doc["mode"], doc["rounds"]), "",
              markdown_table(head, rows), "",
-             "Machine: %s, %s cores (%s), %s RAM, kernel %s, Python %s, gevent %s, gproxy %s; "
-             "%s; %s; %s; RLIMIT_NOFILE %s." % (
+             "Machine: %s, %s cores (%s), %s RAM, kernel %s, Python %s, gevent %s, gproxy %s "
+             "(%s); %s; %s; %s; RLIMIT_NOFILE %s." % (
                  m["host"], m["nproc"], m["cpu"], m["ram"], m["kernel"], m["python"],
-                 m["gevent"], m["gproxy"], m["haproxy"], m["nginx"], m["mosquitto"],
-                 m["nofile"]), ""]
+                 m["gevent"], m["gproxy"], m.get("gproxy_path"), m["haproxy"], m["nginx"],
+                 m["mosquitto"], m["nofile"]), ""]
     lines += ["Targets:"] + ["- %s: %s" % (t, n) for t, n in doc["target_notes"].items()]
     if doc["notes"]:
         lines += ["", "Notes:"] + ["- " + n for n in doc["notes"]]
