@@ -509,6 +509,7 @@ def test_drain_a_node_from_the_chart_then_undrain_it(page, gp, brokers, clients)
     expect(page.locator("#evictions li").first).to_contain_text(
         "Draining %s: %d of %d closed (20/s) — done" % (a.addr, len(on_a), len(on_a)))
     assert node_weights(gp, a.addr) == [(0, {"gproxy_weight": 1}), (0, {"gproxy_weight": 2})]
+    screenshot(page, "drain", hide_toast=True)
     # weight 0: a client the ring puts on a now goes to b
     with Paho(on_a[0], gp.port):
         listed = admin(gp, "GET", "/gproxy/sessions?client_id=%s" % on_a[0])[1]["list"]
