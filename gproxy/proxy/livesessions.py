@@ -72,12 +72,17 @@ def _addr_check(text):
     if "/" not in text:
         return lambda info: info.client_addr == text
     net = ipaddress.ip_network(text, strict=False)
+    seen = {}  # client address -> inside; parsing an address costs ~2 us, a lookup ~50 ns
 
     def inside(info):
-        try:
-            return ipaddress.ip_address(info.client_addr) in net
-        except ValueError:
-            return False
+        addr = info.client_addr
+        found = seen.get(addr)
+        if found is None:
+            try:
+                found = seen[addr] = ipaddress.ip_address(addr) in net
+            except ValueError:
+                found = seen[addr] = False
+        return found
     return inside
 
 
