@@ -144,8 +144,13 @@ def start_gproxy(workdir, brokers):
     log = open(os.path.join(workdir, "gproxy.log"), "wb")
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", config,
                              probe], cwd=workdir, stdout=log, stderr=log)
-    wait_port(admin, proc)
-    wait_port(stream, proc)
+    try:
+        wait_port(admin, proc)
+        wait_port(stream, proc)
+    except RuntimeError as exc:
+        stop(proc)
+        with open(log.name, errors="replace") as fh:
+            raise RuntimeError("gproxy did not start (%s):\n%s" % (exc, fh.read()[-3000:]))
     return proc, stream, admin, probe
 
 
@@ -297,7 +302,13 @@ def measure(args):
     try:
         brokers = [start_broker(workdir, name) for name in ("a", "b")]
         procs += [p for p, _ in brokers]
-        gp, stream, admin, probe = start_gproxy(workdir, [port for _, port in brokers])
+        for attempt in range(3):  # a free port may be taken by someone else meanwhile
+            try:
+                gp, stream, admin, probe = start_gproxy(workdir, [p for _, p in brokers])
+                break
+            except RuntimeError:
+                if attempt == 2:
+                    raise
         procs.append(gp)
         t = time.monotonic()
         socks = open_idle(stream, args.sessions)
