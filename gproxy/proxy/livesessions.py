@@ -18,6 +18,7 @@ for more than about a millisecond whatever the number of sessions.
 
 import ipaddress
 import operator
+import time
 
 import gevent
 
@@ -28,7 +29,8 @@ from gproxy.proxy.evict import Evictions
 from gproxy.proxy.registry import STATES
 
 SORTS = ("connected_at", "bytes_in", "bytes_out", "client_id")
-CHUNK = 256
+CHUNK = 128          # sessions looked at between two chances to yield
+YIELD_EVERY = 0.001  # seconds of admin work before the data path gets the hub back
 
 
 def sort_order(text):
@@ -110,8 +112,22 @@ def where_for(spec, placement=None):
     return lambda info: all(check(info) for check in checks)
 
 
-def gevent_pause():
-    gevent.sleep(0)
+_last_yield = [0.0]
+
+
+def gevent_pause(budget=YIELD_EVERY):
+    """Let the data path run if admin work has held the hub for ``budget`` seconds.
+
+    ``gevent.sleep(0)`` would not do: it only queues a callback, and the hub
+    runs queued callbacks back to back (checking the clock every 50), so a
+    walk over 10,000 sessions that "yields" 40 times that way still holds the
+    hub for its whole length.  A short timer makes the loop poll sockets and
+    run timers before the walk goes on.
+    """
+    now = time.perf_counter()
+    if now - _last_yield[0] >= budget:
+        gevent.sleep(0.0001)
+        _last_yield[0] = time.perf_counter()
 
 
 class LiveSessions:
@@ -136,7 +152,8 @@ class LiveSessions:
         total, first, per_node = self.registry.query(
             where_for(spec, placement), record_key(field), reverse,
             None if limit is None else offset + limit,
-            tally=operator.attrgetter("node") if placement else None, pause=self.pause)
+            tally=operator.attrgetter("node") if placement else None, pause=self.pause,
+            every=CHUNK)
         items = []
         for start in range(offset, len(first), CHUNK):
             for info in first[start:start + CHUNK]:
@@ -154,7 +171,8 @@ class LiveSessions:
         """Ids of the sessions ``spec`` matches now, oldest first."""
         check_spec(spec)
         placement = Placement(self._table()) if spec.get("misplaced") else None
-        _, found, _ = self.registry.query(where_for(spec, placement), pause=self.pause)
+        _, found, _ = self.registry.query(where_for(spec, placement), pause=self.pause,
+                                          every=CHUNK)
         return [info.id for info in found]
 
     def stats(self):

@@ -15,13 +15,16 @@ processes can each report theirs and a parent can merge them.  No I/O.
 """
 
 import itertools
+import operator
 import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 
 STATES = ("preread", "connecting", "relaying", "closing")
-QUERY_CHUNK = 256  # records filtered between two pauses (well under a millisecond)
+QUERY_CHUNK = 256
+_BYTES_IN = operator.attrgetter("bytes_in")
+_BYTES_OUT = operator.attrgetter("bytes_out")  # records filtered between two pauses (well under a millisecond)
 
 
 @dataclass
@@ -174,13 +177,13 @@ class Registry:
         return [info.as_dict() for info in list(self._live.values())]
 
     def stats(self):
-        live = self._live.values()
+        live = self._live.values()  # byte counts move with every packet: summed in C
         return {
             "live_sessions": len(self._live),
             "sessions_total": self.sessions_total,
             "rejected": dict(self.rejected),
-            "bytes_in": self.bytes_in_closed + sum(i.bytes_in for i in live),
-            "bytes_out": self.bytes_out_closed + sum(i.bytes_out for i in live),
+            "bytes_in": self.bytes_in_closed + sum(map(_BYTES_IN, live)),
+            "bytes_out": self.bytes_out_closed + sum(map(_BYTES_OUT, live)),
             "per_node": dict(self.per_node),
             "per_route": {str(k): v for k, v in self.per_route.items()},
             "per_state": dict(self.per_state),

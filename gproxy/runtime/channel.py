@@ -51,7 +51,7 @@ def encode(message):
     return b"\n" + json.dumps(message, separators=(",", ":")).encode() + b"\n"
 
 
-def encode_large(message, pause, every=256):
+def encode_large(message, pause, every=128):
     """``encode`` for a reply with a long ``list`` (a deep page of sessions):
     the items are serialised ``every`` at a time with ``pause()`` in between,
     so a worker's hub is never held for the whole list."""

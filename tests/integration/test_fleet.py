@@ -19,7 +19,7 @@ import time
 import pytest
 
 from tests import packets
-from tests.integration.conftest import HOST, mqtt_route, node, wait_until
+from tests.integration.conftest import mqtt_route, node, wait_until
 from tests.integration.helpers import CONNACK_OK, ApisixRing, Paho, dial, recv_exact
 from tests.integration.test_admin_e2e import (ADMIN, admin, with_admin,  # noqa: F401
                                               workers_gproxy)

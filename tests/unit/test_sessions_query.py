@@ -251,7 +251,7 @@ def test_eviction_at_once_goes_in_batches_and_can_be_cancelled():
 def test_large_replies_are_encoded_in_chunks_with_pauses():
     items = [{"id": "1-%d" % i, "client_id": "ü-%d" % i} for i in range(700)]
     pauses = []
-    line = encode_large({"id": 4, "total": 700, "list": items}, lambda: pauses.append(1))
+    line = encode_large({"id": 4, "total": 700, "list": items}, lambda: pauses.append(1), 256)
     assert line.startswith(b"\n") and line.endswith(b"\n") and len(pauses) == 2
     assert decode(line.strip()) == {"id": 4, "total": 700, "list": items}
     assert decode(encode_large({"list": items[:3]}, None).strip()) == {"list": items[:3]}
