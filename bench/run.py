@@ -36,7 +36,8 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="CI mode: 1 round, short runs, "
                    "2000 idle conns (about 1-2 minutes)")
     p.add_argument("--targets", default=None, help="comma list from direct,haproxy,nginx,"
-                   "gproxy,gproxy-wN (default: all available)")
+                   "gproxy,gproxy-wN,gproxy-embedded (default: all available but "
+                   "gproxy-embedded)")
     p.add_argument("--workloads", default=",".join(ALL_WORKLOADS),
                    help="comma list from %s" % ",".join(ALL_WORKLOADS))
     p.add_argument("--rounds", type=int, help="rounds (quick 1, full 3)")
@@ -112,6 +113,8 @@ def build_targets(args, run_dir, broker, binaries, nofile, notes):
                          "(apt-get install nginx-light libnginx-mod-stream)")
     if want("gproxy"):
         out.append(tg.Gproxy(run_dir, "gproxy", args.python, broker.port, extra))
+    if wanted is not None and "gproxy-embedded" in wanted:  # opt-in: gproxy.start()
+        out.append(tg.GproxyEmbedded(run_dir, args.python, broker.port))
     if want(variant) or (wanted is None):
         if tg.gproxy_has_workers(args.python, ROOT):
             out.append(tg.Gproxy(run_dir, variant, args.python, broker.port,

@@ -254,6 +254,17 @@ class Gproxy(Service):
             self.extra_args
 
 
+class GproxyEmbedded(Gproxy):
+    """gproxy started by ``gproxy.start()`` in an unpatched program (bench/embedded.py)."""
+
+    def __init__(self, run_dir, python, broker_port):
+        super().__init__(run_dir, "gproxy-embedded", python, broker_port)
+        self.note = "mqtt-proxy route, chash on mqtt_client_id, gproxy.start() in a thread"
+
+    def command(self):
+        return [self.python, "-m", "bench.embedded", self.conf]
+
+
 def gproxy_has_workers(python, cwd):
     """True if this gproxy's ``--help`` offers ``--workers``."""
     try:

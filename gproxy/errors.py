@@ -44,3 +44,11 @@ class Reject(GproxyError):
         super().__init__(message % args if args else message)
         self.reason = reason
         self.level = level
+
+
+class StoreUnavailable(GproxyError, OSError):
+    """The store cannot be reached (etcd down); ``str(exc)`` is APISIX's message.
+
+    An OSError, so a store that cannot load at start-up is reported like an
+    unreadable file; the Admin API answers it with 503 ``{"error_msg": ...}``.
+    """

@@ -143,6 +143,9 @@ def check_stream_route(conf, upstream_exists=lambda _id: True):
         raise SchemaError("failed to fetch service info by service id [%s], "
                           "response code: 404" % conf["service_id"])
     check_plugins(conf.get("plugins") or {})
+    if isinstance(conf.get("protocol"), dict):
+        # APISIX's xrpc.check_schema: no xRPC protocol is registered in gproxy
+        raise SchemaError("unknown protocol [%s]" % conf["protocol"]["name"])
 
 
 def check_upstream(conf):

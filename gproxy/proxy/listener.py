@@ -28,11 +28,16 @@ def addr_text(host, port):
 
 
 def bind_listener(host, port, backlog=BACKLOG, reuseport=False):
-    """A bound, listening gevent socket (a TLS wrapper can sit on it)."""
+    """A bound, listening gevent socket (a TLS wrapper can sit on it).
+
+    TCP_NODELAY is set here once: accepted sockets inherit it on Linux, and
+    every session wants it (nginx's ``tcp_nodelay``, on by default).
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = gevent.socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if reuseport:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
@@ -46,7 +51,14 @@ def bind_listener(host, port, backlog=BACKLOG, reuseport=False):
 
 
 class PlainStreamServer(StreamServer):
-    """A StreamServer whose handler gets a plain non-blocking socket, not a gevent one."""
+    """A StreamServer whose handler gets a plain non-blocking socket, not a gevent one.
+
+    The handler owns the socket it is given: the server does not close it when
+    the handler returns (a session hands its socket on to the relay).
+    """
+
+    def do_close(self, *args):
+        pass  # the session closes its socket, or gives it to the relay
 
     def do_read(self):
         try:
@@ -79,9 +91,9 @@ class Listener:
     def address(self):
         return self.sock.getsockname()[:2]
 
-    def serve(self, handle, pool):
-        """Accept on the hub; ``handle(listener, sock, addr)`` runs per client in ``pool``."""
-        self.server = PlainStreamServer(self.sock, lambda s, a: handle(self, s, a), spawn=pool)
+    def serve(self, handle, spawn):
+        """Accept on the hub; ``handle(listener, sock, addr)`` runs per client via ``spawn``."""
+        self.server = PlainStreamServer(self.sock, lambda s, a: handle(self, s, a), spawn=spawn)
         self.server.start()
 
     def close(self):

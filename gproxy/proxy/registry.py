@@ -74,11 +74,11 @@ class Registry:
         self._handles = {}
         self.started_at = time.time()
         self.sessions_total = 0
-        self.route_total = Counter()   # sessions ever matched, per route
+        self.route_total = {}   # sessions ever matched, per route
         self.rejected = Counter()      # refused before proxying, per reason
-        self.per_route = Counter()     # live, per route
-        self.per_node = Counter()      # live, per node
-        self.per_state = Counter()     # live, per state
+        self.per_route = {}     # live, per route
+        self.per_node = {}      # live, per node
+        self.per_state = {}     # live, per state
         self.bytes_in_closed = 0
         self.bytes_out_closed = 0
 
@@ -93,11 +93,12 @@ class Registry:
         if handle is not None:
             self._handles[info.id] = handle
         self.sessions_total += 1
-        self.route_total[info.route_id] += 1
-        self.per_route[info.route_id] += 1
-        self.per_state[info.state] += 1
+        route = info.route_id
+        self.route_total[route] = self.route_total.get(route, 0) + 1
+        _move(self.per_route, None, route)
+        _move(self.per_state, None, info.state)
         if info.node is not None:
-            self.per_node[info.node] += 1
+            _move(self.per_node, None, info.node)
 
     def set_state(self, info, state):
         if info.id in self._live:
@@ -214,14 +215,18 @@ class Registry:
 
 
 def _move(counter, old, new):
-    """One item moves from ``old`` to ``new`` (None: nowhere) in ``counter``."""
+    """One item moves from ``old`` to ``new`` (None: nowhere) in ``counter``.
+
+    Plain dict operations: a missing key in a Counter costs a Python-level
+    ``__missing__`` call, and this runs several times per session.
+    """
     if old == new:
         return
     if old is not None:
-        left = counter[old] - 1
+        left = counter.get(old, 0) - 1
         if left > 0:
             counter[old] = left
         else:
-            del counter[old]
+            counter.pop(old, None)
     if new is not None:
-        counter[new] += 1
+        counter[new] = counter.get(new, 0) + 1

@@ -20,7 +20,6 @@ import time
 from gproxy.errors import Reject
 from gproxy.model.routes import DEFAULT_PROXY_TIMEOUT, RouteTable
 from gproxy.protocols.mqttstream import SERVER_SHUTTING_DOWN, disconnect
-from gproxy.proxy import netio
 from gproxy.proxy.listener import plain_ip
 from gproxy.proxy.phases import COMMON
 from gproxy.proxy.registry import Registry
@@ -108,6 +107,7 @@ class Session:
             self.log(logging.ERROR, "%s", exc.strerror or exc)
         finally:
             if self.relay is None:  # never handed off: this greenlet cleans up
+                self.sock.close()
                 if self.upstream_sock is not None:
                     self.upstream_sock.close()
                 if self.tracked:
@@ -150,10 +150,10 @@ class Session:
             return  # an operator closed it while we dialled
         idle = (self.upstream.idle_timeout or self.settings.idle_timeout
                 or DEFAULT_PROXY_TIMEOUT)
-        client = netio.adopt(self.sock)  # the server's close() then finds nothing to close
-        upstream = netio.adopt(self.upstream_sock)
+        # Both sockets are non-blocking already, and the client's TCP_NODELAY
+        # came from the listener: the relay takes them as they are.
+        client, upstream = self.sock, self.upstream_sock
         self.upstream_sock = None
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.set_state("relaying")
         self.action = "proxying connection"
         self.relay = self.proxy.relays.start(client, upstream, self.info, self._relay_done, idle,

@@ -15,7 +15,6 @@ import logging
 import time
 
 import gevent
-from gevent.pool import Pool
 
 from gproxy.model.routes import RouteTable
 from gproxy.proxy.listener import Listener, bind_listener
@@ -23,7 +22,8 @@ from gproxy.proxy.livesessions import LiveSessions
 from gproxy.proxy.registry import Registry
 from gproxy.proxy.session import Proxy
 from gproxy.proxy.settings import Settings
-from gproxy.store.file import FileStore
+from gproxy.proxy.workers import SessionGreenlets
+from gproxy.store.factory import open_store
 
 log = logging.getLogger("gproxy.server")
 
@@ -33,14 +33,14 @@ class Gproxy:
 
     def __init__(self, cfg, store=None, registry=None):
         self.cfg = cfg
-        self.store = store if store is not None else FileStore(cfg.store_path)
+        self.store = store if store is not None else open_store(cfg)
         self.registry = registry if registry is not None else Registry()
         self.proxy = Proxy(self.build_table(self.store.snapshot()), self.registry,
                            Settings.from_config(cfg))
         self.sessions = LiveSessions(self.registry, lambda: self.proxy.table,
                                      **self.evict_options)
         self.store.subscribe(self.reload)
-        self.pool = Pool(cfg["gproxy.max_connections"])
+        self.greenlets = SessionGreenlets()
         self.listeners = []
         self.admin_server = None
         self.workers = None  # the parent's WorkerSet when running with --workers
@@ -102,6 +102,10 @@ class Gproxy:
         log.info("worker %d serving", index)
 
     def _listen(self, reuseport):
+        if not self.cfg.stream_enabled:  # APISIX: no stream_proxy, or proxy_mode http
+            log.warning("stream mode is disabled (no apisix.stream_proxy in the config, or "
+                        "apisix.proxy_mode is http): no stream listener")
+            return
         for spec in self.cfg["apisix.stream_proxy.tcp"]:
             try:
                 sock = bind_listener(spec.host, spec.port, reuseport=reuseport)
@@ -112,7 +116,7 @@ class Gproxy:
                 self.stop(0)
                 raise OSError(exc.errno, "cannot listen on %s: %s" % (spec.addr, exc.strerror))
             listener = Listener(sock, spec)
-            listener.serve(self.proxy.handle, self.pool)
+            listener.serve(self.proxy.handle, self.greenlets.spawn)
             self.listeners.append(listener)
             log.warning("stream proxy listening on %s", spec.addr)
 
@@ -161,7 +165,7 @@ class Gproxy:
                 gevent.sleep(0.1)
         self.registry.close_where()
         self.proxy.relays.close_all()
-        self.pool.kill(timeout=1)
+        self.greenlets.kill()
         for listener in self.listeners:
             listener.stop()
         if self.admin_server is not None:

@@ -36,12 +36,12 @@ log = logging.getLogger("gproxy.workers")
 
 def _handlers(app):
     registry = lambda: app.registry  # noqa: E731 (the worker's own, set at start)
-    sessions = app.sessions  # queries yield to this worker's data path as they go
+    sessions = lambda: app.sessions  # noqa: E731 (queries yield to the data path as they go)
     return {
-        "query": lambda m: sessions.query(m["spec"]),
-        "select": lambda m: {"ids": sessions.select(m["spec"])},
-        "end_many": lambda m: sessions.end_many(m["sids"], m["code"], m["grace"],
-                                                m.get("server_reference")),
+        "query": lambda m: sessions().query(m["spec"]),
+        "select": lambda m: {"ids": sessions().select(m["spec"])},
+        "end_many": lambda m: sessions().end_many(m["sids"], m["code"], m["grace"],
+                                                  m.get("server_reference")),
         "table": lambda m: (app.set_data(m["data"]), {"ok": True})[1],
         "sessions": lambda m: {"list": registry().snapshot()},
         "stats": lambda m: registry().stats(),

@@ -22,6 +22,8 @@ import time
 import pytest
 import yaml
 
+from tests.needs import require
+
 HOST = "127.0.0.1"
 
 
@@ -40,9 +42,8 @@ MOSQUITTO = _find_mosquitto()
 
 @pytest.fixture(autouse=True)
 def _needs_mosquitto():
-    if MOSQUITTO is None:
-        pytest.skip("integration suite needs mosquitto (apt-get install mosquitto); "
-                    "not found on PATH or in /usr/sbin")
+    require(MOSQUITTO is not None, "integration suite needs mosquitto (apt-get install "
+            "mosquitto); not found on PATH or in /usr/sbin")
 
 
 # -- ports and readiness -------------------------------------------------------
@@ -359,6 +360,31 @@ class RecordingSink:
         assert ok, "the sink got no connection #%d within %.1fs" % (index, timeout)
         with self._lock:
             return self.connections[index]
+
+    def settle(self, timeout=5.0):
+        """How many connections reached the sink before now (a condition, not a sleep).
+
+        A probe connection of our own goes through the same accept queue, which
+        is first in, first out: once the sink has recorded the probe, it has
+        recorded every connection that reached it earlier.  The probe is then
+        dropped from the record, so counts and indexes stay as they were.
+        """
+        probe = socket.create_connection((self.host, self.port), timeout=timeout)
+        mine = probe.getsockname()
+
+        def position():
+            with self._lock:
+                found = [i for i, c in enumerate(self.connections) if c.peer == mine]
+            return found and found[:1]
+        try:
+            found = wait_until(position, timeout, interval=0.005)
+            assert found, "the sink did not record its own probe within %.1fs" % timeout
+            with self._lock:
+                conn = self.connections.pop(found[0])
+            conn.close()
+            return found[0]
+        finally:
+            probe.close()
 
     def close(self):
         self._stopping.set()

@@ -21,6 +21,7 @@ import urllib.request
 import pytest
 
 from tests import packets
+from tests.needs import require
 from tests.integration.conftest import HOST, MOSQUITTO, wait_listening
 from tests.integration.helpers import ApisixRing, Paho, dial, expect_closed
 
@@ -29,13 +30,14 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update",
                  "--disable-sync"]
 
-sync_api = pytest.importorskip(
-    "playwright.sync_api",
-    reason="the dashboard tests need Playwright for Python (pip install playwright); "
-           "they never download a browser")
-if not os.access(CHROMIUM, os.X_OK):
-    pytest.skip("the dashboard tests need Debian's chromium at %s (apt-get install chromium)"
-                % CHROMIUM, allow_module_level=True)
+try:
+    from playwright import sync_api
+except ImportError:  # pragma: no cover - the test extra installs it
+    sync_api = None
+require(sync_api is not None, "the dashboard tests need Playwright for Python (pip install "
+        "playwright); they never download a browser", module_level=True)
+require(os.access(CHROMIUM, os.X_OK), "the dashboard tests need Debian's chromium at %s "
+        "(apt-get install chromium)" % CHROMIUM, module_level=True)
 pytest.importorskip("paho.mqtt.client")
 expect = sync_api.expect
 
@@ -52,8 +54,7 @@ PROXY_TO = re.compile(r"proxy request to (\S+) while connecting to upstream, cli
 
 @pytest.fixture(scope="module")
 def brokers(module_mosquitto):
-    if MOSQUITTO is None:
-        pytest.skip("the dashboard tests need mosquitto (apt-get install mosquitto)")
+    require(MOSQUITTO is not None, "the dashboard tests need mosquitto (apt-get install mosquitto)")
     return module_mosquitto("a"), module_mosquitto("b")
 
 
