@@ -131,6 +131,12 @@ def _admin_keys(value, key):
     return value
 
 
+def _optional_text(value, key):
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ConfigError("%s: expected a non-empty string or null, got %r" % (key, value))
+    return value
+
+
 def _etcd_hosts(value, key):
     if isinstance(value, str):
         value = [value]
@@ -192,6 +198,10 @@ SETTINGS = [
     ("gproxy.max_connections", 10000, _count, "concurrent sessions per process"),
     ("gproxy.balancer.chash_ring", "apisix", _choice("apisix", "ketama"),
      "chash ring: APISIX-exact CRC32 ring, or uhashring's ketama"),
+    ("gproxy.evict.server_reference", None, _optional_text,
+     "Server Reference sent to MQTT 5 clients in the DISCONNECT (0x9C) of an eviction"),
+    ("gproxy.evict.grace", 5.0, _number,
+     "seconds an evicted session has to reach a packet boundary before it is cut"),
 ]
 _DECLARED = {key for key, *_ in SETTINGS}
 _PARENTS = {key.rsplit(".", i)[0] for key in _DECLARED for i in range(1, key.count(".") + 1)}

@@ -10,6 +10,7 @@ in load order, whose filters all pass wins.  Pure: no sockets, no DNS.
 
 import ipaddress
 import logging
+import re
 from dataclasses import dataclass
 
 from gproxy.model.balancer import Balancer, Node
@@ -78,6 +79,23 @@ class Upstream:
             self._dns_balancer = self._build(resolved)
         return self._dns_balancer
 
+    @property
+    def last_balancer(self):
+        """The balancer in use now: the static one, or the last DNS answer's (None
+        before the first lookup)."""
+        return self._balancer if self._balancer is not None else self._dns_balancer
+
+    def hash_value(self, found):
+        """The chash key from nginx-style variables ``found`` (str or bytes), or
+        None when it is unset or empty: the caller then falls back to
+        ``remote_addr``, as APISIX does (docs/apisix-behaviour.md §5.3)."""
+        value = None
+        if self.hash_on == "vars":
+            value = found.get(self.key)
+        elif self.hash_on == "vars_combinations" and self.key:
+            value = re.sub(r"\$(\w+)", lambda m: _text(found.get(m.group(1), "")), self.key)
+        return None if value is None or value == "" else value
+
     def tries(self, nnodes):
         """Dial attempts allowed: ``retries`` + 1, default one per node."""
         return nnodes if self.retries is None else self.retries + 1
@@ -140,6 +158,10 @@ class Route:
         if self.server_net is not None and not _contains(self.server_net, server_ip):
             return False
         return True
+
+
+def _text(value):
+    return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else value
 
 
 def _net(text):

@@ -45,6 +45,7 @@ def find_upstream(s):
     if err:
         raise Reject("no_upstream", logging.ERROR, err)
     s.upstream = upstream
+    s.info.upstream_id = s.route.upstream_id
 
 
 def preread(s):

@@ -16,12 +16,16 @@ processes can each report theirs and a parent can merge them.  No I/O.
 """
 
 import itertools
+import operator
 import os
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 STATES = ("preread", "connecting", "relaying", "closing")
+QUERY_CHUNK = 256
+_BYTES_IN = operator.attrgetter("bytes_in")
+_BYTES_OUT = operator.attrgetter("bytes_out")  # records filtered between two pauses (well under a millisecond)
 
 
 @dataclass
@@ -42,6 +46,10 @@ class SessionInfo:
     connected_at: float = field(default_factory=time.time)
     state: str = "preread"
     transport: str = "tcp"  # "ws": MQTT over WebSocket (later "wss" on TLS listeners)
+    upstream_id: str = None  # the route's upstream_id (None: its inline upstream)
+    # The chash key the balancer was given (bytes; a client id or IP, never a
+    # credential): what rebalancing needs to ask the ring where it belongs now.
+    hash_key: bytes = field(default=None, repr=False)
 
     @property
     def seq(self):
@@ -49,7 +57,13 @@ class SessionInfo:
         return self.id.rpartition("-")[2]
 
     def as_dict(self):
-        return asdict(self)
+        """The record as JSON-ready values (the raw hash key stays out).
+
+        ``vars`` rather than ``dataclasses.asdict``: a page of 500 records is
+        copied in well under a millisecond instead of several."""
+        out = dict(vars(self))
+        del out["hash_key"]
+        return out
 
 
 class Registry:
@@ -139,18 +153,48 @@ class Registry:
     def __len__(self):
         return len(self._live)
 
+    def query(self, where=None, key=None, reverse=False, limit=None, tally=None,
+              pause=None, every=QUERY_CHUNK):
+        """``(total, first, counts)`` over the live sessions ``where(info)`` accepts.
+
+        ``first``: the first ``limit`` of them ordered by ``key(info)``
+        (``reverse`` for descending; equal keys stay oldest first either way),
+        ``counts``: how many per value of ``tally(info)`` (None without it).
+        The records are walked in chunks of ``every`` with ``pause()`` called
+        between chunks, so a caller on a gevent hub passes a yield and the data
+        path keeps running while 10,000 sessions are filtered; sessions that end
+        meanwhile are left out of ``first``.  Pure: ``pause`` is the caller's.
+        """
+        infos = list(self._live.values())
+        matched = []
+        counts = Counter() if tally is not None else None
+        for start in range(0, len(infos), every):
+            chunk = infos[start:start + every]
+            if where is not None:
+                chunk = [info for info in chunk if where(info)]
+            matched.extend(chunk)
+            if counts is not None:
+                counts.update(map(tally, chunk))
+            if pause is not None and start + every < len(infos):
+                pause()
+        if key is not None:
+            matched.sort(key=key, reverse=reverse)  # stable: ties keep start order
+        live = (info for info in matched if info.state != "closed")
+        first = list(itertools.islice(live, limit))
+        return len(matched), first, counts
+
     def snapshot(self):
         """Live sessions as plain dicts, oldest first."""
         return [info.as_dict() for info in list(self._live.values())]
 
     def stats(self):
-        live = self._live.values()
+        live = self._live.values()  # byte counts move with every packet: summed in C
         return {
             "live_sessions": len(self._live),
             "sessions_total": self.sessions_total,
             "rejected": dict(self.rejected),
-            "bytes_in": self.bytes_in_closed + sum(i.bytes_in for i in live),
-            "bytes_out": self.bytes_out_closed + sum(i.bytes_out for i in live),
+            "bytes_in": self.bytes_in_closed + sum(map(_BYTES_IN, live)),
+            "bytes_out": self.bytes_out_closed + sum(map(_BYTES_OUT, live)),
             "per_node": dict(self.per_node),
             "per_route": {str(k): v for k, v in self.per_route.items()},
             "per_state": dict(self.per_state),

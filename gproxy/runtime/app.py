@@ -18,6 +18,7 @@ import gevent
 
 from gproxy.model.routes import RouteTable
 from gproxy.proxy.listener import Listener, bind_listener
+from gproxy.proxy.livesessions import LiveSessions
 from gproxy.proxy.registry import Registry
 from gproxy.proxy.session import Proxy
 from gproxy.proxy.settings import Settings
@@ -36,12 +37,20 @@ class Gproxy:
         self.registry = registry if registry is not None else Registry()
         self.proxy = Proxy(self.build_table(self.store.snapshot()), self.registry,
                            Settings.from_config(cfg))
+        self.sessions = LiveSessions(self.registry, lambda: self.proxy.table,
+                                     **self.evict_options)
         self.store.subscribe(self.reload)
         self.greenlets = SessionGreenlets()
         self.listeners = []
         self.admin_server = None
         self.workers = None  # the parent's WorkerSet when running with --workers
         self._watcher = None
+
+    @property
+    def evict_options(self):
+        """How evictions end sessions (``gproxy.evict.*``)."""
+        return {"grace": self.cfg["gproxy.evict.grace"],
+                "server_reference": self.cfg["gproxy.evict.server_reference"]}
 
     def build_table(self, data):
         return RouteTable(data["stream_routes"], data["upstreams"],
@@ -71,7 +80,7 @@ class Gproxy:
             log.info("admin_ui not installed: serving the Admin API without the dashboard")
         else:
             blueprints.append(create_blueprint())
-        sessions = self.workers if self.workers is not None else self.registry
+        sessions = self.workers if self.workers is not None else self.sessions
         return create_app(self.store, sessions, self.cfg, blueprints)
 
     def start(self, workers=1):
@@ -88,7 +97,7 @@ class Gproxy:
     def start_worker(self, index):
         """In a forked worker: a fresh registry and this worker's own listeners."""
         self.registry = Registry()
-        self.proxy.registry = self.registry
+        self.proxy.registry = self.sessions.registry = self.registry
         self._listen(reuseport=True)
         log.info("worker %d serving", index)
 

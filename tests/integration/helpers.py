@@ -139,6 +139,7 @@ class Paho:
         self.connect_reason = None
         self.connack_properties = None
         self.disconnected = threading.Event()
+        self.disconnect_reason = self.disconnect_properties = None
         self.messages = queue.Queue()
         self._acks = {}
         self._lock = threading.Lock()
@@ -155,6 +156,8 @@ class Paho:
         self.connected.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        self.disconnect_reason = reason_code
+        self.disconnect_properties = properties
         self.disconnected.set()
 
     def _on_message(self, client, userdata, message):

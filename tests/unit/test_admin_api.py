@@ -18,6 +18,7 @@ import pytest
 
 from gproxy.admin.app import create_app
 from gproxy.config import Config
+from gproxy.proxy.livesessions import LiveSessions
 from gproxy.proxy.registry import Registry
 from gproxy.store.file import FileStore
 
@@ -87,7 +88,8 @@ class Api:
         self.path = directory / "apisix.yaml"
         self.store = FileStore(self.path)
         self.registry = Registry()
-        self.app = create_app(self.store, self.registry, Config(conf))
+        self.sessions = LiveSessions(self.registry)
+        self.app = create_app(self.store, self.sessions, Config(conf))
         self.client = self.app.test_client()
 
     def call(self, method, url, body=None, headers=KEY, remote=LOCAL):
@@ -786,6 +788,7 @@ def open_session(stack, registry, route_id, client=("10.0.0.5", 50000), **fields
 def without_now(got):
     now = got.pop("now")
     assert abs(now - time.time()) < 60  # the server's clock, for "connected N s ago"
+    assert (got.pop("page"), got.pop("page_size")) == (1, 100)
     return got
 
 
@@ -817,19 +820,35 @@ def test_close_one_session(api):
         assert close_b.calls == 0
 
 
-def test_close_sessions_of_one_route(api):
+def test_evict_the_sessions_of_one_route(api):
     with contextlib.ExitStack() as stack:
         a, close_a = open_session(stack, api.registry, "1")
         b, close_b = open_session(stack, api.registry, "2")
         c, close_c = open_session(stack, api.registry, "1")
         resp = api.delete(EXT + "/sessions?route_id=1")
         assert resp.status_code == 200
-        assert sorted(body(resp)["closed"]) == sorted([a.id, c.id])
-        assert (close_a.calls, close_b.calls, close_c.calls) == (1, 0, 1)
-        assert api.delete(EXT + "/sessions").status_code == 400  # neither route_id nor all
-        assert close_b.calls == 0
-        assert api.delete(EXT + "/sessions?all=true").status_code == 200
-        assert close_b.calls == 1
+        job = body(resp)
+        assert (job["total"], job["rate"], job["selector"]) == (2, None, {"route_id": "1"})
+        assert wait_job(api, job["id"])["done"] == 2
+        # a clean end (0x9C use another server), not an abrupt close
+        assert (close_a.ends, close_b.ends, close_c.ends) == ([(0x9C, 5.0, None)], [],
+                                                              [(0x9C, 5.0, None)])
+        assert close_a.calls == close_c.calls == 0
+        assert api.delete(EXT + "/sessions").status_code == 400  # no filter nor all
+        assert close_b.ends == []
+        job = body(api.delete(EXT + "/sessions?all=true"))
+        assert wait_job(api, job["id"])["done"] == 3
+        assert len(close_b.ends) == 1
+
+
+def wait_job(api, job_id):
+    import gevent
+    for _ in range(200):
+        job = body(api.get(EXT + "/evictions/" + job_id))
+        if job["state"] != "running":
+            return job
+        gevent.sleep(0.01)
+    raise AssertionError("eviction %s still running: %s" % (job_id, job))
 
 
 def test_closing_needs_an_admin_key(api):

@@ -295,10 +295,16 @@ def test_hash_key_vars_combinations():
     assert hash_key(s, up) == b"10.1.2.3-id"
 
 
-@pytest.mark.parametrize("conf", [{"type": "roundrobin"}, {"nodes": {NODE_A: 1}}])
-def test_no_hash_key_without_a_choice_to_make(conf):
-    # roundrobin needs no key; one node skips the balancer and so the key (APISIX)
-    assert hash_key(make_session(), upstream(**conf)) is None
+def test_no_hash_key_for_roundrobin():
+    assert hash_key(make_session(), upstream(type="roundrobin")) is None
+
+
+def test_one_node_keeps_the_key_for_rebalancing_but_logs_no_fallback(logs):
+    # one node skips the balancer (APISIX), so nothing is logged; the key is still
+    # worked out, for the session record: where it belongs once nodes are added
+    s = make_session(client=("10.1.2.3", 5555))
+    assert hash_key(s, upstream(nodes={NODE_A: 1})) == b"10.1.2.3"
+    assert not [line for line in logs(logging.WARNING) if "chash_key" in line]
 
 
 # -- dial and replay -------------------------------------------------------------------------
