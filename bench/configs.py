@@ -22,7 +22,7 @@ def mosquitto(host, port):
         ""])
 
 
-def haproxy(host, port, broker_port, maxconn, nofile):
+def haproxy(host, port, broker_port, maxconn, nofile, order_port, sink_port):
     return """global
     nbthread 1
     maxconn %(maxconn)d
@@ -45,11 +45,23 @@ backend brokers
     balance hash req.payload(0,0),mqtt_field_value(connect,client_identifier)
     hash-type consistent
     server broker1 %(host)s:%(broker)d
+
+frontend order
+    bind %(host)s:%(order)d
+    tcp-request inspect-delay 5s
+    tcp-request content reject unless { req.payload(0,0),mqtt_is_valid }
+    default_backend sink
+
+backend sink
+    balance hash req.payload(0,0),mqtt_field_value(connect,client_identifier)
+    hash-type consistent
+    server sink1 %(host)s:%(sink)d
 """ % {"maxconn": maxconn, "nofile": nofile, "host": host, "port": port,
-       "broker": broker_port}
+       "broker": broker_port, "order": order_port, "sink": sink_port}
 
 
-def nginx(host, port, broker_port, module, run_dir, nofile, worker_connections):
+def nginx(host, port, broker_port, module, run_dir, nofile, worker_connections, order_port,
+          sink_port):
     return """load_module %(module)s;
 worker_processes 1;
 daemon off;
@@ -69,16 +81,27 @@ stream {
         proxy_connect_timeout 5s;
         proxy_timeout 600s;
     }
+    upstream sink {
+        server %(host)s:%(sink)d;
+    }
+    server {
+        listen %(host)s:%(order)d;
+        proxy_pass sink;
+        proxy_connect_timeout 5s;
+        proxy_timeout 600s;
+    }
 }
 """ % {"module": module, "dir": run_dir, "nofile": nofile, "wc": worker_connections,
-       "host": host, "port": port, "broker": broker_port}
+       "host": host, "port": port, "broker": broker_port, "order": order_port,
+       "sink": sink_port}
 
 
-def gproxy(host, port, admin_port):
+def gproxy(host, port, admin_port, order_port):
     return """apisix:
   stream_proxy:
     tcp:
       - "%(host)s:%(port)d"
+      - "%(host)s:%(order)d"
 deployment:
   admin:
     admin_listen:
@@ -91,13 +114,16 @@ gproxy:
   store:
     backend: file
     path: apisix.yaml
-""" % {"host": host, "port": port, "admin": admin_port}
+""" % {"host": host, "port": port, "admin": admin_port, "order": order_port}
 
 
-def gproxy_routes(host, broker_port):
-    """The store file: one mqtt-proxy stream route, chash on the MQTT client id."""
-    return """stream_routes:
-  - id: 1
+def gproxy_routes(host, port, broker_port, order_port, sink_port):
+    """The store file: per listener one mqtt-proxy stream route, chash on the MQTT client id.
+
+    ``port`` leads to the broker, ``order_port`` to the order probe's sink.
+    """
+    route = """  - id: %d
+    server_port: %d
     plugins:
       mqtt-proxy:
         protocol_name: MQTT
@@ -109,5 +135,6 @@ def gproxy_routes(host, broker_port):
         - host: %s
           port: %d
           weight: 1
-#END
-""" % (host, broker_port)
+"""
+    return "stream_routes:\n" + route % (1, port, host, broker_port) + \
+        route % (2, order_port, host, sink_port) + "#END\n"

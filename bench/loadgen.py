@@ -7,11 +7,12 @@ Every socket has a timeout and every loop a deadline.
 """
 
 import errno
+import select
 import socket
 import time
 from array import array
 
-from bench import mqttwire
+from bench import mqttwire, wswire
 from bench.procstat import self_cpu_seconds
 
 
@@ -31,11 +32,16 @@ def _error_name(exc):
     return errno.errorcode.get(getattr(exc, "errno", None) or 0, type(exc).__name__)
 
 
-def mqtt_session(addr, client_id, timeout):
-    """A socket past CONNECT/CONNACK (keep-alive 0: the broker never times it out)."""
+def mqtt_session(addr, client_id, timeout, ws=False):
+    """A socket past CONNECT/CONNACK (keep-alive 0: the broker never times it out).
+
+    ``ws``: MQTT over WebSocket (the socket is then a ``wswire.WsSocket``).
+    """
     sock = socket.create_connection(addr, timeout)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if ws:
+            sock = wswire.WsSocket(sock).handshake(*addr)
         sock.sendall(mqttwire.connect(client_id))
         got = recv_exact(sock, 4)
         if got != mqttwire.CONNACK_OK:
@@ -54,8 +60,11 @@ def _sleep_until(t):
         time.sleep(min(left, 0.05))
 
 
-def conn_worker(pipe, addr, prefix, start_at, duration, timeout):
-    """Connect, CONNECT, wait for CONNACK, DISCONNECT, close; repeat until the end."""
+def conn_worker(pipe, addr, prefix, start_at, duration, timeout, ws=False):
+    """Connect, CONNECT, wait for CONNACK, DISCONNECT, close; repeat until the end.
+
+    ``ws``: the same over WebSocket (upgrade, then the packets in frames).
+    """
     template = mqttwire.ConnectTemplate(prefix)
     latencies = array("d")
     errors = {}
@@ -71,6 +80,8 @@ def conn_worker(pipe, addr, prefix, start_at, duration, timeout):
         sock.settimeout(timeout)
         try:
             sock.connect(addr)
+            if ws:
+                sock = wswire.WsSocket(sock).handshake(*addr)
             sock.sendall(template.build(n))
             if recv_exact(sock, 4) == mqttwire.CONNACK_OK:
                 latencies.append(time.perf_counter() - began)
@@ -127,14 +138,15 @@ def idle_worker(pipe, addr, prefix, count, timeout, hold, batch=100):
     pipe.send("closed")
 
 
-def subscriber(pipe, addr, client_id, topic, received, start_at, duration, timeout):
+def subscriber(pipe, addr, client_id, topic, received, start_at, duration, timeout, ws=False):
     """Subscribe, then count every byte the broker sends in [start_at, start_at+duration].
 
     Only QoS 0 PUBLISH frames arrive after the SUBACK (keep-alive 0: no
-    PINGRESP), so the raw stream length is the delivered frame bytes.
-    ``received`` (shared) lets the publisher bound what is in flight.
+    PINGRESP), so the raw stream length is the delivered frame bytes (over
+    WebSocket: the MQTT bytes inside the frames).  ``received`` (shared) lets
+    the publisher bound what is in flight.
     """
-    sock = mqtt_session(addr, client_id, timeout)
+    sock = mqtt_session(addr, client_id, timeout, ws)
     sock.sendall(mqttwire.subscribe(topic))
     if recv_exact(sock, 5) != mqttwire.suback():
         raise ConnectionError("bad SUBACK")
@@ -170,7 +182,7 @@ def subscriber(pipe, addr, client_id, topic, received, start_at, duration, timeo
 
 
 def publisher(pipe, addr, client_id, topic, payload_size, received, go_at, end_at,
-              window, timeout, batch_bytes=256 * 1024):
+              window, timeout, batch_bytes=256 * 1024, ws=False):
     """Pipeline QoS 0 PUBLISH frames in big ``sendall`` batches until ``end_at``.
 
     At most ``window`` bytes may be ahead of what the subscriber has read, so
@@ -179,7 +191,10 @@ def publisher(pipe, addr, client_id, topic, payload_size, received, go_at, end_a
     """
     frame = mqttwire.publish(topic, b"x" * payload_size)
     batch = frame * max(1, batch_bytes // len(frame))
-    sock = mqtt_session(addr, client_id, timeout)
+    sock = mqtt_session(addr, client_id, timeout, ws)
+    out = sock
+    if ws:  # one frame per batch, built once (see wswire: the zero mask)
+        batch, out = wswire.frame(batch), sock.sock
     _sleep_until(go_at)
     cpu0 = self_cpu_seconds()
     sent = waits = 0
@@ -188,7 +203,7 @@ def publisher(pipe, addr, client_id, topic, payload_size, received, go_at, end_a
             waits += 1
             time.sleep(0.0002)
             continue
-        sock.sendall(batch)
+        out.sendall(batch)
         sent += len(batch)
     try:
         sock.sendall(mqttwire.DISCONNECT)
@@ -196,3 +211,55 @@ def publisher(pipe, addr, client_id, topic, payload_size, received, go_at, end_a
         pass
     sock.close()
     pipe.send({"sent": sent, "waits": waits, "cpu": self_cpu_seconds() - cpu0})
+
+
+def paced_publisher(pipe, addr, client_id, topic, rate, payload_size, timeout):
+    """Publish QoS 0 at ``rate`` msgs/s on a fixed schedule until the harness says stop.
+
+    Messages that fell behind the schedule (a late wake-up) are sent at once,
+    so the average rate holds.
+    """
+    frame = mqttwire.publish(topic, b"x" * payload_size)
+    sock = mqtt_session(addr, client_id, timeout)
+    pipe.send("ready")
+    interval, sent = 1.0 / rate, 0
+    cpu0, t0 = self_cpu_seconds(), time.monotonic()
+    while True:
+        due = int((time.monotonic() - t0) / interval) + 1 - sent
+        if due > 0:
+            sock.sendall(frame * due)
+            sent += due
+        if pipe.poll(max(0.0, t0 + sent * interval - time.monotonic())):
+            break  # "stop"
+    seconds = time.monotonic() - t0
+    pipe.recv()
+    try:
+        sock.sendall(mqttwire.DISCONNECT)
+    except OSError:
+        pass
+    sock.close()
+    pipe.send({"sent": sent, "seconds": seconds, "cpu": self_cpu_seconds() - cpu0})
+
+
+def counting_subscriber(pipe, addr, client_id, topic, timeout):
+    """Subscribe, then count the bytes delivered until the harness says stop."""
+    sock = mqtt_session(addr, client_id, timeout)
+    sock.sendall(mqttwire.subscribe(topic))
+    if recv_exact(sock, 5) != mqttwire.suback():
+        raise ConnectionError("bad SUBACK")
+    pipe.send("subscribed")
+    buf = bytearray(1 << 16)
+    total, t0 = 0, time.monotonic()
+    while True:
+        ready, _, _ = select.select([sock, pipe], [], [], timeout)
+        if pipe in ready or not ready:
+            break
+        n = sock.recv_into(buf)
+        if not n:
+            break
+        total += n
+    seconds = time.monotonic() - t0
+    if pipe.poll():
+        pipe.recv()
+    sock.close()
+    pipe.send({"bytes": total, "seconds": seconds})

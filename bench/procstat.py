@@ -72,9 +72,21 @@ def self_cpu_seconds():
     return t.user + t.system
 
 
-def machine_busy_seconds():
-    """CPU seconds spent not idle, summed over all CPUs (/proc/stat "cpu" line)."""
+def machine_busy_seconds(cpus=None):
+    """CPU seconds spent not idle, summed over all CPUs or over the CPU numbers in ``cpus``.
+
+    From /proc/stat: the "cpu" line, or the "cpuN" lines.
+    """
+    wanted = None if cpus is None else {"cpu%d" % c for c in cpus}
+    total = 0
     with open("/proc/stat") as fh:
-        fields = [int(v) for v in fh.readline().split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / CLK_TCK
+        for line in fh:
+            name, *rest = line.split()
+            if not name.startswith("cpu"):
+                break
+            if (wanted is None and name != "cpu") or (wanted is not None and name not in wanted):
+                continue
+            fields = [int(v) for v in rest]
+            idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+            total += sum(fields[:8]) - idle
+    return total / CLK_TCK

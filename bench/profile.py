@@ -74,8 +74,8 @@ def run(args, run_dir, broker, notes):
     if not py_spy:
         notes.append("--profile: py-spy not found (pip install py-spy): skipped")
         return None
-    target = tg.Gproxy(run_dir, "gproxy-profiled", args.python, broker.port,
-                       shlex.split(args.gproxy_args))
+    target = tg.Gproxy(run_dir, "gproxy-profiled", args.python, broker.port, args.sink.port,
+                       shlex.split(args.gproxy_args), own_python=args.own_python)
     target.start()
     raw = os.path.join(run_dir, "gproxy-profile.txt")
     try:

@@ -5,7 +5,6 @@ stop it.  The broker runs for the whole benchmark.  Everything the harness
 starts is torn down in ``finally``; SIGTERM and Ctrl-C end the run the same way.
 """
 
-import argparse
 import os
 import resource
 import shlex
@@ -18,66 +17,14 @@ import time
 if __package__ in (None, ""):  # `python bench/run.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import procstat, profile, report, targets as tg, workloads  # noqa: E402
+from bench import (loaded, order, percore, procstat, profile, report,  # noqa: E402
+                   targets as tg, workloads)
+from bench.options import parse_args  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ALL_WORKLOADS = ["idle", "ping", "conn", "tput64", "tput16k"]
-MODES = {  # rounds, conn s, tput s, ping count, idle conns
-    "quick": dict(rounds=1, conn_duration=3.0, tput_duration=2.0, ping_count=1000,
-                  idle_conns=2000),
-    "full": dict(rounds=3, conn_duration=8.0, tput_duration=5.0, ping_count=5000,
-                 idle_conns=10000),
-}
+WORKLOADS = dict(workloads.WORKLOADS, **loaded.WORKLOADS, **order.WORKLOADS,
+                 **percore.WORKLOADS)
 FD_RESERVE = 256  # listeners, logs, pipes
-
-
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="CI mode: 1 round, short runs, "
-                   "2000 idle conns (about 1-2 minutes)")
-    p.add_argument("--targets", default=None, help="comma list from direct,haproxy,nginx,"
-                   "gproxy,gproxy-wN (default: all available)")
-    p.add_argument("--workloads", default=",".join(ALL_WORKLOADS),
-                   help="comma list from %s" % ",".join(ALL_WORKLOADS))
-    p.add_argument("--rounds", type=int, help="rounds (quick 1, full 3)")
-    p.add_argument("--conn-duration", type=float, help="seconds per connection-rate run")
-    p.add_argument("--conn-procs", type=int, default=4, help="connection-rate client processes")
-    p.add_argument("--idle-conns", type=int, help="idle connections (quick 2000, full 10000; "
-                   "capped by the fd limit)")
-    p.add_argument("--idle-procs", type=int, default=4, help="processes opening idle conns")
-    p.add_argument("--idle-timeout", type=float, default=180.0,
-                   help="seconds allowed to open all idle connections")
-    p.add_argument("--tput-duration", type=float, help="seconds per throughput run")
-    p.add_argument("--tput-window", type=int, default=2 << 20,
-                   help="bytes the publisher may be ahead of the subscriber")
-    p.add_argument("--ping-count", type=int, help="PINGREQ round trips per run")
-    p.add_argument("--ping-timeout", type=float, default=60.0, help="seconds per ping run")
-    p.add_argument("--ping-no-pin", dest="ping_pin", action="store_false",
-                   help="do not pin client, proxy and broker to one CPU for the ping run")
-    p.add_argument("--timeout", type=float, default=10.0, help="per-socket-operation timeout")
-    p.add_argument("--wait-quiet", type=float, default=30.0,
-                   help="before each target, wait up to this many seconds for other "
-                   "processes to leave the CPUs idle (the machine may be shared)")
-    p.add_argument("--python", default=sys.executable, help="interpreter that runs gproxy")
-    p.add_argument("--gproxy-args", default="", help="extra arguments for every gproxy target")
-    p.add_argument("--workers", type=int, default=2,
-                   help="N for the gproxy-wN variant (run only if gproxy offers --workers)")
-    p.add_argument("--profile", action="store_true", help="after the rounds, one extra "
-                   "connection-rate run of gproxy under py-spy (not in the medians)")
-    p.add_argument("--results-dir", default=os.path.join(ROOT, "bench", "results"))
-    p.add_argument("--no-write", action="store_true", help="print only; write no files")
-    p.add_argument("--keep-run-dir", action="store_true",
-                   help="keep configs and logs (in a temp dir) for debugging")
-    args = p.parse_args(argv)
-    args.mode = "quick" if args.quick else "full"
-    for k, v in MODES[args.mode].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    args.workloads = [w for w in args.workloads.split(",") if w]
-    bad = set(args.workloads) - set(ALL_WORKLOADS)
-    if bad:
-        p.error("unknown workload(s): %s" % ", ".join(sorted(bad)))
-    return args
 
 
 def raise_nofile():
@@ -89,6 +36,7 @@ def raise_nofile():
 
 
 def build_targets(args, run_dir, broker, binaries, nofile, notes):
+    sink = args.sink.port
     wanted = args.targets.split(",") if args.targets else None
     variant = "gproxy-w%d" % args.workers
     extra = shlex.split(args.gproxy_args)
@@ -98,24 +46,29 @@ def build_targets(args, run_dir, broker, binaries, nofile, notes):
         return wanted is None or name in wanted
 
     if want("direct"):
-        out.append(tg.Direct(broker))
+        out.append(tg.Direct(broker, sink))
     if want("haproxy"):
         if binaries["haproxy"]:
-            out.append(tg.HAProxy(run_dir, binaries["haproxy"], broker.port, nofile))
+            out.append(tg.HAProxy(run_dir, binaries["haproxy"], broker.port, nofile, sink))
         else:
             notes.append("haproxy not found: skipped (apt-get install haproxy)")
     if want("nginx"):
         if binaries["nginx"] and os.path.exists(tg.NGINX_STREAM_MODULE):
-            out.append(tg.Nginx(run_dir, binaries["nginx"], broker.port, nofile))
+            out.append(tg.Nginx(run_dir, binaries["nginx"], broker.port, nofile, sink))
         else:
             notes.append("nginx or its stream module not found: skipped "
                          "(apt-get install nginx-light libnginx-mod-stream)")
     if want("gproxy"):
-        out.append(tg.Gproxy(run_dir, "gproxy", args.python, broker.port, extra))
+        out.append(tg.Gproxy(run_dir, "gproxy", args.python, broker.port, sink, extra,
+                             own_python=args.own_python))
+    if wanted is not None and "gproxy-embedded" in wanted:  # opt-in: gproxy.start()
+        out.append(tg.GproxyEmbedded(run_dir, args.python, broker.port, sink,
+                                     own_python=args.own_python))
     if want(variant) or (wanted is None):
-        if tg.gproxy_has_workers(args.python, ROOT):
-            out.append(tg.Gproxy(run_dir, variant, args.python, broker.port,
-                                 extra + ["--workers", str(args.workers)], args.workers))
+        if tg.gproxy_has_workers(args.python, ROOT if args.own_python else run_dir):
+            out.append(tg.Gproxy(run_dir, variant, args.python, broker.port, sink,
+                                 extra + ["--workers", str(args.workers)], args.workers,
+                                 own_python=args.own_python))
         else:
             notes.append("`python -m gproxy --help` lists no --workers: %s skipped" % variant)
     return out
@@ -159,14 +112,19 @@ def run_block(target, broker, args, rnd, index, samples, notes):
                      "other processes): noisy" % (rnd + 1, target.name, busy))
     target.start()
     try:
-        for w in args.workloads:
+        for position, w in enumerate(args.workloads):
             offset = target.log_size()
-            prefix = b"c%s%d%d%s" % (args.token, rnd % 10, index, w[0:1].encode())
+            prefix = b"c%s%d%d%s" % (args.token, rnd % 10, index, b"abcdefghijklmnopqrstuvwxyz"[
+                position:position + 1])
             sample = {"round": rnd, "target": target.name, "workload": w, "metrics": {},
                       "background_cores": busy}
             t0 = time.monotonic()
             try:
-                sample["metrics"] = workloads.WORKLOADS[w](target, broker, args, prefix)
+                sample["metrics"] = WORKLOADS[w](target, broker, args, prefix)
+                skipped = sample["metrics"].pop("skipped", None)
+                note = "%s: %s" % (target.name, skipped)
+                if skipped and note not in notes:
+                    notes.append(note)
             except Exception as exc:  # one failed workload must not end the benchmark
                 sample["error"] = "%s: %s" % (type(exc).__name__, exc)
                 notes.append("round %d %s %s failed: %s" % (rnd + 1, target.name, w,
@@ -182,19 +140,21 @@ def run_block(target, broker, args, rnd, index, samples, notes):
                 return
             samples.append(sample)
             progress(sample)
-            time.sleep(0.5)
+            if sample["metrics"]:  # a workload that does not apply to this target ran nothing
+                time.sleep(0.5)
     finally:
         target.stop()
 
 
 def progress(sample):
     m = sample["metrics"]
+    keys = {x[0] for x in report.metric_rows({sample["target"]: m})}
     shown = ", ".join("%s=%s" % (k, report.fmt(v)) for k, v in m.items()
-                      if isinstance(v, (int, float)) and k in dict(
-                          (x[0], 1) for x in report.METRICS))
+                      if isinstance(v, (int, float)) and k in keys)
     errs = {k: v for k, v in m.items() if k.endswith("_errors") and v}
-    print("  round %d %-10s %-8s %5.1fs  %s%s%s" % (
-        sample["round"] + 1, sample["target"], sample["workload"], sample["seconds"], shown,
+    print("  round %d %-10s %-12s %5.1fs  %s%s%s" % (
+        sample["round"] + 1, sample["target"], sample["workload"], sample["seconds"],
+        shown or "-",
         "  errors=%s" % errs if errs else "",
         "  log_errors=%d" % sample["log_errors"] if sample.get("log_errors") else ""),
         flush=True)
@@ -209,6 +169,10 @@ def main(argv=None):
         notes.append("idle connections capped at %d (asked %d): RLIMIT_NOFILE hard limit is %d "
                      "and a proxy holds 2 fds per session" % (cap, args.idle_conns, nofile))
         args.idle_conns = cap
+    if args.loaded_sessions > cap and "loaded" in args.workloads:
+        notes.append("loaded-run sessions capped at %d (asked %d): fd limit %d" % (
+            cap, args.loaded_sessions, nofile))
+        args.loaded_sessions = cap
     args.token = os.urandom(2).hex().encode()
     binaries = {n: tg.find(n) for n in ("mosquitto", "haproxy", "nginx")}
     if not binaries["mosquitto"]:
@@ -217,6 +181,7 @@ def main(argv=None):
     started = time.time()
     run_dir = tempfile.mkdtemp(prefix="gproxy-bench-")
     broker = tg.Mosquitto(run_dir, binaries["mosquitto"])
+    args.sink = order.Sink()
     targets = build_targets(args, run_dir, broker, binaries, nofile, notes)
     samples, prof = [], None
 
@@ -244,6 +209,7 @@ def main(argv=None):
         for target in targets:
             target.stop()
         broker.stop()
+        args.sink.close()
         if not args.keep_run_dir:
             shutil.rmtree(run_dir, ignore_errors=True)
     return finish(args, started, targets, samples, notes, prof, binaries)
@@ -273,7 +239,7 @@ def finish(args, started, targets, samples, notes, prof, binaries):
         profile.print_summary(prof)
     doc = {"started": started, "seconds": time.time() - started, "mode": args.mode,
            "rounds": args.rounds, "command": " ".join([entry_point()] + sys.argv[1:]),
-           "options": {k: v for k, v in vars(args).items() if k != "token"},
+           "options": {k: v for k, v in vars(args).items() if k not in ("token", "sink")},
            "machine": report.machine_facts(args.python, binaries),
            "target_notes": {t.name: t.note for t in targets},
            "samples": samples, "medians": med, "ratios_to_haproxy": rat, "notes": notes,

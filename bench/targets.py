@@ -10,20 +10,14 @@ PID and start time so a recycled PID is never signalled.  All listeners are on
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 
 from bench import configs, procstat
+from bench.ports import HOST, free_port, listening
 
-HOST = "127.0.0.1"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def find(name, *extra):
@@ -35,25 +29,6 @@ def find(name, *extra):
         if os.access(path, os.X_OK):
             return path
     return None
-
-
-def listening(port):
-    """How many sockets on this host are in LISTEN on ``port`` (from /proc/net/tcp).
-
-    SO_REUSEPORT workers each show up as one.
-    """
-    count = 0
-    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(path) as fh:
-                rows = fh.read().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            f = row.split()
-            if len(f) > 3 and f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:
-                count += 1
-    return count
 
 
 def _start_time(pid):
@@ -68,8 +43,10 @@ class Service:
     """One process tree the harness owns."""
 
     name = "service"
-    listeners = 1  # LISTEN sockets on ``port`` that mean "ready"
+    listeners = 1  # LISTEN sockets on each of ``ready_ports()`` that mean "ready"
+    workers = 1  # processes that carry sessions (the per-core mode gives each a CPU)
     cwd = None  # the run dir
+    order_port = None  # the listener that leads to the order probe's sink
 
     def __init__(self, run_dir):
         self.run_dir = run_dir
@@ -86,22 +63,29 @@ class Service:
         raise NotImplementedError
 
     def start(self, timeout=20.0):
+        self.pick_ports()
         self.write_config()
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=self._log,
                                      stderr=subprocess.STDOUT, cwd=self.cwd or self.run_dir,
                                      start_new_session=True)
         deadline = time.monotonic() + timeout
-        while listening(self.port) < self.listeners:
+        while any(listening(p) < self.listeners for p in self.ready_ports()):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError("%s did not start listening on %d; see %s:\n%s" % (
-                    self.name, self.port, self.log_path, self.log_tail()))
+                raise RuntimeError("%s did not start listening on %s; see %s:\n%s" % (
+                    self.name, self.ready_ports(), self.log_path, self.log_tail()))
             time.sleep(0.05)
         time.sleep(0.3)  # let multi-process targets finish forking their workers
 
     def write_config(self):
         pass
+
+    def pick_ports(self):
+        """Choose listening ports right before each start (see ``free_port``)."""
+
+    def ready_ports(self):
+        return [p for p in (self.port, self.order_port) if p is not None]
 
     def log_size(self):
         try:
@@ -162,10 +146,12 @@ class Direct:
 
     name = "direct"
     pid = None
-    note = "no proxy; clients connect to mosquitto"
+    workers = 0
+    note = "no proxy; clients connect to mosquitto (the order probe: to its sink)"
 
-    def __init__(self, broker):
+    def __init__(self, broker, sink_port):
         self.broker = broker
+        self.order_port = sink_port
 
     @property
     def port(self):
@@ -187,19 +173,22 @@ class Direct:
 class HAProxy(Service):
     name = "haproxy"
 
-    def __init__(self, run_dir, binary, broker_port, nofile):
+    def __init__(self, run_dir, binary, broker_port, nofile, sink_port):
         super().__init__(run_dir)
         self.binary, self.broker_port, self.nofile = binary, broker_port, nofile
-        self.port = free_port()
+        self.sink_port = sink_port
         self.maxconn = min(30000, (nofile - 100) // 2)  # two fds a session
         self.conf = os.path.join(run_dir, "haproxy.cfg")
         self.note = "mode tcp, nbthread 1, maxconn %d, ulimit-n %d, chash on the MQTT " \
             "client id" % (self.maxconn, nofile)
 
+    def pick_ports(self):
+        self.port, self.order_port = free_port(), free_port()
+
     def write_config(self):
         with open(self.conf, "w") as fh:
             fh.write(configs.haproxy(HOST, self.port, self.broker_port, self.maxconn,
-                                     self.nofile))
+                                     self.nofile, self.order_port, self.sink_port))
 
     def command(self):
         return [self.binary, "-db", "-f", self.conf]
@@ -208,50 +197,81 @@ class HAProxy(Service):
 class Nginx(Service):
     name = "nginx"
 
-    def __init__(self, run_dir, binary, broker_port, nofile):
+    def __init__(self, run_dir, binary, broker_port, nofile, sink_port):
         super().__init__(run_dir)
         self.binary, self.broker_port, self.nofile = binary, broker_port, nofile
-        self.port = free_port()
+        self.sink_port = sink_port
         self.worker_connections = min(30000, nofile)
         self.conf = os.path.join(run_dir, "nginx.conf")
         self.note = "stream module, worker_processes 1 (+ master), worker_connections %d; " \
             "plain proxy_pass (nginx cannot hash on the MQTT client id)" % self.worker_connections
 
+    def pick_ports(self):
+        self.port, self.order_port = free_port(), free_port()
+
     def write_config(self):
         with open(self.conf, "w") as fh:
             fh.write(configs.nginx(HOST, self.port, self.broker_port, NGINX_STREAM_MODULE,
-                                   self.run_dir, self.nofile, self.worker_connections))
+                                   self.run_dir, self.nofile, self.worker_connections,
+                                   self.order_port, self.sink_port))
 
     def command(self):
         return [self.binary, "-p", self.run_dir, "-e", self.log_path, "-c", self.conf]
 
 
 class Gproxy(Service):
-    def __init__(self, run_dir, name, python, broker_port, extra_args=(), workers=1):
+    websocket = True  # its mqtt-proxy route also takes MQTT over WebSocket (the ws workloads)
+
+    def __init__(self, run_dir, name, python, broker_port, sink_port, extra_args=(), workers=1,
+                 own_python=True):
         self.name = name
-        self.listeners = workers  # each SO_REUSEPORT worker binds its own
+        self.listeners = self.workers = workers  # each SO_REUSEPORT worker binds its own
         super().__init__(run_dir)
         self.python, self.broker_port, self.extra_args = python, broker_port, list(extra_args)
-        self.port = free_port()
-        self.admin_port = free_port()
-        # Run from the repository so the working tree is what gets measured; the
-        # config dir is not called "gproxy/", which would shadow the package.
-        self.cwd = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        self.sink_port = sink_port
         self.dir = os.path.join(run_dir, "conf-" + name)
         os.makedirs(self.dir, exist_ok=True)
+        # With the harness's own interpreter, run from the repository so the
+        # working tree is what gets measured; another interpreter (an older
+        # build in its own venv) runs from the config dir and imports its own
+        # gproxy.  The config dir is not called "gproxy/", which would shadow it.
+        self.cwd = ROOT if own_python else self.dir
         self.conf = os.path.join(self.dir, "config.yaml")
         self.note = "mqtt-proxy route, chash on mqtt_client_id, max_connections 20000" + (
-            ", args: %s" % " ".join(self.extra_args) if self.extra_args else "")
+            ", args: %s" % " ".join(self.extra_args) if self.extra_args else "") + (
+            "" if own_python else ", interpreter %s" % python)
+
+    def pick_ports(self):
+        self.port, self.order_port, self.admin_port = free_port(), free_port(), free_port()
 
     def write_config(self):
         with open(self.conf, "w") as fh:
-            fh.write(configs.gproxy(HOST, self.port, self.admin_port))
+            fh.write(configs.gproxy(HOST, self.port, self.admin_port, self.order_port))
         with open(os.path.join(self.dir, "apisix.yaml"), "w") as fh:
-            fh.write(configs.gproxy_routes(HOST, self.broker_port))
+            fh.write(configs.gproxy_routes(HOST, self.port, self.broker_port, self.order_port,
+                                           self.sink_port))
 
     def command(self):
         return [self.python, "-m", "gproxy", "-c", self.conf, "--log-level", "warn"] + \
             self.extra_args
+
+
+class GproxyEmbedded(Gproxy):
+    """gproxy started by ``gproxy.start()`` in an unpatched program (bench/embedded.py)."""
+
+    def __init__(self, run_dir, python, broker_port, sink_port, own_python=True):
+        super().__init__(run_dir, "gproxy-embedded", python, broker_port, sink_port,
+                         own_python=own_python)
+        self.note = "mqtt-proxy route, chash on mqtt_client_id, gproxy.start() in a thread" + (
+            "" if own_python else ", interpreter %s" % python)
+
+    def command(self):
+        if self.cwd == ROOT:
+            return [self.python, "-m", "bench.embedded", self.conf]
+        # Another interpreter runs outside this checkout (see Gproxy): hand it the
+        # program's text, so it imports its own gproxy and nothing from here.
+        with open(os.path.join(ROOT, "bench", "embedded.py")) as fh:
+            return [self.python, "-c", fh.read(), self.conf]
 
 
 def gproxy_has_workers(python, cwd):

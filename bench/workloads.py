@@ -1,4 +1,4 @@
-"""The four workloads, seen from the harness: start workers, sample /proc, reduce.
+"""The workloads, seen from the harness: start workers, sample /proc, reduce.
 
 Each function takes a started target (``port``, ``pid`` or None for direct),
 the broker and the options, runs for a bounded time and returns a flat dict of
@@ -12,7 +12,7 @@ import os
 import time
 from array import array
 
-from bench import loadgen, procstat
+from bench import loadgen, pinning, procstat
 from bench.targets import HOST
 
 CTX = multiprocessing.get_context("fork")
@@ -58,6 +58,19 @@ def _sleep_until(t):
         time.sleep(min(left, 0.1))
 
 
+def settle(target, limit=3.0, quiet=0.05):
+    """Wait (up to ``limit`` s) until the proxy tree is nearly idle: the end of a
+    workload that closed thousands of sessions must not spill into the next."""
+    if target.pid is None:
+        return
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        c0 = _cpu(target.pid)
+        time.sleep(0.2)
+        if _cpu(target.pid) - c0 <= quiet * 0.2:
+            return
+
+
 def percentile(sorted_values, p):
     """Nearest-rank percentile of an already sorted sequence (None if empty)."""
     if not sorted_values:
@@ -74,19 +87,30 @@ def _merge_errors(results):
     return errors
 
 
-def conn_rate(target, broker, opts, prefix):
-    """N processes: connect + CONNECT + CONNACK + DISCONNECT + close, for a duration."""
+def conn_rate(target, broker, opts, prefix, ws=False, duration=None, cpus=None):
+    """N processes: connect + CONNECT + CONNACK + DISCONNECT + close, for a duration.
+
+    ``ws``: the same over WebSocket (upgrade first), for targets that speak it;
+    the metrics are then named ``wsconn_*``.  ``cpus`` = (proxy CPUs, load
+    CPUs) in the per-core mode: how busy each side's CPUs were is reported too.
+    """
+    if ws and not getattr(target, "websocket", False):
+        return {}
     addr = (HOST, target.port)
+    wall = duration or opts.conn_duration
     start_at = time.time() + 0.5 + 0.02 * opts.conn_procs
     workers = [_spawn(loadgen.conn_worker, addr, prefix + b"%02d-" % i, start_at,
-                      opts.conn_duration, opts.timeout) for i in range(opts.conn_procs)]
+                      wall, opts.timeout, ws) for i in range(opts.conn_procs)]
+    sides = cpus or ()
     try:
         _sleep_until(start_at)
         proxy0, broker0 = _cpu(target.pid), _cpu(broker.pid)
         busy0 = procstat.machine_busy_seconds()
-        time.sleep(opts.conn_duration)
+        side0 = [procstat.machine_busy_seconds(c) for c in sides]
+        time.sleep(wall)
         proxy1, broker1 = _cpu(target.pid), _cpu(broker.pid)
         busy1 = procstat.machine_busy_seconds()
+        side1 = [procstat.machine_busy_seconds(c) for c in sides]
         deadline = time.monotonic() + opts.timeout + 15
         results = [_receive(pipe, deadline) for _, pipe in workers]
     finally:
@@ -98,7 +122,6 @@ def conn_rate(target, broker, opts, prefix):
     lat = sorted(lat)
     ok = len(lat)
     missing = sum(1 for r in results if r is None)
-    wall = opts.conn_duration
     out = {"conn_rate": ok / wall,
            "conn_p50_ms": _ms(percentile(lat, 50)), "conn_p99_ms": _ms(percentile(lat, 99)),
            "conn_ok": ok, "conn_errors": _merge_errors(results),
@@ -109,7 +132,10 @@ def conn_rate(target, broker, opts, prefix):
            "conn_loadgen_cores": sum(r["cpu"] for r in results if r) / wall}
     if missing:
         out["conn_errors"]["worker_lost"] = missing
-    return out
+    for name, c, b0, b1 in zip(("conn_proxy_side_busy", "conn_load_side_busy"), sides,
+                               side0, side1):
+        out[name] = (b1 - b0) / wall if c else None  # direct: no proxy CPU
+    return {("ws" + k if ws else k): v for k, v in out.items()}
 
 
 def _ms(seconds):
@@ -165,23 +191,32 @@ def idle(target, broker, opts, prefix):
     return out
 
 
-def throughput(target, broker, opts, prefix, payload_size, label):
-    """One publisher, one subscriber, both through the target; MB/s at the subscriber."""
+def throughput(target, broker, opts, prefix, payload_size, key, ws=False, duration=None,
+               lead=1.0, cpus=None):
+    """One publisher, one subscriber, both through the target; MB/s at the subscriber.
+
+    ``ws``: both speak MQTT over WebSocket (MB/s of MQTT bytes, frame headers
+    not counted), for targets that speak it.  ``lead`` s are allowed for the
+    subscriber to subscribe; ``cpus`` is unused (the per-core mode passes it).
+    """
+    if ws and not getattr(target, "websocket", False):
+        return {}
     addr = (HOST, target.port)
     topic = b"bench/" + prefix
     received = CTX.RawValue("q", 0)
-    warmup, duration = 0.5, opts.tput_duration
-    go_at = time.time() + 2.0
+    warmup, duration = 0.5, duration or opts.tput_duration
+    go_at = time.time() + lead
     start_at = go_at + warmup
     end_at = start_at + duration
     sub = _spawn(loadgen.subscriber, addr, prefix + b"sub", topic, received, start_at,
-                 duration, opts.timeout)
+                 duration, opts.timeout, ws)
     workers = [sub]
     try:
-        if _receive(sub[1], time.monotonic() + 1.8) != "subscribed":
+        if _receive(sub[1], time.monotonic() + lead - 0.2) != "subscribed":
             raise RuntimeError("subscriber did not subscribe in time")
         workers.append(_spawn(loadgen.publisher, addr, prefix + b"pub", topic, payload_size,
-                              received, go_at, end_at + 0.2, opts.tput_window, opts.timeout))
+                              received, go_at, end_at + 0.2, opts.tput_window, opts.timeout,
+                              256 * 1024, ws))
         _sleep_until(start_at)
         proxy0 = _cpu(target.pid)
         broker0 = _cpu(broker.pid)
@@ -194,7 +229,7 @@ def throughput(target, broker, opts, prefix, payload_size, label):
     if not sub_r or not pub_r or not sub_r["bytes"]:
         raise RuntimeError("throughput run failed: subscriber=%r publisher=%r" % (sub_r, pub_r))
     got, seconds = sub_r["bytes"], sub_r["seconds"]
-    p = "tput%s_" % label
+    p = key + "_"
     return {p + "MBps": got / seconds / 1e6,
             p + "cpu_s_per_GB": (proxy1 - proxy0) / (got / 1e9) if target.pid else None,
             p + "proxy_cores": (proxy1 - proxy0) / duration if target.pid else None,
@@ -203,74 +238,64 @@ def throughput(target, broker, opts, prefix, payload_size, label):
             p + "window_waits": pub_r["waits"]}
 
 
-class _Pinned:
-    """Pin processes to one CPU for a while, then give each its old affinity back.
-
-    Used for the ping workload: on a small VM a round trip that crosses CPUs
-    pays the idle CPU's wake-up (it varied 3x between identical runs), which
-    says nothing about the proxy; on one CPU the figure is the proxy's own
-    path (plus two context switches per hop).
-    """
-
-    def __init__(self, pids, cpu):
-        self.pids, self.cpu, self.saved = [p for p in pids if p is not None], cpu, {}
-
-    def __enter__(self):
-        for pid in self.pids:
-            try:
-                self.saved[pid] = os.sched_getaffinity(pid)
-                os.sched_setaffinity(pid, {self.cpu})
-            except OSError:
-                pass
-        return self
-
-    def __exit__(self, *exc):
-        for pid, cpus in self.saved.items():
-            try:
-                os.sched_setaffinity(pid, cpus)
-            except OSError:
-                pass  # it exited
-
-
 def ping(target, broker, opts, prefix):
-    """PINGREQ/PINGRESP round trips, one at a time, over one established session."""
+    """PINGREQ/PINGRESP round trips, one at a time, over one established session.
+
+    During the run the client (this process), the proxy tree and the broker
+    are pinned to one CPU (``--ping-no-pin``: not): on a small VM a round trip
+    that crosses CPUs pays the idle CPU's wake-up (it varied 3x between
+    identical runs), which says nothing about the proxy; on one CPU the figure
+    is the proxy's own path (plus two context switches per hop).
+    """
+    with pinned_for_ping(target, broker, opts):
+        s = ping_loop((HOST, target.port), prefix + b"ping", opts, count=opts.ping_count)
+    return {"ping_p50_us": percentile(s, 50) * 1e6, "ping_p99_us": percentile(s, 99) * 1e6,
+            "ping_count": len(s)}
+
+
+def pinned_for_ping(target, broker, opts):
     pids = [0]  # this process: the client
     if opts.ping_pin:
         for root in (target.pid, broker.pid):
             pids += procstat.descendants(root) if root else []
     cpu = max(os.sched_getaffinity(0))
-    with _Pinned(pids if opts.ping_pin else [], cpu):
-        return _ping(target, opts, prefix)
+    return pinning.Pinned([(pids if opts.ping_pin else [], {cpu})])
 
 
-def _ping(target, opts, prefix):
-    addr = (HOST, target.port)
-    sock = loadgen.mqtt_session(addr, prefix + b"ping", opts.timeout)
+def ping_loop(addr, client_id, opts, count=None, seconds=None, warmup=200):
+    """Sorted round-trip times (s) of ``count`` pings, or as many as fit in ``seconds``."""
+    sock = loadgen.mqtt_session(addr, client_id, opts.timeout)
     samples = array("d")
-    deadline = time.monotonic() + opts.ping_timeout
     clock = time.perf_counter
+    deadline = time.monotonic() + opts.ping_timeout
+    if seconds is not None:
+        deadline = min(deadline, time.monotonic() + seconds)
     try:
-        for i in range(opts.ping_count + 200):
+        i = 0
+        while count is None or i < count + warmup:
             t0 = clock()
             sock.sendall(b"\xc0\x00")
             if loadgen.recv_exact(sock, 2) != b"\xd0\x00":
                 raise RuntimeError("bad PINGRESP")
-            if i >= 200:  # the first 200 warm caches and the scheduler
+            if i >= warmup:  # the first ones warm caches and the scheduler
                 samples.append(clock() - t0)
+            i += 1
             if time.monotonic() > deadline:
                 break
         sock.sendall(b"\xe0\x00")
     finally:
         sock.close()
-    s = sorted(samples)
-    return {"ping_p50_us": percentile(s, 50) * 1e6, "ping_p99_us": percentile(s, 99) * 1e6,
-            "ping_count": len(s)}
+    return sorted(samples)
 
 
 WORKLOADS = {
     "idle": idle,
     "ping": ping,
     "conn": conn_rate,
-    "tput64": lambda t, b, o, p: throughput(t, b, o, p, 64, "64"),
-    "tput16k": lambda t, b, o, p: throughput(t, b, o, p, 16 * 1024, "16k"),
+    "tput64": lambda t, b, o, p: throughput(t, b, o, p, 64, "tput64"),
+    "tput16k": lambda t, b, o, p: throughput(t, b, o, p, 16 * 1024, "tput16k"),
+    # MQTT over WebSocket: gproxy only (the other targets would need an HTTP front)
+    "wsconn": lambda t, b, o, p: conn_rate(t, b, o, p, ws=True),
+    "wstput64": lambda t, b, o, p: throughput(t, b, o, p, 64, "wstput64", ws=True),
+    "wstput16k": lambda t, b, o, p: throughput(t, b, o, p, 16 * 1024, "wstput16k", ws=True),
 }

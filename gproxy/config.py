@@ -135,6 +135,21 @@ def _admin_keys(value, key):
     return value
 
 
+def _optional_text(value, key):
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ConfigError("%s: expected a non-empty string or null, got %r" % (key, value))
+    return value
+
+
+def _etcd_hosts(value, key):
+    if isinstance(value, str):
+        value = [value]
+    if (not isinstance(value, list) or not value or not all(
+            isinstance(v, str) and re.match(r"^https?://[^/]+$", v.rstrip("/")) for v in value)):
+        raise ConfigError("%s: expected a list of http(s)://host:port URLs, got %r" % (key, value))
+    return [v.rstrip("/") for v in value]
+
+
 _number = _typed((int, float), lambda v: v > 0, "a number > 0")
 _count = _typed(int, lambda v: v > 0, "an integer > 0")
 _bool = _typed(bool)
@@ -145,7 +160,7 @@ SETTINGS = [
      "stream listeners: port, \"ip:port\", \"ip:lo-hi\" or {addr, tls}"),
     ("apisix.stream_proxy.only", True, _bool, "accepted for APISIX compatibility"),
     ("apisix.proxy_mode", "http&stream", _choice("http", "stream", "http&stream"),
-     "accepted for APISIX compatibility; gproxy always proxies streams"),
+     "http turns the stream proxy off, as in APISIX 3.5+; stream or http&stream keep it"),
     ("apisix.enable_admin", True, _bool, "serve the Admin API and dashboard"),
     ("deployment.admin.admin_listen.ip", "127.0.0.1", _typed(str), "Admin API address"),
     ("deployment.admin.admin_listen.port", 9080, _port, "Admin API port"),
@@ -158,6 +173,21 @@ SETTINGS = [
     ("deployment.admin.enable_admin_cors", True, _bool, "send CORS headers"),
     ("nginx_config.error_log_level", "warn", _choice(*LOG_LEVELS), "log level"),
     ("gproxy.store.backend", "file", _choice("file"), "where routes live"),
+    ("deployment.role", "traditional", _choice("traditional", "data_plane"),
+     "APISIX's role; its config_provider picks the store"),
+    ("deployment.role_traditional.config_provider", "yaml", _choice("yaml", "etcd"),
+     "yaml: the store file (gproxy.store.path); etcd: shared routes on deployment.etcd"),
+    ("deployment.role_data_plane.config_provider", "yaml", _choice("yaml", "etcd"),
+     "as role_traditional.config_provider, for APISIX data-plane configs"),
+    ("deployment.etcd.host", ["http://127.0.0.1:2379"], _etcd_hosts, "etcd endpoints"),
+    ("deployment.etcd.prefix", "/apisix", _typed(str, lambda v: v.startswith("/"),
+                                                 "a key prefix starting with /"),
+     "etcd key prefix: <prefix>/stream_routes/<id>, <prefix>/upstreams/<id>"),
+    ("deployment.etcd.timeout", 30, _number, "seconds an etcd request may take"),
+    ("deployment.etcd.watch_timeout", 50, _number,
+     "seconds an idle watch waits before it is re-opened from its revision"),
+    ("deployment.etcd.health_check_timeout", 10, _number,
+     "seconds an etcd endpoint that failed 3 times is skipped"),
     ("gproxy.store.path", "apisix.yaml", _typed(str),
      "store file, relative to the config file's directory"),
     ("gproxy.store.watch_interval", 1.0, _number, "seconds between checks for hand edits"),
@@ -174,7 +204,7 @@ SETTINGS = [
      "chash ring: APISIX-exact CRC32 ring, or uhashring's ketama"),
     ("gproxy.shutdown.grace", 5.0, _typed((int, float), lambda v: v >= 0, "a number >= 0"),
      "seconds SIGTERM gives live sessions to end cleanly (DISCONNECT at a packet boundary)"),
-    ("gproxy.shutdown.server_reference", "", _typed(str),
+    ("gproxy.shutdown.server_reference", None, _optional_text,
      "a peer gproxy (host:port) for MQTT 5 clients: set, shutdown sends 0x9C Use another "
      "server with this Server Reference instead of 0x8B Server shutting down"),
     ("apisix.enable_control", True, _bool, "serve the control API (GET /v1/healthcheck)"),
@@ -190,6 +220,10 @@ SETTINGS = [
     ("gproxy.admin.timeout", 30.0, _number,
      "seconds an HTTP client has to send a request's headers, and may stay idle between "
      "requests, on the admin, control and metrics listeners"),
+    ("gproxy.evict.server_reference", None, _optional_text,
+     "Server Reference sent to MQTT 5 clients in the DISCONNECT (0x9C) of an eviction"),
+    ("gproxy.evict.grace", 5.0, _number,
+     "seconds an evicted session has to reach a packet boundary before it is cut"),
 ]
 _DECLARED = {key for key, *_ in SETTINGS}
 _PARENTS = {key.rsplit(".", i)[0] for key in _DECLARED for i in range(1, key.count(".") + 1)}
@@ -222,13 +256,21 @@ def _flatten(tree, prefix=""):
 
 
 class Config:
-    """Validated settings: ``cfg["gproxy.preread.timeout"]``; ``cfg.path`` is the file."""
+    """Validated settings: ``cfg["gproxy.preread.timeout"]``; ``cfg.path`` is the file.
+
+    ``stream_enabled`` is APISIX's stream switch: off when the config has no
+    ``apisix.stream_proxy`` (APISIX <= 3.4's rule) or says ``proxy_mode:
+    http`` (3.5+).  ``Config()`` (no config file at all) keeps the stream
+    proxy on, on the default listener.
+    """
 
     def __init__(self, raw=None, path=None):
+        defaults_only = raw is None and path is None
         raw = raw or {}
         if not isinstance(raw, dict):
             raise ConfigError("config: expected a mapping at the top level")
         self.raw = raw  # as read: a worker process rebuilds its Config from it
+        raw = _admin_off(raw)
         self.path = path
         self.base_dir = os.path.dirname(os.path.abspath(path)) if path else os.getcwd()
         self.values = {key: default for key, default, *_ in SETTINGS}
@@ -243,9 +285,18 @@ class Config:
         for key, check in validators.items():
             self.values[key] = check(self.values[key], key)
         self._check_admin_exposure()
+        self.stream_enabled = self["apisix.proxy_mode"] != "http" and (
+            defaults_only or (raw.get("apisix") or {}).get("stream_proxy") is not None)
 
     def __getitem__(self, key):
         return self.values[key]
+
+    @property
+    def store_backend(self):
+        """``etcd`` or ``file``, from APISIX's role and its config_provider."""
+        role = self["deployment.role"]
+        provider = self["deployment.role_%s.config_provider" % role]
+        return "etcd" if provider == "etcd" else "file"
 
     @property
     def store_path(self):
@@ -265,6 +316,16 @@ class Config:
                 "deployment.admin.admin_key: the default admin key must not be used on "
                 "the non-loopback admin address %s; set deployment.admin.admin_key to "
                 "[{name: admin, key: <your own random key>, role: admin}]" % host)
+
+
+def _admin_off(raw):
+    """``deployment.admin: false`` is short for ``apisix.enable_admin: false``."""
+    deployment, apisix = raw.get("deployment"), raw.get("apisix") or {}
+    if (not isinstance(deployment, dict) or deployment.get("admin") is not False
+            or not isinstance(apisix, dict)):
+        return raw
+    deployment = {k: v for k, v in deployment.items() if k != "admin"}
+    return dict(raw, deployment=deployment, apisix=dict(apisix, enable_admin=False))
 
 
 def load(path):

@@ -44,3 +44,41 @@ class Reject(GproxyError):
         super().__init__(message % args if args else message)
         self.reason = reason
         self.level = level
+
+
+class StoreUnavailable(GproxyError, OSError):
+    """The store cannot be reached (etcd down); ``str(exc)`` is APISIX's message.
+
+    An OSError, so a store that cannot load at start-up is reported like an
+    unreadable file; the Admin API answers it with 503 ``{"error_msg": ...}``.
+    """
+
+
+class HandshakeError(GproxyError):
+    """A WebSocket upgrade request gproxy refuses (RFC 6455 §4.2.1-4.2.2).
+
+    ``status`` is the HTTP status to answer with, ``headers`` extra response
+    header lines (``Sec-WebSocket-Version: 13`` for a 426), ``reason`` a
+    short token for counters; ``str(exc)`` is the log line.
+    """
+
+    def __init__(self, status, message, reason="ws_bad_request", headers=()):
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.headers = tuple(headers)
+
+
+class FrameError(GproxyError):
+    """A WebSocket frame stream gproxy must fail (RFC 6455 §7.1.7).
+
+    ``code`` is the close status to send (§7.4.1: 1002 protocol error, 1003
+    unsupported data, 1007 invalid payload, 1009 too big); ``events`` are the
+    events parsed before the error, in order; ``str(exc)`` is the log line.
+    """
+
+    def __init__(self, code, message, reason="ws_protocol_error"):
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+        self.events = []

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install what the benchmark needs on a fresh Debian machine, then run it.
-#   bash scripts/bench.sh --quick        # ~2 minutes, what CI runs
+#   bash scripts/bench.sh --quick        # ~3 minutes, what CI runs
 #   bash scripts/bench.sh                # full: 3 rounds, 10k idle connections
 # Debian packages: mosquitto, haproxy, nginx-light + libnginx-mod-stream (the
 # comparison targets). Python packages go into .venv, created here.

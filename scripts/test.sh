@@ -6,9 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# mosquitto: brokers for the integration tests; chromium: the dashboard's browser tests.
+# mosquitto: brokers for the integration tests; chromium: the dashboard's browser tests;
+# etcd-server and etcd-client (etcdctl): the etcd store's tests.
 bash scripts/apt-need.sh mosquitto=/usr/sbin/mosquitto \
-    mosquitto-clients=/usr/bin/mosquitto_sub chromium=/usr/bin/chromium
+    mosquitto-clients=/usr/bin/mosquitto_sub chromium=/usr/bin/chromium \
+    etcd-server=/usr/bin/etcd etcd-client=/usr/bin/etcdctl
 
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv

@@ -1,35 +1,18 @@
-// Live connections: totals, sessions per node (with each node's health-check
-// status), and the sessions table, polled every second from
-// /apisix/admin/gproxy/{sessions,stats,health} while the page is open.
+// Live connections: totals and sessions per node from the registry's counters
+// (/gproxy/stats), and one page of sessions at a time (/gproxy/sessions with
+// page, page_size, filters and sort done by gproxy), polled every second while
+// the page is open.  Rows are keyed by session id and updated in place, so a
+// poll touches only the text that changed and never renders more than a page.
 
 import {api, enc, listValues} from "./api.js";
-import {$, $$, h, clear, setText, setOptions} from "./dom.js";
-import {ago, bytes, count, dateTime, duration, hostPort, mqttVersion, nodeList, nodeAddr} from "./format.js";
+import {$, $$, h, setText, setOptions} from "./dom.js";
+import {ago, bytes, count, dateTime, duration, hostPort, mqttVersion} from "./format.js";
+import {createNodes, healthByNode} from "./nodes.js";
 
 const POLL_MS = 1000;
-const CONFIG_EVERY = 10;  // re-read routes/upstreams (for idle nodes, route names) every 10 polls
-
-const COLUMNS = {
-  id: (s) => sessionOrder(s.id),
-  client: (s) => `${s.client_addr}\u0000${String(s.client_port).padStart(5, "0")}`,
-  client_id: (s) => s.client_id ?? "",
-  protocol_level: (s) => s.protocol_level ?? -1,
-  route_id: (s) => s.route_id ?? "",
-  node: (s) => s.node ?? "",
-  state: (s) => s.state ?? "",
-  bytes_in: (s) => s.bytes_in,
-  bytes_out: (s) => s.bytes_out,
-  connected_at: (s) => s.connected_at,
-};
-
-// "1234-17" sorts as (1234, 17), not as text.
-function sessionOrder(id) {
-  const m = /^(.*)-(\d+)$/.exec(String(id));
-  return m ? `${m[1]}-${m[2].padStart(12, "0")}` : String(id);
-}
+const CONFIG_EVERY = 5;  // re-read routes/upstreams and what would move every 5 polls
 
 function compare(a, b) {
-  if (typeof a === "number" && typeof b === "number") return a - b;
   return String(a).localeCompare(String(b), "en", {numeric: true});
 }
 
@@ -38,22 +21,30 @@ export function createConnections(section, ctx) {
   const tbody = $("tbody", table);
   const empty = $("[data-role=empty]", section);
   const filterBox = $("#session-filter", section);
+  const nodeSel = $("#filter-node", section);
+  const routeSel = $("#filter-route", section);
+  const stateSel = $("#filter-state", section);
   const countLabel = $("[data-role=count]", section);
+  const pageLabel = $("[data-role=page]", section);
+  const prev = $("#page-prev", section);
+  const next = $("#page-next", section);
+  const sizeSel = $("#page-size", section);
   const updated = $("[data-role=updated]", section);
-  const bars = $("#node-bars", section);
-  const barsEmpty = $("[data-role=bars-empty]", section);
   const reasons = $("[data-role=reasons]", section);
   const bulkRoute = $("#bulk-route", section);
   const bulkButton = $("#bulk-disconnect", section);
+  const nodes = createNodes($(".chart-card", section), ctx, (now) => { if (now) polls = 0; poll(); });
 
   const rows = new Map();  // session id -> <tr>, reused so clicks never hit a vanished button
-  let sessions = [];
+  const cellsOf = new WeakMap();  // <tr> -> {column name: <td>}
   let sort = {key: "connected_at", dir: 1};
+  let page = 1;
+  let total = 0;
+  let perRoute = {};
   let timer = null;
   let running = false;
   let polls = 0;
   let routeIds = [];
-  let configuredNodes = [];
   let failing = false;
   let inflight = false;
   let bulkPicked = false;
@@ -63,22 +54,38 @@ export function createConnections(section, ctx) {
     $("button", th).addEventListener("click", () => {
       const key = th.dataset.sort;
       sort = {key, dir: sort.key === key ? -sort.dir : 1};
-      renderTable();
+      page = 1;
+      poll();
     });
   }
-  filterBox.addEventListener("input", () => renderTable());
+  const refilter = () => { page = 1; poll(); };
+  filterBox.addEventListener("input", refilter);
+  for (const sel of [nodeSel, routeSel, stateSel, sizeSel]) sel.addEventListener("change", refilter);
+  prev.addEventListener("click", () => { if (page > 1) { page -= 1; poll(); } });
+  next.addEventListener("click", () => { if (page < pages()) { page += 1; poll(); } });
   bulkButton.addEventListener("click", () => disconnectRoute(bulkRoute.value));
   bulkRoute.addEventListener("change", () => { bulkPicked = true; });
 
+  function pageSize() { return Number(sizeSel.value) || 50; }
+  function pages() { return Math.max(1, Math.ceil(total / pageSize())); }
+
+  function query() {
+    const q = [`page=${page}`, `page_size=${pageSize()}`, `sort=${sort.dir < 0 ? "-" : ""}${sort.key}`];
+    const needle = filterBox.value.trim();
+    if (needle) q.push(`client_id=${enc(needle)}`);
+    if (nodeSel.value) q.push(`node=${enc(nodeSel.value)}`);
+    if (routeSel.value) q.push(`route_id=${enc(routeSel.value)}`);
+    if (stateSel.value) q.push(`state=${enc(stateSel.value)}`);
+    return q.join("&");
+  }
+
   async function loadConfig() {
     try {
-      const [routes, upstreams] = await Promise.all([listValues("stream_routes"), listValues("upstreams")]);
+      const [routes, upstreams, moving] = await Promise.all([listValues("stream_routes"),
+        listValues("upstreams"), api("GET", "/gproxy/sessions?misplaced=true&page_size=10")]);
       routeIds = routes.map((r) => String(r.id));
-      const nodes = new Set();
-      for (const u of [...routes.map((r) => r.upstream), ...upstreams]) {
-        if (u && typeof u === "object") for (const n of nodeList(u.nodes)) nodes.add(nodeAddr(n));
-      }
-      configuredNodes = [...nodes];
+      nodes.setConfig({routes, upstreams});
+      nodes.setMisplaced(moving.data || {});
     } catch (_) { /* the poll shows API errors */ }
   }
 
@@ -91,14 +98,17 @@ export function createConnections(section, ctx) {
     try {
       if (polls % CONFIG_EVERY === 0) await loadConfig();
       polls += 1;
-      const [list, stats, health] = await Promise.all([api("GET", "/gproxy/sessions"),
+      const [list, stats, health] = await Promise.all([api("GET", `/gproxy/sessions?${query()}`),
         api("GET", "/gproxy/stats"), api("GET", "/gproxy/health")]);
       if (!running) return;
-      sessions = (list.data && list.data.list) || [];
-      renderStats(stats.data || {});
-      renderBars(stats.data && stats.data.per_node, healthByNode((health.data && health.data.list) || []));
+      const st = stats.data || {};
+      perRoute = st.per_route || {};
+      renderStats(st);
+      nodes.render(st.per_node, healthByNode(health.data && health.data.list));
+      renderFilters(st.per_node || {});
       renderBulk();
-      renderTable();
+      renderTable(list.data || {});
+      if (await nodes.pollJobs()) polls = 0;  // re-read what would move on the next poll
       setText(updated, `Updated ${dateTime(Date.now() / 1000).slice(11)}.`);
       updated.classList.remove("stale");
       if (failing) ctx.clearError();
@@ -122,11 +132,13 @@ export function createConnections(section, ctx) {
     setText($("[data-stat=bytes_in]", section), bytes(st.bytes_in));
     setText($("[data-stat=bytes_out]", section), bytes(st.bytes_out));
     const rejected = st.rejected || {};
-    const total = Object.values(rejected).reduce((a, b) => a + b, 0);
-    setText($("[data-stat=rejected]", section), count(total));
-    clear(reasons);
-    for (const [reason, n] of Object.entries(rejected).sort((a, b) => b[1] - a[1])) {
-      reasons.appendChild(h("li", {"data-reason": reason}, h("span", {className: "mono"}, reason), ` ${count(n)}`));
+    setText($("[data-stat=rejected]", section), count(Object.values(rejected).reduce((a, b) => a + b, 0)));
+    const items = Object.entries(rejected).sort((a, b) => b[1] - a[1]);
+    const same = items.length === reasons.children.length &&
+      items.every(([r, n], i) => reasons.children[i].dataset.reason === r && reasons.children[i].dataset.n === String(n));
+    if (!same) {
+      reasons.replaceChildren(...items.map(([reason, n]) => h("li", {"data-reason": reason, "data-n": String(n)},
+        h("span", {className: "mono"}, reason), ` ${count(n)}`)));
     }
     const since = $("[data-stat=started_at]", section);
     if (typeof st.started_at === "number") {
@@ -135,50 +147,27 @@ export function createConnections(section, ctx) {
     }
   }
 
-  // "ip:port" -> the worst status any health checker reports for that node.
-  const WORST = ["healthy", "mostly_healthy", "mostly_unhealthy", "unhealthy"];
-  function healthByNode(checkers) {
-    const out = {};
-    for (const checker of checkers) {
-      for (const n of checker.nodes || []) {
-        const addr = String(n.ip).includes(":") ? `[${n.ip}]:${n.port}` : `${n.ip}:${n.port}`;
-        if (!(addr in out) || WORST.indexOf(n.status) > WORST.indexOf(out[addr])) out[addr] = n.status;
-      }
-    }
-    return out;
+  function keepOptions(select, values, allLabel) {
+    const options = [["", allLabel], ...values.map((v) => [v, v])];
+    const same = options.length === select.options.length && options.every(([v], i) => select.options[i].value === v);
+    if (!same) setOptions(select, options);
   }
 
-  function renderBars(perNode, health) {
-    const counts = Object.assign({}, perNode || {});
-    for (const s of sessions) if (s.node && !(s.node in counts)) counts[s.node] = 0;
-    for (const n of configuredNodes) if (!(n in counts)) counts[n] = 0;
-    for (const n of Object.keys(health || {})) if (!(n in counts)) counts[n] = 0;
-    const entries = Object.entries(counts).sort((a, b) => b[1] - a[1] || compare(a[0], b[0]));
-    const max = Math.max(1, ...entries.map(([, n]) => n));
-    clear(bars);
-    for (const [node, n] of entries) {
-      const fill = h("span", {className: "bar-fill"});
-      fill.style.width = `${(100 * n) / max}%`;
-      const status = (health || {})[node] || "unchecked";
-      bars.appendChild(h("div", {className: "bar-row", role: "listitem", "data-node": node},
-        h("span", {className: "bar-label mono", title: node}, node),
-        h("span", {className: "bar-track"}, fill),
-        h("span", {className: "bar-value", "data-count": String(n)}, count(n)),
-        h("span", {className: `bar-health health-${status}`, "data-health": status,
-          title: status === "unchecked" ? "no health check on this node's upstream" : `health check: ${status}`},
-        status === "unchecked" ? "not checked" : status.replace("_", " "))));
-    }
-    barsEmpty.hidden = entries.length > 0;
+  function renderFilters(perNode) {
+    const nodeNames = new Set([...Object.keys(perNode), ...nodes.nodes]);
+    if (nodeSel.value) nodeNames.add(nodeSel.value);
+    keepOptions(nodeSel, [...nodeNames].sort(compare), "All nodes");
+    const routes = new Set([...routeIds, ...Object.keys(perRoute)]);
+    if (routeSel.value) routes.add(routeSel.value);
+    keepOptions(routeSel, [...routes].sort(compare), "All routes");
   }
 
   function renderBulk() {
-    const ids = new Set(routeIds);
-    for (const s of sessions) if (s.route_id) ids.add(String(s.route_id));
-    const live = {};
-    for (const s of sessions) live[s.route_id] = (live[s.route_id] || 0) + 1;
-    const options = [...ids].sort(compare).map((id) => [id, `${id} (${live[id] || 0} live)`]);
+    const ids = new Set([...routeIds, ...Object.keys(perRoute)]);
+    const live = (id) => perRoute[id] || 0;
+    const options = [...ids].sort(compare).map((id) => [id, `${id} (${live(id)} live)`]);
     // Until the user picks one, offer the route with the most live sessions.
-    const busiest = [...ids].sort((x, y) => (live[y] || 0) - (live[x] || 0) || compare(x, y))[0];
+    const busiest = [...ids].sort((x, y) => live(y) - live(x) || compare(x, y))[0];
     const wanted = bulkPicked && ids.has(bulkRoute.value) ? bulkRoute.value : busiest;
     const same = options.length === bulkRoute.options.length &&
       options.every(([v, label], i) => bulkRoute.options[i].value === v && bulkRoute.options[i].text === label);
@@ -187,38 +176,36 @@ export function createConnections(section, ctx) {
     bulkButton.disabled = !options.length;
   }
 
-  function matches(s, needle) {
-    if (!needle) return true;
-    return [s.client_id, s.route_id, s.node, s.id, hostPort(s.client_addr, s.client_port)]
-      .some((v) => v !== null && v !== undefined && String(v).toLowerCase().includes(needle));
-  }
-
-  function renderTable() {
-    const needle = filterBox.value.trim().toLowerCase();
-    const key = COLUMNS[sort.key] || COLUMNS.connected_at;
-    const shown = sessions.filter((s) => matches(s, needle))
-      .sort((a, b) => sort.dir * compare(key(a), key(b)) || compare(sessionOrder(a.id), sessionOrder(b.id)));
-    const keep = new Set(shown.map((s) => s.id));
+  function renderTable(data) {
+    const list = data.list || [];
+    total = data.total || 0;
+    if (page > pages() && total) { page = pages(); poll(); return; }
+    const keep = new Set(list.map((s) => s.id));
     for (const [id, tr] of rows) {
       if (!keep.has(id)) { tr.remove(); rows.delete(id); }
     }
-    for (const s of shown) {
+    const now = typeof data.now === "number" ? data.now : Date.now() / 1000;
+    list.forEach((s, i) => {
       let tr = rows.get(s.id);
       if (!tr) { tr = newRow(s); rows.set(s.id, tr); }
-      updateRow(tr, s);
-      tbody.appendChild(tr);  // moves it into sorted place
-    }
+      updateRow(tr, s, now);
+      if (tbody.children[i] !== tr) tbody.insertBefore(tr, tbody.children[i] || null);
+    });
     for (const th of $$("th[data-sort]", table)) {
       if (th.dataset.sort === sort.key) th.setAttribute("aria-sort", sort.dir > 0 ? "ascending" : "descending");
       else th.removeAttribute("aria-sort");
     }
-    empty.hidden = shown.length > 0;
-    setText(empty, sessions.length ? "No session matches the filter." : "No live sessions.");
-    const total = sessions.length;
-    setText(countLabel, shown.length === total ? `${total} live` : `${shown.length} of ${total} live`);
+    empty.hidden = list.length > 0;
+    const filtered = filterBox.value.trim() || nodeSel.value || routeSel.value || stateSel.value;
+    setText(empty, filtered ? "No session matches the filter." : "No live sessions.");
+    const first = (page - 1) * pageSize();
+    setText(countLabel, `${count(total)} ${filtered ? "matching" : "live"}`);
+    setText(pageLabel, total ? `${count(first + 1)}–${count(first + list.length)} of ${count(total)} · page ${page} of ${pages()}` : "");
+    prev.disabled = page <= 1;
+    next.disabled = page >= pages();
   }
 
-  const FIELDS = ["id", "client", "client_id", "protocol_level", "route_id", "node", "state",
+  const FIELDS = ["id", "client", "client_id", "protocol_level", "transport", "route_id", "node", "state",
     "bytes_in", "bytes_out", "connected_at"];
 
   function newRow(s) {
@@ -227,31 +214,36 @@ export function createConnections(section, ctx) {
     const button = h("button", {type: "button", className: "btn btn-small btn-danger-outline",
       "data-action": "disconnect", onclick: () => disconnect(s.id, tr)}, "Disconnect");
     const tr = h("tr", {"data-session": s.id}, cells, h("td", {className: "row-actions"}, button));
+    cellsOf.set(tr, Object.fromEntries(FIELDS.map((name, i) => [name, cells[i]])));
     return tr;
   }
 
-  function updateRow(tr, s) {
+  function updateRow(tr, s, now) {
+    const c = cellsOf.get(tr);
     tr.dataset.clientId = s.client_id ?? "";
     tr.dataset.node = s.node ?? "";
     tr.dataset.route = s.route_id ?? "";
-    const cell = (name) => tr.querySelector(`td[data-col=${name}]`);
-    setText(cell("id"), s.id);
-    setText(cell("client"), hostPort(s.client_addr, s.client_port));
-    const cid = cell("client_id");
-    setText(cid, s.client_id === null || s.client_id === undefined ? "–" : s.client_id === "" ? "(empty)" : s.client_id);
-    cid.classList.toggle("muted", !s.client_id);
-    setText(cell("protocol_level"), mqttVersion(s.protocol_level));
-    setText(cell("route_id"), s.route_id ?? "–");
-    setText(cell("node"), s.node ?? "–");
-    const state = cell("state");
-    setText(state, s.state);
-    state.className = `state state-${String(s.state).replace(/[^a-z]/g, "")}`;
-    setText(cell("bytes_in"), bytes(s.bytes_in));
-    cell("bytes_in").title = `${count(s.bytes_in)} bytes`;
-    setText(cell("bytes_out"), bytes(s.bytes_out));
-    cell("bytes_out").title = `${count(s.bytes_out)} bytes`;
-    setText(cell("connected_at"), ago(s.connected_at));
-    cell("connected_at").title = dateTime(s.connected_at);
+    setText(c.id, s.id);
+    setText(c.client, hostPort(s.client_addr, s.client_port));
+    setText(c.client_id, s.client_id === null || s.client_id === undefined ? "–" : s.client_id === "" ? "(empty)" : s.client_id);
+    c.client_id.classList.toggle("muted", !s.client_id);
+    setText(c.protocol_level, mqttVersion(s.protocol_level));
+    // tcp: raw MQTT; ws: MQTT over WebSocket (bytes are MQTT bytes when gproxy unwraps)
+    setText(c.transport, s.transport ?? "tcp");
+    setText(c.route_id, s.route_id ?? "–");
+    setText(c.node, s.node ?? "–");
+    setText(c.state, s.state);
+    const stateClass = `state state-${String(s.state).replace(/[^a-z]/g, "")}`;
+    if (c.state.className !== stateClass) c.state.className = stateClass;
+    setText(c.bytes_in, bytes(s.bytes_in));
+    setText(c.bytes_out, bytes(s.bytes_out));
+    setText(c.connected_at, ago(s.connected_at, now));
+    if (tr.dataset.at !== String(s.connected_at)) {  // titles only for new rows
+      tr.dataset.at = String(s.connected_at);
+      c.connected_at.title = dateTime(s.connected_at);
+    }
+    c.bytes_in.title = `${count(s.bytes_in)} bytes`;
+    c.bytes_out.title = `${count(s.bytes_out)} bytes`;
   }
 
   async function disconnect(id, tr) {
@@ -266,27 +258,22 @@ export function createConnections(section, ctx) {
       button.disabled = false;
       ctx.error(err.status === 404 ? `Session ${id} had already ended.` : `Could not disconnect ${id}: ${err.message}`);
     }
-    refresh();
+    poll();
   }
 
   async function disconnectRoute(routeId) {
     if (!routeId) return;
-    const n = sessions.filter((s) => String(s.route_id) === routeId).length;
+    const n = perRoute[routeId] || 0;
     const ok = await ctx.confirm(`Disconnect route ${routeId}?`,
-      `Close all ${n} live session${n === 1 ? "" : "s"} of stream route ${routeId}. MQTT clients usually reconnect.`,
-      "Disconnect all");
+      `Close all ${n} live session${n === 1 ? "" : "s"} of stream route ${routeId} cleanly (the broker gets a DISCONNECT, ` +
+      `so no Will is published). MQTT clients usually reconnect.`, "Disconnect all");
     if (!ok) return;
     try {
       const {data} = await api("DELETE", `/gproxy/sessions?route_id=${enc(routeId)}`);
-      const closed = (data && data.closed) || [];
-      ctx.toast(`Closed ${closed.length} session${closed.length === 1 ? "" : "s"} of route ${routeId}.`);
+      ctx.toast(`Closing ${data.total} session${data.total === 1 ? "" : "s"} of route ${routeId}.`);
     } catch (err) {
       ctx.error(`Could not disconnect route ${routeId}: ${err.message}`);
     }
-    refresh();
-  }
-
-  function refresh() {
     poll();
   }
 

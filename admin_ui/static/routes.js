@@ -72,12 +72,11 @@ export function createRoutesList(section, ctx) {
 
   async function show() {
     try {
-      const [routes, sessions] = await Promise.all([
+      const [routes, live] = await Promise.all([
         listValues("stream_routes"),
-        api("GET", "/gproxy/sessions").then((r) => r.data.list || []).catch(() => []),
+        // live sessions per route: the registry's counters, not a walk of the sessions
+        api("GET", "/gproxy/stats").then((r) => r.data.per_route || {}).catch(() => ({})),
       ]);
-      const live = {};
-      for (const s of sessions) live[s.route_id] = (live[s.route_id] || 0) + 1;
       clear(tbody);
       for (const route of routes) tbody.appendChild(row(route, live[String(route.id)]));
       empty.hidden = routes.length > 0;

@@ -13,6 +13,7 @@ from werkzeug.exceptions import HTTPException
 
 from gproxy import __version__
 from gproxy.admin import auth
+from gproxy.errors import StoreUnavailable
 from gproxy.admin.extensions import extensions_blueprint
 from gproxy.admin.plugins import plugins_blueprint
 from gproxy.admin.resources import ApiError, json_response, make_resource_blueprint
@@ -33,8 +34,7 @@ def create_app(store, sessions, cfg, extra_blueprints=()):
     """The admin Flask app. ``extra_blueprints`` lets the dashboard plug in."""
     app = Flask("gproxy.admin")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
-    stream_enabled = cfg["apisix.proxy_mode"] != "http"
-    app.register_blueprint(make_resource_blueprint("stream_routes", store, stream_enabled))
+    app.register_blueprint(make_resource_blueprint("stream_routes", store, cfg.stream_enabled))
     app.register_blueprint(make_resource_blueprint("upstreams", store, True))
     app.register_blueprint(plugins_blueprint(PREFIX))
     app.register_blueprint(extensions_blueprint(PREFIX, sessions))
@@ -65,6 +65,12 @@ def create_app(store, sessions, cfg, extra_blueprints=()):
     @app.errorhandler(ApiError)
     def api_error(exc):
         return json_response(exc.body, exc.status)
+
+    @app.errorhandler(StoreUnavailable)
+    def store_unavailable(exc):
+        # APISIX: 503 {"error_msg": <etcd client error>}, e.g. when etcd is down
+        app.logger.error("failed to %s %s in the store: %s", request.method, request.path, exc)
+        return json_response({"error_msg": str(exc)}, 503)
 
     @app.errorhandler(HTTPException)
     def http_error(exc):

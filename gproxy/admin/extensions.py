@@ -1,25 +1,76 @@
 """gproxy's own Admin API extensions under ``/apisix/admin/gproxy/``.
 
-Live sessions, totals, and disconnect, read from whatever ``sessions`` object
-the runtime hands over (one process's registry, or the workers' merged view):
-it offers ``snapshot()``, ``stats()``, ``close(id)`` and ``close_where(route_id)``.
-Key-protected like the rest of the Admin API.
+Live sessions (one page at a time, filtered and sorted where they are kept),
+totals from the registry's counters, disconnect, and evictions (clean ends
+at a rate, with a job to follow).  Everything is read from and done through
+the ``sessions`` object the runtime hands over (one process's
+``LiveSessions`` or the workers' merged view): ``query(spec)``,
+``stats()``, ``close(id)``, ``evictions.start(spec, rate)`` /
+``get(id)`` / ``cancel(id)``; a bad filter raises ValueError.  Paging takes
+APISIX's ``page`` and ``page_size`` with the same bounds and plain-text 400
+(docs/apisix-behaviour.md §6).  Key-protected like the rest of the Admin API.
 """
 
 import time
 
-from flask import Blueprint, request
+from flask import Blueprint, Response, request
 
 from gproxy.admin.resources import ApiError, json_response
+
+DEFAULT_PAGE_SIZE = 100
+FILTERS = ("route_id", "node", "client_id", "client_addr", "state")
+SELECT_HINT = ("give a filter (route_id, node, client_id, client_addr, state, "
+               "misplaced=true), ids=<id,id,...> or all=true")
+
+
+def _int(name, default):
+    try:
+        return int(request.args[name])
+    except (KeyError, ValueError):
+        return default
+
+
+def _spec():
+    """The filters of this request as a query spec (see LiveSessions)."""
+    spec = {name: request.args[name] for name in FILTERS if request.args.get(name)}
+    if request.args.get("misplaced") == "true":
+        spec["misplaced"] = True
+    if request.args.get("ids"):
+        spec["ids"] = [sid for sid in request.args["ids"].split(",") if sid]
+    return spec
+
+
+def _rate():
+    text = request.args.get("rate")
+    if text is None or text == "":
+        return None
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = 0
+    if not rate > 0 or rate == float("inf"):
+        raise ApiError("invalid rate: %s, expect a number of sessions per second > 0" % text)
+    return rate
 
 
 def extensions_blueprint(prefix, sessions):
     bp = Blueprint("gproxy_ext", __name__, url_prefix=prefix + "/gproxy")
 
+    def run(call, *args):
+        try:
+            return call(*args)
+        except ValueError as exc:
+            raise ApiError(str(exc)) from None
+
     @bp.get("/sessions")
     def list_sessions():
-        items = sessions.snapshot()
-        return json_response({"list": items, "total": len(items), "now": time.time()})
+        page, size = max(_int("page", 1), 1), _int("page_size", DEFAULT_PAGE_SIZE)
+        if not 10 <= size <= 500:  # APISIX's bounds and plain-text answer
+            return Response("page_size must be between 10 and 500", 400, mimetype="text/plain")
+        spec = dict(_spec(), sort=request.args.get("sort") or "connected_at",
+                    offset=(page - 1) * size, limit=size)
+        found = run(sessions.query, spec)
+        return json_response(dict(found, page=page, page_size=size, now=time.time()))
 
     @bp.get("/stats")
     def stats():
@@ -32,11 +83,32 @@ def extensions_blueprint(prefix, sessions):
         return json_response({"closed": [session_id]})
 
     @bp.delete("/sessions")
-    def close_sessions():
-        route_id = request.args.get("route_id")
-        if route_id is None and request.args.get("all") != "true":
-            raise ApiError("give route_id=<id> or all=true")
-        return json_response({"closed": sessions.close_where(route_id)})
+    def evict_sessions():
+        spec = _spec()
+        if not spec and request.args.get("all") != "true":
+            raise ApiError(SELECT_HINT)
+        rate = _rate()
+        job = run(sessions.evictions.start, spec, rate)
+        return json_response(job.as_dict())
+
+    @bp.get("/evictions")
+    def list_evictions():
+        jobs = [job.as_dict() for job in sessions.evictions.jobs.values()]
+        return json_response({"list": jobs, "total": len(jobs)})
+
+    @bp.get("/evictions/<job_id>")
+    def get_eviction(job_id):
+        job = sessions.evictions.get(job_id)
+        if job is None:
+            return json_response({"message": "Key not found"}, 404)
+        return json_response(job.as_dict())
+
+    @bp.delete("/evictions/<job_id>")
+    def cancel_eviction(job_id):
+        job = sessions.evictions.cancel(job_id)
+        if job is None:
+            return json_response({"message": "Key not found"}, 404)
+        return json_response(job.as_dict())
 
     return bp
 

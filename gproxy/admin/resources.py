@@ -9,11 +9,11 @@ before the store is touched, so a bad request changes nothing.
 
 import copy
 import json
-import re
 import time
 
 from flask import Blueprint, Response, request
 
+from gproxy.admin.filters import FilterError, ListFilter
 from gproxy.errors import SchemaError
 from gproxy.model.resources import check_stream_route, check_upstream
 
@@ -116,8 +116,11 @@ class Resource:
                      status_new if created else 200)
 
     def list(self):
-        records = sorted(self.store.list(self.name), key=lambda r: r.key)
-        records = [r for r in records if self._filtered(r.value)]
+        try:
+            keep = ListFilter(request.args)
+        except FilterError as exc:
+            raise ApiError(str(exc)) from None
+        records = keep.apply(sorted(self.store.list(self.name), key=lambda r: r.key))
         try:  # like APISIX's v3 adapter: page only when both are numbers
             page, size = int(request.args["page"]), int(request.args["page_size"])
         except (KeyError, ValueError):
@@ -132,25 +135,6 @@ class Resource:
             return json_response({"list": [_record(r) for r in records[start:start + size]],
                           "total": total})
         return json_response({"list": [_record(r) for r in records], "total": len(records)})
-
-    def _filtered(self, value):
-        name = request.args.get("name")
-        if name and not re.search(name, str(value.get("name", ""))):
-            return False
-        label = request.args.get("label")
-        if label:
-            key, _, want = label.partition(":")
-            labels = value.get("labels") or {}
-            if key not in labels or (want and labels[key] != want):
-                return False
-        wanted = dict(request.args.items())
-        field, _, want = request.args.get("filter", "").partition("=")
-        if field:
-            wanted[field] = want
-        for field in ("upstream_id", "service_id"):
-            if field in wanted and str(value.get(field)) != wanted[field]:
-                return False
-        return True
 
     def delete(self, id_):
         if self.name == "upstreams" and request.args.get("force") != "true":

@@ -25,26 +25,27 @@ CHASH_POINTS_PER_WEIGHT = 160
 
 @dataclass(frozen=True)
 class Node:
-    """One broker address. ``host`` is an IP once resolved; ``domain`` keeps the name."""
+    """One broker address. ``host`` is an IP once resolved; ``domain`` keeps the name.
+
+    ``addr`` (``host:port``, IPv6 bracketed, as APISIX prints nodes) and
+    ``dial_host`` are computed once: every session logs and records ``addr``.
+    """
 
     host: str
     port: int
     weight: int = 1
     priority: int = 0
     domain: str = field(default=None, compare=False)
+    addr: str = field(init=False, compare=False, repr=False)
+    dial_host: str = field(init=False, compare=False, repr=False)
 
-    @property
-    def addr(self):
-        """``host:port`` with IPv6 hosts bracketed, as APISIX prints nodes."""
+    def __post_init__(self):
         host = self.host
         if ":" in host and not host.startswith("["):
             host = "[%s]" % host
-        return "%s:%d" % (host, self.port)
-
-    @property
-    def dial_host(self):
-        """Host without IPv6 brackets, for ``socket.connect``."""
-        return self.host.strip("[]")
+        object.__setattr__(self, "addr", "%s:%d" % (host, self.port))
+        # without IPv6 brackets, for socket.connect
+        object.__setattr__(self, "dial_host", self.host.strip("[]"))
 
 
 def _reduced_weights(nodes):

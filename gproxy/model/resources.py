@@ -138,11 +138,25 @@ STREAM_ROUTE_SCHEMA = {
     }),
     "additionalProperties": False,
 }
+#: gproxy's extension (docs/websocket.md): MQTT over WebSocket on the same route.
+#: APISIX's mqtt-proxy schema has no additionalProperties, so APISIX accepts
+#: (and ignores) this key too: a route using it still loads there.
+WEBSOCKET_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "enable": {"type": "boolean"},
+        "path": {"type": "string", "pattern": "^/", "maxLength": 4096},
+        "allow_origins": {"type": "array", "items": {"type": "string", "minLength": 1}},
+        "mode": {"type": "string", "enum": ["terminate", "passthrough"]},
+    },
+    "additionalProperties": False,
+}
 #: mqtt-proxy's schema: no additionalProperties, so the deprecated ``upstream`` is accepted.
 MQTT_PROXY_SCHEMA = {
     "type": "object",
     "properties": {"protocol_name": {"type": "string"},
-                   "protocol_level": {"type": "integer"}},
+                   "protocol_level": {"type": "integer"},
+                   "websocket": WEBSOCKET_SCHEMA},
     "required": ["protocol_level"],
 }
 STREAM_PLUGINS = {"mqtt-proxy": MQTT_PROXY_SCHEMA, "limit-conn": LIMIT_CONN_SCHEMA,
@@ -188,6 +202,9 @@ def check_stream_route(conf, upstream_exists=lambda _id: True):
         raise SchemaError("failed to fetch service info by service id [%s], "
                           "response code: 404" % conf["service_id"])
     check_plugins(conf.get("plugins") or {})
+    if isinstance(conf.get("protocol"), dict):
+        # APISIX's xrpc.check_schema: no xRPC protocol is registered in gproxy
+        raise SchemaError("unknown protocol [%s]" % conf["protocol"]["name"])
 
 
 def check_upstream(conf):

@@ -10,6 +10,7 @@ in load order, whose filters all pass wins.  Pure: no sockets, no DNS.
 
 import ipaddress
 import logging
+import re
 from dataclasses import dataclass
 
 from gproxy.model.balancer import Balancer, Node
@@ -81,15 +82,51 @@ class Upstream:
             self._dns_balancer = self._build(resolved)
         return self._dns_balancer
 
+    @property
+    def last_balancer(self):
+        """The balancer in use now: the static one, or the last DNS answer's (None
+        before the first lookup)."""
+        return self._balancer if self._balancer is not None else self._dns_balancer
+
+    def hash_value(self, found):
+        """The chash key from nginx-style variables ``found`` (str or bytes), or
+        None when it is unset or empty: the caller then falls back to
+        ``remote_addr``, as APISIX does (docs/apisix-behaviour.md §5.3)."""
+        value = None
+        if self.hash_on == "vars":
+            value = found.get(self.key)
+        elif self.hash_on == "vars_combinations" and self.key:
+            value = re.sub(r"\$(\w+)", lambda m: _text(found.get(m.group(1), "")), self.key)
+        return None if value is None or value == "" else value
+
     def tries(self, nnodes):
         """Dial attempts allowed: ``retries`` + 1, default one per node."""
         return nnodes if self.retries is None else self.retries + 1
 
 
 @dataclass(frozen=True)
+class WebSocketConf:
+    """gproxy's ``websocket`` option of mqtt-proxy (docs/websocket.md)."""
+
+    enable: bool = True
+    path: str = None         # None: any path
+    origins: tuple = None    # lower-cased; None: any Origin
+    passthrough: bool = False  # pass the upgrade and frames to a WebSocket broker
+
+    @classmethod
+    def from_conf(cls, conf):
+        conf = conf or {}
+        origins = conf.get("allow_origins")
+        return cls(conf.get("enable", True), conf.get("path"),
+                   None if origins is None else tuple(o.lower() for o in origins),
+                   conf.get("mode") == "passthrough")
+
+
+@dataclass(frozen=True)
 class MqttConf:
     protocol_name: str
     protocol_level: int
+    websocket: WebSocketConf = WebSocketConf()
 
 
 class Route:
@@ -110,7 +147,8 @@ class Route:
         plugin = plugins.get("mqtt-proxy")
         self.mqtt = None
         if plugin is not None:
-            self.mqtt = MqttConf(plugin.get("protocol_name", "MQTT"), plugin["protocol_level"])
+            self.mqtt = MqttConf(plugin.get("protocol_name", "MQTT"), plugin["protocol_level"],
+                                 WebSocketConf.from_conf(plugin.get("websocket")))
         self.plugin_upstream = None
         old = (plugin or {}).get("upstream")  # deprecated (≤ 2.15), used only without another
         if isinstance(old, dict) and (old.get("host") or old.get("ip")) and old.get("port"):
@@ -126,6 +164,10 @@ class Route:
         if self.server_net is not None and not _contains(self.server_net, server_ip):
             return False
         return True
+
+
+def _text(value):
+    return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else value
 
 
 def _net(text):

@@ -49,8 +49,43 @@ class Boundaries:
         return not self.lost and self.left == 0 and not self.header
 
     def feed(self, data, start=0, end=None):
-        """Account for ``data[start:end]``; returns nothing (see ``next_boundary``)."""
-        self.next_boundary(data, start, end, stop=False)
+        """Account for ``data[start:end]`` (the relay calls this for every read)."""
+        if end is None:
+            end = len(data)
+        pos, left = start, self.left
+        while not self.lost:
+            if left:
+                room = end - pos
+                if left >= room:
+                    self.left = left - room
+                    return
+                pos += left
+                left = 0
+            if pos >= end:
+                break
+            if not self.header and pos + 3 < end:
+                # The common case, a whole header inside this chunk (up to three
+                # length bytes: packets under 2 MiB), decoded inline.
+                b1 = data[pos + 1]
+                if b1 < 0x80:
+                    left, size = b1, 2
+                else:
+                    b2 = data[pos + 2]
+                    if b2 < 0x80:
+                        left, size = (b1 & 0x7F) | (b2 << 7), 3
+                    else:
+                        b3 = data[pos + 3]
+                        left = (b1 & 0x7F) | ((b2 & 0x7F) << 7) | ((b3 & 0x7F) << 14)
+                        size = 4 if b3 < 0x80 else 0
+                if size:
+                    pos += size
+                    self.packets += 1
+                    continue
+                left = 0
+            self.left = 0
+            pos = self._header(data, pos, end)
+            left = self.left
+        self.left = left
 
     def next_boundary(self, data, start=0, end=None, stop=True):
         """Advance over ``data[start:end]``.

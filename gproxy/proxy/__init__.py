@@ -1,9 +1,10 @@
 """The data path: listeners, session phases, dialling, the relay, the registry.
 
 Owns: bound listeners and accept (``listener``), one session's phases up to
-the hand-off (``session``, ``phases``, ``preread``, ``dial``), cooperative I/O
-on C-level sockets (``netio``), the two-way byte pump on hub watchers
-(``relay``), and live sessions as metadata (``registry``).  Works from an
+the hand-off (``session``, ``phases``, ``preread``, ``dial``; MQTT over
+WebSocket in ``wspreread``), cooperative I/O on C-level sockets (``netio``),
+the two-way byte pump on hub watchers (``relay``, with ``wsendpoint`` for
+WebSocket clients), and live sessions as metadata (``registry``).  Works from an
 immutable ``RouteTable`` it is handed.  Must not import HTTP, Flask, the
 Admin API, the store or the runtime.
 """

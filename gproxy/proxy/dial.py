@@ -13,7 +13,6 @@ at once (``fd_limit``) and accepting pauses.
 """
 
 import logging
-import re
 import socket
 import time
 
@@ -40,18 +39,20 @@ def session_vars(s):
 
 
 def hash_key(s, upstream):
-    """The chash key as bytes, or None when the balancer needs none."""
-    if upstream.type != "chash" or len(upstream.nodes) == 1:
-        return None  # one node skips the balancer, and so the key (APISIX)
-    found = session_vars(s)
-    value = None
-    if upstream.hash_on == "vars":
-        value = found.get(upstream.key)
-    elif upstream.hash_on == "vars_combinations" and upstream.key:
-        value = re.sub(r"\$(\w+)", lambda m: _text(found.get(m.group(1), "")), upstream.key)
-    if value is None or value == "":
-        s.log(logging.WARNING, "chash_key fetch is nil, use default chash_key "
-              "remote_addr: %s", s.info.client_addr)
+    """The chash key as bytes, or None for other balancers.
+
+    Computed even for a one-node upstream, which skips the balancer (and so
+    the key and its log line, as APISIX does): the session record keeps it so
+    that rebalancing can ask the ring where the client belongs once nodes are
+    added.
+    """
+    if upstream.type != "chash":
+        return None
+    value = upstream.hash_value(session_vars(s))
+    if value is None:
+        if len(upstream.nodes) > 1:
+            s.log(logging.WARNING, "chash_key fetch is nil, use default chash_key "
+                  "remote_addr: %s", s.info.client_addr)
         value = s.info.client_addr
     return value if isinstance(value, bytes) else value.encode()
 
@@ -79,7 +80,7 @@ def resolve(s, upstream):
 def dial(s):
     """Connect to the first candidate that answers; sets ``s.upstream_sock``."""
     upstream = s.upstream
-    key = hash_key(s, upstream)
+    key = s.info.hash_key = hash_key(s, upstream)
     balancer = upstream.balancer(resolve(s, upstream))
     if upstream.type not in BALANCER_TYPES and len(balancer.nodes) > 1:
         raise NoUpstream("failed to pick server: invalid balancer type: %s" % upstream.type)
@@ -123,10 +124,6 @@ def _failed(s, node, exc, health):
     s.registry.connect_failed(node.addr, "timeout" if timed_out else "error")
     if health is not None:
         passive(health, node.addr, TIMEOUT if timed_out else TCP_FAILURE)
-
-
-def _text(value):
-    return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else value
 
 
 def _errtext(exc):

@@ -32,11 +32,16 @@ def addr_text(host, port):
 
 
 def bind_listener(host, port, backlog=BACKLOG, reuseport=False):
-    """A bound, listening gevent socket (a TLS wrapper can sit on it)."""
+    """A bound, listening gevent socket (a TLS wrapper can sit on it).
+
+    TCP_NODELAY is set here once: accepted sockets inherit it on Linux, and
+    every session wants it (nginx's ``tcp_nodelay``, on by default).
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = gevent.socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if reuseport:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
@@ -51,9 +56,16 @@ def bind_listener(host, port, backlog=BACKLOG, reuseport=False):
 
 class PlainStreamServer(StreamServer):
     """A StreamServer whose handler gets a plain non-blocking socket, not a gevent one,
-    and that accepts only while its gate is open."""
+    and that accepts only while its gate is open.
+
+    The handler owns the socket it is given: the server does not close it when
+    the handler returns (a session hands its socket on to the relay).
+    """
 
     gate = None
+
+    def do_close(self, *args):
+        pass  # the session closes its socket, or gives it to the relay
 
     def do_read(self):
         gate = self.gate
@@ -97,12 +109,12 @@ class Listener:
     def address(self):
         return self.sock.getsockname()[:2]
 
-    def serve(self, handle, pool):
-        """Accept on the hub; ``handle(listener, sock, addr)`` runs per client in ``pool``.
+    def serve(self, handle, spawn):
+        """Accept on the hub; ``handle(listener, sock, addr)`` runs per client via ``spawn``.
 
         The handler must call ``listener.gate.leave()`` once the session ends.
         """
-        self.server = PlainStreamServer(self.sock, lambda s, a: handle(self, s, a), spawn=pool)
+        self.server = PlainStreamServer(self.sock, lambda s, a: handle(self, s, a), spawn=spawn)
         self.server.gate = self.gate
         self.gate.servers.append(self.server)
         self.server.start()

@@ -2,8 +2,10 @@
 
 Each phase is a function of the ``Session``: it reads what earlier phases
 set, sets what later ones need, and refuses the client by raising ``Reject``.
-A new kind of session start (PROXY header, TLS handshake, WebSocket upgrade)
-is one more function in a listener's or route's list, not a branch here.
+A new kind of session start (PROXY header, TLS handshake) is one more
+function in a listener's list, not a branch here.  MQTT over WebSocket rides
+on the mqtt-proxy preread (the first byte tells, ``wspreread``); in its
+passthrough mode the broker's upgrade comes before the replay.
 
     match_route -> find_upstream -> limits -> preread -> dial -> replay   (then the relay)
 """
@@ -15,6 +17,7 @@ from gproxy.proxy import dial as dialing
 from gproxy.proxy import netio
 from gproxy.proxy.limits import limits
 from gproxy.proxy.preread import preread_mqtt
+from gproxy.proxy.wspreread import preread_websocket, upgrade_upstream
 
 PREREAD = "prereading client data"  # nginx's log actions
 CONNECTING = "connecting to upstream"
@@ -43,12 +46,18 @@ def find_upstream(s):
     if err:
         raise Reject("no_upstream", logging.ERROR, err)
     s.upstream = upstream
+    s.info.upstream_id = s.route.upstream_id
 
 
 def preread(s):
-    """Read what the route's plugin needs before a node can be chosen."""
-    if s.route.mqtt is not None:
-        preread_mqtt(s, s.route.mqtt)
+    """Read what the route's plugin needs before a node can be chosen.
+
+    An mqtt-proxy route also serves MQTT over WebSocket on the same port
+    (unless its ``websocket.enable`` is false): the first byte tells.
+    """
+    conf = s.route.mqtt
+    if conf is not None:
+        preread_mqtt(s, conf, preread_websocket if conf.websocket.enable else None)
 
 
 def dial(s):
@@ -62,6 +71,8 @@ def dial(s):
 def replay(s):
     """Every byte peeked goes to the node first, unchanged."""
     s.action = PROXYING
+    if s.ws is not None and s.ws.passthrough:
+        upgrade_upstream(s)  # the broker's WebSocket listener answers the upgrade first
     if not s.replay:
         return
     try:

@@ -4,7 +4,9 @@ The mqtt-proxy plugin's preread (docs/apisix-behaviour.md §1-2): read until
 the whole CONNECT is there (bounded by ``gproxy.preread.timeout`` and
 ``gproxy.preread.buffer_size``), check protocol name and level, and set the
 ``mqtt_client_id`` variable (left unset for an empty id, so chash falls back
-to the client address).  Every byte read is kept for the replay.
+to the client address).  Every byte read is kept for the replay.  The
+reading and checking (``read_connect``) is shared with MQTT over WebSocket,
+whose CONNECT arrives in frames (``wspreread``), so both log the same lines.
 """
 
 import logging
@@ -17,29 +19,51 @@ from gproxy.protocols.text import printable
 from gproxy.proxy import netio
 
 RECV_SIZE = 4096
+#: A WebSocket client's upgrade request starts with "GET"; a CONNECT with 0x10.
+HTTP_GET = ord("G")
 #: APISIX's run_plugin logs this after any mqtt-proxy rejection (§2).
 PLUGIN_EXIT = "mqtt-proxy exits with status code 503"
 
 
-def preread_mqtt(s, conf):
-    settings = s.settings
-    deadline = time.monotonic() + settings.preread_timeout
+def preread_mqtt(s, conf, on_http=None):
+    """Read and check the CONNECT from the client socket; keep every byte for the replay.
+
+    ``on_http(s, conf, first_chunk, deadline)``, if given, takes over when the
+    first byte is an HTTP ``G``(ET) instead of a CONNECT (0x10): MQTT over
+    WebSocket on the same port (``wspreread``).  It returns the replay bytes.
+    """
+    deadline = time.monotonic() + s.settings.preread_timeout
+    sock = s.sock
+    http = None if on_http is None else (lambda chunk: on_http(s, conf, chunk, deadline))
+    s.replay = read_connect(s, conf, lambda: netio.recv(sock, RECV_SIZE, deadline), http)
+
+
+def read_connect(s, conf, recv, on_http=None):
+    """MQTT bytes from ``recv()`` (b"" at EOF) until the whole CONNECT is there.
+
+    Checks it against the route's ``conf``, sets what chash and the registry
+    need, and returns every byte read.  A failure logs APISIX's lines and
+    raises Reject.  Raw MQTT and MQTT unwrapped from WebSocket frames share it.
+    """
+    max_packet = s.settings.max_packet
     buf = b""
     packet = None
     try:
         while packet is None:
-            chunk = netio.recv(s.sock, RECV_SIZE, deadline)
+            chunk = recv()
             if not chunk:
                 _short_read(s, buf, "closed")
+            if on_http is not None and not buf and chunk[0] == HTTP_GET:
+                return on_http(chunk)
             buf += chunk
-            packet = mqtt.parse_connect(buf, settings.max_packet)
+            packet = mqtt.parse_connect(buf, max_packet)
         mqtt.check_protocol(packet, conf.protocol_name, conf.protocol_level)
     except socket.timeout:
         _short_read(s, buf, "timeout")
     except OSError as exc:
         _short_read(s, buf, exc.strerror or str(exc))
     except MalformedPacket as exc:
-        _plugin_exit(s, exc.reason, "%s" % exc)
+        plugin_exit(s, exc.reason, "%s" % exc)
     if packet.client_id:  # an empty id leaves the var unset, as in APISIX
         s.vars["mqtt_client_id"] = packet.client_id
     info = s.info
@@ -47,10 +71,10 @@ def preread_mqtt(s, conf):
     info.protocol_level = packet.protocol_level
     s.keep_alive = packet.keep_alive
     s.log(logging.INFO, "mqtt client id: %s", printable(packet.client_id))
-    s.replay = buf
+    return buf
 
 
-def _plugin_exit(s, reason, line):
+def plugin_exit(s, reason, line):
     """The plugin's error line, then APISIX's exit line; the session ends."""
     s.log(logging.ERROR, "%s", line)
     raise Reject(reason, logging.WARNING, PLUGIN_EXIT)
@@ -62,5 +86,5 @@ def _short_read(s, buf, why):
     except MalformedPacket:
         header_done = False
     what = "the Connect Command" if header_done else "the msg header"
-    _plugin_exit(s, "timeout" if why == "timeout" else "closed",
-                 "failed to read %s: %s" % (what, why))
+    plugin_exit(s, "timeout" if why == "timeout" else "closed",
+                "failed to read %s: %s" % (what, why))

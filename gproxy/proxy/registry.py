@@ -9,22 +9,27 @@ Every count a reader needs (live sessions per route, node and state;
 sessions and rejections since start) is kept up to date as sessions start,
 change state and end, so the Admin API, the dashboard and the metrics read
 counters instead of walking every session.  That is why the state and node
-of a tracked session change only through ``set_state``/``set_node``.
+of a tracked session change only through ``set_state``/``set_node``
+(and its transport through ``set_transport``).
 ``snapshot()`` and ``stats()`` return plain JSON-ready dicts so worker
 processes can each report theirs and a parent can merge them.  No I/O.
 """
 
 import bisect
 import itertools
+import operator
 import os
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 STATES = ("preread", "connecting", "relaying", "closing")
 #: Upper bounds (seconds) of the dial latency histogram's buckets.
 DIAL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                 2.5, 5.0, 10.0, 30.0, 60.0)
+QUERY_CHUNK = 256
+_BYTES_IN = operator.attrgetter("bytes_in")
+_BYTES_OUT = operator.attrgetter("bytes_out")  # records filtered between two pauses (well under a millisecond)
 
 
 @dataclass
@@ -44,6 +49,11 @@ class SessionInfo:
     bytes_out: int = 0  # broker -> client
     connected_at: float = field(default_factory=time.time)
     state: str = "preread"
+    transport: str = "tcp"  # "ws": MQTT over WebSocket (later "wss" on TLS listeners)
+    upstream_id: str = None  # the route's upstream_id (None: its inline upstream)
+    # The chash key the balancer was given (bytes; a client id or IP, never a
+    # credential): what rebalancing needs to ask the ring where it belongs now.
+    hash_key: bytes = field(default=None, repr=False)
 
     @property
     def seq(self):
@@ -51,7 +61,13 @@ class SessionInfo:
         return self.id.rpartition("-")[2]
 
     def as_dict(self):
-        return asdict(self)
+        """The record as JSON-ready values (the raw hash key stays out).
+
+        ``vars`` rather than ``dataclasses.asdict``: a page of 500 records is
+        copied in well under a millisecond instead of several."""
+        out = dict(vars(self))
+        del out["hash_key"]
+        return out
 
 
 class Registry:
@@ -64,11 +80,12 @@ class Registry:
         self._handles = {}
         self.started_at = time.time()
         self.sessions_total = 0
-        self.route_total = Counter()   # sessions ever matched, per route
+        self.route_total = {}   # sessions ever matched, per route
         self.rejected = Counter()      # refused before proxying, per reason
-        self.per_route = Counter()     # live, per route
-        self.per_node = Counter()      # live, per node
-        self.per_state = Counter()     # live, per state
+        self.per_route = {}     # live, per route
+        self.per_node = {}      # live, per node
+        self.per_state = {}     # live, per state
+        self.per_transport = {}  # live, per transport (tcp, ws)
         self.bytes_in_closed = 0
         self.bytes_out_closed = 0
         self.connect_failures = Counter()  # failed dials, per "node reason" (error|timeout)
@@ -86,16 +103,23 @@ class Registry:
         if handle is not None:
             self._handles[info.id] = handle
         self.sessions_total += 1
-        self.route_total[info.route_id] += 1
-        self.per_route[info.route_id] += 1
-        self.per_state[info.state] += 1
+        route = info.route_id
+        self.route_total[route] = self.route_total.get(route, 0) + 1
+        _move(self.per_route, None, route)
+        _move(self.per_state, None, info.state)
+        _move(self.per_transport, None, info.transport)
         if info.node is not None:
-            self.per_node[info.node] += 1
+            _move(self.per_node, None, info.node)
 
     def set_state(self, info, state):
         if info.id in self._live:
             _move(self.per_state, info.state, state)
         info.state = state
+
+    def set_transport(self, info, transport):
+        if info.id in self._live:
+            _move(self.per_transport, info.transport, transport)
+        info.transport = transport
 
     def set_node(self, info, node):
         if info.id in self._live:
@@ -110,6 +134,7 @@ class Registry:
         _move(self.per_route, info.route_id, None)
         _move(self.per_state, info.state, None)
         _move(self.per_node, info.node, None)
+        _move(self.per_transport, info.transport, None)
         self.bytes_in_closed += info.bytes_in
         self.bytes_out_closed += info.bytes_out
         info.state = "closed"
@@ -144,21 +169,52 @@ class Registry:
     def __len__(self):
         return len(self._live)
 
+    def query(self, where=None, key=None, reverse=False, limit=None, tally=None,
+              pause=None, every=QUERY_CHUNK):
+        """``(total, first, counts)`` over the live sessions ``where(info)`` accepts.
+
+        ``first``: the first ``limit`` of them ordered by ``key(info)``
+        (``reverse`` for descending; equal keys stay oldest first either way),
+        ``counts``: how many per value of ``tally(info)`` (None without it).
+        The records are walked in chunks of ``every`` with ``pause()`` called
+        between chunks, so a caller on a gevent hub passes a yield and the data
+        path keeps running while 10,000 sessions are filtered; sessions that end
+        meanwhile are left out of ``first``.  Pure: ``pause`` is the caller's.
+        """
+        infos = list(self._live.values())
+        matched = []
+        counts = Counter() if tally is not None else None
+        for start in range(0, len(infos), every):
+            chunk = infos[start:start + every]
+            if where is not None:
+                chunk = [info for info in chunk if where(info)]
+            matched.extend(chunk)
+            if counts is not None:
+                counts.update(map(tally, chunk))
+            if pause is not None and start + every < len(infos):
+                pause()
+        if key is not None:
+            matched.sort(key=key, reverse=reverse)  # stable: ties keep start order
+        live = (info for info in matched if info.state != "closed")
+        first = list(itertools.islice(live, limit))
+        return len(matched), first, counts
+
     def snapshot(self):
         """Live sessions as plain dicts, oldest first."""
         return [info.as_dict() for info in list(self._live.values())]
 
     def stats(self):
-        live = self._live.values()
+        live = self._live.values()  # byte counts move with every packet: summed in C
         return {
             "live_sessions": len(self._live),
             "sessions_total": self.sessions_total,
             "rejected": dict(self.rejected),
-            "bytes_in": self.bytes_in_closed + sum(i.bytes_in for i in live),
-            "bytes_out": self.bytes_out_closed + sum(i.bytes_out for i in live),
+            "bytes_in": self.bytes_in_closed + sum(map(_BYTES_IN, live)),
+            "bytes_out": self.bytes_out_closed + sum(map(_BYTES_OUT, live)),
             "per_node": dict(self.per_node),
             "per_route": {str(k): v for k, v in self.per_route.items()},
             "per_state": dict(self.per_state),
+            "per_transport": dict(self.per_transport),
             "route_total": {str(k): v for k, v in self.route_total.items()},
             "connect_failures": dict(self.connect_failures),
             "dial_buckets": {str(i): n for i, n in enumerate(self.dial_buckets) if n},
@@ -189,14 +245,18 @@ class Registry:
 
 
 def _move(counter, old, new):
-    """One item moves from ``old`` to ``new`` (None: nowhere) in ``counter``."""
+    """One item moves from ``old`` to ``new`` (None: nowhere) in ``counter``.
+
+    Plain dict operations: a missing key in a Counter costs a Python-level
+    ``__missing__`` call, and this runs several times per session.
+    """
     if old == new:
         return
     if old is not None:
-        left = counter[old] - 1
+        left = counter.get(old, 0) - 1
         if left > 0:
             counter[old] = left
         else:
-            del counter[old]
+            counter.pop(old, None)
     if new is not None:
-        counter[new] += 1
+        counter[new] = counter.get(new, 0) + 1

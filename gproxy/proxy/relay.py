@@ -94,24 +94,27 @@ class EventQueue:
 
     def _run(self):
         ready = self.ready
-        n = len(ready)
-        if not n:
+        if not ready:
             return
-        for i in (range(n - 1, -1, -1) if self.reverse else range(n)):
-            self._call(ready[i])
-        i = n
-        while i < len(ready):
-            self._call(ready[i])
-            i += 1
-        del ready[:]
-
-    @staticmethod
-    def _call(record):
-        func, arg = record
+        n = len(ready)
+        func = None
         try:
-            func(arg)
+            for func, arg in (reversed(ready) if self.reverse else ready[:n]):
+                func(arg)
+            i = n
+            while i < len(ready):  # added while replaying: after the batch, in order
+                func, arg = ready[i]
+                i += 1
+                func(arg)
         except Exception:  # never raise into the hub
             log.exception("relay: callback failed")
+            relay = getattr(func, "__self__", None)
+            if relay is not None:
+                relay.abort("error: internal")
+            # The rest of the batch is dropped: its watchers are level-triggered
+            # and report the same sockets again on the next iteration.
+        finally:
+            del ready[:]
 
     def close(self):
         self._check.stop()
@@ -168,7 +171,7 @@ class Relay:
     __slots__ = ("hub", "client", "upstream", "info", "on_done", "last", "idle", "reason",
                  "up", "down", "deadline")
 
-    def __init__(self, hub, client, upstream, info, on_done, idle, mqtt=False):
+    def __init__(self, hub, client, upstream, info, on_done, idle, mqtt=False, replayed=b""):
         self.hub = hub
         self.idle = idle
         self.client = client
@@ -180,11 +183,15 @@ class Relay:
         self.deadline = None  # when a clean end gives up and aborts
         self.up = _Direction(hub.loop, client, upstream, "bytes_in", mqtt)
         self.down = _Direction(hub.loop, upstream, client, "bytes_out", mqtt)
+        if mqtt and replayed:  # the replay may end inside a second packet
+            self.up.track.feed(replayed)
 
     def start(self):
         self.hub.relays.add(self)
         for d in (self.up, self.down):
             self._resume(d)
+            if d.pending is not None and d.pending():
+                self._readable(d)  # bytes (or an end) in hand already: no watcher would fire
 
     def _resume(self, d):
         d.reader.start(self.hub.queue.append, (self._readable, d))
@@ -411,16 +418,16 @@ class RelayHub:
         self.sweep_interval = sweep_interval
         self._sweeper = None
 
-    def start(self, client, upstream, info, on_done, idle_timeout=600.0, mqtt=False):
+    def start(self, client, upstream, info, on_done, idle_timeout=600.0, mqtt=False,
+              replayed=b""):
         """Relay between two connected endpoints; ``on_done(relay)`` runs once at the end.
 
-        The endpoints become the relay's: it closes them.  A relay with no byte
-        either way for ``idle_timeout`` seconds is closed (nginx proxy_timeout).
-        ``mqtt``: follow packet boundaries, so ``Relay.end`` can end it cleanly.
+        The endpoints (already non-blocking) become the relay's: it closes them.
+        A relay with no byte either way for ``idle_timeout`` seconds is closed
+        (nginx proxy_timeout).  ``mqtt``: follow packet boundaries, so
+        ``Relay.end`` can end it cleanly.
         """
-        for sock in (client, upstream):
-            sock.setblocking(False)
-        relay = Relay(self, client, upstream, info, on_done, idle_timeout, mqtt)
+        relay = Relay(self, client, upstream, info, on_done, idle_timeout, mqtt, replayed)
         relay.start()
         if self._sweeper is None:
             self._sweeper = gevent.spawn(self._sweep)

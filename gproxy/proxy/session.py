@@ -20,7 +20,6 @@ import time
 from gproxy.errors import Reject
 from gproxy.model.routes import DEFAULT_PROXY_TIMEOUT, RouteTable
 from gproxy.protocols.mqttstream import SERVER_SHUTTING_DOWN, disconnect
-from gproxy.proxy import netio
 from gproxy.proxy.limits import Limits
 from gproxy.proxy.listener import plain_ip
 from gproxy.proxy.phases import COMMON
@@ -48,6 +47,7 @@ class Proxy:
             try:
                 server = sock.getsockname()
             except OSError:
+                sock.close()  # the server leaves it to us
                 listener.gate.leave()
                 return  # the client left before we looked
             server = (plain_ip(server[0]), server[1])
@@ -80,6 +80,7 @@ class Session:
         self.vars = {}
         self.upstream_sock = None
         self.sni = None  # the TLS client's server name, once a handshake phase ran
+        self.ws = None  # a WebSocket client's state, once its upgrade was read (wspreread)
         self.peer = None  # the node being dialled, then the one connected
         self.action = None
         self.relay = None
@@ -115,6 +116,7 @@ class Session:
             self.log(logging.ERROR, "%s", exc.strerror or exc)
         finally:
             if self.relay is None:  # never handed off: this greenlet cleans up
+                self.sock.close()
                 if self.upstream_sock is not None:
                     self.upstream_sock.close()
                 if self.tracked:
@@ -163,14 +165,17 @@ class Session:
         if self.info.state == "closing":
             return  # an operator closed it while we dialled
         idle = self.idle_timeout()
-        client = netio.adopt(self.sock)  # the server's close() then finds nothing to close
-        upstream = netio.adopt(self.upstream_sock)
+        # Both sockets are non-blocking already, and the client's TCP_NODELAY
+        # came from the listener: the relay takes them as they are.
+        client, upstream = self.sock, self.upstream_sock
         self.upstream_sock = None
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        mqtt = self.route.mqtt is not None
+        if self.ws is not None:  # MQTT bytes in frames, or frames passed through
+            client, mqtt = self.ws.wrap(client), mqtt and not self.ws.passthrough
         self.set_state("relaying")
         self.action = "proxying connection"
         self.relay = self.proxy.relays.start(client, upstream, self.info, self._relay_done, idle,
-                                             mqtt=self.route.mqtt is not None)
+                                             mqtt=mqtt, replayed=self.replay)
 
     def idle_timeout(self):
         """Seconds of silence both ways before the relay gives up.

@@ -18,18 +18,19 @@ gevent hub.
 import logging
 
 import gevent
-from gevent.pool import Pool
 
 from gproxy.model.routes import RouteTable
 from gproxy.proxy.health import HealthCheckers
 from gproxy.proxy.listener import Listener, bind_listener
+from gproxy.proxy.livesessions import LiveSessions
 from gproxy.proxy.overload import Gate
 from gproxy.proxy.registry import Registry
 from gproxy.proxy.session import Proxy
 from gproxy.proxy.settings import Settings
+from gproxy.proxy.workers import SessionGreenlets
 from gproxy.runtime import services
 from gproxy.runtime.drain import drain
-from gproxy.store.file import FileStore
+from gproxy.store.factory import open_store
 
 log = logging.getLogger("gproxy.server")
 
@@ -39,15 +40,17 @@ class Gproxy:
 
     def __init__(self, cfg, store=None, registry=None):
         self.cfg = cfg
-        self.store = store if store is not None else FileStore(cfg.store_path)
+        self.store = store if store is not None else open_store(cfg)
         self.registry = registry if registry is not None else Registry()
         self.health = HealthCheckers()
         self.gate = Gate(cfg["gproxy.max_connections"],
                          reject=lambda reason: self.registry.reject(reason))
         self.proxy = Proxy(self.build_table(self.store.snapshot()), self.registry,
                            Settings.from_config(cfg))
+        self.sessions = LiveSessions(self.registry, lambda: self.proxy.table,
+                                     **self.evict_options)
         self.store.subscribe(self.reload)
-        self.pool = Pool()  # session greenlets; the gate bounds how many sessions are open
+        self.greenlets = SessionGreenlets()
         self.listeners = []
         self.admin_server = None
         self.http_servers = []  # the control API and metrics listeners
@@ -55,6 +58,12 @@ class Gproxy:
         self.worker_index = None  # set in a forked worker
         self._watcher = None
         self._stopping = False
+
+    @property
+    def evict_options(self):
+        """How evictions end sessions (``gproxy.evict.*``)."""
+        return {"grace": self.cfg["gproxy.evict.grace"],
+                "server_reference": self.cfg["gproxy.evict.server_reference"]}
 
     def build_table(self, data):
         table = RouteTable(data["stream_routes"], data["upstreams"],
@@ -86,7 +95,7 @@ class Gproxy:
             log.info("admin_ui not installed: serving the Admin API without the dashboard")
         else:
             blueprints.append(create_blueprint())
-        sessions = self.workers if self.workers is not None else self.registry
+        sessions = self.workers if self.workers is not None else self.sessions
         blueprints.append(services.health_blueprint(self.health_report))
         return create_app(self.store, sessions, self.cfg, blueprints)
 
@@ -117,13 +126,17 @@ class Gproxy:
     def start_worker(self, index):
         """In a forked worker: a fresh registry and this worker's own listeners."""
         self.registry = Registry()
-        self.proxy.registry = self.registry
+        self.proxy.registry = self.sessions.registry = self.registry
         self.worker_index = index
         self._listen(reuseport=True)
         self.health.start()
         log.info("worker %d serving", index)
 
     def _listen(self, reuseport, specs=None):
+        if specs is None and not self.cfg.stream_enabled:  # APISIX: no stream_proxy, or http
+            log.warning("stream mode is disabled (no apisix.stream_proxy in the config, or "
+                        "apisix.proxy_mode is http): no stream listener")
+            return
         for spec in self.cfg["apisix.stream_proxy.tcp"] if specs is None else specs:
             try:
                 sock = bind_listener(spec.host, spec.port, reuseport=reuseport)
@@ -135,7 +148,7 @@ class Gproxy:
                     self.stop(0)
                 raise OSError(exc.errno, "cannot listen on %s: %s" % (spec.addr, exc.strerror))
             listener = Listener(sock, spec, gate=self.gate)
-            listener.serve(self.proxy.handle, self.pool)
+            listener.serve(self.proxy.handle, self.greenlets.spawn)
             self.listeners.append(listener)
             log.warning("stream proxy listening on %s", spec.addr)
 
@@ -199,7 +212,7 @@ class Gproxy:
         drain(self.registry, grace, self.cfg["gproxy.shutdown.server_reference"])
         self.registry.close_where()
         self.proxy.relays.close_all()
-        self.pool.kill(timeout=1)
+        self.greenlets.kill()
         for listener in self.listeners:
             listener.stop()
         self.gate.close()

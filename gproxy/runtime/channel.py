@@ -51,6 +51,25 @@ def encode(message):
     return b"\n" + json.dumps(message, separators=(",", ":")).encode() + b"\n"
 
 
+def encode_large(message, pause, every=128):
+    """``encode`` for a reply with a long ``list`` (a deep page of sessions):
+    the items are serialised ``every`` at a time with ``pause()`` in between,
+    so a worker's hub is never held for the whole list."""
+    items = message.get("list")
+    if not isinstance(items, list) or len(items) <= every:
+        return encode(message)
+    head = json.dumps({k: v for k, v in message.items() if k != "list"},
+                      separators=(",", ":"))
+    parts = [head[:-1], "," if len(head) > 2 else "", '"list":[']
+    for start in range(0, len(items), every):
+        if start:
+            parts.append(",")
+            pause()
+        parts.append(json.dumps(items[start:start + every], separators=(",", ":"))[1:-1])
+    parts.append("]}")
+    return b"\n" + "".join(parts).encode() + b"\n"
+
+
 def decode(line):
     """A message dict, or None (logged) for a line that is not one."""
     try:

@@ -1,11 +1,18 @@
 """The parent's merged view of its workers' sessions (``--workers N``).
 
-``WorkerSet`` offers what the Admin API reads from a Registry (``snapshot``,
-``stats``, ``close``, ``close_where``), asking every worker over its control
-channel and merging the answers; a worker that does not answer is logged and
-left out of that answer.
+``WorkerSet`` offers what the Admin API reads from one process's
+``LiveSessions`` (``query``, ``select``, ``stats``, ``close``, ``close_where``,
+``end_many``, ``evictions``), asking every worker over its control channel
+(all at once) and merging the answers; a worker that does not answer is
+logged and left out of that answer.  A page of sessions spans the workers:
+each returns its first ``offset + limit`` matches in the same order and the
+parent merges them (a heap merge, ties in worker order) and cuts the page;
+totals add up.  Evictions are paced here and each batch goes only to the
+worker whose pid prefixes the session ids.
 """
 
+import heapq
+import itertools
 import logging
 import os
 import signal
@@ -15,6 +22,9 @@ from collections import Counter
 import gevent
 
 from gproxy.model.health import merge_reports
+from gproxy.protocols.mqttstream import USE_ANOTHER_SERVER
+from gproxy.proxy.evict import Evictions
+from gproxy.proxy.livesessions import check_spec, dict_key, sort_order
 
 log = logging.getLogger("gproxy.workers")
 
@@ -40,22 +50,27 @@ def merge_stats(replies, workers):
 class WorkerSet:
     """The parent's view of its workers; quacks like a Registry for the Admin API."""
 
-    def __init__(self, channels):
+    def __init__(self, channels, grace=5.0, server_reference=None):
         self.channels = channels
+        self.grace = grace
+        self.server_reference = server_reference
+        self.evictions = Evictions(self.select, self.end_many)
 
-    def _all(self, message):
-        replies = []
-        for ch in self.channels:
-            try:
-                reply = ch.call(message)
-            except (OSError, gevent.Timeout) as exc:
-                log.error("worker %d did not answer %s: %s", ch.pid, message["op"], exc)
-                continue
-            if "error" in reply:
-                log.error("worker %d failed %s: %s", ch.pid, message["op"], reply["error"])
-                continue
-            replies.append(reply)
-        return replies
+    def _one(self, ch, message):
+        try:
+            reply = ch.call(message)
+        except (OSError, gevent.Timeout) as exc:
+            log.error("worker %d did not answer %s: %s", ch.pid, message["op"], exc)
+            return None
+        if "error" in reply:
+            log.error("worker %d failed %s: %s", ch.pid, message["op"], reply["error"])
+            return None
+        return reply
+
+    def _all(self, message, channels=None):
+        calls = [gevent.spawn(self._one, ch, message) for ch in channels or self.channels]
+        gevent.joinall(calls)
+        return [call.value for call in calls if call.value is not None]
 
     def push_table(self, data):
         self._all({"op": "table", "data": data})
@@ -76,6 +91,53 @@ class WorkerSet:
         return any(r.get("ended") for r in self._all({
             "op": "end", "sid": session_id, "code": code, "grace": grace,
             "server_reference": server_reference}))
+
+    def query(self, spec):
+        """One page over every worker's sessions (see the module docstring)."""
+        check_spec(spec)
+        field, reverse = sort_order(spec.get("sort"))
+        offset, limit = spec.get("offset", 0), spec.get("limit")
+        ask = dict(spec, offset=0, limit=None if limit is None else offset + limit)
+        replies = self._all({"op": "query", "spec": ask})
+        merged = heapq.merge(*(r["list"] for r in replies), key=dict_key(field),
+                             reverse=reverse)
+        stop = None if limit is None else offset + limit
+        out = {"total": sum(r["total"] for r in replies),
+               "list": list(itertools.islice(merged, offset, stop))}
+        if spec.get("misplaced"):
+            per_node = Counter()
+            for reply in replies:
+                per_node.update(reply.get("per_node") or {})
+            out["per_node"] = dict(per_node)
+        return out
+
+    def select(self, spec):
+        check_spec(spec)
+        ids = []
+        for reply in self._all({"op": "select", "spec": spec}):
+            ids.extend(reply["ids"])
+        return ids
+
+    def end_many(self, ids, code=USE_ANOTHER_SERVER, grace=None, server_reference=None):
+        """End ``ids`` cleanly, each batch asked of the worker that holds it."""
+        by_pid = {}
+        for sid in ids:
+            by_pid.setdefault(sid.partition("-")[0], []).append(sid)
+        ended = failed = 0
+        for ch in self.channels:
+            sids = by_pid.get(str(ch.pid))
+            if not sids:
+                continue
+            reply = self._one(ch, {
+                "op": "end_many", "sids": sids, "code": code,
+                "grace": self.grace if grace is None else grace,
+                "server_reference": (self.server_reference if server_reference is None
+                                     else server_reference)})
+            if reply is None:
+                failed += len(sids)
+            else:
+                ended += reply["ended"]
+        return {"ended": ended, "failed": failed}
 
     def close_where(self, route_id=None):
         closed = []

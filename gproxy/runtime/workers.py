@@ -8,6 +8,8 @@ socketpair per worker (``channel``: JSON lines with request ids):
     parent -> worker  {"op": "table", "data": {...}}   worker -> {"ok": true}
                       {"op": "sessions"} / {"op": "stats"} / {"op": "close", "sid": ...}
                       {"op": "close_where", "route_id": ...} / {"op": "end", "sid": ...}
+                      {"op": "query", "spec": {...}} / {"op": "select", "spec": {...}}
+                      {"op": "end_many", "sids": [...], "code", "grace", "server_reference"}
                       {"op": "health"} / {"op": "reload", "raw": {...}, "path": ...}
                       {"op": "stop", "timeout": grace}   (drain, then exit)
                       {"op": "stop", "timeout": 0}       (during a drain: force)
@@ -28,7 +30,9 @@ import sys
 import gevent
 import gevent.socket
 
-from gproxy.runtime.channel import ACK_TIMEOUT, Channel, LineReader, decode, encode
+from gproxy.proxy.livesessions import gevent_pause as sessions_pause
+from gproxy.runtime.channel import (ACK_TIMEOUT, Channel, LineReader, decode, encode,
+                                    encode_large)
 from gproxy.runtime.merged import WorkerSet
 
 log = logging.getLogger("gproxy.workers")
@@ -36,7 +40,12 @@ log = logging.getLogger("gproxy.workers")
 
 def _handlers(app):
     registry = lambda: app.registry  # noqa: E731 (the worker's own, set at start)
+    sessions = lambda: app.sessions  # noqa: E731 (queries yield to the data path as they go)
     return {
+        "query": lambda m: sessions().query(m["spec"]),
+        "select": lambda m: {"ids": sessions().select(m["spec"])},
+        "end_many": lambda m: sessions().end_many(m["sids"], m["code"], m["grace"],
+                                                  m.get("server_reference")),
         "table": lambda m: (app.set_data(m["data"]), {"ok": True})[1],
         "sessions": lambda m: {"list": registry().snapshot()},
         "stats": lambda m: registry().stats(),
@@ -81,7 +90,7 @@ def serve_control(app, sock, reader=None):
             except Exception as exc:  # a bad request must not kill the worker
                 log.exception("worker: %s failed", op)
                 reply = {"error": str(exc)}
-        sock.sendall(encode(dict(reply, id=request_id)))
+        sock.sendall(encode_large(dict(reply, id=request_id), sessions_pause))
 
 
 def _run_worker(app, index, child_end):
@@ -143,7 +152,7 @@ def fork_workers(app, count):
         channels.append(channel)
         hello = channel.hello(ACK_TIMEOUT * 2)
         if hello is None or not hello.get("ready"):
-            WorkerSet(channels).stop(0)
+            WorkerSet(channels, **app.evict_options).stop(0)
             raise OSError("worker %d did not start: %s"
                           % (index, (hello or {}).get("error", "timed out")))
-    return WorkerSet(channels)
+    return WorkerSet(channels, **app.evict_options)

@@ -22,6 +22,8 @@ import time
 import pytest
 import yaml
 
+from tests.needs import require
+
 HOST = "127.0.0.1"
 
 
@@ -40,9 +42,8 @@ MOSQUITTO = _find_mosquitto()
 
 @pytest.fixture(autouse=True)
 def _needs_mosquitto():
-    if MOSQUITTO is None:
-        pytest.skip("integration suite needs mosquitto (apt-get install mosquitto); "
-                    "not found on PATH or in /usr/sbin")
+    require(MOSQUITTO is not None, "integration suite needs mosquitto (apt-get install "
+            "mosquitto); not found on PATH or in /usr/sbin")
 
 
 # -- ports and readiness -------------------------------------------------------
@@ -52,6 +53,21 @@ def free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
+
+
+def free_ports(n):
+    """``n`` distinct free loopback ports: all held bound until all are chosen (one
+    ``free_port()`` after another can get the same port back from the kernel)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(s)
+            s.bind((HOST, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _listening_in_proc(port):
@@ -360,6 +376,31 @@ class RecordingSink:
         with self._lock:
             return self.connections[index]
 
+    def settle(self, timeout=5.0):
+        """How many connections reached the sink before now (a condition, not a sleep).
+
+        A probe connection of our own goes through the same accept queue, which
+        is first in, first out: once the sink has recorded the probe, it has
+        recorded every connection that reached it earlier.  The probe is then
+        dropped from the record, so counts and indexes stay as they were.
+        """
+        probe = socket.create_connection((self.host, self.port), timeout=timeout)
+        mine = probe.getsockname()
+
+        def position():
+            with self._lock:
+                found = [i for i, c in enumerate(self.connections) if c.peer == mine]
+            return found and found[:1]
+        try:
+            found = wait_until(position, timeout, interval=0.005)
+            assert found, "the sink did not record its own probe within %.1fs" % timeout
+            with self._lock:
+                conn = self.connections.pop(found[0])
+            conn.close()
+            return found[0]
+        finally:
+            probe.close()
+
     def close(self):
         self._stopping.set()
         self._thread.join(timeout=2)
@@ -439,11 +480,9 @@ class Gproxy:
         self.nworkers = workers
         self.preexec_fn = preexec_fn
         os.makedirs(directory, exist_ok=True)
-        self.ports = [free_port() for _ in range(listeners)]
+        *self.ports, self.admin_port, self.control_port, self.metrics_port = free_ports(
+            listeners + 3)
         self.port = self.ports[0]
-        self.admin_port = free_port()
-        self.control_port = free_port()
-        self.metrics_port = free_port()
         self.config_path = os.path.join(directory, "config.yaml")
         self.routes_path = os.path.join(directory, "apisix.yaml")
         self.log_file = LogFile(os.path.join(directory, "gproxy.log"))

@@ -120,7 +120,7 @@ class Paho:
     """
 
     def __init__(self, client_id, port, protocol=None, source=None, clean_session=True,
-                 connect_properties=None):
+                 connect_properties=None, transport="tcp", ws_path="/mqtt"):
         import paho.mqtt.client as mqtt
         self.mqtt = mqtt
         self.port = port
@@ -131,14 +131,15 @@ class Paho:
         if self.protocol != mqtt.MQTTv5:
             kwargs["clean_session"] = clean_session
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                                  protocol=self.protocol, **kwargs)
+                                  protocol=self.protocol, transport=transport, **kwargs)
+        if transport == "websockets":
+            self.client.ws_set_options(path=ws_path)
         self.client.reconnect_delay_set(30, 60)  # no silent reconnects during a test
         self.connected = threading.Event()
         self.connect_reason = None
         self.connack_properties = None
         self.disconnected = threading.Event()
-        self.disconnect_reason = None  # paho's ReasonCode (MQTT 5: from the DISCONNECT)
-        self.disconnect_properties = None
+        self.disconnect_reason = self.disconnect_properties = None
         self.messages = queue.Queue()
         self._acks = {}
         self._lock = threading.Lock()
@@ -182,7 +183,9 @@ class Paho:
             kwargs["clean_start"] = True
             kwargs["properties"] = self.connect_properties
         self.client.connect(HOST, self.port, **kwargs)
-        self.local_port = self.client.socket().getsockname()[1]
+        sock = self.client.socket()
+        sock = getattr(sock, "_socket", sock)  # paho's WebSocket wrapper keeps the socket here
+        self.local_port = sock.getsockname()[1]
         self.client.loop_start()
         assert self.connected.wait(WAIT), "no CONNACK for %r within %.0fs" % (
             self.client._client_id, WAIT)

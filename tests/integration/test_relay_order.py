@@ -72,13 +72,20 @@ def relays():
         broker.close()
 
 
+def wait_for(predicate, timeout=5.0):
+    """Let the hub run until ``predicate()`` holds (bounded), instead of a fixed sleep."""
+    with gevent.Timeout(timeout, AssertionError("condition not met within %.1fs" % timeout)):
+        while not predicate():
+            gevent.sleep(0.001)
+
+
 @pytest.mark.parametrize("order", [(2, 0, 3, 1), (0, 1, 2, 3), (3, 2, 1, 0), (1, 3, 0, 2, 4)])
 def test_bytes_of_different_sessions_go_upstream_in_arrival_order(relays, order):
     log = []
     ends = relays(len(order), log)
     for name in order:  # the hub is not running: all become ready in one iteration
         ends[name][0].send(b"x")
-    gevent.sleep(0.01)
+    wait_for(lambda: len(log) >= len(order))
     assert log == list(order)
     for name in order:
         assert ends[name][1].recv(10) == b"x"
@@ -92,5 +99,5 @@ def test_order_holds_over_many_shuffled_rounds(relays):
         for name in order:
             ends[name][0].send(b"%d" % round_)
         expected.extend(order)
-        gevent.sleep(0.005)
+        wait_for(lambda: len(log) >= len(expected))  # this round is out before the next
     assert log == expected

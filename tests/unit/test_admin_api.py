@@ -18,6 +18,7 @@ import pytest
 
 from gproxy.admin.app import create_app
 from gproxy.config import Config
+from gproxy.proxy.livesessions import LiveSessions
 from gproxy.proxy.registry import Registry
 from gproxy.store.file import FileStore
 
@@ -75,6 +76,8 @@ SEED_CHASH = '''
 }
 }'''
 MQTT4 = {"mqtt-proxy": {"protocol_name": "MQTT", "protocol_level": 4}}
+#: a config file's stream section: without it APISIX (and gproxy) turn stream mode off
+STREAM = {"stream_proxy": {"tcp": [9100]}}
 UPSTREAM = {"type": "roundrobin", "nodes": {"127.0.0.1:1995": 1}}
 
 
@@ -85,7 +88,8 @@ class Api:
         self.path = directory / "apisix.yaml"
         self.store = FileStore(self.path)
         self.registry = Registry()
-        self.app = create_app(self.store, self.registry, Config(conf or {}))
+        self.sessions = LiveSessions(self.registry)
+        self.app = create_app(self.store, self.sessions, Config(conf))
         self.client = self.app.test_client()
 
     def call(self, method, url, body=None, headers=KEY, remote=LOCAL):
@@ -292,6 +296,37 @@ def test_name_and_label_filters(api):
     assert ids("?label=env") == ["a", "c"]
     assert ids("?name=mqtt&label=env") == ["a"]
     assert ids("?name=nothing") == []
+    assert ids("?name=^mqtt-[ab]$") == ["a", "b"]
+    assert ids("?name=a|her") == ["a", "c"]
+    assert ids("?name=") == ["a", "b", "c"]  # an empty filter filters nothing
+
+
+def test_name_filter_runs_in_linear_time(api):
+    # `(a+)+$` on "aaa...!" backtracks 2^n times in Python's re (and in PCRE
+    # without its limit); RE2 answers at once.  256 is the longest name allowed.
+    for rid, name in (("long", "a" * 255 + "!"), ("hit", "aaa")):
+        assert api.put(UP + "/" + rid, dict(UPSTREAM, name=name)).status_code == 201
+    started = time.monotonic()
+    got = body(api.get(UP + "?name=(a%2B)%2B$"))
+    assert time.monotonic() - started < 0.5
+    assert [item["value"]["id"] for item in got["list"]] == ["hit"]
+
+
+@pytest.mark.parametrize("pattern, reason", [
+    ("(", "invalid name filter: missing ): ("),
+    ("[a-", "invalid name filter: missing ]: [a-"),
+    ("a**", "invalid name filter: bad repetition operator: **"),
+    (r"(a)\1", "invalid name filter: invalid escape sequence: \\1"),      # a backreference
+    ("(?<=a)b", "invalid name filter: invalid perl operator: (?<="),    # look-behind
+    ("x" * 1025, "invalid name filter: longer than 1024 characters"),
+])
+def test_invalid_name_filter_is_a_400(seeded, pattern, reason):
+    for url in (SR, UP):
+        with seeded.unchanged():
+            resp = seeded.client.get(url, query_string={"name": pattern}, headers=KEY,
+                                     environ_base={"REMOTE_ADDR": LOCAL})
+        assert resp.status_code == 400
+        assert body(resp) == error(reason)
 
 
 # -- POST and ids ---------------------------------------------------------------
@@ -393,6 +428,14 @@ def test_url_id_wins_as_a_string(api):
     ("PUT", SR + "/1", {"upstream_id": 9},
      "failed to fetch upstream info by upstream id [9], response code: 404"),
     ("PATCH", SR + "/1", {"server_port": 1}, "not supported `PATCH` method for stream route"),
+    # xRPC (APISIX t/admin/stream-routes.t TEST 16): gproxy registers no protocol
+    ("PUT", SR + "/1", {"protocol": {"name": "xxx"}, "upstream": UPSTREAM},
+     "unknown protocol [xxx]"),
+    ("PUT", SR + "/1", {"protocol": {"name": "pingpong"}}, "unknown protocol [pingpong]"),
+    ("POST", SR, {"protocol": {"name": "redis", "conf": {}}}, "unknown protocol [redis]"),
+    ("PUT", SR + "/1", {"protocol": {}},
+     'invalid configuration: property "protocol" validation failed: '
+     'property "name" is required'),
 ])
 def test_stream_route_rejected(seeded, method, url, payload, msg):
     status = 405 if method == "PATCH" else 400
@@ -460,12 +503,33 @@ def test_upstream_id_that_exists(seeded):
     assert resp.status_code == 201
 
 
-def test_stream_mode_disabled(tmp_path):
-    api = Api(tmp_path, {"apisix": {"proxy_mode": "http"}})
-    msg = error("stream mode is disabled, can not add stream routes")
-    rejected(api, "PUT", SR + "/1", {"plugins": MQTT4}, 400, msg)
-    rejected(api, "GET", SR, None, 400, msg)
-    assert api.put(UP + "/1", UPSTREAM).status_code == 201
+STREAM_OFF = error("stream mode is disabled, can not add stream routes")
+EVERY_METHOD = [("GET", SR, None), ("GET", SR + "/1", None), ("PUT", SR + "/1", {}),
+                ("PUT", SR + "/2", {"plugins": MQTT4}), ("POST", SR, {"plugins": MQTT4}),
+                ("DELETE", SR + "/1", None), ("PATCH", SR + "/1", {"desc": "x"}),
+                ("GET", SR + "?name=(", None)]
+
+
+@pytest.mark.parametrize("conf", [
+    {"apisix": {"proxy_mode": "http"}},                       # APISIX 3.5+
+    {"apisix": dict(STREAM, proxy_mode="http")},              # 3.5+: even with listeners
+    {"deployment": {"admin": {"admin_key_required": True}}},  # <= 3.4: no stream_proxy
+    {},                                                       # an empty config file
+], ids=["proxy_mode-http", "http-with-stream_proxy", "no-stream_proxy", "empty"])
+def test_stream_mode_disabled(tmp_path, conf):
+    # a route stored while stream mode was on is not served either
+    assert Api(tmp_path).put(SR + "/1", {"plugins": MQTT4}).status_code == 201
+    api = Api(tmp_path, conf)
+    for method, url, payload in EVERY_METHOD:  # any method, before any other check
+        rejected(api, method, url, payload, 400, STREAM_OFF)
+    assert api.put(UP + "/1", UPSTREAM).status_code == 201  # upstreams still work
+
+
+@pytest.mark.parametrize("mode", ["stream", "http&stream"])
+def test_stream_mode_enabled_by_the_config_file(tmp_path, mode):
+    api = Api(tmp_path, {"apisix": dict(STREAM, proxy_mode=mode)})
+    assert api.put(SR + "/1", {"plugins": MQTT4}).status_code == 201
+    assert body(api.get(SR))["total"] == 1
 
 
 # -- upstreams (§5.1) -------------------------------------------------------------
@@ -638,7 +702,7 @@ def test_auth_applies_to_every_admin_path(seeded):
 def test_viewer_role(tmp_path):
     keys = [{"name": "admin", "key": ADMIN_KEY, "role": "admin"},
             {"name": "viewer", "key": VIEWER_KEY, "role": "viewer"}]
-    api = Api(tmp_path, {"deployment": {"admin": {"admin_key": keys}}})
+    api = Api(tmp_path, {"apisix": STREAM, "deployment": {"admin": {"admin_key": keys}}})
     assert api.put(SR + "/1", {"plugins": MQTT4}).status_code == 201
     viewer = {"X-API-KEY": VIEWER_KEY}
     assert api.get(SR + "/1", headers=viewer).status_code == 200
@@ -650,13 +714,13 @@ def test_viewer_role(tmp_path):
 
 
 def test_admin_key_not_required(tmp_path):
-    api = Api(tmp_path, {"deployment": {"admin": {"admin_key_required": False}}})
+    api = Api(tmp_path, {"apisix": STREAM, "deployment": {"admin": {"admin_key_required": False}}})
     assert api.put(SR + "/1", {"plugins": MQTT4}, headers={}).status_code == 201
     assert api.get(SR + "/1", headers={"X-API-KEY": "anything"}).status_code == 200
 
 
 def test_no_admin_keys_disables_the_check(tmp_path):
-    api = Api(tmp_path, {"deployment": {"admin": {"admin_key": None}}})
+    api = Api(tmp_path, {"apisix": STREAM, "deployment": {"admin": {"admin_key": None}}})
     assert api.put(SR + "/1", {}, headers={}).status_code == 201
 
 
@@ -669,7 +733,7 @@ def test_allow_admin(seeded):
 
 
 def test_allow_admin_configured(tmp_path):
-    api = Api(tmp_path, {"deployment": {"admin": {"allow_admin": ["10.1.0.0/16"]}}})
+    api = Api(tmp_path, {"apisix": STREAM, "deployment": {"admin": {"allow_admin": ["10.1.0.0/16"]}}})
     assert api.get(SR, remote="10.1.2.3").status_code == 200
     assert api.get(SR, remote="127.0.0.1").status_code == 403
 
@@ -724,6 +788,7 @@ def open_session(stack, registry, route_id, client=("10.0.0.5", 50000), **fields
 def without_now(got):
     now = got.pop("now")
     assert abs(now - time.time()) < 60  # the server's clock, for "connected N s ago"
+    assert (got.pop("page"), got.pop("page_size")) == (1, 100)
     return got
 
 
@@ -755,19 +820,35 @@ def test_close_one_session(api):
         assert close_b.calls == 0
 
 
-def test_close_sessions_of_one_route(api):
+def test_evict_the_sessions_of_one_route(api):
     with contextlib.ExitStack() as stack:
         a, close_a = open_session(stack, api.registry, "1")
         b, close_b = open_session(stack, api.registry, "2")
         c, close_c = open_session(stack, api.registry, "1")
         resp = api.delete(EXT + "/sessions?route_id=1")
         assert resp.status_code == 200
-        assert sorted(body(resp)["closed"]) == sorted([a.id, c.id])
-        assert (close_a.calls, close_b.calls, close_c.calls) == (1, 0, 1)
-        assert api.delete(EXT + "/sessions").status_code == 400  # neither route_id nor all
-        assert close_b.calls == 0
-        assert api.delete(EXT + "/sessions?all=true").status_code == 200
-        assert close_b.calls == 1
+        job = body(resp)
+        assert (job["total"], job["rate"], job["selector"]) == (2, None, {"route_id": "1"})
+        assert wait_job(api, job["id"])["done"] == 2
+        # a clean end (0x9C use another server), not an abrupt close
+        assert (close_a.ends, close_b.ends, close_c.ends) == ([(0x9C, 5.0, None)], [],
+                                                              [(0x9C, 5.0, None)])
+        assert close_a.calls == close_c.calls == 0
+        assert api.delete(EXT + "/sessions").status_code == 400  # no filter nor all
+        assert close_b.ends == []
+        job = body(api.delete(EXT + "/sessions?all=true"))
+        assert wait_job(api, job["id"])["done"] == 3
+        assert len(close_b.ends) == 1
+
+
+def wait_job(api, job_id):
+    import gevent
+    for _ in range(200):
+        job = body(api.get(EXT + "/evictions/" + job_id))
+        if job["state"] != "running":
+            return job
+        gevent.sleep(0.01)
+    raise AssertionError("eviction %s still running: %s" % (job_id, job))
 
 
 def test_closing_needs_an_admin_key(api):

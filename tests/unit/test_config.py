@@ -87,6 +87,47 @@ def test_missing_path_means_defaults():
     assert load(None)[TCP] == Config({})[TCP]
 
 
+# -- stream mode (§6: "stream mode is disabled"; §7 proxy_mode) -------------------------
+
+def test_no_config_file_keeps_the_stream_proxy_on():
+    # gproxy's own choice: run with built-in defaults, it proxies on 9100
+    assert load(None).stream_enabled is True
+    assert Config().stream_enabled is True
+
+
+def test_shipped_config_and_the_seed_snippet_enable_stream(tmp_path):
+    assert load(str(ROOT / "conf" / "config.yaml")).stream_enabled is True
+    assert load(write(tmp_path, SEED_SNIPPET)).stream_enabled is True
+
+
+@pytest.mark.parametrize("text", [
+    "",                                                     # an empty file
+    "nginx_config:\n  error_log_level: info\n",            # no apisix section
+    "apisix:\n  enable_admin: true\n",                      # apisix without stream_proxy
+    "apisix:\n  stream_proxy:\n",                           # stream_proxy: null
+    "apisix:\n  proxy_mode: stream\n",                      # a mode, but no listeners given
+])
+def test_a_config_file_without_stream_proxy_disables_stream(tmp_path, text):
+    # APISIX <= 3.4: the Admin API and the listeners need apisix.stream_proxy
+    assert load(write(tmp_path, text)).stream_enabled is False
+
+
+@pytest.mark.parametrize("mode, enabled", [("http", False), ("stream", True),
+                                           ("http&stream", True)])
+def test_proxy_mode(tmp_path, mode, enabled):
+    # APISIX 3.5+: proxy_mode http turns stream off even with stream_proxy
+    text = SEED_SNIPPET + "  proxy_mode: %s\n" % ("'%s'" % mode)
+    assert load(write(tmp_path, text)).stream_enabled is enabled
+    assert Config(dict(tcp(9100), apisix=dict(tcp(9100)["apisix"], proxy_mode=mode))
+                  ).stream_enabled is enabled
+
+
+def test_a_config_mapping_is_a_config_file():
+    # Config(raw) is what load() builds from a file: the same rule holds
+    assert Config({}).stream_enabled is False
+    assert Config(tcp(9100)).stream_enabled is True
+
+
 def test_unreadable_file(tmp_path):
     with pytest.raises(ConfigError, match="cannot read"):
         load(tmp_path / "nope.yaml")
@@ -282,3 +323,52 @@ def test_cli_check_accepts_the_seed_snippet(tmp_path):
     proc = run_check(write(tmp_path, SEED_SNIPPET))
     assert proc.returncode == 0, proc.stderr
     assert not (tmp_path / "apisix.yaml").exists()  # --check writes nothing
+
+
+# -- store selection and embedding switches (issue 17) ---------------------------
+
+def test_the_file_store_is_the_default():
+    assert Config().store_backend == "file"
+    assert Config({"deployment": {"role": "traditional"}}).store_backend == "file"
+
+
+def test_apisix_keys_select_etcd():
+    cfg = Config(yaml_load("""
+        deployment:
+          role: traditional
+          role_traditional: {config_provider: etcd}
+          etcd: {host: ["http://127.0.0.1:2379/"], prefix: /apisix, timeout: 30}
+        """))
+    assert cfg.store_backend == "etcd"
+    assert cfg["deployment.etcd.host"] == ["http://127.0.0.1:2379"]
+    assert cfg["deployment.etcd.prefix"] == "/apisix"
+    data_plane = Config({"deployment": {"role": "data_plane",
+                                        "role_data_plane": {"config_provider": "etcd"}}})
+    assert data_plane.store_backend == "etcd"
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"deployment": {"etcd": {"host": ["127.0.0.1:2379"]}}}, "deployment.etcd.host"),
+    ({"deployment": {"etcd": {"host": []}}}, "deployment.etcd.host"),
+    ({"deployment": {"etcd": {"prefix": "apisix"}}}, "deployment.etcd.prefix"),
+    ({"deployment": {"etcd": {"timeout": 0}}}, "deployment.etcd.timeout"),
+    ({"deployment": {"role_traditional": {"config_provider": "consul"}}},
+     "deployment.role_traditional.config_provider"),
+    ({"deployment": {"role": "control_plane"}}, "deployment.role"),
+])
+def test_bad_etcd_settings_name_the_key(raw, key):
+    with pytest.raises(ConfigError, match="^" + key.replace(".", r"\.")):
+        Config(raw)
+
+
+def test_deployment_admin_false_turns_the_admin_api_off():
+    cfg = Config({"deployment": {"admin": False}, "apisix": {"stream_proxy": {"tcp": [9100]}}})
+    assert cfg["apisix.enable_admin"] is False
+    assert cfg["apisix.stream_proxy.tcp"][0].port == 9100
+    assert Config({"apisix": {"enable_admin": False}})["apisix.enable_admin"] is False
+    assert Config()["apisix.enable_admin"] is True
+
+
+def yaml_load(text):
+    import yaml
+    return yaml.safe_load(textwrap.dedent(text))

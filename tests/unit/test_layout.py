@@ -85,3 +85,29 @@ def test_this_process_is_not_patched_either():
     assert socket.socket.__module__ == "socket"
     assert threading.Thread.__module__ == "threading"
     assert time.sleep.__module__ == "time"
+
+
+def test_starting_embedded_gproxy_patches_nothing(tmp_path):
+    """``gproxy.start`` runs gproxy on its own hub in a thread: the host stays unpatched."""
+    code = "\n".join([
+        "import socket, threading, time, select",
+        "state = lambda: (socket.socket, threading.Thread, threading.Lock, time.sleep,"
+        " select.select)",
+        "before = state()",
+        "import gproxy",
+        "assert state() == before, 'patched on import'",
+        "s = socket.socket(); s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]; s.close()",
+        "proxy = gproxy.start({'apisix': {'stream_proxy': {'tcp': ['127.0.0.1:%%d' %% port]}},"
+        " 'deployment': {'admin': False},"
+        " 'gproxy': {'store': {'path': %r}}})" % str(tmp_path / "apisix.yaml"),
+        "assert state() == before, 'patched by start()'",
+        "import gevent.monkey",
+        "assert not gevent.monkey.is_anything_patched(), 'gevent says it patched'",
+        "proxy.stop()",
+        "assert state() == before, 'patched by stop()'",
+        "print('ok')",
+    ])
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"

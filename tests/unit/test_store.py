@@ -8,6 +8,7 @@ open/write) with the mtime pushed forward so a coarse clock cannot hide them.
 import logging
 import os
 import re
+import time
 
 import pytest
 import yaml
@@ -339,3 +340,64 @@ def test_new_id_skips_ids_in_an_apisix_file(path):
     store = FileStore(path)
     fresh = [store.new_id() for _ in range(5)]
     assert not set(fresh) & {"00000000000000000003", "00000000000000000004"}
+
+
+def test_an_xrpc_route_in_the_file_is_skipped_with_apisix_line(path, caplog):
+    # APISIX's stream_route_checker runs xrpc.check_schema on the data plane too
+    path.write_text("stream_routes:\n"
+                    "  - id: 1\n    protocol:\n      name: redis\n"
+                    "  - id: 2\n    server_port: 1985\n#END\n")
+    with caplog.at_level(logging.ERROR, logger="gproxy.store"):
+        store = FileStore(path)
+    assert [r.id for r in store.list("stream_routes")] == ["2"]
+    assert ('failed to check item data of [stream_routes] err:unknown protocol [redis] ,val: '
+            '{"id": 1, "protocol": {"name": "redis"}}') in caplog.text
+
+
+# -- the hub keeps running while the disk is slow -------------------------------------
+
+SLOW_FSYNC = 0.3
+
+
+def test_a_slow_fsync_does_not_stall_the_hub(path, monkeypatch):
+    """With fsync taking 0.3 s, a greenlet ticking every 10 ms keeps ticking during
+    a put (the write is off the hub, in gevent's threadpool), and put returns only
+    once the data and the directory entry have been fsynced."""
+    import gevent
+
+    store = FileStore(path)
+    real_fsync = os.fsync
+    synced = []
+
+    def slow_fsync(fd):
+        time.sleep(SLOW_FSYNC)  # a real blocking call, as a slow disk's is
+        real_fsync(fd)
+        synced.append(time.monotonic())
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    ticks = []
+
+    def ticker():
+        while True:
+            ticks.append(time.monotonic())
+            gevent.sleep(0.01)
+
+    tick = gevent.spawn(ticker)
+    try:
+        gevent.sleep(0.05)
+        started = time.monotonic()
+        store.put("upstreams", "1", dict(UPSTREAM))
+        returned = time.monotonic()
+    finally:
+        tick.kill()
+    assert len(synced) == 2  # the temp file, then the directory after the rename
+    assert returned - started >= 2 * SLOW_FSYNC and synced[-1] <= returned
+    during = [t for t in ticks if started <= t <= returned]
+    gaps = [b - a for a, b in zip(ticks, ticks[1:]) if a >= started and b <= returned]
+    # a write on the hub would leave one gap of >= 0.6 s and no tick during it
+    assert len(during) >= 10, "the hub ticked %d times in %.2fs" % (len(during),
+                                                                    returned - started)
+    assert max(gaps) < SLOW_FSYNC / 2, "the hub stalled for %.3fs" % max(gaps)
+    with open(path, encoding="utf-8") as fh:  # acknowledged means on disk
+        on_disk = yaml.safe_load(fh)
+    assert on_disk["upstreams"] == [UPSTREAM]

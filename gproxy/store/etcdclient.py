@@ -1,0 +1,220 @@
+"""etcd's v3 JSON gateway, as APISIX talks to it, on the ``etcd3gw`` client.
+
+Owns the endpoints (``deployment.etcd.host``), APISIX's endpoint health rule
+(lua-resty-etcd: an endpoint that failed 3 times is skipped for
+``health_check_timeout`` seconds; with none left a request fails with
+``has no healthy etcd endpoint available``), APISIX's error wording for an
+unreachable etcd (``http://127.0.0.1:2379: connection refused``), the three
+KV calls the store needs, and one watch stream.
+
+Every call here blocks (``requests`` underneath).  ``blocking(func)`` runs one
+where it cannot hold the hub: straight in the calling greenlet in a
+monkey-patched process (the ``gproxy`` command, where sockets cooperate), in
+the hub's threadpool otherwise (gproxy embedded in an unpatched program).
+The watch stream runs in its own thread (see ``gproxy.store.etcd``).
+"""
+
+import base64
+import json
+import logging
+import socket
+import time
+from urllib.parse import urlsplit
+
+import etcd3gw
+import gevent
+import requests
+from etcd3gw import exceptions as etcd_exc
+
+from gproxy.errors import StoreUnavailable
+
+log = logging.getLogger("gproxy.store")
+MAX_FAILS = 3  # lua-resty-etcd's health check, as APISIX configures it
+NO_HEALTHY = "has no healthy etcd endpoint available"
+
+
+class Compacted(Exception):
+    """The watch's start revision was compacted away: reload everything."""
+
+
+def _patched():
+    return socket.socket.__module__.startswith("gevent")
+
+
+def blocking(func, *args):
+    """Run a blocking etcd call without holding the hub; its exception comes back here."""
+    if _patched():
+        return func(*args)
+
+    def run():
+        try:
+            return True, func(*args)
+        except Exception as exc:  # raised again in the caller, below
+            return False, exc
+    ok, result = gevent.get_hub().threadpool.apply(run)
+    if not ok:
+        raise result
+    return result
+
+
+def b64(data):
+    return base64.b64encode(data if isinstance(data, bytes) else data.encode()).decode()
+
+
+def unb64(text):
+    return base64.b64decode(text or "")
+
+
+def _reason(exc):
+    """lua-resty-http's words for why a request failed."""
+    text = "%s %s" % (getattr(exc, "detail_text", None) or "", exc)
+    if isinstance(exc, (etcd_exc.ConnectionTimeoutError, requests.Timeout)) or \
+            "timed out" in text:
+        return "timeout"
+    if "Connection refused" in text:
+        return "connection refused"
+    if "Connection reset" in text:
+        return "connection reset by peer"
+    return "closed"
+
+
+class Endpoint:
+    """One etcd URL, its etcd3gw client, and its failure count."""
+
+    def __init__(self, url, timeout):
+        parts = urlsplit(url)
+        self.url = url
+        # api_path fixed to /v3/ as APISIX does (etcd >= 3.4): no discovery request
+        self.client = etcd3gw.Etcd3Client(host=parts.hostname, port=parts.port or 2379,
+                                          protocol=parts.scheme, timeout=timeout,
+                                          api_path="/v3/")
+        self.fails = []  # monotonic times of recent failures
+        self.down_until = 0.0
+
+    def healthy(self, now):
+        return now >= self.down_until
+
+    def failed(self, window):
+        now = time.monotonic()
+        self.fails = [t for t in self.fails if now - t < window] + [now]
+        if len(self.fails) >= MAX_FAILS:
+            self.down_until, self.fails = now + window, []
+
+    def succeeded(self):
+        self.fails, self.down_until = [], 0.0
+
+
+class Cluster:
+    """The configured endpoints, tried round robin, skipping unhealthy ones."""
+
+    def __init__(self, hosts, timeout, health_check_timeout):
+        self.endpoints = [Endpoint(h, timeout) for h in hosts]
+        self.timeout = timeout
+        self.window = health_check_timeout
+        self._next = 0
+
+    def choose(self):
+        now = time.monotonic()
+        for _ in self.endpoints:
+            endpoint = self.endpoints[self._next % len(self.endpoints)]
+            self._next += 1
+            if endpoint.healthy(now):
+                return endpoint
+        raise StoreUnavailable(NO_HEALTHY)
+
+    def call(self, path, payload):
+        """One KV request (blocking): the JSON answer, or StoreUnavailable in APISIX's words.
+
+        The three calls used are idempotent, so one that failed on a kept-alive
+        connection etcd had closed is sent once more on a fresh one.
+        """
+        endpoint = self.choose()
+        for attempt in (1, 2):
+            try:
+                body = endpoint.client.post(endpoint.client.get_url(path), json=payload)
+            except (etcd_exc.ConnectionFailedError, etcd_exc.ConnectionTimeoutError,
+                    etcd_exc.InternalServerError) as exc:
+                if exc.args:  # an HTTP status from etcd, not a transport error
+                    endpoint.failed(self.window)
+                    code = 500 if isinstance(exc, etcd_exc.InternalServerError) else 503
+                    raise StoreUnavailable("invalid response code: %d" % code) from None
+                reason = _reason(exc)
+                if attempt == 1 and reason in ("closed", "connection reset by peer"):
+                    continue
+                endpoint.failed(self.window)
+                raise StoreUnavailable("%s: %s" % (endpoint.url, reason)) from None
+            except etcd_exc.Etcd3Exception as exc:
+                endpoint.succeeded()
+                raise StoreUnavailable(_error_text(exc.detail_text)) from None
+            endpoint.succeeded()
+            return body
+
+    def range(self, key, end):
+        return self.call("/kv/range", {"key": b64(key), "range_end": b64(end)})
+
+    def put(self, key, value):
+        return self.call("/kv/put", {"key": b64(key), "value": b64(value), "prev_kv": True})
+
+    def delete(self, key):
+        return self.call("/kv/deleterange", {"key": b64(key), "prev_kv": True})
+
+    def close(self):
+        for endpoint in self.endpoints:
+            endpoint.client.session.close()
+
+
+def _error_text(detail):
+    """etcd's own error, as APISIX reports ``res.body.error``."""
+    try:
+        return json.loads(detail).get("error") or detail
+    except (TypeError, ValueError, AttributeError):
+        return str(detail)
+
+
+class WatchStream:
+    """One open ``/v3/watch`` request; ``messages()`` yields each decoded result.
+
+    ``interrupt()`` (from any thread) shuts its socket so a blocked read ends
+    at once; a read also ends after ``watch_timeout`` seconds of silence.
+    """
+
+    def __init__(self, cluster, key, end, start_revision, watch_timeout):
+        self.endpoint = cluster.choose()
+        self.session = requests.Session()
+        request = {"create_request": {"key": b64(key), "range_end": b64(end),
+                                      "start_revision": start_revision}}
+        try:
+            self.resp = self.session.post(self.endpoint.client.get_url("/watch"),
+                                          json=request, stream=True,
+                                          timeout=(cluster.timeout, watch_timeout))
+        except requests.RequestException as exc:
+            self.session.close()
+            self.endpoint.failed(cluster.window)
+            raise StoreUnavailable("%s: %s" % (self.endpoint.url, _reason(exc))) from None
+        if self.resp.status_code != 200:
+            self.close()
+            raise StoreUnavailable("invalid response code: %d" % self.resp.status_code)
+        self.endpoint.succeeded()
+
+    def messages(self):
+        buf = b""
+        for chunk in self.resp.iter_content(chunk_size=None):
+            buf += chunk
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                if line.strip():
+                    message = json.loads(line)
+                    if "error" in message:
+                        raise StoreUnavailable(_error_text(json.dumps(message["error"])))
+                    yield message.get("result") or {}
+
+    def interrupt(self):
+        try:
+            sock = self.resp.raw.connection.sock
+            sock.shutdown(socket.SHUT_RDWR)
+        except (AttributeError, OSError):
+            pass  # already closed: the read has ended or will on its timeout
+
+    def close(self):
+        self.resp.close()
+        self.session.close()

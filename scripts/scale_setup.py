@@ -1,0 +1,215 @@
+"""The moving parts of scripts/scale.py: gproxy with a hub-latency probe,
+mosquitto brokers, idle MQTT sessions and paced new clients.
+
+Run as a script (``scale_setup.py CONFIG PROBE``) it is the gproxy child:
+gproxy's CLI in this process plus a probe greenlet that sleeps 1 ms in a loop
+and logs every overshoot above 0.5 ms with how much of it the process spent
+on a CPU.  Everything else here runs in scale.py's own (plain, unpatched)
+process.
+"""
+
+import gc
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from bench import mqttwire  # noqa: E402  (the repo's own MQTT packet builder)
+
+HOST = "127.0.0.1"
+KEY = "scale-script-key-0123456789abcdef"
+PROBE_MS = 1.0
+
+
+# -- the gproxy child, with a hub-latency probe -------------------------------------------
+
+def serve(config, probe_path):
+    """The gproxy child: gproxy's CLI in this process plus a probe greenlet."""
+    from gevent import monkey
+    monkey.patch_all()
+    import gevent
+
+    def probe():
+        with open(probe_path, "a", buffering=1) as fh:
+            while True:
+                start, cpu = time.perf_counter(), time.process_time()
+                gevent.sleep(PROBE_MS / 1000)
+                late = (time.perf_counter() - start) * 1000 - PROBE_MS
+                if late > 0.5:  # and how much of it this process ran (vs. waited for a core)
+                    ran = (time.process_time() - cpu) * 1000
+                    fh.write("%.4f %.3f %.3f\n" % (time.time(), late, min(late, ran)))
+
+    gc_log = open(probe_path + ".gc", "a", buffering=1)
+    started = {}
+
+    def collections(phase, info):  # the cyclic GC holds the hub too: log each pass
+        if phase == "start":
+            started["t"] = time.perf_counter()
+        elif info["generation"] >= 1:
+            gc_log.write("%.4f %d %.3f\n" % (time.time(), info["generation"],
+                                              (time.perf_counter() - started["t"]) * 1000))
+
+    gc.callbacks.append(collections)
+    gevent.spawn(probe)
+    from gproxy import cli
+    return cli.main(["-c", config, "--log-level", "error"])
+
+
+def gc_passes(path, since, until):
+    """Generation 1 and 2 collections in gproxy between two times: ``[(gen, ms)]``."""
+    out = []
+    with open(path + ".gc") as fh:
+        for line in fh:
+            at, gen, ms = line.split()
+            if since <= float(at) <= until:
+                out.append((int(gen), float(ms)))
+    return out
+
+
+def probe_holds(path, since, until):
+    """Hub overshoots logged between two wall-clock times: ``[(wall ms, ran ms)]``.
+
+    ``wall``: how late the probe woke; ``ran``: how much of that the gproxy
+    process spent on a CPU (the rest it waited for a core: a busy machine)."""
+    out = []
+    with open(path) as fh:
+        for line in fh:
+            at, late, ran = line.split()
+            if since <= float(at) <= until:
+                out.append((float(late), float(ran)))
+    return out
+
+
+# -- processes ------------------------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, proc, timeout=20):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("process exited with %s" % proc.returncode)
+        try:
+            socket.create_connection((HOST, port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("nothing listens on %d" % port)
+
+
+def start_broker(workdir, name):
+    port = free_port()
+    conf = os.path.join(workdir, name + ".conf")
+    with open(conf, "w") as fh:
+        fh.write("listener %d %s\nallow_anonymous true\npersistence false\nlog_type none\n"
+                 % (port, HOST))
+        if os.geteuid() == 0:
+            fh.write("user root\n")
+    mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    proc = subprocess.Popen([mosquitto, "-c", conf], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    wait_port(port, proc)
+    return proc, port
+
+
+def start_gproxy(workdir, brokers):
+    stream, admin = free_port(), free_port()
+    route = {"id": "fleet", "plugins": {"mqtt-proxy": {"protocol_name": "MQTT",
+                                                        "protocol_level": 4}},
+             "upstream": {"type": "chash", "key": "mqtt_client_id", "nodes": [
+                 {"host": HOST, "port": p, "weight": 1} for p in brokers]}}
+    with open(os.path.join(workdir, "apisix.yaml"), "w") as fh:
+        fh.write("stream_routes:\n  - %s\nupstreams: []\n#END\n" % json.dumps(route))
+    config = os.path.join(workdir, "config.yaml")
+    with open(config, "w") as fh:
+        json.dump({"apisix": {"stream_proxy": {"tcp": ["%s:%d" % (HOST, stream)]}},
+                   "deployment": {"admin": {"admin_listen": {"ip": HOST, "port": admin},
+                                            "admin_key": [{"name": "admin", "key": KEY,
+                                                           "role": "admin"}]}},
+                   "gproxy": {"max_connections": 20000}}, fh)
+    probe = os.path.join(workdir, "probe.log")
+    open(probe, "w").close()
+    log = open(os.path.join(workdir, "gproxy.log"), "wb")
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), config, probe],
+                            cwd=workdir, stdout=log, stderr=log)
+    try:
+        wait_port(admin, proc)
+        wait_port(stream, proc)
+    except RuntimeError as exc:
+        stop(proc)
+        with open(log.name, errors="replace") as fh:
+            raise RuntimeError("gproxy did not start (%s):\n%s" % (exc, fh.read()[-3000:]))
+    return proc, stream, admin, probe
+
+
+def stop(proc):
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+# -- clients -----------------------------------------------------------------------------
+
+def open_idle(port, count, batch=250):
+    """``count`` idle MQTT sessions through gproxy (no keepalive), CONNACK checked."""
+    socks = []
+    template = mqttwire.ConnectTemplate(b"idle-")
+    while len(socks) < count:
+        group = []
+        for _ in range(min(batch, count - len(socks))):
+            sock = socket.create_connection((HOST, port), timeout=30)
+            sock.sendall(template.build(len(socks) + len(group)))
+            group.append(sock)
+        for sock in group:
+            if recv_exact(sock, 4) != mqttwire.CONNACK_OK:
+                raise RuntimeError("an idle session was refused")
+        socks.extend(group)
+    return socks
+
+
+def recv_exact(sock, n):
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise RuntimeError("closed after %d bytes" % len(buf))
+        buf += chunk
+    return buf
+
+
+def connack_latencies(port, seconds, rate, start_id):
+    """New clients, one at a time, ``rate`` a second: ms from connect() to CONNACK."""
+    template = mqttwire.ConnectTemplate(b"probe-")
+    out, n = [], start_id
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        due = t0 + len(out) / rate
+        time.sleep(max(0, due - time.monotonic()))
+        start = time.perf_counter()
+        sock = socket.create_connection((HOST, port), timeout=10)
+        try:
+            sock.sendall(template.build(n))
+            recv_exact(sock, 4)
+            out.append((time.perf_counter() - start) * 1000)
+            sock.sendall(mqttwire.DISCONNECT)
+        finally:
+            sock.close()
+        n += 1
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(serve(*sys.argv[1:3]))

@@ -1,0 +1,274 @@
+"""The relay's bookkeeping without sockets: byte counts, back-pressure, half-close,
+``Relay.end`` and ``abort``.
+
+The relay is driven by a fake loop: its I/O watchers only record whether they
+are started, and a test "makes a socket ready" by firing a watcher and running
+the ``EventQueue`` as the hub's check watcher would.  Endpoints are scripted
+objects with the relay's endpoint interface (``recv_into``/``send`` raising
+``BlockingIOError`` for "not now", ``shutdown``, ``close``, ``fileno``); as
+they are not kernel sockets the relay never splices (splice and the real hub
+are covered in tests/integration: test_proxy_raw.py's bulk and half-close
+tests, test_relay_order.py).  MQTT packets come from tests/packets.py.
+"""
+
+import errno
+import socket
+
+import pytest
+
+from gproxy.proxy.registry import SessionInfo
+from gproxy.proxy.relay import READ, WRITE, Relay, RelayHub
+from tests import packets
+
+
+class FakeWatcher:
+    def __init__(self, fd=None, events=None):
+        self.fd, self.events = fd, events
+        self.callback = self.args = None
+        self.active = False
+        self.closed = False
+        self.priority = 0
+
+    def start(self, callback, *args):
+        self.callback, self.args, self.active = callback, args, True
+
+    def stop(self):
+        self.active = False
+
+    def close(self):
+        self.closed = True
+
+
+class FakeLoop:
+    def __init__(self):
+        self.watchers = []
+
+    def io(self, fd, events):
+        watcher = FakeWatcher(fd, events)
+        self.watchers.append(watcher)
+        return watcher
+
+    def check(self, ref=True):
+        return FakeWatcher()
+
+
+class Endpoint:
+    """A scripted endpoint: ``feed`` what its peer sent (``b""`` for its EOF);
+    ``room`` is how many bytes ``send`` may take (None: any)."""
+
+    def __init__(self, fd):
+        self.fd = fd
+        self.inbox = []
+        self.sent = bytearray()
+        self.room = None
+        self.shut = []
+        self.closed = False
+        self.error = None
+
+    def feed(self, data):
+        self.inbox.append(data)
+
+    def recv_into(self, buf):
+        if self.error is not None:
+            raise self.error
+        if not self.inbox:
+            raise BlockingIOError(errno.EAGAIN, "would block")
+        data = self.inbox.pop(0)
+        n = min(len(data), len(buf))
+        buf[:n] = data[:n]
+        if n < len(data):
+            self.inbox.insert(0, data[n:])
+        return n
+
+    def send(self, data):
+        n = len(data) if self.room is None else min(self.room, len(data))
+        if not n:
+            raise BlockingIOError(errno.EAGAIN, "would block")
+        if self.room is not None:
+            self.room -= n
+        self.sent += bytes(data[:n])
+        return n
+
+    def shutdown(self, how):
+        self.shut.append(how)
+
+    def close(self):
+        self.closed = True
+
+    def fileno(self):
+        return self.fd
+
+
+class Harness:
+    """One relay on a fake loop, and ways to make its endpoints ready."""
+
+    def __init__(self, mqtt=False):
+        self.loop = FakeLoop()
+        self.hub = RelayHub(loop=self.loop)
+        self.client, self.upstream = Endpoint(10), Endpoint(11)
+        self.info = SessionInfo("1-1", "127.0.0.1", 40000, "127.0.0.1", 9100)
+        self.done = []
+        self.relay = Relay(self.hub, self.client, self.upstream, self.info,
+                           self.done.append, 600.0, mqtt)
+        self.relay.start()
+
+    def watcher(self, fd, events):
+        found = [w for w in self.loop.watchers if (w.fd, w.events) == (fd, events)]
+        return found[-1] if found else None
+
+    def fire(self, fd, events=READ):
+        """The kernel says ``fd`` is ready: the watcher records, the queue runs it."""
+        watcher = self.watcher(fd, events)
+        assert watcher is not None and watcher.active, "no active watcher for %s" % fd
+        watcher.callback(*watcher.args)
+        self.hub.queue._run()
+
+    def client_sends(self, data):
+        self.client.feed(data)
+        self.fire(self.client.fd)
+
+    def broker_sends(self, data):
+        self.upstream.feed(data)
+        self.fire(self.upstream.fd)
+
+
+@pytest.fixture
+def h():
+    return Harness()
+
+
+@pytest.fixture
+def m():
+    return Harness(mqtt=True)
+
+
+# -- bytes and counters ------------------------------------------------------------------
+
+def test_bytes_go_both_ways_and_are_counted(h):
+    h.client_sends(b"hello")
+    h.broker_sends(b"world!")
+    h.client_sends(b"again")
+    assert bytes(h.upstream.sent) == b"helloagain"
+    assert bytes(h.client.sent) == b"world!"
+    assert (h.info.bytes_in, h.info.bytes_out) == (10, 6)
+    assert h.relay.reason is None and h.relay in h.hub.relays
+
+
+def test_a_full_peer_holds_the_rest_and_stops_reading(h):
+    h.upstream.room = 3
+    h.client_sends(b"hello")
+    up = h.relay.up
+    assert bytes(h.upstream.sent) == b"hel" and up.backlog == b"lo"
+    assert h.info.bytes_in == 5  # counted when read
+    assert not up.reader.active and up.writer.active  # back-pressure, as nginx
+    h.upstream.room = None
+    h.fire(h.upstream.fd, WRITE)
+    assert bytes(h.upstream.sent) == b"hello" and up.backlog is None
+    assert up.reader.active and not up.writer.active
+    h.client_sends(b"!")
+    assert bytes(h.upstream.sent) == b"hello!"
+
+
+# -- half-close and the end -----------------------------------------------------------------
+
+def test_client_eof_is_passed_on_and_the_other_way_goes_on(h):
+    h.client_sends(b"request")
+    h.client_sends(b"")  # the client's FIN
+    assert h.upstream.shut == [socket.SHUT_WR] and h.client.shut == []
+    assert h.relay.up.done and not h.relay.up.reader.active
+    h.broker_sends(b"answer")
+    assert bytes(h.client.sent) == b"answer"
+    assert h.done == [] and not h.client.closed
+    h.broker_sends(b"")  # both ways ended: finish, close both, report once
+    assert h.done == [h.relay] and h.relay.reason == "eof"
+    assert h.client.closed and h.upstream.closed
+    assert h.relay not in h.hub.relays
+    assert all(w.closed for w in h.loop.watchers)
+
+
+def test_eof_waits_for_the_backlog_before_the_half_close(h):
+    h.upstream.room = 2
+    h.client_sends(b"last words")
+    h.client.feed(b"")  # the FIN arrives, but reading has stopped (back-pressure)
+    assert not h.relay.up.reader.active and h.upstream.shut == []
+    h.upstream.room = None
+    h.fire(h.upstream.fd, WRITE)
+    assert bytes(h.upstream.sent) == b"last words" and h.upstream.shut == []
+    h.fire(h.client.fd)  # reading resumed: now the EOF is seen and passed on
+    assert h.upstream.shut == [socket.SHUT_WR] and h.relay.up.done
+
+
+def test_a_reset_aborts_both_ways_once(h):
+    h.client.error = ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+    h.fire(h.client.fd)
+    assert h.relay.reason == "reset" and h.done == [h.relay]
+    assert h.client.closed and h.upstream.closed
+    h.relay.abort("later")  # idempotent: no second report, the first reason stays
+    assert h.done == [h.relay] and h.relay.reason == "reset"
+
+
+def test_callbacks_queued_before_an_abort_do_nothing(h):
+    h.upstream.feed(b"late")
+    watcher = h.watcher(h.upstream.fd, READ)
+    watcher.callback(*watcher.args)  # recorded in the queue...
+    h.relay.abort("disconnected")  # ...then the session is closed in the same iteration
+    h.hub.queue._run()
+    assert bytes(h.client.sent) == b"" and h.info.bytes_out == 0
+
+
+# -- ending cleanly on MQTT routes ----------------------------------------------------------
+
+BYE_BROKER = packets.disconnect(4)
+BYE_CLIENT = b"\xe0\x02\x8b\x00"
+
+
+def test_end_between_packets_says_goodbye_both_ways_at_once(m):
+    m.client_sends(packets.publish("a/b", b"x"))
+    m.broker_sends(b"\xd0\x00")  # PINGRESP (3.1.1 §3.13)
+    before = (m.info.bytes_in, m.info.bytes_out)
+    assert m.relay.end(BYE_BROKER, BYE_CLIENT, 5.0) is True
+    assert bytes(m.upstream.sent).endswith(BYE_BROKER)
+    assert bytes(m.client.sent).endswith(BYE_CLIENT)
+    assert (m.info.bytes_in, m.info.bytes_out) == before  # goodbyes are not client bytes
+    assert m.done == [m.relay] and m.relay.reason == "eof"
+
+
+def test_end_mid_packet_forwards_the_rest_of_it_then_the_goodbye(m):
+    publish = packets.publish("t", b"p" * 100)
+    m.client_sends(publish[:40])
+    assert m.relay.end(BYE_BROKER, None, 5.0) is True
+    # the broker's way was between packets: it stops at once (nothing to say to a
+    # 3.1.1 client) and the client gets the half-close; the client's way waits
+    assert m.relay.down.done and m.client.shut == [socket.SHUT_WR]
+    assert m.done == [] and m.relay.up.ending and not m.relay.up.done
+    assert m.relay.deadline is not None  # the sweeper aborts it if the packet never ends
+    following = packets.publish("t", b"next")
+    m.client_sends(publish[40:] + following)  # the rest and a packet that must not go
+    assert bytes(m.upstream.sent) == publish + BYE_BROKER
+    assert m.info.bytes_in == len(publish)  # the unforwarded packet is not counted
+    assert m.done == [m.relay] and m.upstream.closed and m.client.closed
+
+
+def test_end_waits_for_a_held_backlog(m):
+    m.upstream.room = 4
+    publish = packets.publish("t", b"held")
+    m.client_sends(publish)
+    m.relay.end(BYE_BROKER, None, 5.0)
+    assert bytes(m.upstream.sent) == publish[:4]
+    m.upstream.room = None
+    m.fire(m.upstream.fd, WRITE)
+    assert bytes(m.upstream.sent) == publish + BYE_BROKER
+
+
+def test_end_without_boundaries_aborts(h):
+    # not an MQTT route: nowhere safe to cut, so the session is closed at once
+    h.client_sends(b"raw")
+    assert h.relay.end(BYE_BROKER, None, 5.0) is False
+    assert h.relay.reason == "shutdown" and h.done == [h.relay]
+
+
+def test_end_after_the_stream_stopped_looking_like_mqtt_aborts(m):
+    m.client_sends(b"\x30\xff\xff\xff\xff\x01")  # a fifth length byte: not MQTT
+    assert m.relay.up.track.lost
+    assert m.relay.end(BYE_BROKER, None, 5.0) is False
+    assert m.relay.reason == "shutdown"
