@@ -2,7 +2,8 @@
 
 A config file without ``apisix.stream_proxy`` (APISIX <= 3.4's switch) or with
 ``proxy_mode: http`` (3.5+) binds no stream listener at all: the process's
-only listening socket is the Admin API's, and every method on
+only listening socket is the Admin API's (the control API and metrics are
+turned off here), and every method on
 ``/apisix/admin/stream_routes`` answers 400.  Which sockets the process
 listens on is read from ``/proc`` (its descriptors' inodes against
 ``/proc/net/tcp{,6}``), so a port some other process holds cannot confuse the
@@ -68,9 +69,12 @@ def start(tmp_path):
         directory = tmp_path / ("run%d" % len(procs))
         directory.mkdir()
         admin_port = free_port()
-        cfg = {"deployment": {"admin": {"admin_listen": {"ip": HOST, "port": admin_port}}}}
-        if apisix_section is not None:
-            cfg["apisix"] = apisix_section
+        # the control API and the metrics listen by default: off here, so the Admin
+        # API's is the one listener left to see (an apisix section with only this
+        # switch still has no stream_proxy)
+        cfg = {"deployment": {"admin": {"admin_listen": {"ip": HOST, "port": admin_port}}},
+               "plugin_attr": {"prometheus": {"enable_export_server": False}},
+               "apisix": dict(apisix_section or {}, enable_control=False)}
         (directory / "config.yaml").write_text(yaml.safe_dump(cfg))
         log = open(directory / "gproxy.log", "wb")
         proc = subprocess.Popen([sys.executable, "-m", "gproxy", "-c", "config.yaml",
