@@ -16,7 +16,7 @@ from gevent import socket as gsocket
 from gproxy.errors import NoUpstream
 from gproxy.model.balancer import Node
 from gproxy.model.routes import DEFAULT_CONNECT_TIMEOUT, is_ip
-from gproxy.proxy import netio
+from gproxy.proxy import netio, tls
 
 BALANCER_TYPES = ("roundrobin", "chash")
 
@@ -88,6 +88,10 @@ def dial(s):
         s.peer = node.addr
         s.log(logging.INFO, "proxy request to %s", node.addr)
         conn = netio.connect(node.dial_host, node.port, timeout)
+        if not isinstance(conn, OSError):
+            conn = _prepare(s, upstream, node, conn, timeout)
+        if isinstance(conn, tls.UpstreamTlsError):
+            continue  # logged by the TLS handshake
         if isinstance(conn, OSError):
             s.log(logging.ERROR, "connect() failed (%s)", _errtext(conn))
             continue
@@ -97,6 +101,20 @@ def dial(s):
     if not tried:
         raise NoUpstream("failed to pick server: no node available")
     raise NoUpstream("all upstream servers tried: %s" % ", ".join(tried))
+
+
+def _prepare(s, upstream, node, conn, timeout):
+    """A fresh connection's first bytes: the PROXY header, then TLS (nginx's order)."""
+    try:
+        if s.preamble:
+            netio.sendall(conn, s.preamble, timeout)
+        if upstream.scheme == "tls":
+            conn = netio.WeakSocket(conn.family, conn.type, conn.proto, conn.detach())
+            conn = tls.connect(s, upstream, node, conn, timeout)
+    except OSError as exc:
+        conn.close()
+        return exc
+    return conn
 
 
 def _errtext(exc):

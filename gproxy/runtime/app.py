@@ -17,11 +17,12 @@ import time
 import gevent
 
 from gproxy.model.routes import RouteTable
-from gproxy.proxy.listener import Listener, bind_listener
+from gproxy.proxy.listener import Listener, bind_listener, listener_phases
 from gproxy.proxy.livesessions import LiveSessions
 from gproxy.proxy.registry import Registry
 from gproxy.proxy.session import Proxy
 from gproxy.proxy.settings import Settings
+from gproxy.proxy.tlsctx import Certificates
 from gproxy.proxy.workers import SessionGreenlets
 from gproxy.store.factory import open_store
 
@@ -35,8 +36,9 @@ class Gproxy:
         self.cfg = cfg
         self.store = store if store is not None else open_store(cfg)
         self.registry = registry if registry is not None else Registry()
-        self.proxy = Proxy(self.build_table(self.store.snapshot()), self.registry,
-                           Settings.from_config(cfg))
+        data = self.store.snapshot()
+        self.proxy = Proxy(self.build_table(data), self.registry, Settings.from_config(cfg),
+                           certs=self.build_certs(data))
         self.sessions = LiveSessions(self.registry, lambda: self.proxy.table,
                                      **self.evict_options)
         self.store.subscribe(self.reload)
@@ -56,9 +58,15 @@ class Gproxy:
         return RouteTable(data["stream_routes"], data["upstreams"],
                           self.cfg["gproxy.balancer.chash_ring"])
 
+    def build_certs(self, data, previous=None):
+        """The ``ssls`` snapshot TLS listeners and ``scheme: tls`` upstreams use."""
+        return Certificates(data.get("ssls") or (),
+                            self.cfg["apisix.ssl.ssl_trusted_certificate"], previous)
+
     def set_data(self, data):
-        """Swap in a route table built from ``{stream_routes, upstreams}``."""
+        """Swap in a route table built from ``{stream_routes, upstreams, ssls}``."""
         self.proxy.table = self.build_table(data)
+        self.proxy.certs = self.build_certs(data, self.proxy.certs)
         log.info("route table rebuilt: routes=%d upstreams=%d",
                  len(self.proxy.table.routes), len(self.proxy.table.upstreams))
 
@@ -115,24 +123,42 @@ class Gproxy:
                     continue
                 self.stop(0)
                 raise OSError(exc.errno, "cannot listen on %s: %s" % (spec.addr, exc.strerror))
-            listener = Listener(sock, spec)
+            listener = Listener(sock, spec, self._phases(spec))
             listener.serve(self.proxy.handle, self.greenlets.spawn)
             self.listeners.append(listener)
             log.warning("stream proxy listening on %s", spec.addr)
 
+    def _phases(self, spec):
+        """A listener's own phases from its config entry (APISIX's object form)."""
+        cfg = self.cfg
+        pp_in, pp_out = spec.proxy_protocol, spec.proxy_protocol_to_upstream
+        return listener_phases(
+            spec.tls,
+            cfg["apisix.proxy_protocol.enable_tcp_pp"] if pp_in is None else pp_in,
+            cfg["apisix.proxy_protocol.enable_tcp_pp_to_upstream"] if pp_out is None else pp_out,
+            cfg["gproxy.proxy_protocol.upstream_version"])
+
     def _start_admin(self):
-        from gproxy.admin.server import AdminServer
+        from gproxy.admin.server import AdminServer, https_context
         host = self.cfg["deployment.admin.admin_listen.ip"]
         port = self.cfg["deployment.admin.admin_listen.port"]
-        self.admin_server = AdminServer((host, port), self.admin_app(),
-                                       log=None, error_log=logging.getLogger("gproxy.admin"))
+        ssl_args, scheme = {}, "http"
+        if self.cfg["deployment.admin.https_admin"]:
+            mtls = "deployment.admin.admin_api_mtls."
+            ssl_args["ssl_context"] = https_context(
+                self.cfg.admin_file(mtls + "admin_ssl_cert"),
+                self.cfg.admin_file(mtls + "admin_ssl_cert_key"),
+                self.cfg.admin_file(mtls + "admin_ssl_ca_cert"))
+            scheme = "https"
+        self.admin_server = AdminServer((host, port), self.admin_app(), log=None,
+                                        error_log=logging.getLogger("gproxy.admin"), **ssl_args)
         try:
             self.admin_server.start()
         except OSError as exc:
             self.stop(0)
             raise OSError(exc.errno, "cannot listen on %s:%d for the Admin API: %s"
                           % (host, port, exc.strerror))
-        log.warning("admin API listening on http://%s:%d/apisix/admin", host, port)
+        log.warning("admin API listening on %s://%s:%d/apisix/admin", scheme, host, port)
 
     def _watch(self, interval):
         while True:
