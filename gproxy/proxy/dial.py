@@ -109,7 +109,7 @@ def _prepare(s, upstream, node, conn, timeout):
         if s.preamble:
             netio.sendall(conn, s.preamble, timeout)
         if upstream.scheme == "tls":
-            conn = netio.WeakSocket(conn.family, conn.type, conn.proto, conn.detach())
+            conn = netio.adopt_weak(conn)
             conn = tls.connect(s, upstream, node, conn, timeout)
     except OSError as exc:
         conn.close()

@@ -29,6 +29,18 @@ class WeakSocket(_socket.socket):
     __slots__ = ("__weakref__",)
 
 
+def adopt_weak(sock):
+    """``sock``'s descriptor in a non-blocking WeakSocket (``sock`` is left empty).
+
+    Non-blocking matters twice over: a socket object made from a descriptor
+    starts in blocking mode, and ``_ssl`` then waits in poll(2) itself,
+    holding the hub, instead of raising "want read".
+    """
+    new = WeakSocket(sock.family, sock.type, sock.proto, sock.detach())
+    new.setblocking(False)
+    return new
+
+
 def recv(sock, size, deadline):
     """Up to ``size`` bytes; ``b""`` at EOF; socket.timeout past ``deadline`` (monotonic)."""
     while True:

@@ -148,8 +148,7 @@ def tls_handshake(s):
     deadline = time.monotonic() + settings.tls_handshake_timeout
     hello = _client_hello(s, deadline)
     accepted = s.sock  # from now on the session closes the socket, not the listener
-    s.sock = raw = netio.WeakSocket(accepted.family, accepted.type, accepted.proto,
-                                    accepted.detach())
+    s.sock = raw = netio.adopt_weak(accepted)
     sni = hello.server_name or settings.fallback_sni
     if not sni:
         _refuse(s)

@@ -311,3 +311,24 @@ def test_rewrite_with_an_unset_variable_refuses_the_client(gproxy, mosquitto):
     sock.close()
     proxy.wait_for_log("failed to rewrite the CONNECT: variable tls_client_cn is not set")
     assert wait_until(lambda: True, 0.1) and broker.client_ids() == []
+
+
+def test_a_stalled_handshake_holds_no_one_else(gproxy, mosquitto, pki):
+    """A client that sends its ClientHello and then nothing must not stop the hub
+    (OpenSSL waiting in poll(2) on a socket it thinks is blocking would)."""
+    from tests import wire
+    broker = mosquitto()
+    proxy = gproxy([mqtt_route([node(broker)], type_="roundrobin")], config=tls_listener())
+    admin(proxy, "PUT", "/ssls/1", pki.ssl_object(1, ["tenant-a.example"]))
+    stalled = []
+    for _ in range(3):
+        sock = socket.create_connection((HOST, proxy.port), timeout=WAIT)
+        sock.sendall(wire.openssl_client_hello("tenant-a.example"))
+        stalled.append(sock)
+    try:
+        for i in range(3):
+            raw_mqtt(proxy.port, pki.client_context("tenant-a.example"), "busy-%d" % i).close()
+            broker.wait_for_client("busy-%d" % i)
+    finally:
+        for sock in stalled:
+            sock.close()
