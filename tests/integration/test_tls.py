@@ -153,9 +153,10 @@ def test_two_tenants_by_sni_reach_two_brokers(gproxy, mosquitto, pki):
     routes = [mqtt_route([node(a)], 1, type_="roundrobin", sni="tenant-a.example"),
               mqtt_route([node(b)], 2, type_="roundrobin", sni="*.tenant-b.example")]
     proxy = gproxy(routes, config=tls_listener())
+    mark = proxy.mark()
     proxy.rewrite_routes(routes, ssls=[pki.ssl_object(
         1, ["tenant-a.example", "*.tenant-b.example"])])
-    proxy.wait_for_log("route table rebuilt", timeout=10)
+    proxy.wait_for_log("route table rebuilt", timeout=10, since=mark)
     raw_mqtt(proxy.port, pki.client_context("tenant-a.example"), "dev-a").close()
     raw_mqtt(proxy.port, pki.client_context("eu.tenant-b.example"), "dev-b").close()
     a.wait_for_client("dev-a")
@@ -246,6 +247,44 @@ def test_tls_to_a_tls_mosquitto_listener(gproxy, tls_broker, pki):
     line = proxy.wait_for_log("while SSL handshaking to upstream", since=mark)
     assert "Hostname mismatch" in line or "certificate verify failed" in line
     assert "wrong-name" not in tls_broker.client_ids()
+
+
+@pytest.mark.parametrize("how", ["inline", "client_cert_id"])
+def test_client_certificate_to_a_broker_that_requires_one(gproxy, tmp_path, pki, how):
+    broker = Broker(str(tmp_path), "mtls-broker")
+    with open(broker.conf_path, "a") as fh:
+        fh.write("certfile %s\nkeyfile %s\ncafile %s\nrequire_certificate true\n" % (
+            pki.path("broker.crt"), pki.path("broker.key"), pki.ca_file))
+    broker.start()
+    try:
+        device = pki.device
+        cert = device.cert_chain_pems[0].bytes().decode()
+        key = device.private_key_pem.bytes().decode()
+        tls = {"client_cert": cert, "client_key": key} if how == "inline" else \
+            {"client_cert_id": "dev"}
+        upstream = {"type": "roundrobin", "scheme": "tls", "tls": tls, "nodes": [node(broker)]}
+        route = {"id": 1, "plugins": {"mqtt-proxy": {"protocol_level": 4}},
+                 "upstream": upstream}
+        proxy = gproxy([route])
+        if how == "client_cert_id":
+            status, body = admin(proxy, "PUT", "/ssls/dev", {"type": "client", "cert": cert,
+                                                            "key": key})
+            assert status == 201, body
+        with Paho("with-client-cert", proxy.port):
+            broker.wait_for_client("with-client-cert")
+        mark = proxy.mark()
+        proxy.rewrite_routes([dict(route, upstream=dict(upstream, tls={}))])
+        proxy.wait_for_log("route table rebuilt", timeout=10, since=mark)
+        sock = socket.create_connection((HOST, proxy.port), timeout=WAIT)
+        sock.sendall(packets.connect_v311(b"without-cert"))
+        try:
+            assert sock.recv(10) == b""  # the broker refused the handshake or closed
+        except ConnectionResetError:
+            pass
+        sock.close()
+        assert "without-cert" not in broker.client_ids()
+    finally:
+        broker.stop()
 
 
 def test_tls_to_broker_verification_failure_is_logged(gproxy, tmp_path):
