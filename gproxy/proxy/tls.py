@@ -147,8 +147,7 @@ def tls_handshake(s):
     settings = s.settings
     deadline = time.monotonic() + settings.tls_handshake_timeout
     hello = _client_hello(s, deadline)
-    accepted = s.sock  # from now on the session closes the socket, not the listener
-    s.sock = raw = netio.adopt_weak(accepted)
+    s.sock = raw = netio.adopt_weak(s.sock)  # _ssl needs a weakly referenceable socket
     sni = hello.server_name or settings.fallback_sni
     if not sni:
         _refuse(s)
