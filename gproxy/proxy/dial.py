@@ -88,7 +88,7 @@ def dial(s):
         s.peer = node.addr
         s.log(logging.INFO, "proxy request to %s", node.addr)
         conn = netio.connect(node.dial_host, node.port, timeout)
-        if not isinstance(conn, OSError):
+        if (s.preamble or upstream.scheme == "tls") and not isinstance(conn, OSError):
             conn = _prepare(s, upstream, node, conn, timeout)
         if isinstance(conn, tls.UpstreamTlsError):
             continue  # logged by the TLS handshake
