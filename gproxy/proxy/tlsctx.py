@@ -94,7 +94,7 @@ class Certificates:
         self.index = CertIndex(ssls)
         self.trusted_ca = trusted_ca
         old = previous._servers if previous is not None else {}
-        self._servers = {}  # ssl id -> (fingerprint, context)
+        self._servers = {}  # ssl id -> (fingerprint, context, the conf it was checked for)
         for conf in ssls:
             key = str(conf.get("id"))
             if key in old and old[key][0] == self._server_print(conf):
@@ -110,9 +110,14 @@ class Certificates:
         """The server context for an ssl object (built on first use); CertError if bad."""
         key = str(conf.get("id"))
         entry = self._servers.get(key)
-        if entry is None or entry[0] != self._server_print(conf):
-            entry = (self._server_print(conf), server_context(conf))
-            self._servers[key] = entry
+        if entry is not None and entry[2] is conf:
+            return entry[1]  # this snapshot's object: no need to compare PEM text
+        fingerprint = self._server_print(conf)
+        if entry is None or entry[0] != fingerprint:
+            entry = (fingerprint, server_context(conf), conf)
+        else:
+            entry = (fingerprint, entry[1], conf)
+        self._servers[key] = entry
         return entry[1]
 
     def client(self, tls_conf, check_hostname):
