@@ -18,7 +18,7 @@ from tests import packets
 from tests.integration.conftest import HOST, Broker, mqtt_route, node, wait_listening
 from tests.integration.helpers import CONNACK_OK, WAIT, Paho, recv_exact
 
-trustme = pytest.importorskip("trustme")
+import trustme  # noqa: E402  (the test extra: a missing one must fail, not skip)
 mqtt = pytest.importorskip("paho.mqtt.client")
 
 KEY = "edd1c9f034335f136f87ad84b625c8f1"

@@ -16,7 +16,7 @@ from gproxy.proxy.tlsctx import Certificates, CertError
 from gproxy.store.file import FileStore
 from gproxy.admin.app import create_app
 
-trustme = pytest.importorskip("trustme")
+import trustme  # noqa: E402  (the test extra: a missing one must fail, not skip)
 KEY = {"X-API-KEY": "edd1c9f034335f136f87ad84b625c8f1"}
 
 
@@ -103,7 +103,7 @@ def test_contexts_are_built_once_and_rebuilt_when_the_object_changes(pem):
 @pytest.fixture
 def api(tmp_path):
     store = FileStore(tmp_path / "apisix.yaml")
-    app = create_app(store, Registry(), Config({}))
+    app = create_app(store, Registry(), Config({"apisix": {"stream_proxy": {"tcp": [9100]}}}))
     return app.test_client(), store, tmp_path / "apisix.yaml"
 
 
