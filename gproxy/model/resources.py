@@ -151,10 +151,19 @@ def check_plugins(plugins):
         if not isinstance(conf, dict):
             raise SchemaError("invalid plugin conf %s for plugin [%s]"
                               % (json.dumps(conf), name))
-        err = validate(schema, conf)
+        err = validate(schema, conf) or _conflicts(conf)
         if err:
             raise SchemaError("failed to check the configuration of stream plugin [%s]: %s"
                               % (name, err))
+
+
+def _conflicts(conf):
+    """A rewrite that could not apply is refused, not silently skipped: in
+    WebSocket passthrough the client's frames are replayed as they came."""
+    ws = conf.get("websocket") or {}
+    if conf.get("set_connect") and ws.get("enable", True) and ws.get("mode") == "passthrough":
+        return "set_connect cannot rewrite a CONNECT relayed in websocket passthrough mode"
+    return None
 
 
 def check_stream_route(conf, upstream_exists=lambda _id: True):

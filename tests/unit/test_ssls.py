@@ -164,3 +164,17 @@ def test_set_connect_is_checked(api):
     route["plugins"]["mqtt-proxy"]["set_connect"] = {"password": "x"}
     status, body = call(client, "PUT", "/stream_routes/1", route)
     assert status == 400 and "additional properties forbidden, found password" in body["error_msg"]
+
+
+def test_set_connect_and_websocket_passthrough_are_refused_together(api):
+    client, _, _ = api
+    route = {"plugins": {"mqtt-proxy": {
+        "protocol_level": 4, "set_connect": {"client_id": "$tls_client_cn"},
+        "websocket": {"enable": True, "mode": "passthrough"}}},
+        "upstream": {"type": "roundrobin", "nodes": {"127.0.0.1:1883": 1}}}
+    status, body = call(client, "PUT", "/stream_routes/1", route)
+    assert (status, body["error_msg"]) == (400, "failed to check the configuration of stream "
+                                           "plugin [mqtt-proxy]: set_connect cannot rewrite a "
+                                           "CONNECT relayed in websocket passthrough mode")
+    route["plugins"]["mqtt-proxy"]["websocket"]["mode"] = "terminate"
+    assert call(client, "PUT", "/stream_routes/1", route)[0] == 201
