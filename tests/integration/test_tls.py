@@ -369,3 +369,72 @@ def test_a_stalled_handshake_holds_no_one_else(gproxy, mosquitto, pki):
     finally:
         for sock in stalled:
             sock.close()
+
+
+# -- the Admin API over HTTPS ----------------------------------------------------------
+
+def https_get(proxy, ctx, path="/apisix/admin/stream_routes"):
+    conn = http.client.HTTPSConnection(HOST, proxy.admin_port, timeout=10, context=ctx)
+    try:
+        conn.request("GET", path, headers={"X-API-KEY": KEY})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("mtls", [False, True], ids=["https", "https+client-cert"])
+def test_admin_over_https(gproxy, pki, mtls):
+    admin_leaf = pki.ca.issue_cert("127.0.0.1")
+    admin_leaf.cert_chain_pems[0].write_to_path(pki.path("admin.crt"))
+    admin_leaf.private_key_pem.write_to_path(pki.path("admin.key"))
+    mtls_conf = {"admin_ssl_cert": pki.path("admin.crt"),
+                 "admin_ssl_cert_key": pki.path("admin.key")}
+    if mtls:
+        mtls_conf["admin_ssl_ca_cert"] = pki.ca_file
+    proxy = gproxy([], config={"deployment": {"admin": {"https_admin": True,
+                                                        "admin_api_mtls": mtls_conf}}})
+    wait_listening(proxy.admin_port, proxy.proc, what="gproxy admin")
+    ctx = ssl.create_default_context(cafile=pki.ca_file)
+    if mtls:
+        with pytest.raises((ssl.SSLError, OSError)):
+            https_get(proxy, ctx)
+        ctx.load_cert_chain(pki.path("device.pem"))
+    status, body = https_get(proxy, ctx)
+    assert status == 200 and json.loads(body) == {"list": [], "total": 0}
+    status, page = https_get(proxy, ctx, "/ui/")
+    assert status == 200 and b"<html" in page.lower()
+    plain = http.client.HTTPConnection(HOST, proxy.admin_port, timeout=5)
+    with pytest.raises((http.client.HTTPException, OSError)):
+        plain.request("GET", "/apisix/admin/stream_routes", headers={"X-API-KEY": KEY})
+        plain.getresponse().read()
+    plain.close()
+    assert "admin API listening on https://" in proxy.log()
+
+
+def test_bytes_decrypted_during_preread_reach_the_broker(gproxy, sink, pki):
+    """CONNECT and a PUBLISH in one TLS record: preread takes the CONNECT and
+    OpenSSL keeps the rest decrypted; the relay must send it on without waiting
+    for the client to send more."""
+    proxy = gproxy([mqtt_route([node(sink)], type_="roundrobin")], config=tls_listener())
+    admin(proxy, "PUT", "/ssls/1", pki.ssl_object(1, ["tenant-a.example"]))
+    data = packets.connect_v311(b"one-record") + packets.publish("t", b"p" * 12000)
+    tls = tls_dial(proxy.port, pki.client_context("tenant-a.example"))
+    tls.sendall(data)
+    conn = sink.wait_for_connection()
+    packets.assert_packet(conn.wait_for_bytes(len(data)), data, "CONNECT + PUBLISH")
+    tls.close()
+
+
+def test_mqtt_over_websocket_over_tls(gproxy, mosquitto, pki):
+    """wss: the WebSocket upgrade and frames come over the TLS listener, on one port."""
+    broker = mosquitto()
+    proxy = gproxy([mqtt_route([node(broker)], type_="roundrobin")], config=tls_listener())
+    admin(proxy, "PUT", "/ssls/1", pki.ssl_object(1, ["tenant-a.example"]))
+    ctx = pki.client_context("tenant-a.example")
+    with Paho("wss-sub", proxy.port, transport="websockets", tls_context=ctx) as sub, \
+            Paho("tls-pub", proxy.port, tls_context=ctx) as pub:
+        sub.subscribe("wss/t", qos=1)
+        pub.publish("wss/t", b"w" * 40000, qos=1)
+        assert sub.expect_message().payload == b"w" * 40000
+    broker.wait_for_client("wss-sub")
