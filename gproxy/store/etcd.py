@@ -1,4 +1,4 @@
-"""EtcdStore: stream routes and upstreams shared on etcd, the way APISIX keeps them.
+"""EtcdStore: stream routes, upstreams and ssls shared on etcd, the way APISIX keeps them.
 
 Keys are APISIX's (``<prefix>/stream_routes/<id>``, ``<prefix>/upstreams/<id>``),
 values APISIX's JSON, so gproxy instances, APISIX and ``etcdctl`` can all write
@@ -55,9 +55,9 @@ class EtcdStore(Store):
         self.prefix = prefix.rstrip("/")
         self.cluster = Cluster(hosts, timeout, health_check_timeout)
         self.watch_timeout = watch_timeout
-        # stream_routes < upstreams, and no APISIX kind sorts between them: one
-        # range (and one watch) covers both kinds and nothing else of APISIX's
-        self.range = (self.prefix + "/stream_routes/", self.prefix + "/upstreams0")
+        # ssls < stream_routes < upstreams: one range (and one watch) covers the
+        # three kinds; other APISIX keys inside it (system_config) are skipped
+        self.range = (self.prefix + "/ssls/", self.prefix + "/upstreams0")
         self._data = {kind: {} for kind in KINDS}
         self._tombs = {}  # (kind, id) -> revision of a delete applied here
         self._callbacks = []
