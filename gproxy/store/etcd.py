@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import gevent
 
 from gproxy.errors import SchemaError, StoreUnavailable
+from gproxy.model.ssls import without_secrets
 from gproxy.store.base import KINDS, Record, Store, check_item
 from gproxy.store.etcdclient import Cluster, Compacted, WatchStream, blocking, unb64
 
@@ -85,14 +86,15 @@ class EtcdStore(Store):
             value = None
         if not isinstance(value, dict):
             log.error("invalid item data of [%s/%s/%s], val: %s, it should be an object",
-                      self.prefix, kind, id_, raw[:200])
+                      self.prefix, kind, id_, "(not shown)" if kind == "ssls" else raw[:200])
             return None
         value["id"] = id_  # APISIX: the key names the object
         try:
             check_item(kind, value)
         except SchemaError as exc:
+            shown = without_secrets(value) if kind == "ssls" else value  # no private keys
             log.error("failed to check item data of [%s/%s] err:%s ,val: %s",
-                      self.prefix, kind, exc, json.dumps(value)[:500])
+                      self.prefix, kind, exc, json.dumps(shown)[:500])
             return None
         return value
 
