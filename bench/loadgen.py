@@ -32,14 +32,28 @@ def _error_name(exc):
     return errno.errorcode.get(getattr(exc, "errno", None) or 0, type(exc).__name__)
 
 
-def mqtt_session(addr, client_id, timeout, ws=False):
+def _tls_wrap(sock, tls):
+    """``sock`` after a full TLS handshake (``tls``: (CA file, SNI)), or as it is."""
+    if tls is None:
+        return sock
+    from bench.tlsbench import client_context
+    try:
+        return client_context(tls).wrap_socket(sock, server_hostname=tls[1])
+    except BaseException:
+        sock.close()
+        raise
+
+
+def mqtt_session(addr, client_id, timeout, ws=False, tls=None):
     """A socket past CONNECT/CONNACK (keep-alive 0: the broker never times it out).
 
-    ``ws``: MQTT over WebSocket (the socket is then a ``wswire.WsSocket``).
+    ``ws``: MQTT over WebSocket (the socket is then a ``wswire.WsSocket``);
+    ``tls``: MQTT over TLS (CA file, SNI).
     """
     sock = socket.create_connection(addr, timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock = _tls_wrap(sock, tls)
     try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if ws:
             sock = wswire.WsSocket(sock).handshake(*addr)
         sock.sendall(mqttwire.connect(client_id))
@@ -60,12 +74,17 @@ def _sleep_until(t):
         time.sleep(min(left, 0.05))
 
 
-def conn_worker(pipe, addr, prefix, start_at, duration, timeout, ws=False):
+def conn_worker(pipe, addr, prefix, start_at, duration, timeout, ws=False, tls=None):
     """Connect, CONNECT, wait for CONNACK, DISCONNECT, close; repeat until the end.
 
-    ``ws``: the same over WebSocket (upgrade, then the packets in frames).
+    ``ws``: the same over WebSocket (upgrade, then the packets in frames);
+    ``tls``: every connection makes a full TLS handshake first (no resumption).
     """
     template = mqttwire.ConnectTemplate(prefix)
+    ctx = None
+    if tls is not None:
+        from bench.tlsbench import client_context
+        ctx = client_context(tls)
     latencies = array("d")
     errors = {}
     n = 0
@@ -80,6 +99,8 @@ def conn_worker(pipe, addr, prefix, start_at, duration, timeout, ws=False):
         sock.settimeout(timeout)
         try:
             sock.connect(addr)
+            if ctx is not None:
+                sock = ctx.wrap_socket(sock, server_hostname=tls[1])
             if ws:
                 sock = wswire.WsSocket(sock).handshake(*addr)
             sock.sendall(template.build(n))
@@ -138,7 +159,8 @@ def idle_worker(pipe, addr, prefix, count, timeout, hold, batch=100):
     pipe.send("closed")
 
 
-def subscriber(pipe, addr, client_id, topic, received, start_at, duration, timeout, ws=False):
+def subscriber(pipe, addr, client_id, topic, received, start_at, duration, timeout, ws=False,
+               tls=None):
     """Subscribe, then count every byte the broker sends in [start_at, start_at+duration].
 
     Only QoS 0 PUBLISH frames arrive after the SUBACK (keep-alive 0: no
@@ -146,7 +168,7 @@ def subscriber(pipe, addr, client_id, topic, received, start_at, duration, timeo
     WebSocket: the MQTT bytes inside the frames).  ``received`` (shared) lets
     the publisher bound what is in flight.
     """
-    sock = mqtt_session(addr, client_id, timeout, ws)
+    sock = mqtt_session(addr, client_id, timeout, ws, tls)
     sock.sendall(mqttwire.subscribe(topic))
     if recv_exact(sock, 5) != mqttwire.suback():
         raise ConnectionError("bad SUBACK")
@@ -182,7 +204,7 @@ def subscriber(pipe, addr, client_id, topic, received, start_at, duration, timeo
 
 
 def publisher(pipe, addr, client_id, topic, payload_size, received, go_at, end_at,
-              window, timeout, batch_bytes=256 * 1024, ws=False):
+              window, timeout, batch_bytes=256 * 1024, ws=False, tls=None):
     """Pipeline QoS 0 PUBLISH frames in big ``sendall`` batches until ``end_at``.
 
     At most ``window`` bytes may be ahead of what the subscriber has read, so
@@ -191,7 +213,7 @@ def publisher(pipe, addr, client_id, topic, payload_size, received, go_at, end_a
     """
     frame = mqttwire.publish(topic, b"x" * payload_size)
     batch = frame * max(1, batch_bytes // len(frame))
-    sock = mqtt_session(addr, client_id, timeout, ws)
+    sock = mqtt_session(addr, client_id, timeout, ws, tls)
     out = sock
     if ws:  # one frame per batch, built once (see wswire: the zero mask)
         batch, out = wswire.frame(batch), sock.sock

@@ -18,12 +18,12 @@ if __package__ in (None, ""):  # `python bench/run.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import (loaded, order, percore, procstat, profile, report,  # noqa: E402
-                   targets as tg, workloads)
+                   targets as tg, tlsbench, workloads)
 from bench.options import parse_args  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKLOADS = dict(workloads.WORKLOADS, **loaded.WORKLOADS, **order.WORKLOADS,
-                 **percore.WORKLOADS)
+                 **percore.WORKLOADS, **tlsbench.WORKLOADS)
 FD_RESERVE = 256  # listeners, logs, pipes
 
 
@@ -71,6 +71,11 @@ def build_targets(args, run_dir, broker, binaries, nofile, notes):
                                  own_python=args.own_python))
         else:
             notes.append("`python -m gproxy --help` lists no --workers: %s skipped" % variant)
+    if set(args.workloads) & set(tlsbench.WORKLOADS):  # each TLS-capable target gets a
+        args.pki = tlsbench.Pki(run_dir)               # TLS listener with one certificate
+        for target in out:
+            if not isinstance(target, tg.Direct):
+                target.pki = args.pki
     return out
 
 

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import time
 
-from bench import configs, procstat
+from bench import configs, procstat, tlsbench
 from bench.ports import HOST, free_port, listening
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,6 +47,8 @@ class Service:
     workers = 1  # processes that carry sessions (the per-core mode gives each a CPU)
     cwd = None  # the run dir
     order_port = None  # the listener that leads to the order probe's sink
+    pki = None  # tlsbench.Pki: also listen with TLS on ``tls_port`` (the TLS workloads)
+    tls_port = None
 
     def __init__(self, run_dir):
         self.run_dir = run_dir
@@ -85,7 +87,7 @@ class Service:
         """Choose listening ports right before each start (see ``free_port``)."""
 
     def ready_ports(self):
-        return [p for p in (self.port, self.order_port) if p is not None]
+        return [p for p in (self.port, self.order_port, self.tls_port) if p is not None]
 
     def log_size(self):
         try:
@@ -184,11 +186,13 @@ class HAProxy(Service):
 
     def pick_ports(self):
         self.port, self.order_port = free_port(), free_port()
+        self.tls_port = free_port() if self.pki else None
 
     def write_config(self):
         with open(self.conf, "w") as fh:
-            fh.write(configs.haproxy(HOST, self.port, self.broker_port, self.maxconn,
-                                     self.nofile, self.order_port, self.sink_port))
+            fh.write(tlsbench.haproxy(configs.haproxy(
+                HOST, self.port, self.broker_port, self.maxconn, self.nofile, self.order_port,
+                self.sink_port), self.pki, self.tls_port))
 
     def command(self):
         return [self.binary, "-db", "-f", self.conf]
@@ -208,12 +212,14 @@ class Nginx(Service):
 
     def pick_ports(self):
         self.port, self.order_port = free_port(), free_port()
+        self.tls_port = free_port() if self.pki else None
 
     def write_config(self):
         with open(self.conf, "w") as fh:
-            fh.write(configs.nginx(HOST, self.port, self.broker_port, NGINX_STREAM_MODULE,
-                                   self.run_dir, self.nofile, self.worker_connections,
-                                   self.order_port, self.sink_port))
+            fh.write(tlsbench.nginx(configs.nginx(
+                HOST, self.port, self.broker_port, NGINX_STREAM_MODULE, self.run_dir,
+                self.nofile, self.worker_connections, self.order_port, self.sink_port),
+                self.pki, self.tls_port))
 
     def command(self):
         return [self.binary, "-p", self.run_dir, "-e", self.log_path, "-c", self.conf]
@@ -243,13 +249,16 @@ class Gproxy(Service):
 
     def pick_ports(self):
         self.port, self.order_port, self.admin_port = free_port(), free_port(), free_port()
+        self.tls_port = free_port() if self.pki else None
 
     def write_config(self):
         with open(self.conf, "w") as fh:
-            fh.write(configs.gproxy(HOST, self.port, self.admin_port, self.order_port))
+            fh.write(tlsbench.gproxy(configs.gproxy(HOST, self.port, self.admin_port,
+                                                    self.order_port), self.pki, self.tls_port))
         with open(os.path.join(self.dir, "apisix.yaml"), "w") as fh:
-            fh.write(configs.gproxy_routes(HOST, self.port, self.broker_port, self.order_port,
-                                           self.sink_port))
+            fh.write(tlsbench.gproxy_routes(configs.gproxy_routes(
+                HOST, self.port, self.broker_port, self.order_port, self.sink_port),
+                self.pki, self.tls_port, self.broker_port))
 
     def command(self):
         return [self.python, "-m", "gproxy", "-c", self.conf, "--log-level", "warn"] + \

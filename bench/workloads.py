@@ -87,7 +87,7 @@ def _merge_errors(results):
     return errors
 
 
-def conn_rate(target, broker, opts, prefix, ws=False, duration=None, cpus=None):
+def conn_rate(target, broker, opts, prefix, ws=False, duration=None, cpus=None, tls=None):
     """N processes: connect + CONNECT + CONNACK + DISCONNECT + close, for a duration.
 
     ``ws``: the same over WebSocket (upgrade first), for targets that speak it;
@@ -96,11 +96,11 @@ def conn_rate(target, broker, opts, prefix, ws=False, duration=None, cpus=None):
     """
     if ws and not getattr(target, "websocket", False):
         return {}
-    addr = (HOST, target.port)
+    addr = (HOST, target.tls_port if tls else target.port)  # tls: tlsbench's (CA, SNI)
     wall = duration or opts.conn_duration
     start_at = time.time() + 0.5 + 0.02 * opts.conn_procs
     workers = [_spawn(loadgen.conn_worker, addr, prefix + b"%02d-" % i, start_at,
-                      wall, opts.timeout, ws) for i in range(opts.conn_procs)]
+                      wall, opts.timeout, ws, tls) for i in range(opts.conn_procs)]
     sides = cpus or ()
     try:
         _sleep_until(start_at)
@@ -192,7 +192,7 @@ def idle(target, broker, opts, prefix):
 
 
 def throughput(target, broker, opts, prefix, payload_size, key, ws=False, duration=None,
-               lead=1.0, cpus=None):
+               lead=1.0, cpus=None, tls=None):
     """One publisher, one subscriber, both through the target; MB/s at the subscriber.
 
     ``ws``: both speak MQTT over WebSocket (MB/s of MQTT bytes, frame headers
@@ -201,7 +201,7 @@ def throughput(target, broker, opts, prefix, payload_size, key, ws=False, durati
     """
     if ws and not getattr(target, "websocket", False):
         return {}
-    addr = (HOST, target.port)
+    addr = (HOST, target.tls_port if tls else target.port)
     topic = b"bench/" + prefix
     received = CTX.RawValue("q", 0)
     warmup, duration = 0.5, duration or opts.tput_duration
@@ -209,14 +209,14 @@ def throughput(target, broker, opts, prefix, payload_size, key, ws=False, durati
     start_at = go_at + warmup
     end_at = start_at + duration
     sub = _spawn(loadgen.subscriber, addr, prefix + b"sub", topic, received, start_at,
-                 duration, opts.timeout, ws)
+                 duration, opts.timeout, ws, tls)
     workers = [sub]
     try:
         if _receive(sub[1], time.monotonic() + lead - 0.2) != "subscribed":
             raise RuntimeError("subscriber did not subscribe in time")
         workers.append(_spawn(loadgen.publisher, addr, prefix + b"pub", topic, payload_size,
                               received, go_at, end_at + 0.2, opts.tput_window, opts.timeout,
-                              256 * 1024, ws))
+                              256 * 1024, ws, tls))
         _sleep_until(start_at)
         proxy0 = _cpu(target.pid)
         broker0 = _cpu(broker.pid)

@@ -33,8 +33,9 @@ class ListenerSpec:
     host: str
     port: int
     tls: bool = False
-    proxy_protocol: bool = False
+    proxy_protocol: bool = None  # None: apisix.proxy_protocol.enable_tcp_pp decides
     optional: bool = False  # the IPv6 twin of a bare port: skipped if IPv6 is off
+    proxy_protocol_to_upstream: bool = None  # None: ...enable_tcp_pp_to_upstream decides
 
     @property
     def addr(self):
@@ -58,22 +59,24 @@ def _ports(text, key):
     return range(lo, hi + 1)
 
 
+_LISTENER_FLAGS = ("tls", "proxy_protocol", "proxy_protocol_to_upstream")
+
+
 def _listener_entry(item, key):
-    tls = proxy_protocol = False
-    if isinstance(item, dict):
-        unknown = set(item) - {"addr", "tls", "proxy_protocol", "proxy_protocol_to_upstream"}
+    flags = {}
+    if isinstance(item, dict):  # APISIX's object form (§7)
+        unknown = set(item) - {"addr"} - set(_LISTENER_FLAGS)
         if unknown or "addr" not in item:
-            raise ConfigError("%s: expected {addr, tls, proxy_protocol}, got %r" % (key, item))
-        tls, proxy_protocol = bool(item.get("tls")), bool(item.get("proxy_protocol"))
+            raise ConfigError("%s: expected {addr, tls, proxy_protocol, "
+                              "proxy_protocol_to_upstream}, got %r" % (key, item))
+        for flag in _LISTENER_FLAGS:
+            if item.get(flag) is not None:
+                flags[flag] = _bool(item[flag], "%s.%s" % (key, flag))
         item = item["addr"]
-    if tls:
-        raise ConfigError("%s: tls listeners are not supported yet; remove 'tls: true'" % key)
-    if proxy_protocol:
-        raise ConfigError("%s: proxy_protocol is not supported yet" % key)
     if isinstance(item, int) and not isinstance(item, bool):
         port = _port(item, key)  # all addresses, IPv4 and (where available) IPv6
-        return [ListenerSpec("0.0.0.0", port, tls, proxy_protocol),
-                ListenerSpec("::", port, tls, proxy_protocol, optional=True)]
+        return [ListenerSpec("0.0.0.0", port, **flags),
+                ListenerSpec("::", port, optional=True, **flags)]
     elif isinstance(item, str):
         host, sep, ports_text = item.rpartition(":")
         if not sep:  # "9100" or "2000-2100"
@@ -86,7 +89,7 @@ def _listener_entry(item, key):
         hosts, ports = (host,), _ports(ports_text, key)
     else:
         raise ConfigError("%s: expected a port, \"ip:port\" or {addr: ...}, got %r" % (key, item))
-    return [ListenerSpec(h, p, tls, proxy_protocol) for h in hosts for p in ports]
+    return [ListenerSpec(h, p, **flags) for h in hosts for p in ports]
 
 
 def listeners(value, key):
@@ -154,10 +157,37 @@ _number = _typed((int, float), lambda v: v > 0, "a number > 0")
 _count = _typed(int, lambda v: v > 0, "an integer > 0")
 _bool = _typed(bool)
 
+
+def _optional_str(value, key):
+    if value is not None and not isinstance(value, str):
+        raise ConfigError("%s: expected a string, got %r" % (key, value))
+    return value or None
+
 #: (key, default, validator, help). The one place each setting is declared.
 SETTINGS = [
     ("apisix.stream_proxy.tcp", [9100], listeners,
-     "stream listeners: port, \"ip:port\", \"ip:lo-hi\" or {addr, tls}"),
+     "stream listeners: port, \"ip:port\", \"ip:lo-hi\" or {addr, tls, proxy_protocol, "
+     "proxy_protocol_to_upstream}"),
+    # -- TLS and the PROXY protocol (docs/tls.md) --
+    ("apisix.proxy_protocol.enable_tcp_pp", False, _bool,
+     "listeners without their own proxy_protocol read a PROXY header"),
+    ("apisix.proxy_protocol.enable_tcp_pp_to_upstream", False, _bool,
+     "listeners without their own proxy_protocol_to_upstream send one to nodes"),
+    ("gproxy.proxy_protocol.upstream_version", 1, _typed(int, lambda v: v in (1, 2), "1 or 2"),
+     "PROXY protocol version sent to nodes (nginx sends 1)"),
+    ("apisix.ssl.fallback_sni", None, _optional_str,
+     "server name assumed when a TLS client sends none"),
+    ("apisix.ssl.ssl_trusted_certificate", "system", _typed(str),
+     "CA bundle (path, or 'system') for scheme: tls upstreams with tls.verify"),
+    ("gproxy.tls.handshake_timeout", 60.0, _number,
+     "seconds a TLS client has to finish its handshake (nginx ssl_handshake_timeout)"),
+    ("deployment.admin.https_admin", False, _bool, "serve the Admin API over HTTPS"),
+    ("deployment.admin.admin_api_mtls.admin_ssl_cert", "", _typed(str),
+     "Admin API certificate file (PEM)"),
+    ("deployment.admin.admin_api_mtls.admin_ssl_cert_key", "", _typed(str),
+     "Admin API private key file (PEM)"),
+    ("deployment.admin.admin_api_mtls.admin_ssl_ca_cert", "", _typed(str),
+     "CA file: when set, Admin API clients must present a certificate it signed"),
     ("apisix.stream_proxy.only", True, _bool, "accepted for APISIX compatibility"),
     ("apisix.proxy_mode", "http&stream", _choice("http", "stream", "http&stream"),
      "http turns the stream proxy off, as in APISIX 3.5+; stream or http&stream keep it"),
@@ -287,6 +317,7 @@ class Config:
         self._check_admin_exposure()
         self.stream_enabled = self["apisix.proxy_mode"] != "http" and (
             defaults_only or (raw.get("apisix") or {}).get("stream_proxy") is not None)
+        self._check_https_admin()
 
     def __getitem__(self, key):
         return self.values[key]
@@ -301,6 +332,20 @@ class Config:
     @property
     def store_path(self):
         return os.path.join(self.base_dir, self["gproxy.store.path"])
+
+    def admin_file(self, key):
+        """An Admin TLS file path from ``key``, relative to the config file; None if unset."""
+        value = self[key]
+        return os.path.join(self.base_dir, value) if value else None
+
+    def _check_https_admin(self):
+        """APISIX: ``https_admin`` without a certificate and key is a fatal error."""
+        mtls = "deployment.admin.admin_api_mtls."
+        if self["deployment.admin.https_admin"] and not (
+                self[mtls + "admin_ssl_cert"] and self[mtls + "admin_ssl_cert_key"]):
+            raise ConfigError("deployment.admin.https_admin: missing ssl cert for https admin "
+                              "(set deployment.admin.admin_api_mtls.admin_ssl_cert and "
+                              "admin_ssl_cert_key)")
 
     def _check_admin_exposure(self):
         host = self["deployment.admin.admin_listen.ip"]

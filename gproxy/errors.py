@@ -82,3 +82,7 @@ class FrameError(GproxyError):
         self.code = code
         self.reason = reason
         self.events = []
+
+
+class MalformedHeader(GproxyError):
+    """A PROXY protocol header (or a TLS ClientHello) gproxy cannot accept."""

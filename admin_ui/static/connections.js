@@ -205,12 +205,13 @@ export function createConnections(section, ctx) {
     next.disabled = page >= pages();
   }
 
-  const FIELDS = ["id", "client", "client_id", "protocol_level", "transport", "route_id", "node", "state",
-    "bytes_in", "bytes_out", "connected_at"];
+  const FIELDS = ["id", "client", "client_id", "username", "tls_client_cn", "protocol_level",
+    "transport", "route_id", "node", "state", "bytes_in", "bytes_out", "connected_at"];
+  const MONO = ["id", "client", "client_id", "username", "tls_client_cn", "node", "route_id"];
 
   function newRow(s) {
     const cells = FIELDS.map((name) => h("td", {"data-col": name,
-      className: ["bytes_in", "bytes_out"].includes(name) ? "num" : ["id", "client", "client_id", "node", "route_id"].includes(name) ? "mono" : ""}));
+      className: ["bytes_in", "bytes_out"].includes(name) ? "num" : MONO.includes(name) ? "mono" : ""}));
     const button = h("button", {type: "button", className: "btn btn-small btn-danger-outline",
       "data-action": "disconnect", onclick: () => disconnect(s.id, tr)}, "Disconnect");
     const tr = h("tr", {"data-session": s.id}, cells, h("td", {className: "row-actions"}, button));
@@ -227,6 +228,11 @@ export function createConnections(section, ctx) {
     setText(c.client, hostPort(s.client_addr, s.client_port));
     setText(c.client_id, s.client_id === null || s.client_id === undefined ? "–" : s.client_id === "" ? "(empty)" : s.client_id);
     c.client_id.classList.toggle("muted", !s.client_id);
+    for (const name of ["username", "tls_client_cn"]) {  // never a password: the API has none
+      setText(c[name], s[name] === null || s[name] === undefined ? "–" : s[name] === "" ? "(empty)" : s[name]);
+      c[name].classList.toggle("muted", !s[name]);
+    }
+    c.tls_client_cn.title = s.sni ? `TLS server name: ${s.sni}` : "plain TCP";
     setText(c.protocol_level, mqttVersion(s.protocol_level));
     // tcp: raw MQTT; ws: MQTT over WebSocket (bytes are MQTT bytes when gproxy unwraps)
     setText(c.transport, s.transport ?? "tcp");

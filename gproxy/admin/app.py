@@ -1,6 +1,6 @@
 """The APISIX-compatible Admin API: ``create_app(store, sessions, cfg)``.
 
-Serves ``/apisix/admin/stream_routes`` and ``/apisix/admin/upstreams`` with
+Serves ``/apisix/admin/stream_routes``, ``/upstreams`` and ``/ssls`` with
 APISIX 3.x's wire format, status codes and error bodies
 (docs/apisix-behaviour.md §6), plus gproxy's own key-protected extensions
 under ``/apisix/admin/gproxy/`` (live sessions, totals, disconnect).
@@ -21,7 +21,7 @@ from gproxy.admin.resources import ApiError, json_response, make_resource_bluepr
 PREFIX = "/apisix/admin"
 API_VERSION = "v3"
 MAX_BODY = 1024 * 1024
-RESOURCES = ("stream_routes", "upstreams", "plugins", "gproxy")
+RESOURCES = ("stream_routes", "upstreams", "ssls", "plugins", "gproxy")
 CORS = {
     "Access-Control-Allow-Origin": "*",
     "Access-Control-Allow-Methods": "GET, PUT, POST, PATCH, DELETE, OPTIONS",
@@ -36,6 +36,7 @@ def create_app(store, sessions, cfg, extra_blueprints=()):
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     app.register_blueprint(make_resource_blueprint("stream_routes", store, cfg.stream_enabled))
     app.register_blueprint(make_resource_blueprint("upstreams", store, True))
+    app.register_blueprint(make_resource_blueprint("ssls", store, True))
     app.register_blueprint(plugins_blueprint(PREFIX))
     app.register_blueprint(extensions_blueprint(PREFIX, sessions))
     for bp in extra_blueprints:

@@ -1,10 +1,12 @@
-"""One Admin API blueprint per APISIX resource (stream_routes, upstreams).
+"""One Admin API blueprint per APISIX resource (stream_routes, upstreams, ssls).
 
 Mirrors APISIX 3.x ``apisix/admin/resource.lua``: the order of checks in
 ``check_conf`` (missing body, ids, forbidden timestamps, schema and the
 resource's own rules), the envelopes (``{"key","value"}``, ``{"list","total"}``,
 ``{"deleted":"1"}``), and the status codes.  A failed check raises ApiError
-before the store is touched, so a bad request changes nothing.
+before the store is touched, so a bad request changes nothing.  An ssl
+object's private keys (``key``, ``keys``) are never in an answer: APISIX
+drops them from GET bodies, and gproxy from every body.
 """
 
 import copy
@@ -16,8 +18,9 @@ from flask import Blueprint, Response, request
 from gproxy.admin.filters import FilterError, ListFilter
 from gproxy.errors import SchemaError
 from gproxy.model.resources import check_stream_route, check_upstream
+from gproxy.model.ssls import check_ssl, without_secrets
 
-KIND = {"stream_routes": "stream route", "upstreams": "upstream"}
+KIND = {"stream_routes": "stream route", "upstreams": "upstream", "ssls": "ssl"}
 
 
 class ApiError(Exception):
@@ -68,8 +71,12 @@ def _forbid_timestamps(conf, prefix=""):
         _forbid_timestamps(conf["upstream"], "upstream.")
 
 
+def _shown(kind, value):
+    return without_secrets(value) if kind == "ssls" else value
+
+
 def _record(rec):
-    return {"key": rec.key, "value": rec.value,
+    return {"key": rec.key, "value": _shown(rec.kind, rec.value),
             "createdIndex": rec.created_index, "modifiedIndex": rec.modified_index}
 
 
@@ -100,6 +107,8 @@ class Resource:
         try:
             if self.name == "upstreams":
                 check_upstream(conf)
+            elif self.name == "ssls":
+                check_ssl(conf)
             else:
                 check_stream_route(conf, lambda uid: self.store.get("upstreams", uid) is not None)
         except SchemaError as exc:
@@ -112,7 +121,7 @@ class Resource:
         conf["create_time"] = old.value.get("create_time", now) if old else now
         conf["update_time"] = now
         record, created = self.store.put(self.name, str(id_), conf)
-        return json_response({"key": record.key, "value": record.value},
+        return json_response({"key": record.key, "value": _shown(self.name, record.value)},
                      status_new if created else 200)
 
     def list(self):

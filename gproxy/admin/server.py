@@ -1,4 +1,6 @@
-"""The HTTP listeners' server: pywsgi on the proxy's hub, capped and with timeouts.
+"""The HTTP listeners' server: pywsgi on the proxy's hub, capped and with timeouts,
+over HTTP or, for the Admin API with APISIX's ``deployment.admin.https_admin``,
+HTTPS (and client certificates when ``admin_api_mtls.admin_ssl_ca_cert`` is set).
 
 Used for the Admin API and, by the runtime, for the control API and the
 metrics.  Each listener serves at most ``max_connections`` clients at once
@@ -14,13 +16,26 @@ import socket
 import time
 
 import gevent
+from gevent import ssl as gssl
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
 
 log = logging.getLogger("gproxy.admin")
+HANDSHAKE_TIMEOUT = 60.0
 #: accept() failing for want of descriptors: pause, as nginx does, rather than retry at once.
 _FD_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _FD_PAUSE = 0.5
+
+
+def https_context(cert, key, ca=None):
+    """gevent's cooperative SSLContext for the admin listener (cert/key/ca are paths)."""
+    ctx = gssl.SSLContext(gssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = gssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    if ca:
+        ctx.load_verify_locations(cafile=ca)
+        ctx.verify_mode = gssl.CERT_REQUIRED  # nginx: ssl_verify_client on
+    return ctx
 
 
 class AdminServer(WSGIServer):
@@ -60,3 +75,17 @@ class AdminServer(WSGIServer):
             pass
         sock.settimeout(self.timeout)  # request line, headers, and idle keep-alive
         super().handle(sock, address)
+
+    def wrap_socket_and_handle(self, client_socket, address):
+        """HTTPS: a failed or stalled handshake is one info line, not a traceback."""
+        client_socket.settimeout(min(self.timeout, HANDSHAKE_TIMEOUT))
+        try:
+            ssl_socket = self.wrap_socket(client_socket, **self.ssl_args)
+        except (OSError, ValueError) as exc:
+            log.info("admin: TLS handshake with %s failed: %s", address[0], exc)
+            client_socket.close()
+            return None
+        try:
+            return self.handle(ssl_socket, address)
+        finally:
+            ssl_socket.close()

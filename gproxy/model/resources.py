@@ -116,7 +116,11 @@ UPSTREAM_SCHEMA = {
         "pass_host": {"type": "string", "enum": ["pass", "node", "rewrite"]},
         "upstream_host": {"type": "string", "pattern": HOST_PATTERN},
         "service_name": {"type": "string", "minLength": 1, "maxLength": 256},
-        "tls": {"type": "object"},
+        "tls": {"type": "object", "properties": {
+            "client_cert_id": ID_SCHEMA,
+            "client_cert": {"type": "string", "minLength": 128, "maxLength": 64 * 1024},
+            "client_key": {"type": "string", "minLength": 64, "maxLength": 64 * 1024},
+            "verify": {"type": "boolean"}}},
         "keepalive_pool": {"type": "object"},
     }),
     "oneOf": [{"required": ["nodes"]}, {"required": ["service_name", "discovery_type"]}],
@@ -151,12 +155,21 @@ WEBSOCKET_SCHEMA = {
     },
     "additionalProperties": False,
 }
+#: gproxy's extension, NGINX Plus's ``mqtt_set_connect``: CONNECT fields set from
+#: ``$variable`` templates before the replay (docs/tls.md).
+SET_CONNECT_SCHEMA = {
+    "type": "object",
+    "properties": {"client_id": {"type": "string", "minLength": 1, "maxLength": 1024},
+                   "username": {"type": "string", "minLength": 1, "maxLength": 1024}},
+    "additionalProperties": False,
+}
 #: mqtt-proxy's schema: no additionalProperties, so the deprecated ``upstream`` is accepted.
 MQTT_PROXY_SCHEMA = {
     "type": "object",
     "properties": {"protocol_name": {"type": "string"},
                    "protocol_level": {"type": "integer"},
-                   "websocket": WEBSOCKET_SCHEMA},
+                   "websocket": WEBSOCKET_SCHEMA,
+                   "set_connect": SET_CONNECT_SCHEMA},
     "required": ["protocol_level"],
 }
 STREAM_PLUGINS = {"mqtt-proxy": MQTT_PROXY_SCHEMA, "limit-conn": LIMIT_CONN_SCHEMA,
@@ -165,6 +178,9 @@ STREAM_PLUGINS = {"mqtt-proxy": MQTT_PROXY_SCHEMA, "limit-conn": LIMIT_CONN_SCHE
 CHASH_VAR_KEY = re.compile(
     r"^((uri|server_name|server_addr|request_uri|remote_port|remote_addr|query_string"
     r"|host|hostname|mqtt_client_id)|arg_[0-9a-zA-z_-]+)$")
+#: gproxy's additions to APISIX's list (docs/tls.md); a key that is neither in
+#: the list nor here gets APISIX's message, whose pattern it fails too.
+GPROXY_VAR_KEYS = ("mqtt_username", "tls_client_cn")
 
 
 def ip_network(text):
@@ -180,10 +196,19 @@ def check_plugins(plugins):
         if not isinstance(conf, dict):
             raise SchemaError("invalid plugin conf %s for plugin [%s]"
                               % (json.dumps(conf), name))
-        err = validate(schema, conf)
+        err = validate(schema, conf) or _conflicts(conf)
         if err:
             raise SchemaError("failed to check the configuration of stream plugin [%s]: %s"
                               % (name, err))
+
+
+def _conflicts(conf):
+    """A rewrite that could not apply is refused, not silently skipped: in
+    WebSocket passthrough the client's frames are replayed as they came."""
+    ws = conf.get("websocket") or {}
+    if conf.get("set_connect") and ws.get("enable", True) and ws.get("mode") == "passthrough":
+        return "set_connect cannot rewrite a CONNECT relayed in websocket passthrough mode"
+    return None
 
 
 def check_stream_route(conf, upstream_exists=lambda _id: True):
@@ -225,10 +250,15 @@ def check_upstream(conf):
             if host.count(":") > 1 and not host.startswith("["):
                 raise SchemaError("invalid configuration: "
                                   "IPv6 address must be enclosed with '[' and ']'")
+    tls = conf.get("tls") or {}
+    if ("client_cert" in tls) != ("client_key" in tls):
+        raise SchemaError('invalid configuration: property "tls" validation failed: '
+                          'client_cert and client_key must be given together')
     if conf.get("type") == "chash" and conf.get("hash_on", "vars") != "consumer":
         key = conf.get("key")
         if not key:
             raise SchemaError("missing key")
-        if conf.get("hash_on", "vars") == "vars" and not CHASH_VAR_KEY.search(key):
+        if (conf.get("hash_on", "vars") == "vars" and not CHASH_VAR_KEY.search(key)
+                and key not in GPROXY_VAR_KEYS):
             raise SchemaError('invalid configuration: failed to match pattern "%s" with "%s"'
                               % (CHASH_VAR_KEY.pattern, key))

@@ -54,6 +54,9 @@ class Upstream:
         self.type = conf.get("type", "roundrobin")
         self.hash_on = conf.get("hash_on", "vars")
         self.key = conf.get("key")
+        # stream: http (APISIX's default) is tcp at runtime; tls dials TLS (§5.1)
+        self.scheme = "tls" if conf.get("scheme") == "tls" else "tcp"
+        self.tls = conf.get("tls") or {}
         self.nodes = parse_nodes(conf.get("nodes"))
         self.needs_dns = not all(is_ip(n.host) for n in self.nodes)
         retries = conf.get("retries")
@@ -127,6 +130,7 @@ class MqttConf:
     protocol_name: str
     protocol_level: int
     websocket: WebSocketConf = WebSocketConf()
+    set_connect: tuple = ()  # ((field, "$var template"), ...): gproxy's CONNECT rewrite
 
 
 class Route:
@@ -148,7 +152,8 @@ class Route:
         self.mqtt = None
         if plugin is not None:
             self.mqtt = MqttConf(plugin.get("protocol_name", "MQTT"), plugin["protocol_level"],
-                                 WebSocketConf.from_conf(plugin.get("websocket")))
+                                 WebSocketConf.from_conf(plugin.get("websocket")),
+                                 tuple(sorted((plugin.get("set_connect") or {}).items())))
         self.plugin_upstream = None
         old = (plugin or {}).get("upstream")  # deprecated (≤ 2.15), used only without another
         if isinstance(old, dict) and (old.get("host") or old.get("ip")) and old.get("port"):
@@ -203,12 +208,21 @@ class RouteTable:
                 route.upstream.name = "/apisix/stream_routes/%s" % route.id
             self.routes.append(route)
         self._plain = [r for r in self.routes if not r.sni]
+        # ip_port.lua's radixtree on reversed SNIs: an exact name before any
+        # wildcard, a longer wildcard before a shorter one, "*" last; load order
+        # among routes with the same sni.
+        self._tls = sorted((r for r in self.routes if r.sni), key=_sni_rank)
 
     def match(self, server_ip, server_port, remote_ip, sni=None):
-        """The first route whose filters pass, or None (APISIX: ``not hit any route``)."""
+        """The first route whose filters pass, or None (APISIX: ``not hit any route``).
+
+        ``sni`` is the TLS client's server name (None for plain TCP, which
+        never matches a route with ``sni``); a TLS connection whose name no
+        ``sni`` route takes falls through to the routes without one (§4.2).
+        """
         if sni:
-            for route in self.routes:
-                if route.sni and _sni_matches(route.sni, sni) and route.matches(
+            for route in self._tls:
+                if _sni_matches(route.sni, sni) and route.matches(
                         server_ip, server_port, remote_ip):
                     return route
         for route in self._plain:
@@ -243,10 +257,17 @@ class RouteTable:
                       "in Route or Service")
 
 
+def _sni_rank(route):
+    pattern = route.sni.lower()
+    if not pattern.startswith("*"):
+        return (0, 0)
+    return (1, -len(pattern))
+
+
 def _sni_matches(pattern, sni):
+    """``*.x.com`` matches any depth (``a.b.x.com``): routes, unlike certificates,
+    care only about the suffix (ip_port.lua); ``*`` matches every name."""
     pattern, sni = pattern.lower(), sni.lower()
-    if pattern == "*":
-        return True
-    if pattern.startswith("*."):
-        return sni.endswith(pattern[1:])
+    if pattern.startswith("*"):
+        return sni.endswith(pattern[1:]) and len(sni) > len(pattern) - 1
     return pattern == sni

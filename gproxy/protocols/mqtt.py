@@ -9,8 +9,13 @@ docs/apisix-behaviour.md §1-2): the fixed-header byte must be 16..32, the
 protocol name is read with Lua's clamping ``string.sub``, connect flags and
 keep-alive are checked for nothing (the keep-alive is read, when present,
 only so the session's idle timeout can follow it), MQTT 5 properties are
-skipped by length, and only the client identifier of the payload is read.  Where APISIX would hang
-or crash on short data we reject with a clear line instead (§2).
+skipped by length, and the client identifier of the payload is read.  Where APISIX would hang or
+crash on short data we reject with a clear line instead (§2).
+
+gproxy also reads the username (for the ``mqtt_username`` variable, an
+extension APISIX lacks): only when the username flag is set, by skipping the
+Will fields; never the password.  A username that cannot be read leaves it
+unset and rejects nothing, so every CONNECT APISIX accepts is accepted here.
 """
 
 from dataclasses import dataclass
@@ -33,12 +38,18 @@ class ConnectPacket:
     protocol_level: int
     client_id: bytes
     length: int  # bytes of the whole packet, fixed header included
+    username: bytes = None  # None: no username flag, or unreadable
     keep_alive: int = None  # seconds (MQTT 3.1.1 §3.1.2.10); 0: the client sets none
 
     @property
     def client_id_text(self):
         """The client id for logs and the dashboard (undecodable bytes escaped)."""
         return self.client_id.decode("utf-8", "backslashreplace")
+
+    @property
+    def username_text(self):
+        return None if self.username is None else self.username.decode(
+            "utf-8", "backslashreplace")
 
 
 def encode_varint(value):
@@ -144,6 +155,7 @@ def _parse_variable_part(pkt, pos):
     if pos >= len(pkt):
         raise _short("protocol level")
     level = pkt[pos]
+    flags = pkt[pos + 1] if pos + 1 < len(pkt) else 0
     # Connect flags and keep alive are not checked (APISIX skips them); the
     # keep alive is kept when both its bytes are there, for the idle timeout.
     keep_alive = (pkt[pos + 2] << 8) | pkt[pos + 3] if pos + 4 <= len(pkt) else None
@@ -161,7 +173,28 @@ def _parse_variable_part(pkt, pos):
         raise MalformedPacket(
             "failed to parse mqtt request, expect len: %d but got %d"
             % (expect_len, len(pkt)))
-    return ConnectPacket(name, level, pkt[pos:expect_len], len(pkt), keep_alive)
+    return ConnectPacket(name, level, pkt[pos:expect_len], len(pkt),
+                         _username(pkt, expect_len, flags, level), keep_alive)
+
+
+def _username(pkt, pos, flags, level):
+    """The username after the Will fields (MQTT 5.0 §3.1.3), or None."""
+    if not flags & 0x80:
+        return None
+    if flags & 0x04:  # Will Flag: (5.0: Will Properties), Will Topic, Will Payload
+        if level == 5:
+            props = decode_varint(pkt, pos)
+            if props is None:
+                return None
+            pos = props[1] + props[0]
+        for _ in range(2):
+            if pos + 2 > len(pkt):
+                return None
+            pos += 2 + ((pkt[pos] << 8) | pkt[pos + 1])
+    if pos + 2 > len(pkt):
+        return None
+    end = pos + 2 + ((pkt[pos] << 8) | pkt[pos + 1])
+    return pkt[pos + 2:end] if end <= len(pkt) else None
 
 
 def check_protocol(packet, protocol_name, protocol_level):

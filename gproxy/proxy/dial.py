@@ -22,7 +22,7 @@ from gproxy.errors import NoUpstream, Reject
 from gproxy.model.balancer import Node
 from gproxy.model.health import SUCCESS, TCP_FAILURE, TIMEOUT
 from gproxy.model.routes import DEFAULT_CONNECT_TIMEOUT, is_ip
-from gproxy.proxy import netio
+from gproxy.proxy import netio, tls
 from gproxy.proxy.health import passive
 from gproxy.proxy.overload import out_of_fds
 
@@ -100,6 +100,10 @@ def dial(s):
         s.log(logging.INFO, "proxy request to %s", node.addr)
         started = time.monotonic()
         conn = netio.connect(node.dial_host, node.port, timeout)
+        if (s.preamble or upstream.scheme == "tls") and not isinstance(conn, OSError):
+            conn = _prepare(s, upstream, node, conn, timeout)
+        if isinstance(conn, tls.UpstreamTlsError):
+            continue  # logged by the TLS handshake
         if isinstance(conn, OSError):
             _failed(s, node, conn, health)
             continue
@@ -124,6 +128,18 @@ def _failed(s, node, exc, health):
     s.registry.connect_failed(node.addr, "timeout" if timed_out else "error")
     if health is not None:
         passive(health, node.addr, TIMEOUT if timed_out else TCP_FAILURE)
+def _prepare(s, upstream, node, conn, timeout):
+    """A fresh connection's first bytes: the PROXY header, then TLS (nginx's order)."""
+    try:
+        if s.preamble:
+            netio.sendall(conn, s.preamble, timeout)
+        if upstream.scheme == "tls":
+            conn = netio.adopt_weak(conn)
+            conn = tls.connect(s, upstream, node, conn, timeout)
+    except OSError as exc:
+        conn.close()
+        return exc
+    return conn
 
 
 def _errtext(exc):

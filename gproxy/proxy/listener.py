@@ -15,6 +15,7 @@ import socket
 import gevent.socket
 from gevent.server import StreamServer
 
+from gproxy.proxy import proxyproto, tls
 from gproxy.proxy.netio import RawSocket
 from gproxy.proxy.overload import Gate, out_of_fds
 
@@ -52,6 +53,20 @@ def bind_listener(host, port, backlog=BACKLOG, reuseport=False):
         sock.close()
         raise
     return sock
+
+
+def listener_phases(tls_on=False, proxy_protocol=False, to_upstream=False, pp_version=1):
+    """A listener kind's own phases, in APISIX's order: the PROXY header comes
+    first on the wire, then the TLS handshake; the header for the node is
+    prepared once the client's address is known."""
+    phases = []
+    if proxy_protocol:
+        phases.append(proxyproto.read_header)
+    if tls_on:
+        phases.append(tls.tls_handshake)
+    if to_upstream:
+        phases.append(proxyproto.upstream_header(pp_version))
+    return tuple(phases)
 
 
 class PlainStreamServer(StreamServer):

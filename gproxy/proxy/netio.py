@@ -23,6 +23,24 @@ _NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
 RawSocket = _socket.socket
 
 
+class WeakSocket(_socket.socket):
+    """A C-level socket that can be weakly referenced, as ``_ssl`` needs."""
+
+    __slots__ = ("__weakref__",)
+
+
+def adopt_weak(sock):
+    """``sock``'s descriptor in a non-blocking WeakSocket (``sock`` is left empty).
+
+    Non-blocking matters twice over: a socket object made from a descriptor
+    starts in blocking mode, and ``_ssl`` then waits in poll(2) itself,
+    holding the hub, instead of raising "want read".
+    """
+    new = WeakSocket(sock.family, sock.type, sock.proto, sock.detach())
+    new.setblocking(False)
+    return new
+
+
 def recv(sock, size, deadline):
     """Up to ``size`` bytes; ``b""`` at EOF; socket.timeout past ``deadline`` (monotonic)."""
     while True:
@@ -33,6 +51,52 @@ def recv(sock, size, deadline):
             if remaining <= 0:
                 raise _TIMEOUT from None
             wait_read(sock.fileno(), remaining, _TIMEOUT)
+
+
+def peek(sock, want, deadline):
+    """The first ``want`` bytes waiting on ``sock``, left unread; fewer only at EOF.
+
+    For reading a PROXY header or a ClientHello without taking a byte past
+    it.  While fewer are there, SO_RCVLOWAT makes the kernel report the
+    socket readable only once ``want`` bytes (or EOF) arrived, so waiting for
+    the rest costs no busy loop.  Two wake-ups that bring nothing new mean EOF.
+    """
+    fd = sock.fileno()
+    seen, stalls, lowat = -1, 0, False
+    try:
+        while True:
+            try:
+                data = sock.recv(want, socket.MSG_PEEK)
+            except BlockingIOError:
+                data = None
+            if data is not None:
+                if len(data) >= want or not data:
+                    return data
+                stalls = stalls + 1 if len(data) == seen else 0
+                if stalls >= 2:
+                    return data  # the peer sent FIN after a partial header
+                seen = len(data)
+                if not lowat:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
+                    lowat = True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _TIMEOUT
+            wait_read(fd, remaining, _TIMEOUT)
+    finally:
+        if lowat:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+
+
+def recv_exact(sock, size, deadline):
+    """Exactly ``size`` bytes (already peeked, so normally one call)."""
+    out = b""
+    while len(out) < size:
+        chunk = recv(sock, size - len(out), deadline)
+        if not chunk:
+            raise ConnectionResetError(errno.ECONNRESET, "connection closed")
+        out += chunk
+    return out
 
 
 def sendall(sock, data, timeout=None):

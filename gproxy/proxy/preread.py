@@ -4,25 +4,31 @@ The mqtt-proxy plugin's preread (docs/apisix-behaviour.md §1-2): read until
 the whole CONNECT is there (bounded by ``gproxy.preread.timeout`` and
 ``gproxy.preread.buffer_size``), check protocol name and level, and set the
 ``mqtt_client_id`` variable (left unset for an empty id, so chash falls back
-to the client address).  Every byte read is kept for the replay.  The
+to the client address) and gproxy's ``mqtt_username``.  Every byte read is
+kept for the replay, unchanged, unless the route asks for a CONNECT rewrite
+(``set_connect``, NGINX Plus's ``mqtt_set_connect``): then the CONNECT is
+re-encoded with the new fields and the bytes after it follow unchanged.  The
 reading and checking (``read_connect``) is shared with MQTT over WebSocket,
 whose CONNECT arrives in frames (``wspreread``), so both log the same lines.
 """
 
 import logging
+import re
 import socket
 import time
 
 from gproxy.errors import MalformedPacket, Reject
-from gproxy.protocols import mqtt
+from gproxy.protocols import mqtt, mqttconnect
 from gproxy.protocols.text import printable
 from gproxy.proxy import netio
+from gproxy.proxy.dial import session_vars
 
 RECV_SIZE = 4096
 #: A WebSocket client's upgrade request starts with "GET"; a CONNECT with 0x10.
 HTTP_GET = ord("G")
 #: APISIX's run_plugin logs this after any mqtt-proxy rejection (§2).
 PLUGIN_EXIT = "mqtt-proxy exits with status code 503"
+_VAR = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
 
 
 def preread_mqtt(s, conf, on_http=None):
@@ -66,12 +72,48 @@ def read_connect(s, conf, recv, on_http=None):
         plugin_exit(s, exc.reason, "%s" % exc)
     if packet.client_id:  # an empty id leaves the var unset, as in APISIX
         s.vars["mqtt_client_id"] = packet.client_id
+    if packet.username:  # likewise for gproxy's mqtt_username
+        s.vars["mqtt_username"] = packet.username
     info = s.info
     info.client_id = packet.client_id_text
+    info.username = packet.username_text
     info.protocol_level = packet.protocol_level
     s.keep_alive = packet.keep_alive
     s.log(logging.INFO, "mqtt client id: %s", printable(packet.client_id))
+    if conf.set_connect:
+        return _rewrite(s, conf.set_connect, packet, buf)
     return buf
+
+
+def _rewrite(s, set_connect, packet, buf):
+    """The replay: the CONNECT with the fields ``set_connect`` names set from variables."""
+    found = session_vars(s)
+    values = {}
+    for field, template in set_connect:
+        unset = [m.group(1) or m.group(2) for m in _VAR.finditer(template)
+                 if found.get(m.group(1) or m.group(2)) in (None, "", b"")]
+        if unset:
+            raise Reject("rewrite", logging.ERROR, "failed to rewrite the CONNECT: "
+                         "variable %s is not set", unset[0])
+        values[field] = _VAR.sub(lambda m: _text(found[m.group(1) or m.group(2)]),
+                                 template).encode("utf-8", "surrogateescape")
+    try:
+        connect = mqttconnect.rewrite(buf[:packet.length], **values)
+    except MalformedPacket as exc:
+        plugin_exit(s, "malformed", str(exc))
+    info = s.info
+    if "client_id" in values:
+        s.vars["mqtt_client_id"] = values["client_id"]
+        info.client_id = values["client_id"].decode("utf-8", "backslashreplace")
+    if "username" in values:
+        s.vars["mqtt_username"] = values["username"]
+        info.username = values["username"].decode("utf-8", "backslashreplace")
+    s.log(logging.INFO, "mqtt connect rewritten: client id: %s", printable(info.client_id))
+    return connect + buf[packet.length:]
+
+
+def _text(value):
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
 
 
 def plugin_exit(s, reason, line):

@@ -45,6 +45,9 @@ class SessionInfo:
     client_id: str = None
     protocol_level: int = None
     node: str = None
+    username: str = None  # MQTT CONNECT username (never the password)
+    sni: str = None  # TLS server name, on TLS listeners
+    tls_client_cn: str = None  # subject CN of a verified client certificate
     bytes_in: int = 0   # client -> broker
     bytes_out: int = 0  # broker -> client
     connected_at: float = field(default_factory=time.time)

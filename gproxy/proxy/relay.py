@@ -34,9 +34,7 @@ An endpoint is a non-blocking C-level socket, or any object with
 Callbacks never block and never raise into the hub.
 """
 
-import _socket
 import errno
-import fcntl
 import logging
 import os
 import socket
@@ -44,125 +42,20 @@ import time
 
 import gevent
 
-from gproxy.protocols.mqttstream import Boundaries
+from gproxy.proxy.direction import PIPE_SIZE, WRITE, Direction, reason_of, shutdown
+from gproxy.proxy.events import EventQueue
 
 log = logging.getLogger("gproxy.relay")
 
 BUFFER_SIZE = 64 * 1024
-READ, WRITE = 1, 2
 _RETRY = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
-SPLICE = hasattr(os, "splice")
 #: A non-MQTT direction that reads this much at once is carrying bulk data:
 #: from then on it moves bytes with splice(2) through a pipe.
 SPLICE_AFTER = 16 * 1024
 #: On MQTT routes, a packet body with at least this much still to come is
 #: spliced; smaller packets are copied (their headers must be read anyway).
 SPLICE_BODY = 64 * 1024
-PIPE_SIZE = 1024 * 1024
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
-_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-#: libev's lowest watcher priority (EV_MINPRI): run after every I/O callback.
-_LOWEST = -2
-_RAW = _socket.socket
-
-
-def shutdown(sock, how):
-    try:
-        sock.shutdown(how)
-    except OSError:
-        pass  # already closed or reset: nothing left to tell the peer
-
-
-class EventQueue:
-    """Relay callbacks, run in the order the kernel reported their sockets ready.
-
-    A watcher's callback is the queue's ``append`` with ``(function, arg)``: it
-    records and returns.  A check watcher at the lowest priority runs after
-    all I/O callbacks of a loop iteration and replays the records: libev
-    queued them last-in first-out, so they are replayed backwards (libuv
-    dispatches in order, so there they are replayed forwards).  Records added
-    while replaying (a TLS endpoint with bytes still buffered) run after.
-    """
-
-    def __init__(self, loop):
-        self.ready = []
-        self.append = self.ready.append
-        self.reverse = type(loop).__module__.startswith("gevent.libev")
-        self._check = loop.check(ref=False)
-        self._check.priority = _LOWEST
-        self._check.start(self._run)
-
-    def _run(self):
-        ready = self.ready
-        if not ready:
-            return
-        n = len(ready)
-        func = None
-        try:
-            for func, arg in (reversed(ready) if self.reverse else ready[:n]):
-                func(arg)
-            i = n
-            while i < len(ready):  # added while replaying: after the batch, in order
-                func, arg = ready[i]
-                i += 1
-                func(arg)
-        except Exception:  # never raise into the hub
-            log.exception("relay: callback failed")
-            relay = getattr(func, "__self__", None)
-            if relay is not None:
-                relay.abort("error: internal")
-            # The rest of the batch is dropped: its watchers are level-triggered
-            # and report the same sockets again on the next iteration.
-        finally:
-            del ready[:]
-
-    def close(self):
-        self._check.stop()
-        self._check.close()
-
-
-class _Direction:
-    """One way of a relay: src -> dst, with its watchers, backlog and boundaries."""
-
-    __slots__ = ("src", "dst", "reader", "writer", "backlog", "counter", "done", "pipe",
-                 "splicing", "track", "ending", "bye", "pending", "can_splice")
-
-    def __init__(self, loop, src, dst, counter, track):
-        self.src = src
-        self.dst = dst
-        self.reader = loop.io(src.fileno(), READ)
-        self.writer = None  # created when dst first pushes back
-        self.backlog = None  # bytes dst has not taken yet (an int: bytes in the pipe)
-        self.counter = counter
-        self.done = False  # src ended (or this direction was ended cleanly)
-        self.pipe = None  # (read fd, write fd) once this direction splices
-        self.splicing = False
-        self.track = Boundaries() if track else None
-        self.ending = False  # stop at the next packet boundary
-        self.bye = None  # bytes to send dst at that boundary (a DISCONNECT)
-        self.pending = getattr(src, "pending", None)  # TLS: bytes already decrypted
-        # splice(2) needs kernel sockets on both sides (not TLS or WebSocket endpoints)
-        self.can_splice = SPLICE and type(src) is _RAW and type(dst) is _RAW
-
-    def open_pipe(self):
-        if self.pipe is not None:
-            return True
-        try:
-            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            return False  # out of fds: keep copying
-        try:
-            fcntl.fcntl(w, _F_SETPIPE_SZ, PIPE_SIZE)
-        except OSError:
-            pass  # the default 64 KiB pipe still works
-        self.pipe = (r, w)
-        return True
-
-    def close_pipe(self):
-        if self.pipe is not None:
-            os.close(self.pipe[0])
-            os.close(self.pipe[1])
-            self.pipe = None
 
 
 class Relay:
@@ -181,8 +74,8 @@ class Relay:
         self.last = time.monotonic()
         self.reason = None
         self.deadline = None  # when a clean end gives up and aborts
-        self.up = _Direction(hub.loop, client, upstream, "bytes_in", mqtt)
-        self.down = _Direction(hub.loop, upstream, client, "bytes_out", mqtt)
+        self.up = Direction(hub.loop, client, upstream, "bytes_in", mqtt)
+        self.down = Direction(hub.loop, upstream, client, "bytes_out", mqtt)
         if mqtt and replayed:  # the replay may end inside a second packet
             self.up.track.feed(replayed)
 
@@ -208,7 +101,7 @@ class Relay:
             return
         except OSError as exc:
             if exc.errno not in _RETRY:
-                self.abort(_reason(exc))
+                self.abort(reason_of(exc))
             return
         if not n:
             return self._eof(d)
@@ -240,7 +133,7 @@ class Relay:
             sent = 0
         except OSError as exc:
             if exc.errno not in _RETRY:
-                self.abort(_reason(exc))
+                self.abort(reason_of(exc))
                 return
             sent = 0
         if sent < len(view):  # the other side is full: hold the rest, stop reading
@@ -252,7 +145,7 @@ class Relay:
             n = os.splice(d.src.fileno(), d.pipe[1], want, flags=_SPLICE_FLAGS)
         except OSError as exc:
             if exc.errno not in _RETRY:
-                self.abort(_reason(exc))
+                self.abort(reason_of(exc))
             return
         if not n:
             return self._eof(d)
@@ -275,7 +168,7 @@ class Relay:
                 n -= os.splice(d.pipe[0], d.dst.fileno(), n, flags=_SPLICE_FLAGS)
             except OSError as exc:
                 if exc.errno not in _RETRY:
-                    self.abort(_reason(exc))
+                    self.abort(reason_of(exc))
                 return 0 if self.reason else n
         return 0
 
@@ -298,7 +191,7 @@ class Relay:
                 return
             except OSError as exc:
                 if exc.errno not in _RETRY:
-                    self.abort(_reason(exc))
+                    self.abort(reason_of(exc))
                 return
             left = d.backlog[sent:] if sent < len(d.backlog) else None
         if self.reason is not None:
@@ -399,12 +292,6 @@ class Relay:
             self.on_done(self)
         except Exception:  # never raise into the hub
             log.exception("relay: completion callback failed")
-
-
-def _reason(exc):
-    if exc.errno in (errno.ECONNRESET, errno.EPIPE):
-        return "reset"
-    return "error: %s" % (exc.strerror or exc)
 
 
 class RelayHub:

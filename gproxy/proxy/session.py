@@ -26,6 +26,7 @@ from gproxy.proxy.phases import COMMON
 from gproxy.proxy.registry import Registry
 from gproxy.proxy.relay import RelayHub, shutdown
 from gproxy.proxy.settings import Settings
+from gproxy.proxy.tlsctx import Certificates
 
 log = logging.getLogger("gproxy.session")
 
@@ -33,9 +34,10 @@ log = logging.getLogger("gproxy.session")
 class Proxy:
     """The data path shared by every listener: route table, registry, relays, settings."""
 
-    def __init__(self, table=None, registry=None, settings=None, relays=None):
+    def __init__(self, table=None, registry=None, settings=None, relays=None, certs=None):
         self.limits = Limits()
         self.table = table if table is not None else RouteTable()
+        self.certs = certs if certs is not None else Certificates()  # the ssls snapshot
         self.registry = registry if registry is not None else Registry()  # empty is falsy
         self.settings = settings if settings is not None else Settings()
         self.relays = relays if relays is not None else RelayHub()
@@ -72,12 +74,13 @@ class Session:
         self.registry = proxy.registry
         self.table = proxy.table  # one snapshot for the whole session
         self.listener = listener
-        self.sock = sock
+        self.sock = sock  # the client endpoint (a TlsEndpoint after a handshake phase)
         self.info = info
         self.route = None
         self.upstream = None
         self.replay = b""
         self.vars = {}
+        self.preamble = b""  # bytes a node gets before anything else (a PROXY header)
         self.upstream_sock = None
         self.sni = None  # the TLS client's server name, once a handshake phase ran
         self.ws = None  # a WebSocket client's state, once its upgrade was read (wspreread)

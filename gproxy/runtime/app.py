@@ -21,12 +21,13 @@ import gevent
 
 from gproxy.model.routes import RouteTable
 from gproxy.proxy.health import HealthCheckers
-from gproxy.proxy.listener import Listener, bind_listener
+from gproxy.proxy.listener import Listener, bind_listener, listener_phases
 from gproxy.proxy.livesessions import LiveSessions
 from gproxy.proxy.overload import Gate
 from gproxy.proxy.registry import Registry
 from gproxy.proxy.session import Proxy
 from gproxy.proxy.settings import Settings
+from gproxy.proxy.tlsctx import Certificates
 from gproxy.proxy.workers import SessionGreenlets
 from gproxy.runtime import services
 from gproxy.runtime.drain import drain
@@ -45,8 +46,9 @@ class Gproxy:
         self.health = HealthCheckers()
         self.gate = Gate(cfg["gproxy.max_connections"],
                          reject=lambda reason: self.registry.reject(reason))
-        self.proxy = Proxy(self.build_table(self.store.snapshot()), self.registry,
-                           Settings.from_config(cfg))
+        data = self.store.snapshot()
+        self.proxy = Proxy(self.build_table(data), self.registry, Settings.from_config(cfg),
+                           certs=self.build_certs(data))
         self.sessions = LiveSessions(self.registry, lambda: self.proxy.table,
                                      **self.evict_options)
         self.store.subscribe(self.reload)
@@ -71,9 +73,15 @@ class Gproxy:
         self.health.sync(table)  # checked upstreams keep their health across swaps
         return table
 
+    def build_certs(self, data, previous=None):
+        """The ``ssls`` snapshot TLS listeners and ``scheme: tls`` upstreams use."""
+        return Certificates(data.get("ssls") or (),
+                            self.cfg["apisix.ssl.ssl_trusted_certificate"], previous)
+
     def set_data(self, data):
-        """Swap in a route table built from ``{stream_routes, upstreams}``."""
+        """Swap in a route table built from ``{stream_routes, upstreams, ssls}``."""
         self.proxy.table = self.build_table(data)
+        self.proxy.certs = self.build_certs(data, self.proxy.certs)
         log.info("route table rebuilt: routes=%d upstreams=%d",
                  len(self.proxy.table.routes), len(self.proxy.table.upstreams))
 
@@ -147,22 +155,42 @@ class Gproxy:
                 if specs is None:
                     self.stop(0)
                 raise OSError(exc.errno, "cannot listen on %s: %s" % (spec.addr, exc.strerror))
-            listener = Listener(sock, spec, gate=self.gate)
+            listener = Listener(sock, spec, self._phases(spec), gate=self.gate)
             listener.serve(self.proxy.handle, self.greenlets.spawn)
             self.listeners.append(listener)
             log.warning("stream proxy listening on %s", spec.addr)
 
+    def _phases(self, spec):
+        """A listener's own phases from its config entry (APISIX's object form)."""
+        cfg = self.cfg
+        pp_in, pp_out = spec.proxy_protocol, spec.proxy_protocol_to_upstream
+        return listener_phases(
+            spec.tls,
+            cfg["apisix.proxy_protocol.enable_tcp_pp"] if pp_in is None else pp_in,
+            cfg["apisix.proxy_protocol.enable_tcp_pp_to_upstream"] if pp_out is None else pp_out,
+            cfg["gproxy.proxy_protocol.upstream_version"])
+
     def _start_admin(self):
+        from gproxy.admin.server import https_context
         host = self.cfg["deployment.admin.admin_listen.ip"]
         port = self.cfg["deployment.admin.admin_listen.port"]
+        ssl_args, scheme = {}, "http"
+        if self.cfg["deployment.admin.https_admin"]:
+            mtls = "deployment.admin.admin_api_mtls."
+            ssl_args["ssl_context"] = https_context(
+                self.cfg.admin_file(mtls + "admin_ssl_cert"),
+                self.cfg.admin_file(mtls + "admin_ssl_cert_key"),
+                self.cfg.admin_file(mtls + "admin_ssl_ca_cert"))
+            scheme = "https"
+        self.admin_server = services.serve_http(self.cfg, (host, port), self.admin_app(),
+                                                "gproxy.admin", start=False, **ssl_args)
         try:
-            self.admin_server = services.serve_http(self.cfg, (host, port), self.admin_app(),
-                                                    "gproxy.admin")
+            self.admin_server.start()
         except OSError as exc:
             self.stop(0)
             raise OSError(exc.errno, "cannot listen on %s:%d for the Admin API: %s"
                           % (host, port, exc.strerror))
-        log.warning("admin API listening on http://%s:%d/apisix/admin", host, port)
+        log.warning("admin API listening on %s://%s:%d/apisix/admin", scheme, host, port)
 
     def _watch(self, interval):
         while True:

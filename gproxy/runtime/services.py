@@ -26,11 +26,13 @@ def health_blueprint(health):
     return _health_blueprint(ADMIN_PREFIX, health)
 
 
-def serve_http(cfg, address, app, logger):
+def serve_http(cfg, address, app, logger, start=True, **ssl_args):
+    """An ``AdminServer`` for ``app`` on ``address`` (started unless ``start`` is False)."""
     server = AdminServer(address, app, cfg["gproxy.admin.max_connections"],
                          cfg["gproxy.admin.timeout"], log=None,
-                         error_log=logging.getLogger(logger))
-    server.start()
+                         error_log=logging.getLogger(logger), **ssl_args)
+    if start:
+        server.start()
     return server
 
 

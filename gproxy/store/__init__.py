@@ -1,4 +1,4 @@
-"""Where stream routes and upstreams are kept.
+"""Where stream routes, upstreams and ssls are kept.
 
 Owns: the ``Store`` interface (``base``), APISIX's standalone YAML layout
 (``codec``) and the embedded file backend (``file``); room for an etcd backend.

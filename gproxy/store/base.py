@@ -1,6 +1,6 @@
 """The store interface: what the Admin API and the runtime ask of any backend.
 
-A backend keeps stream routes and upstreams as plain dicts under string ids,
+A backend keeps stream routes, upstreams and ssls as plain dicts under string ids,
 with etcd-like ``createdIndex``/``modifiedIndex`` revisions, and calls its
 subscribers after every change, whoever made it (an Admin write, a hand edit,
 another instance through etcd).  Nothing here does I/O.
@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 from gproxy.errors import SchemaError
 from gproxy.model.resources import check_stream_route, check_upstream
+from gproxy.model.ssls import check_ssl
 
-KINDS = ("upstreams", "stream_routes")  # load order: routes may refer to upstreams
+KINDS = ("upstreams", "stream_routes", "ssls")  # load order: routes may refer to upstreams
 
 
 @dataclass
@@ -78,5 +79,7 @@ def check_item(kind, value):
         raise SchemaError("missing id")
     if kind == "upstreams":
         check_upstream(value)
+    elif kind == "ssls":
+        check_ssl(value)
     else:
         check_stream_route(value)

@@ -10,6 +10,7 @@ import json
 import yaml
 
 from gproxy.errors import SchemaError
+from gproxy.model.ssls import without_secrets
 from gproxy.store.base import KINDS, check_item
 
 END_FLAG = "#END"
@@ -47,8 +48,9 @@ def parse(text, path, require_end=True):
             try:
                 check_item(kind, value)
             except SchemaError as exc:
+                shown = without_secrets(value) if isinstance(value, dict) else value
                 errors.append("failed to check item data of [%s] err:%s ,val: %s"
-                              % (kind, exc, json.dumps(value, default=str)))
+                              % (kind, exc, json.dumps(shown, default=str)))
                 continue
             out[kind].append(value)  # the id keeps its type; the store key is str(id)
     return out, errors, int(data.get("gproxy_revision") or 0)
@@ -57,6 +59,8 @@ def parse(text, path, require_end=True):
 def render(values, revision):
     """The file for ``{kind: [value, ...]}``: routes first, as APISIX's examples."""
     doc = {kind: values.get(kind, []) for kind in ("stream_routes", "upstreams")}
+    if values.get("ssls"):  # APISIX standalone's top-level ``ssls`` (private keys included)
+        doc["ssls"] = values["ssls"]
     doc["gproxy_revision"] = revision
     body = yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, allow_unicode=True)
     return HEADER + body + END_FLAG + "\n"

@@ -1,4 +1,4 @@
-"""EtcdStore: stream routes and upstreams shared on etcd, the way APISIX keeps them.
+"""EtcdStore: stream routes, upstreams and ssls shared on etcd, the way APISIX keeps them.
 
 Keys are APISIX's (``<prefix>/stream_routes/<id>``, ``<prefix>/upstreams/<id>``),
 values APISIX's JSON, so gproxy instances, APISIX and ``etcdctl`` can all write
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import gevent
 
 from gproxy.errors import SchemaError, StoreUnavailable
+from gproxy.model.ssls import without_secrets
 from gproxy.store.base import KINDS, Record, Store, check_item
 from gproxy.store.etcdclient import Cluster, Compacted, WatchStream, blocking, unb64
 
@@ -55,9 +56,9 @@ class EtcdStore(Store):
         self.prefix = prefix.rstrip("/")
         self.cluster = Cluster(hosts, timeout, health_check_timeout)
         self.watch_timeout = watch_timeout
-        # stream_routes < upstreams, and no APISIX kind sorts between them: one
-        # range (and one watch) covers both kinds and nothing else of APISIX's
-        self.range = (self.prefix + "/stream_routes/", self.prefix + "/upstreams0")
+        # ssls < stream_routes < upstreams: one range (and one watch) covers the
+        # three kinds; other APISIX keys inside it (system_config) are skipped
+        self.range = (self.prefix + "/ssls/", self.prefix + "/upstreams0")
         self._data = {kind: {} for kind in KINDS}
         self._tombs = {}  # (kind, id) -> revision of a delete applied here
         self._callbacks = []
@@ -85,14 +86,15 @@ class EtcdStore(Store):
             value = None
         if not isinstance(value, dict):
             log.error("invalid item data of [%s/%s/%s], val: %s, it should be an object",
-                      self.prefix, kind, id_, raw[:200])
+                      self.prefix, kind, id_, "(not shown)" if kind == "ssls" else raw[:200])
             return None
         value["id"] = id_  # APISIX: the key names the object
         try:
             check_item(kind, value)
         except SchemaError as exc:
+            shown = without_secrets(value) if kind == "ssls" else value  # no private keys
             log.error("failed to check item data of [%s/%s] err:%s ,val: %s",
-                      self.prefix, kind, exc, json.dumps(value)[:500])
+                      self.prefix, kind, exc, json.dumps(shown)[:500])
             return None
         return value
 

@@ -200,7 +200,10 @@ class FileStore(Store):
         os.makedirs(directory, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=self._temp_prefix(), dir=directory)
         try:
-            os.fchmod(fd, self._mode())  # mkstemp makes 0600; keep the file's own mode
+            mode = self._mode()  # mkstemp makes 0600; keep the file's own mode,
+            if values.get("ssls"):  # but private keys are for the owner only
+                mode &= 0o700
+            os.fchmod(fd, mode)
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 fh.write(text)
                 fh.flush()

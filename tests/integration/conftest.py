@@ -495,7 +495,7 @@ class Gproxy:
             "gproxy": {"store": {"backend": "file", "path": "apisix.yaml"},
                        "preread": {"timeout": 2, "buffer_size": 16384}},
         }
-        _merge(cfg, config)
+        _merge(cfg, config(self.ports) if callable(config) else config)
         self.cfg = cfg
         self.write_config(cfg)
         if callable(stream_routes):  # routes that need the listener ports
@@ -545,10 +545,12 @@ class Gproxy:
                 out[(sample.name, frozenset(sample.labels.items()))] = sample.value
         return out
 
-    def rewrite_routes(self, stream_routes, upstreams=()):
+    def rewrite_routes(self, stream_routes, upstreams=(), ssls=()):
         """Replace apisix.yaml atomically (temp file + rename), as a hand edit would."""
-        body = yaml.safe_dump({"stream_routes": list(stream_routes),
-                               "upstreams": list(upstreams)}, sort_keys=False)
+        doc = {"stream_routes": list(stream_routes), "upstreams": list(upstreams)}
+        if ssls:
+            doc["ssls"] = list(ssls)
+        body = yaml.safe_dump(doc, sort_keys=False)
         self.write_routes_text(body + "#END\n")
 
     def write_routes_text(self, text):

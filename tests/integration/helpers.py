@@ -120,7 +120,8 @@ class Paho:
     """
 
     def __init__(self, client_id, port, protocol=None, source=None, clean_session=True,
-                 connect_properties=None, transport="tcp", ws_path="/mqtt"):
+                 connect_properties=None, transport="tcp", ws_path="/mqtt",
+                 tls_context=None, username=None):
         import paho.mqtt.client as mqtt
         self.mqtt = mqtt
         self.port = port
@@ -135,6 +136,10 @@ class Paho:
         if transport == "websockets":
             self.client.ws_set_options(path=ws_path)
         self.client.reconnect_delay_set(30, 60)  # no silent reconnects during a test
+        if tls_context is not None:
+            self.client.tls_set_context(tls_context)
+        if username is not None:
+            self.client.username_pw_set(username, "not-logged")
         self.connected = threading.Event()
         self.connect_reason = None
         self.connack_properties = None

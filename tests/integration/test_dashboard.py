@@ -359,7 +359,7 @@ def test_live_clients_show_up_on_their_node_and_can_be_disconnected(page, gp, br
     mark = gp.mark()
     expected_node = {}
     for cid in two_ids_per_node(a, b):
-        client = clients[cid] = Paho(cid, gp.port).connect()
+        client = clients[cid] = Paho(cid, gp.port, username="user-" + cid).connect()
         client.subscribe("dash/#")
         line = gp.wait_for_session_line(client.local_port, "proxy request to", since=mark)
         expected_node[cid] = PROXY_TO.search(line).group(1)
@@ -378,6 +378,8 @@ def test_live_clients_show_up_on_their_node_and_can_be_disconnected(page, gp, br
         expect(row.locator("td[data-col=route_id]")).to_have_text(ROUTE)
         expect(row.locator("td[data-col=protocol_level]")).to_have_text("3.1.1")
         expect(row.locator("td[data-col=transport]")).to_have_text("tcp")
+        expect(row.locator("td[data-col=username]")).to_have_text("user-" + cid)
+        expect(row.locator("td[data-col=tls_client_cn]")).to_have_text("–")
         expect(row.locator("td[data-col=client]")).to_have_text(
             "%s:%d" % (HOST, clients[cid].local_port))
     per_node = collections.Counter(expected_node.values())

@@ -281,3 +281,20 @@ def test_embedded_gproxy_on_etcd_leaves_nothing_behind(etcd, prefix):
     gc.collect()
     assert not [t for t in threading.enumerate() if t.name.startswith("gproxy-")]
     assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_an_ssl_object_written_through_one_instance_reaches_the_other(etcd, gproxy, prefix):
+    """``ssls`` live in etcd beside the routes (``<prefix>/ssls/<id>``) and are watched."""
+    import trustme
+    leaf = trustme.CA().issue_cert("tenant.example")
+    a = on_etcd(gproxy, etcd, prefix)
+    b = on_etcd(gproxy, etcd, prefix)
+    conf = {"snis": ["tenant.example"], "cert": leaf.cert_chain_pems[0].bytes().decode(),
+            "key": leaf.private_key_pem.bytes().decode()}
+    status, body = admin(a.admin_port, "PUT", "/ssls/1", conf)
+    assert status == 201 and "key" not in body["value"], body
+    assert etcd.get(prefix + "/ssls/1")["value"]["snis"] == ["tenant.example"]
+    assert wait_until(lambda: admin(b.admin_port, "GET", "/ssls/1")[0] == 200, WAIT)
+    assert "key" not in admin(b.admin_port, "GET", "/ssls/1")[1]["value"]
+    assert admin(b.admin_port, "DELETE", "/ssls/1")[0] == 200
+    assert wait_until(lambda: admin(a.admin_port, "GET", "/ssls/1")[0] == 404, WAIT)

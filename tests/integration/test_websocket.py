@@ -12,7 +12,6 @@ same route is the positive control.  Frames come from tests/wsframes.py.
 
 import json
 import re
-import socket
 import time
 import urllib.request
 
@@ -21,7 +20,7 @@ import pytest
 from tests import packets as P
 from tests import wsframes as W
 from tests.integration.conftest import HOST, mqtt_route, node, wait_until
-from tests.integration.helpers import ApisixRing, Paho, dial, expect_closed, raw_session, recv_exact
+from tests.integration.helpers import ApisixRing, Paho, expect_closed, raw_session
 from tests.integration.wsclient import WsBridge, WsClient
 
 mqtt = pytest.importorskip("paho.mqtt.client")

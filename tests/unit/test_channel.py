@@ -11,7 +11,6 @@ unknown request gets an error reply instead of killing the worker.
 
 import json
 import logging
-from types import SimpleNamespace
 
 import gevent
 import gevent.socket

@@ -160,10 +160,51 @@ def test_listener_spec():
     assert ListenerSpec("10.0.0.1", 1883).addr == "10.0.0.1:1883"
 
 
-def test_tls_listener_refused():
-    msg = config_error(tcp(9100, {"addr": 9102, "tls": True}))
-    assert msg.startswith("apisix.stream_proxy.tcp[1]")
-    assert "tls" in msg
+def test_tls_and_proxy_protocol_listeners():
+    cfg = Config(tcp(9100, {"addr": "127.0.0.1:8883", "tls": True},
+                     {"addr": "127.0.0.1:9101", "proxy_protocol": True,
+                      "proxy_protocol_to_upstream": True}))
+    specs = {s.addr: s for s in cfg[TCP]}
+    assert specs["127.0.0.1:8883"].tls is True
+    assert specs["127.0.0.1:8883"].proxy_protocol is None  # the global default decides
+    assert specs["127.0.0.1:9101"].proxy_protocol is True
+    assert specs["127.0.0.1:9101"].proxy_protocol_to_upstream is True
+    assert specs["0.0.0.0:9100"].tls is False
+
+
+@pytest.mark.parametrize("item", [{"addr": 8883, "tls": "yes"},
+                                  {"addr": 8883, "proxy_protocol": 1},
+                                  {"addr": 8883, "ssl": True}])
+def test_bad_listener_flags(item):
+    assert config_error(tcp(9100, item)).startswith("apisix.stream_proxy.tcp[1]")
+
+
+def test_https_admin_needs_a_certificate_and_key():
+    msg = config_error({"deployment": {"admin": {"https_admin": True}}})
+    assert "missing ssl cert for https admin" in msg
+    cfg = Config({"deployment": {"admin": {"https_admin": True, "admin_api_mtls": {
+        "admin_ssl_cert": "admin.crt", "admin_ssl_cert_key": "admin.key"}}}},
+        path="/etc/gproxy/config.yaml")
+    assert cfg.admin_file("deployment.admin.admin_api_mtls.admin_ssl_cert") == \
+        "/etc/gproxy/admin.crt"
+    assert cfg.admin_file("deployment.admin.admin_api_mtls.admin_ssl_ca_cert") is None
+
+
+def test_https_admin_keeps_the_default_key_refusal():
+    msg = config_error({"deployment": {"admin": {
+        "https_admin": True, "admin_listen": {"ip": "0.0.0.0", "port": 9180},
+        "admin_api_mtls": {"admin_ssl_cert": "a.crt", "admin_ssl_cert_key": "a.key"}}}})
+    assert "default admin key" in msg
+
+
+@pytest.mark.parametrize("raw,key", [
+    ({"gproxy": {"proxy_protocol": {"upstream_version": 3}}},
+     "gproxy.proxy_protocol.upstream_version"),
+    ({"apisix": {"ssl": {"fallback_sni": 5}}}, "apisix.ssl.fallback_sni"),
+    ({"gproxy": {"tls": {"handshake_timeout": 0}}}, "gproxy.tls.handshake_timeout"),
+])
+def test_tls_settings_checked(raw, key):
+    assert config_error(raw).startswith(key)
 
 
 @pytest.mark.parametrize("raw,key", [

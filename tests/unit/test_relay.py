@@ -17,7 +17,8 @@ import socket
 import pytest
 
 from gproxy.proxy.registry import SessionInfo
-from gproxy.proxy.relay import READ, WRITE, Relay, RelayHub
+from gproxy.proxy.direction import READ, WRITE
+from gproxy.proxy.relay import Relay, RelayHub
 from tests import packets
 
 

@@ -1,0 +1,76 @@
+"""One way of a relay: its endpoints, watchers, backlog, pipe and packet boundaries.
+
+Also the relay's small shared helpers: ``shutdown`` (never raises) and the
+short reason a socket error ends a relay with.  splice(2) is offered only
+between two kernel sockets (never for TLS or WebSocket endpoints).
+"""
+
+import _socket
+import errno
+import fcntl
+import os
+
+from gproxy.protocols.mqttstream import Boundaries
+
+READ, WRITE = 1, 2
+SPLICE = hasattr(os, "splice")
+PIPE_SIZE = 1024 * 1024
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_RAW = _socket.socket
+
+
+def shutdown(sock, how):
+    try:
+        sock.shutdown(how)
+    except OSError:
+        pass  # already closed or reset: nothing left to tell the peer
+
+
+def reason_of(exc):
+    if exc.errno in (errno.ECONNRESET, errno.EPIPE):
+        return "reset"
+    return "error: %s" % (exc.strerror or exc)
+
+
+class Direction:
+    """One way of a relay: src -> dst, with its watchers, backlog and boundaries."""
+
+    __slots__ = ("src", "dst", "reader", "writer", "backlog", "counter", "done", "pipe",
+                 "splicing", "track", "ending", "bye", "pending", "can_splice")
+
+    def __init__(self, loop, src, dst, counter, track):
+        self.src = src
+        self.dst = dst
+        self.reader = loop.io(src.fileno(), READ)
+        self.writer = None  # created when dst first pushes back
+        self.backlog = None  # bytes dst has not taken yet (an int: bytes in the pipe)
+        self.counter = counter
+        self.done = False  # src ended (or this direction was ended cleanly)
+        self.pipe = None  # (read fd, write fd) once this direction splices
+        self.splicing = False
+        self.track = Boundaries() if track else None
+        self.ending = False  # stop at the next packet boundary
+        self.bye = None  # bytes to send dst at that boundary (a DISCONNECT)
+        self.pending = getattr(src, "pending", None)  # TLS: bytes already decrypted
+        # splice(2) needs kernel sockets on both sides (not TLS or WebSocket endpoints)
+        self.can_splice = SPLICE and type(src) is _RAW and type(dst) is _RAW
+
+    def open_pipe(self):
+        if self.pipe is not None:
+            return True
+        try:
+            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return False  # out of fds: keep copying
+        try:
+            fcntl.fcntl(w, _F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass  # the default 64 KiB pipe still works
+        self.pipe = (r, w)
+        return True
+
+    def close_pipe(self):
+        if self.pipe is not None:
+            os.close(self.pipe[0])
+            os.close(self.pipe[1])
+            self.pipe = None
