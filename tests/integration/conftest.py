@@ -10,6 +10,7 @@ a broker's log (a probe through a plain-TCP route would reach the upstream).
 
 import copy
 import os
+import random
 import re
 import shutil
 import signal
@@ -48,26 +49,48 @@ def _needs_mosquitto():
 
 # -- ports and readiness -------------------------------------------------------
 
+def _ephemeral_low():
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
+            return int(fh.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_EPHEMERAL_LOW = _ephemeral_low()
+_HANDED_OUT = set()  # never the same port twice in one test run
+
+
 def free_port():
-    """A TCP port on loopback that nothing listens on right now."""
+    """A loopback port nothing uses now, picked below the ephemeral range.
+
+    ``bind(0)`` hands out ports from ``ip_local_port_range``, where every
+    outgoing connection on the machine (thousands, with their TIME_WAITs, in
+    the fleet and soak tests or another job on the box) takes its local port:
+    such a port was sometimes taken again before gproxy or a broker bound it.
+    A random port below that range is only taken by someone binding it on
+    purpose; the probe binds without SO_REUSEADDR, so a TIME_WAIT refuses it.
+    """
+    rng = random.SystemRandom()
+    for _ in range(200 if _EPHEMERAL_LOW > 11024 else 0):
+        port = rng.randrange(10000, _EPHEMERAL_LOW)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
 
 
 def free_ports(n):
-    """``n`` distinct free loopback ports: all held bound until all are chosen (one
-    ``free_port()`` after another can get the same port back from the kernel)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            socks.append(s)
-            s.bind((HOST, 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    """``n`` distinct free loopback ports (see ``free_port``)."""
+    return [free_port() for _ in range(n)]
 
 
 def _listening_in_proc(port):
