@@ -16,12 +16,10 @@ import logging
 import socket
 import time
 
-from gevent import socket as gsocket
 
 from gproxy.errors import NoUpstream, Reject
-from gproxy.model.balancer import Node
 from gproxy.model.health import SUCCESS, TCP_FAILURE, TIMEOUT
-from gproxy.model.routes import DEFAULT_CONNECT_TIMEOUT, is_ip
+from gproxy.model.routes import DEFAULT_CONNECT_TIMEOUT
 from gproxy.proxy import netio, tls
 from gproxy.proxy.health import passive
 from gproxy.proxy.overload import out_of_fds
@@ -61,17 +59,8 @@ def resolve(s, upstream):
     """Domain nodes as IP nodes (None when every node is an IP already)."""
     if not upstream.needs_dns:
         return None
-    nodes = []
-    for node in upstream.nodes:
-        if is_ip(node.host):
-            nodes.append(node)
-            continue
-        try:
-            infos = gsocket.getaddrinfo(node.host, node.port, 0, socket.SOCK_STREAM)
-        except OSError as exc:
-            s.log(logging.ERROR, "failed to parse domain: %s, error: %s", node.host, exc)
-            continue
-        nodes.append(Node(infos[0][4][0], node.port, node.weight, node.priority, node.host))
+    nodes = netio.resolve_nodes(upstream.nodes, lambda node, exc: s.log(
+        logging.ERROR, "failed to parse domain: %s, error: %s", node.host, exc))
     if not nodes:
         raise NoUpstream("failed to set upstream: no valid upstream node")
     return nodes

@@ -17,13 +17,10 @@ import socket
 import time
 
 import gevent
-from gevent import socket as gsocket
 from gevent.pool import Pool
 
 from gproxy.errors import MalformedPacket
-from gproxy.model.balancer import Node
 from gproxy.model.health import SUCCESS, TCP_FAILURE, TIMEOUT, Checks, HealthState
-from gproxy.model.routes import is_ip
 from gproxy.protocols import mqttstream
 from gproxy.proxy import netio
 from gproxy.proxy.overload import out_of_fds
@@ -123,16 +120,7 @@ class Checker:
         up = self.upstream
         if not up.needs_dns:
             return up.nodes
-        nodes = []
-        for node in up.nodes:
-            if is_ip(node.host):
-                nodes.append(node)
-                continue
-            try:
-                infos = gsocket.getaddrinfo(node.host, node.port, 0, socket.SOCK_STREAM)
-            except OSError:
-                continue
-            nodes.append(Node(infos[0][4][0], node.port, node.weight, node.priority, node.host))
+        nodes = netio.resolve_nodes(up.nodes)
         self.state.set_nodes(nodes)
         return nodes
 

@@ -1,4 +1,5 @@
-"""Cooperative I/O on plain (C-level) non-blocking sockets, for the session's hot path.
+"""Cooperative I/O on plain (C-level) non-blocking sockets, for the session's hot path
+(and the cooperative name lookup of domain nodes).
 
 gevent's socket objects are convenient but cost a wrapper object, watchers and
 a few syscalls each; a session only needs a handful of blocking-style calls
@@ -14,7 +15,11 @@ import os
 import socket
 import time
 
+from gevent import socket as gsocket
 from gevent.socket import wait_read, wait_write
+
+from gproxy.model.balancer import Node
+from gproxy.model.routes import is_ip
 
 _TIMEOUT = socket.timeout("timed out")
 _NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
@@ -147,3 +152,21 @@ def connect(host, port, timeout):
         sock.close()
         return exc
     return sock
+
+
+def resolve_nodes(nodes, on_error=None):
+    """Each domain node as a node on its first address (IP nodes as they are);
+    a name that does not resolve is dropped after ``on_error(node, exc)``."""
+    out = []
+    for node in nodes:
+        if is_ip(node.host):
+            out.append(node)
+            continue
+        try:
+            infos = gsocket.getaddrinfo(node.host, node.port, 0, socket.SOCK_STREAM)
+        except OSError as exc:
+            if on_error is not None:
+                on_error(node, exc)
+            continue
+        out.append(Node(infos[0][4][0], node.port, node.weight, node.priority, node.host))
+    return out

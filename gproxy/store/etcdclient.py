@@ -22,11 +22,11 @@ import time
 from urllib.parse import urlsplit
 
 import etcd3gw
-import gevent
 import requests
 from etcd3gw import exceptions as etcd_exc
 
 from gproxy.errors import StoreUnavailable
+from gproxy.store.threads import in_threadpool
 
 log = logging.getLogger("gproxy.store")
 MAX_FAILS = 3  # lua-resty-etcd's health check, as APISIX configures it
@@ -45,16 +45,7 @@ def blocking(func, *args):
     """Run a blocking etcd call without holding the hub; its exception comes back here."""
     if _patched():
         return func(*args)
-
-    def run():
-        try:
-            return True, func(*args)
-        except Exception as exc:  # raised again in the caller, below
-            return False, exc
-    ok, result = gevent.get_hub().threadpool.apply(run)
-    if not ok:
-        raise result
-    return result
+    return in_threadpool(func, *args)
 
 
 def b64(data):

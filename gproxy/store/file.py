@@ -15,31 +15,14 @@ import logging
 import os
 import tempfile
 
-import gevent
 from gevent.lock import RLock
 
 from gproxy.errors import SchemaError
 from gproxy.store import codec
 from gproxy.store.base import KINDS, Record, Store
+from gproxy.store.threads import in_threadpool
 
 log = logging.getLogger("gproxy.store")
-
-
-def _offload(func, *args):
-    """Run blocking file work in the hub's threadpool; the caller waits cooperatively.
-
-    An exception is carried back and raised here (gevent would print it as a
-    traceback from the pool thread).
-    """
-    def run():
-        try:
-            return True, func(*args)
-        except Exception as exc:  # raised again in the caller, below
-            return False, exc
-    ok, result = gevent.get_hub().threadpool.apply(run)
-    if not ok:
-        raise result
-    return result
 
 
 class FileStore(Store):
@@ -115,11 +98,11 @@ class FileStore(Store):
 
     def poll(self):
         with self._lock:
-            signature = _offload(self._stat)
+            signature = in_threadpool(self._stat)
             if signature is None or signature == self._signature:
                 return False
             try:
-                loaded = _offload(self._read, True)
+                loaded = in_threadpool(self._read, True)
             except (OSError, SchemaError) as exc:
                 self._signature = signature  # report a broken edit once, not every poll
                 log.error("store: ignoring edit of %s: %s", self.path, exc)
@@ -178,7 +161,7 @@ class FileStore(Store):
     def _commit(self, data):
         """Write ``data`` durably, then make it current; on failure nothing changes."""
         values = {kind: [r.value for r in data[kind].values()] for kind in KINDS}
-        self._signature = _offload(self._write, values, self._revision)
+        self._signature = in_threadpool(self._write, values, self._revision)
         self._data = data
 
     def _notify(self):
