@@ -218,7 +218,8 @@ def write(results_dir, doc, head, rows):
     stamp = time.strftime("%Y%m%dT%H%M%S", time.localtime(doc["started"]))
     base = os.path.join(results_dir, "%s-%s" % (stamp, doc["machine"]["host"]))
     with open(base + ".json", "w") as fh:
-        json.dump(doc, fh, indent=1, sort_keys=True)
+        # default=str: an option the harness keeps as an object must never cost the run
+        json.dump(doc, fh, indent=1, sort_keys=True, default=str)
     m = doc["machine"]
     lines = ["# gproxy benchmark %s" % stamp, "",
              "`%s` (%s mode, rounds: %d); medians over rounds. A ratio above 1 is worse for "

@@ -244,7 +244,7 @@ def finish(args, started, targets, samples, notes, prof, binaries):
         profile.print_summary(prof)
     doc = {"started": started, "seconds": time.time() - started, "mode": args.mode,
            "rounds": args.rounds, "command": " ".join([entry_point()] + sys.argv[1:]),
-           "options": {k: v for k, v in vars(args).items() if k not in ("token", "sink")},
+           "options": {k: v for k, v in vars(args).items() if k not in ("token", "sink", "pki")},
            "machine": report.machine_facts(args.python, binaries),
            "target_notes": {t.name: t.note for t in targets},
            "samples": samples, "medians": med, "ratios_to_haproxy": rat, "notes": notes,
