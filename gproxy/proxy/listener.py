@@ -11,6 +11,7 @@ accept that fails for want of descriptors pauses them instead of spinning.
 """
 
 import socket
+from functools import partial
 
 import gevent.socket
 from gevent.server import StreamServer
@@ -113,6 +114,8 @@ class Listener:
         self.sock = sock
         self.spec = spec
         self.phases = tuple(phases)
+        from gproxy.proxy.phases import COMMON  # phases import this module's users
+        self.pipeline = self.phases + COMMON  # what every session here runs, in order
         self.gate = gate if gate is not None else Gate()
         host, port = sock.getsockname()[:2]
         self.text = addr_text(host, port)  # nginx's "server:" in log lines
@@ -129,7 +132,7 @@ class Listener:
 
         The handler must call ``listener.gate.leave()`` once the session ends.
         """
-        self.server = PlainStreamServer(self.sock, lambda s, a: handle(self, s, a), spawn=spawn)
+        self.server = PlainStreamServer(self.sock, partial(handle, self), spawn=spawn)
         self.server.gate = self.gate
         self.gate.servers.append(self.server)
         self.server.start()

@@ -21,7 +21,7 @@ import operator
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 STATES = ("preread", "connecting", "relaying", "closing")
 #: Upper bounds (seconds) of the dial latency histogram's buckets.
@@ -32,9 +32,13 @@ _BYTES_IN = operator.attrgetter("bytes_in")
 _BYTES_OUT = operator.attrgetter("bytes_out")  # records filtered between two pauses (well under a millisecond)
 
 
-@dataclass
+@dataclass(slots=True)
 class SessionInfo:
-    """One client connection, from accept to close. Never holds credentials."""
+    """One client connection, from accept to close. Never holds credentials.
+
+    Slotted: thousands live at once (less memory per idle session, faster
+    attribute access on the relay's hot path).
+    """
 
     id: str
     client_addr: str
@@ -66,11 +70,12 @@ class SessionInfo:
     def as_dict(self):
         """The record as JSON-ready values (the raw hash key stays out).
 
-        ``vars`` rather than ``dataclasses.asdict``: a page of 500 records is
-        copied in well under a millisecond instead of several."""
-        out = dict(vars(self))
-        del out["hash_key"]
-        return out
+        Plain attribute reads rather than ``dataclasses.asdict``: a page of 500
+        records is copied in well under a millisecond instead of several."""
+        return {name: getattr(self, name) for name in _PUBLIC}
+
+
+_PUBLIC = tuple(f.name for f in fields(SessionInfo) if f.name != "hash_key")
 
 
 class Registry:

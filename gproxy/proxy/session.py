@@ -22,7 +22,6 @@ from gproxy.model.routes import DEFAULT_PROXY_TIMEOUT, RouteTable
 from gproxy.protocols.mqttstream import SERVER_SHUTTING_DOWN, disconnect
 from gproxy.proxy.limits import Limits
 from gproxy.proxy.listener import plain_ip
-from gproxy.proxy.phases import COMMON
 from gproxy.proxy.registry import Registry
 from gproxy.proxy.relay import RelayHub, shutdown
 from gproxy.proxy.settings import Settings
@@ -68,6 +67,10 @@ class Session:
     ...), ``upstream_sock`` once dialled, ``action`` (nginx's ``while ...``).
     """
 
+    __slots__ = ("proxy", "settings", "registry", "table", "listener", "sock", "info", "route",
+                 "upstream", "replay", "vars", "preamble", "upstream_sock", "sni", "ws", "peer",
+                 "action", "relay", "tracked", "keep_alive", "cleanup")
+
     def __init__(self, proxy, listener, sock, info):
         self.proxy = proxy
         self.settings = proxy.settings
@@ -109,7 +112,7 @@ class Session:
             log.info("*%s client %s:%d connected to %s", info.seq, info.client_addr,
                      info.client_port, self.listener.text)
         try:
-            for phase in self.listener.phases + COMMON:
+            for phase in self.listener.pipeline:
                 phase(self)
             self.hand_off()
         except Reject as exc:

@@ -82,7 +82,7 @@ def make_session(*script, routes=(), upstreams=(), settings=None, client=CLIENT)
     table = RouteTable([route()] if not routes else routes, upstreams)
     proxy = Proxy(table, Registry(worker=0), settings or Settings(preread_timeout=5),
                   relays=SimpleNamespace())  # the relay hub is never reached here
-    listener = SimpleNamespace(text="0.0.0.0:9100", phases=())
+    listener = SimpleNamespace(text="0.0.0.0:9100", phases=(), pipeline=phases.COMMON)
     info = proxy.registry.new_session(client, SERVER)
     return Session(proxy, listener, FakeEndpoint(*script), info)
 
@@ -123,8 +123,8 @@ def run_until_hand_off(session, monkeypatch):
     list has the session's state and the registry's live counts at that moment
     (the session, never handed off, then cleans up as after a failure)."""
     handed = []
-    monkeypatch.setattr(session, "hand_off", lambda: handed.append(
-        (session.info.state, dict(session.registry.per_node), len(session.registry))))
+    monkeypatch.setattr(type(session), "hand_off", lambda self: handed.append(
+        (self.info.state, dict(self.registry.per_node), len(self.registry))))
     session.run()
     return handed
 
