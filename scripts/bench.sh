@@ -10,8 +10,7 @@ cd "$(dirname "$0")/.."
 bash scripts/apt-need.sh mosquitto=/usr/sbin/mosquitto haproxy=/usr/sbin/haproxy \
     nginx-light=/usr/sbin/nginx libnginx-mod-stream=/usr/lib/nginx/modules/ngx_stream_module.so
 
-[ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/pip install -q --disable-pip-version-check -e '.[bench]'  # trustme: the TLS workloads' certificates
+bash scripts/venv.sh bench  # trustme: the TLS workloads' certificates
 
 export PATH="$PATH:/usr/sbin"
 exec .venv/bin/python -m bench "$@"

@@ -9,10 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=$(realpath -m "${1:-dist}")
 
-if [ ! -x .venv/bin/python ]; then
-    python3 -m venv .venv
-fi
-.venv/bin/pip install -q --disable-pip-version-check -e '.[exe]'
+bash scripts/apt-need.sh binutils=/usr/bin/objdump  # PyInstaller reads binaries with objdump
+bash scripts/venv.sh exe
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

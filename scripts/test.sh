@@ -7,15 +7,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # mosquitto: brokers for the integration tests; chromium: the dashboard's browser tests;
-# etcd-server and etcd-client (etcdctl): the etcd store's tests.
+# etcd-server and etcd-client (etcdctl): the etcd store's tests; binutils (objdump):
+# PyInstaller, for the one-file executable's tests.
 bash scripts/apt-need.sh mosquitto=/usr/sbin/mosquitto \
     mosquitto-clients=/usr/bin/mosquitto_sub chromium=/usr/bin/chromium \
-    etcd-server=/usr/bin/etcd etcd-client=/usr/bin/etcdctl
+    etcd-server=/usr/bin/etcd etcd-client=/usr/bin/etcdctl binutils=/usr/bin/objdump
 
-if [ ! -x .venv/bin/python ]; then
-    python3 -m venv .venv
-fi
-.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+bash scripts/venv.sh test
 
 export PATH="$PATH:/usr/sbin"
 # The package layout's import contracts (setup.cfg [importlinter]) first: a broken
