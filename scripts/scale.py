@@ -2,7 +2,7 @@
 """Does the live-sessions view hold a fleet?  Idle sessions, a dashboard, figures.
 
     .venv/bin/python scripts/scale.py                 # full: 9,000 idle sessions, 3 rounds
-    .venv/bin/python scripts/scale.py --short         # 300 sessions, ~20 s (run by the tests)
+    .venv/bin/python scripts/scale.py --short         # 300 sessions, ~40 s (run by the tests)
     .venv/bin/python scripts/scale.py --sessions 5000 --rounds 2 --json out.json
 
 Starts two mosquitto brokers and gproxy (one process, a chash route over both

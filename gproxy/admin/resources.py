@@ -38,9 +38,6 @@ def json_response(body, status=200):
                     mimetype="application/json")
 
 
-
-
-
 def _cjson_message(exc):
     """A JSONDecodeError worded like lua-cjson, which APISIX users see."""
     pos = exc.pos + 1

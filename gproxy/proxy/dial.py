@@ -117,6 +117,8 @@ def _failed(s, node, exc, health):
     s.registry.connect_failed(node.addr, "timeout" if timed_out else "error")
     if health is not None:
         passive(health, node.addr, TIMEOUT if timed_out else TCP_FAILURE)
+
+
 def _prepare(s, upstream, node, conn, timeout):
     """A fresh connection's first bytes: the PROXY header, then TLS (nginx's order)."""
     try:

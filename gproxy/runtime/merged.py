@@ -28,6 +28,7 @@ from gproxy.proxy.livesessions import check_spec, dict_key, sort_order
 
 log = logging.getLogger("gproxy.workers")
 
+
 def merge_stats(replies, workers):
     """One stats dict from every worker's: numbers and per-key counts summed,
     the start time the earliest."""
