@@ -56,7 +56,7 @@ class SessionInfo:
     bytes_out: int = 0  # broker -> client
     connected_at: float = field(default_factory=time.time)
     state: str = "preread"
-    transport: str = "tcp"  # "ws": MQTT over WebSocket (later "wss" on TLS listeners)
+    transport: str = "tcp"  # "ws": MQTT over WebSocket, "wss": over TLS
     upstream_id: str = None  # the route's upstream_id (None: its inline upstream)
     # The chash key the balancer was given (bytes; a client id or IP, never a
     # credential): what rebalancing needs to ask the ring where it belongs now.
@@ -93,7 +93,7 @@ class Registry:
         self.per_route = {}     # live, per route
         self.per_node = {}      # live, per node
         self.per_state = {}     # live, per state
-        self.per_transport = {}  # live, per transport (tcp, ws)
+        self.per_transport = {}  # live, per transport (tcp, ws, wss)
         self.bytes_in_closed = 0
         self.bytes_out_closed = 0
         self.connect_failures = Counter()  # failed dials, per "node reason" (error|timeout)

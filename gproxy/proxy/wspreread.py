@@ -28,6 +28,7 @@ from gproxy.protocols import wsframe, wshandshake
 from gproxy.protocols.text import printable
 from gproxy.proxy import netio
 from gproxy.proxy.preread import RECV_SIZE, plugin_exit, read_connect
+from gproxy.proxy.tls import TlsEndpoint
 from gproxy.proxy.wsendpoint import WebSocketEndpoint
 
 #: Close codes for a CONNECT refused after the 101 (APISIX's 503, in WebSocket terms).
@@ -58,7 +59,7 @@ class WebSocket:
 def preread_websocket(s, conf, first, deadline):
     """The upgrade and the CONNECT; returns the bytes to replay to the broker."""
     options = conf.websocket
-    s.registry.set_transport(s.info, "ws")
+    s.registry.set_transport(s.info, "wss" if isinstance(s.sock, TlsEndpoint) else "ws")
     request, head, rest = _read_upgrade(s, first, deadline, options)
     s.log(logging.INFO, "websocket upgrade: path=%s subprotocol=%s mode=%s",
           printable(request.path), request.protocol or "-",

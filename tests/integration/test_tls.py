@@ -437,4 +437,8 @@ def test_mqtt_over_websocket_over_tls(gproxy, mosquitto, pki):
         sub.subscribe("wss/t", qos=1)
         pub.publish("wss/t", b"w" * 40000, qos=1)
         assert sub.expect_message().payload == b"w" * 40000
+        sessions = admin(proxy, "GET", "/gproxy/sessions")[1]["list"]
+        assert sorted((s["client_id"], s["transport"]) for s in sessions) == [
+            ("tls-pub", "tcp"), ("wss-sub", "wss")]
+        assert admin(proxy, "GET", "/gproxy/stats")[1]["per_transport"] == {"tcp": 1, "wss": 1}
     broker.wait_for_client("wss-sub")
