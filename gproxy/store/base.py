@@ -34,15 +34,22 @@ class Record:
 class Store:
     """What a backend provides. Ids are strings; values are plain dicts.
 
-    ``put``/``delete`` return only once the change is durable (acknowledged
-    writes survive a crash) and may wait cooperatively (never holding the hub).
+    Every backend serves reads from its in-memory copy, ``self._data``
+    (``{kind: {id: Record}}``), and calls ``_notify()`` after every change it
+    applies.  ``put``/``delete`` return only once the change is durable
+    (acknowledged writes survive a crash) and may wait cooperatively (never
+    holding the hub).
     """
 
+    def __init__(self):
+        self._data = {kind: {} for kind in KINDS}
+        self._callbacks = []
+
     def list(self, kind):
-        raise NotImplementedError
+        return list(self._data[kind].values())
 
     def get(self, kind, id_):
-        raise NotImplementedError
+        return self._data[kind].get(str(id_))
 
     def put(self, kind, id_, value):
         """Create or replace; returns ``(record, created)``."""
@@ -58,7 +65,11 @@ class Store:
 
     def subscribe(self, callback):
         """Call ``callback()`` after every change, whoever made it."""
-        raise NotImplementedError
+        self._callbacks.append(callback)
+
+    def _notify(self):
+        for callback in self._callbacks:
+            callback()
 
     def poll(self):
         """Pick up changes made outside this process; True if something changed."""

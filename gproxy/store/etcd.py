@@ -53,15 +53,14 @@ class EtcdStore(Store):
 
     def __init__(self, hosts, prefix="/apisix", timeout=30, watch_timeout=50,
                  health_check_timeout=10):
+        super().__init__()
         self.prefix = prefix.rstrip("/")
         self.cluster = Cluster(hosts, timeout, health_check_timeout)
         self.watch_timeout = watch_timeout
         # ssls < stream_routes < upstreams: one range (and one watch) covers the
         # three kinds; other APISIX keys inside it (system_config) are skipped
         self.range = (self.prefix + "/ssls/", self.prefix + "/upstreams0")
-        self._data = {kind: {} for kind in KINDS}
         self._tombs = {}  # (kind, id) -> revision of a delete applied here
-        self._callbacks = []
         self._inbox = collections.deque()  # watch thread -> hub
         self._stop = threading.Event()
         self._thread = self._stream = self._wake = None
@@ -99,12 +98,6 @@ class EtcdStore(Store):
         return value
 
     # -- the interface -------------------------------------------------------
-    def list(self, kind):
-        return list(self._data[kind].values())
-
-    def get(self, kind, id_):
-        return self._data[kind].get(str(id_))
-
     def put(self, kind, id_, value):
         id_ = str(id_)
         text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
@@ -137,9 +130,6 @@ class EtcdStore(Store):
     def new_id(self):
         body = blocking(self.cluster.put, self.prefix + "/gen_id", "1")
         return "%020d" % int(body["header"]["revision"])
-
-    def subscribe(self, callback):
-        self._callbacks.append(callback)
 
     def poll(self):
         """Called by the runtime's store loop: (re)start the watch where it is not running.
@@ -231,10 +221,6 @@ class EtcdStore(Store):
                 changed |= self._apply_events(payload)
         if changed:
             self._notify()
-
-    def _notify(self):
-        for callback in self._callbacks:
-            callback()
 
     # -- the watch (its own thread; a greenlet in a monkey-patched process) ----
     def _start_watch(self):

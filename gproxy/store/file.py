@@ -29,10 +29,9 @@ class FileStore(Store):
     """The embedded durable store: one YAML file, atomically replaced on each write."""
 
     def __init__(self, path):
+        super().__init__()
         self.path = os.path.abspath(path)
-        self._data = {kind: {} for kind in KINDS}
         self._revision = 0
-        self._callbacks = []
         self._signature = None
         self._lock = RLock()  # one writer (or reload) at a time
         self._remove_stale_temp_files()
@@ -113,12 +112,6 @@ class FileStore(Store):
         return True
 
     # -- the interface -----------------------------------------------------
-    def list(self, kind):
-        return list(self._data[kind].values())
-
-    def get(self, kind, id_):
-        return self._data[kind].get(str(id_))
-
     def put(self, kind, id_, value):
         with self._lock:
             self.poll()  # a hand edit saved since the last poll must not be overwritten
@@ -154,19 +147,12 @@ class FileStore(Store):
             if all(new not in records for records in self._data.values()):
                 return new
 
-    def subscribe(self, callback):
-        self._callbacks.append(callback)
-
     # -- writing -----------------------------------------------------------
     def _commit(self, data):
         """Write ``data`` durably, then make it current; on failure nothing changes."""
         values = {kind: [r.value for r in data[kind].values()] for kind in KINDS}
         self._signature = in_threadpool(self._write, values, self._revision)
         self._data = data
-
-    def _notify(self):
-        for callback in self._callbacks:
-            callback()
 
     def _mode(self):
         try:
