@@ -23,6 +23,7 @@ import time
 import pytest
 import yaml
 
+from tests.integration.helpers import http_call
 from tests.needs import require
 
 HOST = "127.0.0.1"
@@ -536,14 +537,7 @@ class Gproxy:
     # HTTP: Admin API, control API, metrics
     def http(self, port, path, method="GET", body=None, headers=None, timeout=5.0):
         """``(status, body bytes)`` of one request to a gproxy HTTP listener."""
-        import http.client
-        conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            resp = conn.getresponse()
-            return resp.status, resp.read()
-        finally:
-            conn.close()
+        return http_call(port, method, path, body, headers, timeout)
 
     def admin(self, method, path, body=None):
         import json

@@ -5,6 +5,8 @@ imported from gproxy so that it can catch gproxy's mistakes.
 """
 
 import bisect
+import http.client
+import json
 import queue
 import socket
 import struct
@@ -90,6 +92,20 @@ def expect_closed(sock):
     assert data == b"", "expected the connection to close, got bytes:\n%s" % (
         packets.hexdump(data))
     return "eof"
+
+
+def http_call(port, method, path, body=None, headers=None, timeout=10.0):
+    """``(status, body bytes)`` of one HTTP request to a loopback listener, on a
+    fresh connection; a ``body`` that is not text or bytes is sent as JSON."""
+    if body is not None and not isinstance(body, (str, bytes)):
+        body = json.dumps(body)
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
 
 
 CONNACK_OK = bytes.fromhex("20 02 00 00")

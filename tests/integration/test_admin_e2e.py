@@ -35,7 +35,8 @@ import yaml
 from tests import packets
 from tests.integration.conftest import (HOST, MOSQUITTO, Broker, Gproxy, free_port, mqtt_route,
                                         node, stop_process, wait_listening, wait_until)
-from tests.integration.helpers import CONNACK_OK, Paho, dial, expect_closed, local_port, recv_exact
+from tests.integration.helpers import (CONNACK_OK, Paho, dial, expect_closed, http_call, local_port,
+                                       recv_exact)
 
 pytest.importorskip("paho.mqtt.client")
 
@@ -128,20 +129,11 @@ def test_chash_model_gives_the_spec_check_values():
 
 def admin(port, method, path, body=None, key=KEY, timeout=10.0):
     """One Admin API request on a fresh connection: ``(status, json or text)``."""
-    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    status, raw = http_call(port, method, path, body, {"X-API-KEY": key} if key else {}, timeout)
     try:
-        headers = {"X-API-KEY": key} if key else {}
-        if body is not None and not isinstance(body, (str, bytes)):
-            body = json.dumps(body)
-        conn.request(method, path, body=body, headers=headers)
-        resp = conn.getresponse()
-        raw = resp.read()
-    finally:
-        conn.close()
-    try:
-        return resp.status, json.loads(raw)
+        return status, json.loads(raw)
     except ValueError:
-        return resp.status, raw.decode("utf-8", "replace")
+        return status, raw.decode("utf-8", "replace")
 
 
 def seed_runner(transport, admin_port, directory):

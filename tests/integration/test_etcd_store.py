@@ -6,7 +6,6 @@ writes ``/apisix/stream_routes/9`` with ``etcdctl`` as the issue asks.  gproxy
 runs as the ``gproxy`` command (monkey-patched), and once embedded (not).
 """
 
-import http.client
 import json
 import re
 
@@ -14,7 +13,7 @@ import pytest
 
 from tests.integration.conftest import HOST, mqtt_route, node, wait_listening, wait_until
 from tests.integration.etcd import Etcd, available
-from tests.integration.helpers import ApisixRing, Paho
+from tests.integration.helpers import ApisixRing, Paho, http_call
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not available(), reason="needs etcd and etcdctl "
@@ -44,15 +43,9 @@ def on_etcd(gproxy, etcd, prefix):
 
 def admin(port, method, path, body=None, timeout=15.0):
     """One Admin API request: ``(status, json)``."""
-    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
-    try:
-        conn.request(method, "/apisix/admin" + path,
-                     body=None if body is None else json.dumps(body),
-                     headers={"X-API-KEY": KEY})
-        resp = conn.getresponse()
-        return resp.status, json.loads(resp.read() or b"{}")
-    finally:
-        conn.close()
+    status, raw = http_call(port, method, "/apisix/admin" + path,
+                            None if body is None else json.dumps(body), {"X-API-KEY": KEY}, timeout)
+    return status, json.loads(raw or b"{}")
 
 
 def served(proxy, client_id, broker):

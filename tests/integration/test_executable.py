@@ -10,7 +10,6 @@ venv or of the building interpreter mapped into it.
 """
 
 import hashlib
-import http.client
 import json
 import os
 import pathlib
@@ -23,7 +22,7 @@ import pytest
 import yaml
 
 from tests.integration.conftest import HOST, free_port, stop_process, wait_listening
-from tests.integration.helpers import Paho
+from tests.integration.helpers import Paho, http_call
 
 pytestmark = [pytest.mark.integration, pytest.mark.executable]
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -74,14 +73,9 @@ def _mapped_files(pid):
 
 
 def admin(port, method, path, body=None):
-    conn = http.client.HTTPConnection(HOST, port, timeout=10)
-    try:
-        conn.request(method, path, body=None if body is None else json.dumps(body),
-                     headers={"X-API-KEY": KEY})
-        resp = conn.getresponse()
-        return resp.status, resp.read().decode()
-    finally:
-        conn.close()
+    status, raw = http_call(port, method, path, None if body is None else json.dumps(body),
+                            {"X-API-KEY": KEY})
+    return status, raw.decode()
 
 
 @pytest.mark.timeout(1500)

@@ -11,7 +11,6 @@ check; a positive control shows the check sees a stream listener when there
 is one.
 """
 
-import http.client
 import json
 import os
 import subprocess
@@ -22,6 +21,7 @@ import yaml
 
 from tests.integration.conftest import (HOST, free_port, mqtt_route, node, stop_process,
                                         wait_listening)
+from tests.integration.helpers import http_call
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -51,14 +51,9 @@ def listening_ports(pid):
 
 
 def admin(port, method, path, body=None):
-    conn = http.client.HTTPConnection(HOST, port, timeout=10)
-    try:
-        conn.request(method, path, body=None if body is None else json.dumps(body),
-                     headers={"X-API-KEY": KEY})
-        resp = conn.getresponse()
-        return resp.status, json.loads(resp.read())
-    finally:
-        conn.close()
+    status, raw = http_call(port, method, path, None if body is None else json.dumps(body),
+                            {"X-API-KEY": KEY})
+    return status, json.loads(raw)
 
 
 @pytest.fixture
