@@ -97,8 +97,9 @@ class Certificates:
         self._servers = {}  # ssl id -> (fingerprint, context, the conf it was checked for)
         for conf in ssls:
             key = str(conf.get("id"))
-            if key in old and old[key][0] == self._server_print(conf):
-                self._servers[key] = old[key]  # unchanged: keep the built context
+            fingerprint = self._server_print(conf)
+            if key in old and old[key][0] == fingerprint:  # unchanged: keep the built context,
+                self._servers[key] = (fingerprint, old[key][1], conf)  # checked for this conf
         self._clients = previous._clients if previous is not None and \
             previous.trusted_ca == trusted_ca else {}
 
