@@ -4,7 +4,7 @@
 route table together behind what the Admin API's extensions call, and the
 parent's ``WorkerSet`` offers the same: ``query(spec)`` (filtered, sorted,
 one page, with ``total``), ``select(spec)`` (ids, for evictions),
-``end_many(ids)``, ``stats()``, ``close``/``close_where``/``end``, and
+``end_many(ids)``, ``stats()``, ``close``, and
 ``evictions`` (jobs that end sessions at a rate).
 
 A query ``spec`` is a plain dict (it crosses the workers' control channel):
@@ -184,12 +184,6 @@ class LiveSessions:
     # -- acting ------------------------------------------------------------
     def close(self, session_id):
         return self.registry.close(session_id)
-
-    def close_where(self, route_id=None):
-        return self.registry.close_where(route_id)
-
-    def end(self, session_id, code, grace, server_reference=None):
-        return self.registry.end(session_id, code, grace, server_reference)
 
     def end_many(self, ids, code=USE_ANOTHER_SERVER, grace=None, server_reference=None):
         """End each live session of ``ids`` cleanly; ``{"ended": n, "failed": 0}``."""

@@ -49,12 +49,11 @@ class TlsEndpoint:
     other direction is still relaying.  ``close()`` sends close_notify first.
     """
 
-    __slots__ = ("sock", "ssl", "family", "type", "proto")
+    __slots__ = ("sock", "ssl")
 
     def __init__(self, sock, sslobj):
         self.sock = sock  # held here: the C wrapper keeps only a weak reference
         self.ssl = sslobj
-        self.family, self.type, self.proto = sock.family, sock.type, sock.proto
 
     def recv_into(self, buf, nbytes=0):
         want = nbytes or len(buf)
@@ -97,12 +96,6 @@ class TlsEndpoint:
 
     def fileno(self):
         return self.sock.fileno()
-
-    def setblocking(self, flag):
-        self.sock.setblocking(flag)
-
-    def setsockopt(self, *args):
-        self.sock.setsockopt(*args)
 
     def shutdown(self, how):
         self.sock.shutdown(how)

@@ -68,9 +68,6 @@ class WebSocketEndpoint:
     def fileno(self):
         return self.sock.fileno()
 
-    def setblocking(self, flag):
-        self.sock.setblocking(flag)
-
     def pending(self):
         """MQTT bytes (or the end of them) are ready without waiting for the socket."""
         return (bool(self._in) or self._eof or self._error is not None

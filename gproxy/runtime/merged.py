@@ -1,8 +1,8 @@
 """The parent's merged view of its workers' sessions (``--workers N``).
 
 ``WorkerSet`` offers what the Admin API reads from one process's
-``LiveSessions`` (``query``, ``select``, ``stats``, ``close``, ``close_where``,
-``end_many``, ``evictions``), asking every worker over its control channel
+``LiveSessions`` (``query``, ``select``, ``stats``, ``close``, ``end_many``,
+``evictions``), asking every worker over its control channel
 (all at once) and merging the answers; a worker that does not answer is
 logged and left out of that answer.  A page of sessions spans the workers:
 each returns its first ``offset + limit`` matches in the same order and the
@@ -76,22 +76,11 @@ class WorkerSet:
     def push_table(self, data):
         self._all({"op": "table", "data": data})
 
-    def snapshot(self):
-        out = []
-        for reply in self._all({"op": "sessions"}):
-            out.extend(reply["list"])
-        return sorted(out, key=lambda s: s["connected_at"])
-
     def stats(self):
         return merge_stats(self._all({"op": "stats"}), len(self.channels))
 
     def close(self, session_id):
         return any(r.get("closed") for r in self._all({"op": "close", "sid": session_id}))
-
-    def end(self, session_id, code, grace, server_reference=None):
-        return any(r.get("ended") for r in self._all({
-            "op": "end", "sid": session_id, "code": code, "grace": grace,
-            "server_reference": server_reference}))
 
     def query(self, spec):
         """One page over every worker's sessions (see the module docstring)."""
@@ -139,12 +128,6 @@ class WorkerSet:
             else:
                 ended += reply["ended"]
         return {"ended": ended, "failed": failed}
-
-    def close_where(self, route_id=None):
-        closed = []
-        for reply in self._all({"op": "close_where", "route_id": route_id}):
-            closed.extend(reply["closed"])
-        return closed
 
     def __len__(self):
         return sum(r["live_sessions"] for r in self._all({"op": "stats"}))

@@ -7,7 +7,6 @@ socketpair per worker (``channel``: JSON lines with request ids):
 
     parent -> worker  {"op": "table", "data": {...}}   worker -> {"ok": true}
                       {"op": "sessions"} / {"op": "stats"} / {"op": "close", "sid": ...}
-                      {"op": "close_where", "route_id": ...} / {"op": "end", "sid": ...}
                       {"op": "query", "spec": {...}} / {"op": "select", "spec": {...}}
                       {"op": "end_many", "sids": [...], "code", "grace", "server_reference"}
                       {"op": "health"} / {"op": "reload", "raw": {...}, "path": ...}
@@ -50,9 +49,6 @@ def _handlers(app):
         "sessions": lambda m: {"list": registry().snapshot()},
         "stats": lambda m: registry().stats(),
         "close": lambda m: {"closed": registry().close(m["sid"])},
-        "close_where": lambda m: {"closed": registry().close_where(m.get("route_id"))},
-        "end": lambda m: {"ended": registry().end(m["sid"], m["code"], m["grace"],
-                                                  m.get("server_reference"))},
         "health": lambda m: {"list": app.health.report()},
         "reload": lambda m: (_reload(app, m), {"ok": True})[1],
     }
