@@ -7,15 +7,14 @@ pattern and the name, never backtracking, so ``(a+)+$`` costs what ``a+$``
 costs.  The pattern is compiled once per request, with its size bounded
 (``MAX_PATTERN`` characters, ``MAX_MEM`` bytes of RE2 program and DFA cache:
 at most about a millisecond per name), and matching yields to the hub
-every ``YIELD_AFTER`` seconds.  A pattern RE2 cannot compile (bad syntax,
+(``gproxy.hub.pause``) every ``YIELD_AFTER`` seconds.  A pattern RE2 cannot compile (bad syntax,
 or a PCRE-only feature such as backreferences and look-around) raises
 FilterError, which the Admin API answers with 400 and changes nothing.
 """
 
-import time
-
-import gevent
 import re2
+
+from gproxy import hub
 
 MAX_PATTERN = 1024
 #: RE2's memory budget for one pattern (its default is 8 MiB).  It bounds the
@@ -76,11 +75,8 @@ class ListFilter:
     def apply(self, records):
         """The records whose value passes, yielding to the hub as it goes."""
         kept = []
-        started = time.monotonic()
         for record in records:
             if self.keep(record.value):
                 kept.append(record)
-            if time.monotonic() - started > YIELD_AFTER:
-                gevent.sleep(0)  # let the relays run between names
-                started = time.monotonic()
+            hub.pause(YIELD_AFTER)  # let the relays run between names
         return kept

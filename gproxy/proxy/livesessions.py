@@ -18,10 +18,7 @@ for more than about a millisecond whatever the number of sessions.
 
 import ipaddress
 import operator
-import time
-
-import gevent
-
+from gproxy import hub
 from gproxy.model.placement import Placement
 from gproxy.model.routes import RouteTable
 from gproxy.protocols.mqttstream import USE_ANOTHER_SERVER
@@ -30,7 +27,6 @@ from gproxy.proxy.registry import STATES
 
 SORTS = ("connected_at", "bytes_in", "bytes_out", "client_id")
 CHUNK = 128          # sessions looked at between two chances to yield
-YIELD_EVERY = 0.001  # seconds of admin work before the data path gets the hub back
 
 
 def sort_order(text):
@@ -112,28 +108,10 @@ def where_for(spec, placement=None):
     return lambda info: all(check(info) for check in checks)
 
 
-_last_yield = [0.0]
-
-
-def gevent_pause(budget=YIELD_EVERY):
-    """Let the data path run if admin work has held the hub for ``budget`` seconds.
-
-    ``gevent.sleep(0)`` would not do: it only queues a callback, and the hub
-    runs queued callbacks back to back (checking the clock every 50), so a
-    walk over 10,000 sessions that "yields" 40 times that way still holds the
-    hub for its whole length.  A short timer makes the loop poll sockets and
-    run timers before the walk goes on.
-    """
-    now = time.perf_counter()
-    if now - _last_yield[0] >= budget:
-        gevent.sleep(0.0001)
-        _last_yield[0] = time.perf_counter()
-
-
 class LiveSessions:
     """The sessions of this process, for the Admin API (or a worker's control channel)."""
 
-    def __init__(self, registry, table=None, pause=gevent_pause, grace=5.0,
+    def __init__(self, registry, table=None, pause=hub.pause, grace=5.0,
                  server_reference=None):
         self.registry = registry
         self._table = table or RouteTable

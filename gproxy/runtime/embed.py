@@ -19,10 +19,10 @@ import copy
 import ipaddress
 import json
 import os
-import socket
 import threading
 
 from gproxy import config as config_mod
+from gproxy.hub import monkey_patched
 from gproxy.runtime.hubthread import HubThread
 
 ADMIN = "/apisix/admin"
@@ -37,11 +37,6 @@ class AdminError(Exception):
         message = body.get("error_msg") or body.get("message") if isinstance(body, dict) else body
         self.error_msg = message
         super().__init__("%d: %s" % (status, message))
-
-
-def _patched():
-    """True in a monkey-patched program (checked without importing gevent.monkey)."""
-    return socket.socket.__module__.startswith("gevent")
 
 
 def load_config(config):
@@ -61,7 +56,7 @@ def start(config=None, workers=1):
         raise ValueError("workers=%r: embedded gproxy runs in one process (forked workers "
                          "would copy the host program); run the gproxy command with "
                          "--workers for that" % (workers,))
-    if _patched():
+    if monkey_patched():
         raise RuntimeError("gproxy.start() is for programs that are not monkey-patched; in a "
                            "gevent program run gproxy.runtime.app.Gproxy on your own hub")
     proxy = EmbeddedProxy(load_config(config))

@@ -29,7 +29,7 @@ import sys
 import gevent
 import gevent.socket
 
-from gproxy.proxy.livesessions import gevent_pause as sessions_pause
+from gproxy.hub import pause as sessions_pause
 from gproxy.runtime.channel import (ACK_TIMEOUT, Channel, LineReader, decode, encode,
                                     encode_large)
 from gproxy.runtime.merged import WorkerSet

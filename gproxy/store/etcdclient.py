@@ -26,6 +26,7 @@ import requests
 from etcd3gw import exceptions as etcd_exc
 
 from gproxy.errors import StoreUnavailable
+from gproxy.hub import monkey_patched
 from gproxy.store.threads import in_threadpool
 
 log = logging.getLogger("gproxy.store")
@@ -37,13 +38,9 @@ class Compacted(Exception):
     """The watch's start revision was compacted away: reload everything."""
 
 
-def _patched():
-    return socket.socket.__module__.startswith("gevent")
-
-
 def blocking(func, *args):
     """Run a blocking etcd call without holding the hub; its exception comes back here."""
-    if _patched():
+    if monkey_patched():
         return func(*args)
     return in_threadpool(func, *args)
 

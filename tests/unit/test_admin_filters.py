@@ -8,6 +8,7 @@ tests (test_admin_api.py) cover the HTTP side; these tests the matcher.
 
 import time
 
+import gevent
 import pytest
 from werkzeug.datastructures import MultiDict
 
@@ -70,7 +71,7 @@ def test_label_and_id_filters():
 def test_a_long_listing_yields_to_the_hub(monkeypatch):
     yields = []
     monkeypatch.setattr(filters, "YIELD_AFTER", 0.0)
-    monkeypatch.setattr(filters.gevent, "sleep", lambda s=0: yields.append(s))
+    monkeypatch.setattr(gevent, "sleep", lambda s=0: yields.append(s))
     records = [record({"name": "r%d" % i}, str(i)) for i in range(50)]
     kept = ListFilter(MultiDict({"name": "^r[0-9]$"})).apply(records)
     assert [r.id for r in kept] == [str(i) for i in range(10)]
