@@ -13,9 +13,9 @@ APISIX's ``page`` and ``page_size`` with the same bounds and plain-text 400
 
 import time
 
-from flask import Blueprint, Response, request
+from flask import Blueprint, request
 
-from gproxy.admin.resources import ApiError, json_response
+from gproxy.admin.resources import ApiError, json_response, page_size_refused
 
 DEFAULT_PAGE_SIZE = 100
 FILTERS = ("route_id", "node", "client_id", "client_addr", "state")
@@ -65,8 +65,9 @@ def extensions_blueprint(prefix, sessions):
     @bp.get("/sessions")
     def list_sessions():
         page, size = max(_int("page", 1), 1), _int("page_size", DEFAULT_PAGE_SIZE)
-        if not 10 <= size <= 500:  # APISIX's bounds and plain-text answer
-            return Response("page_size must be between 10 and 500", 400, mimetype="text/plain")
+        refused = page_size_refused(size)
+        if refused is not None:
+            return refused
         spec = dict(_spec(), sort=request.args.get("sort") or "connected_at",
                     offset=(page - 1) * size, limit=size)
         found = run(sessions.query, spec)

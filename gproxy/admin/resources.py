@@ -38,6 +38,13 @@ def json_response(body, status=200):
                     mimetype="application/json")
 
 
+def page_size_refused(size):
+    """APISIX's bounds on ``page_size`` and its plain-text 400; None when ``size`` is fine."""
+    if 10 <= size <= 500:
+        return None
+    return Response("page_size must be between 10 and 500", 400, mimetype="text/plain")
+
+
 def _cjson_message(exc):
     """A JSONDecodeError worded like lua-cjson, which APISIX users see."""
     pos = exc.pos + 1
@@ -132,9 +139,9 @@ class Resource:
         except (KeyError, ValueError):
             page = size = None
         if page is not None:
-            if not 10 <= size <= 500:
-                return Response("page_size must be between 10 and 500", 400,
-                                mimetype="text/plain")
+            refused = page_size_refused(size)
+            if refused is not None:
+                return refused
             records.sort(key=lambda r: r.created_index)
             total = len(records)
             start = (max(page, 1) - 1) * size
