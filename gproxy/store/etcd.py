@@ -91,7 +91,7 @@ class EtcdStore(Store):
         try:
             check_item(kind, value)
         except SchemaError as exc:
-            shown = without_secrets(value) if kind == "ssls" else value  # no private keys
+            shown = without_secrets(value)  # no private keys, whatever the kind (as the file codec)
             log.error("failed to check item data of [%s/%s] err:%s ,val: %s",
                       self.prefix, kind, exc, json.dumps(shown)[:500])
             return None
