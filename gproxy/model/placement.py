@@ -12,13 +12,16 @@ land on when it reconnects, None when the balancer decides at random
 or that have no node yet are never misplaced: there is nothing to compare.
 """
 
-#: nginx-style variables a chash ``key`` may name, from a session record.
+#: nginx-style variables a chash ``key`` may name, from a session record (the same
+#: names as ``proxy.dial.session_vars`` offers a dial, as text).
 RECORD_VARS = {
     "remote_addr": lambda i: i.client_addr,
     "remote_port": lambda i: str(i.client_port),
     "server_addr": lambda i: i.server_addr,
     "server_port": lambda i: str(i.server_port),
     "mqtt_client_id": lambda i: i.client_id or None,
+    "mqtt_username": lambda i: i.username or None,
+    "tls_client_cn": lambda i: i.tls_client_cn or None,
 }
 
 

@@ -176,6 +176,20 @@ def test_key_kept_for_a_one_node_upstream_and_derived_for_roundrobin_sessions():
         assert place.check(info) == (ring.pick(cid) != A, ring.pick(cid))
 
 
+def test_key_derived_from_the_username_and_client_cn_variables():
+    nodes = [("127.0.0.1", 1883, 1), ("127.0.0.1", 1884, 1), ("127.0.0.1", 1885, 1)]
+    ring, reg = ApisixRing(nodes), Registry()
+    for var, field in (("mqtt_username", "username"), ("tls_client_cn", "tls_client_cn")):
+        table = RouteTable([{"id": "1", "upstream": {
+            "type": "chash", "key": var,
+            "nodes": [{"host": h, "port": p, "weight": w} for h, p, w in nodes]}}], [])
+        for n in range(20):  # dialled when the upstream was roundrobin: no key kept
+            info = add(reg, client_id="c-%d" % n, node=A)
+            setattr(info, field, "%s-%d" % (field, n))
+            expected = ring.pick("%s-%d" % (field, n))
+            assert Placement(table).check(info) == (expected != A, expected)
+
+
 def test_roundrobin_drain_route_gone_and_sessions_without_a_node():
     reg = Registry()
     on_a, on_b = add(reg, node=A), add(reg, node=B)
