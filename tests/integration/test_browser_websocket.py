@@ -12,30 +12,18 @@ origin in and keeps another one out.
 import functools
 import http.server
 import json
-import os
 import pathlib
 import threading
 import urllib.request
 
 import pytest
 
+from tests.integration.browser import browser, require_browser  # noqa: F401 (a fixture)
 from tests.integration.conftest import HOST, MOSQUITTO, mqtt_route, node, wait_until
 from tests.integration.helpers import ApisixRing, Paho
 from tests.needs import require
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync"]
-
-try:
-    from playwright import sync_api
-except ImportError:  # pragma: no cover - the test extra installs it
-    sync_api = None
-require(sync_api is not None, "the MQTT.js browser tests need Playwright for Python "
-        "(pip install playwright); they never download a browser", module_level=True)
-require(os.access(CHROMIUM, os.X_OK), "the MQTT.js browser tests need Debian's chromium at %s "
-        "(apt-get install chromium)" % CHROMIUM, module_level=True)
+sync_api = require_browser("the MQTT.js browser tests")
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser, pytest.mark.timeout(90)]
 
@@ -76,16 +64,6 @@ def setup(module_mosquitto, module_gproxy, web):
 
     gp = module_gproxy(routes, listeners=2)
     return gp, a, b
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 @pytest.fixture

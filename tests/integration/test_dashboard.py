@@ -22,22 +22,11 @@ import pytest
 
 from tests import packets
 from tests.needs import require
+from tests.integration.browser import browser, require_browser  # noqa: F401 (a fixture)
 from tests.integration.conftest import HOST, MOSQUITTO, wait_listening
 from tests.integration.helpers import ApisixRing, Paho, dial, expect_closed
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync"]
-
-try:
-    from playwright import sync_api
-except ImportError:  # pragma: no cover - the test extra installs it
-    sync_api = None
-require(sync_api is not None, "the dashboard tests need Playwright for Python (pip install "
-        "playwright); they never download a browser", module_level=True)
-require(os.access(CHROMIUM, os.X_OK), "the dashboard tests need Debian's chromium at %s "
-        "(apt-get install chromium)" % CHROMIUM, module_level=True)
+sync_api = require_browser("the dashboard tests")
 pytest.importorskip("paho.mqtt.client")
 expect = sync_api.expect
 
@@ -66,16 +55,6 @@ def gp(brokers, module_gproxy):
     wait_listening(proxy.admin_port, proxy.proc, timeout=10, what="gproxy admin")
     proxy.base = "http://%s:%d" % (HOST, proxy.admin_port)
     return proxy
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,42 @@
+"""Headless Chromium for the browser tests: Debian's chromium driven by Playwright.
+
+``require_browser(what)`` skips (or in CI fails) the calling module when
+Playwright or Debian's chromium is missing, naming the tests in ``what``; the
+``browser`` fixture launches one Chromium per module.  Playwright never
+downloads a browser here: ``executable_path`` points at Debian's.
+"""
+
+import os
+
+import pytest
+
+from tests.needs import require
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
+
+try:
+    from playwright import sync_api
+except ImportError:  # pragma: no cover - the test extra installs it
+    sync_api = None
+
+
+def require_browser(what):
+    """Playwright's sync API, or skip/fail the calling module (``what``: "the dashboard tests")."""
+    require(sync_api is not None, "%s need Playwright for Python (pip install playwright); "
+            "they never download a browser" % what, module_level=True)
+    require(os.access(CHROMIUM, os.X_OK), "%s need Debian's chromium at %s "
+            "(apt-get install chromium)" % (what, CHROMIUM), module_level=True)
+    return sync_api
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
