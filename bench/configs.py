@@ -117,12 +117,9 @@ gproxy:
 """ % {"host": host, "port": port, "admin": admin_port, "order": order_port}
 
 
-def gproxy_routes(host, port, broker_port, order_port, sink_port):
-    """The store file: per listener one mqtt-proxy stream route, chash on the MQTT client id.
-
-    ``port`` leads to the broker, ``order_port`` to the order probe's sink.
-    """
-    route = """  - id: %d
+def gproxy_route(route_id, server_port, host, node_port):
+    """One store-file stream route: mqtt-proxy on ``server_port``, chash on the client id."""
+    return """  - id: %d
     server_port: %d
     plugins:
       mqtt-proxy:
@@ -135,6 +132,13 @@ def gproxy_routes(host, port, broker_port, order_port, sink_port):
         - host: %s
           port: %d
           weight: 1
-"""
-    return "stream_routes:\n" + route % (1, port, host, broker_port) + \
-        route % (2, order_port, host, sink_port) + "#END\n"
+""" % (route_id, server_port, host, node_port)
+
+
+def gproxy_routes(host, port, broker_port, order_port, sink_port):
+    """The store file: per listener one mqtt-proxy stream route, chash on the MQTT client id.
+
+    ``port`` leads to the broker, ``order_port`` to the order probe's sink.
+    """
+    return "stream_routes:\n" + gproxy_route(1, port, host, broker_port) + \
+        gproxy_route(2, order_port, host, sink_port) + "#END\n"

@@ -18,6 +18,8 @@ functions below.  Targets without one (``direct``) are skipped.
 import os
 import ssl
 
+from bench import configs
+
 SNI = "mqtt.bench.example"
 
 
@@ -93,20 +95,7 @@ def gproxy_routes(store, pki, port, broker_port):
     """The certificate as an ``ssls`` object, and a route for the TLS listener."""
     if not pki:
         return store
-    route = """  - id: 3
-    server_port: %d
-    plugins:
-      mqtt-proxy:
-        protocol_name: MQTT
-        protocol_level: 4
-    upstream:
-      type: chash
-      key: mqtt_client_id
-      nodes:
-        - host: 127.0.0.1
-          port: %d
-          weight: 1
-""" % (port, broker_port)
+    route = configs.gproxy_route(3, port, "127.0.0.1", broker_port)
     ssls = "ssls:\n  - id: 1\n    snis: [%s]\n    cert: |\n%s    key: |\n%s" % (
         pki.sni, _indent(pki.cert_pem), _indent(pki.key_pem))
     return ssls + store.replace("#END\n", route + "#END\n")
