@@ -14,7 +14,10 @@ that never reads.  Some clients with Wills stay connected the whole run and
 are still connected when gproxy gets SIGTERM at the end.
 
 Reported: sessions served and failed; QoS 1 messages lost (PUBACKed by a
-broker, never delivered to the subscriber sitting directly on that broker);
+broker, never delivered to the subscriber sitting directly on that broker),
+apart from the ones the brokers' own logs show a broker lost by itself (see
+``broker_losses``: mosquitto runs without persistence, so a kill -9 loses what
+it had acknowledged and not yet handed on);
 Wills published (every client here ends with a DISCONNECT or gproxy's clean
 shutdown, so any Will is a false "device offline"); dials to a node after
 the health checker had marked it down; gproxy's fds and RSS at start and
@@ -26,6 +29,7 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
 import socket
 import sys
@@ -133,7 +137,7 @@ def one_session(port, cid, payload, counts):
         if not info.is_published():
             return False
         with counts.lock:
-            counts.acked[payload] = topic
+            counts.acked[payload] = (topic, time.time())
         client.disconnect()
         return True
     except (OSError, RuntimeError, ValueError):
@@ -156,6 +160,56 @@ def held_clients(port, count):
         client.loop_start()
         out.append(client)
     return out
+
+
+_LINE = re.compile(r"^(\d+): (.*)$")
+_RECEIVED = re.compile(r"Received PUBLISH from (\S+) \(d\d, q1, r\d, m\d+, '(soak/data/[^']*)'")
+_SENT = re.compile(r"Sending PUBLISH to (\S+) \(d\d, q1, r\d, m(\d+), '(soak/data/[^']*)'")
+_PUBACK = re.compile(r"Received PUBACK from (\S+) \(Mid: (\d+)")
+
+
+def broker_losses(log_text, watcher):
+    """Data messages a broker took but never handed to ``watcher``, read from its log.
+
+    Two kinds, both the broker's own doing (it runs without persistence): a
+    message received while ``watcher`` had no confirmed subscription (after a
+    restart, before the watcher is back), and a message the watcher had not
+    acknowledged when the broker was killed (a "starting" line follows).
+    Returns ``(topic, unix second)`` pairs; a QoS 1 message the soak counts as
+    lost is the broker's loss only if one of these matches it.
+    """
+    out, pending, mids, subscribed = [], {}, {}, False
+    for line in log_text.splitlines():
+        m = _LINE.match(line)
+        if not m:
+            continue
+        stamp, text = int(m.group(1)), m.group(2)
+        if text.startswith("mosquitto version") and text.endswith(" starting"):
+            out += [(topic, t) for topic, stamps in pending.items() for t in stamps]
+            pending, mids, subscribed = {}, {}, False
+        elif text == "Sending SUBACK to " + watcher:
+            subscribed = True
+        elif received := _RECEIVED.match(text):
+            if subscribed:
+                pending.setdefault(received.group(2), []).append(stamp)
+            else:
+                out.append((received.group(2), stamp))
+        elif (sent := _SENT.match(text)) and sent.group(1) == watcher:
+            mids[sent.group(2)] = sent.group(3)
+        elif (puback := _PUBACK.match(text)) and puback.group(1) == watcher:
+            stamps = pending.get(mids.pop(puback.group(2), None))
+            if stamps:
+                stamps.pop(0)
+    return out
+
+
+def split_losses(lost, broker_side):
+    """``lost`` (payload -> (topic, acked at)) split into (gproxy's, the brokers')."""
+    ours, theirs = [], []
+    for payload, (topic, acked) in sorted(lost.items()):
+        brokers = any(t == topic and abs(stamp - acked) <= 2 for t, stamp in broker_side)
+        (theirs if brokers else ours).append((payload.decode(), topic, round(acked, 3)))
+    return ours, theirs
 
 
 def malformed(port):
@@ -311,10 +365,14 @@ def run(duration=20.0, workers=6, held=6, samples=2, workdir=None):
         time.sleep(1.5)  # any Will would be published by now
         slow_sub.close()
         with counts.lock:
-            lost = [p for p in counts.acked if p not in counts.received]
+            lost, broker_lost = split_losses(
+                {p: v for p, v in counts.acked.items() if p not in counts.received},
+                broker_losses(a.log.text(), "soak-watch-a")
+                + broker_losses(b.log.text(), "soak-watch-b"))
             report.update(
                 sessions_served=counts.served, sessions_failed=counts.failed,
-                qos1_acked=len(counts.acked), qos1_lost=len(lost),
+                qos1_acked=len(counts.acked), qos1_lost=len(lost), lost=lost[:10],
+                qos1_lost_by_brokers=len(broker_lost), lost_by_brokers=broker_lost[:10],
                 wills_published=len(counts.wills), wills=sorted(set(counts.wills))[:10],
                 dial_failures_after_marked_down=after_down,
                 health_marks=health.marks, rejected=stats.get("rejected"),
