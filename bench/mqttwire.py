@@ -60,8 +60,8 @@ class ConnectTemplate:
 
     WIDTH = 10
 
-    def __init__(self, prefix):
-        sample = connect(prefix + b"0" * self.WIDTH)
+    def __init__(self, prefix, keepalive=0):
+        sample = connect(prefix + b"0" * self.WIDTH, keepalive)
         cut = len(sample) - self.WIDTH
         self.head, self.prefix = sample[:cut], prefix
 

@@ -163,10 +163,14 @@ def stop(proc):
 
 # -- clients -----------------------------------------------------------------------------
 
-def open_idle(port, count, batch=250):
-    """``count`` idle MQTT sessions through gproxy (no keepalive), CONNACK checked."""
+def open_idle(port, count, batch=250, keepalive=0, prefix=b"idle-"):
+    """``count`` idle MQTT sessions through gproxy, CONNACK checked.
+
+    With no keep alive (0) gproxy's idle timeout is its default (600 s); with
+    one, 1.5 times it: sessions that then stay silent are closed by gproxy.
+    """
     socks = []
-    template = mqttwire.ConnectTemplate(b"idle-")
+    template = mqttwire.ConnectTemplate(prefix, keepalive)
     while len(socks) < count:
         group = []
         for _ in range(min(batch, count - len(socks))):
