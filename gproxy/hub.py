@@ -1,8 +1,8 @@
 """Helpers for code that shares the hub with the data path.
 
 Outside the package layers, like ``errors``: the Admin API, the sessions
-view, the workers' control channel, the etcd client and embedding all use
-them.
+view, the workers' control channel, the etcd client, embedding and the
+relay's idle sweeper all use them.
 """
 
 import socket

@@ -273,3 +273,80 @@ def test_end_after_the_stream_stopped_looking_like_mqtt_aborts(m):
     assert m.relay.up.track.lost
     assert m.relay.end(BYE_BROKER, None, 5.0) is False
     assert m.relay.reason == "shutdown"
+
+
+# -- the idle sweeper ---------------------------------------------------------------------
+
+def started(hub, n=1, idle=10.0, mqtt=False):
+    """``n`` relays started through ``hub`` (its sweeper greenlet never runs here)."""
+    done = []
+    relays = [hub.start(Endpoint(100 + 2 * i), Endpoint(101 + 2 * i),
+                        SessionInfo("1-%d" % i, "127.0.0.1", 40000, "127.0.0.1", 9100),
+                        done.append, idle, mqtt) for i in range(n)]
+    return relays, done
+
+
+@pytest.fixture
+def hub():
+    hub = RelayHub(loop=FakeLoop())
+    yield hub
+    hub.close_all()
+
+
+def test_the_sweeper_ends_a_silent_relay_and_spares_one_that_moved_bytes(hub):
+    (silent, busy), done = started(hub, 2, idle=10.0)
+    t0 = max(silent.last, busy.last)
+    busy.last = t0 + 8  # bytes moved 8 s in
+    hub.sweep(t0 + 10.5)
+    assert done == [silent] and silent.reason == "idle"
+    hub.sweep(t0 + 17.5)
+    assert done == [silent]  # still 0.5 s to go
+    hub.sweep(t0 + 18.5)
+    assert done == [silent, busy] and busy.reason == "idle"
+    assert not any(hub.slots.values())  # nothing held for relays that ended
+
+
+def test_a_round_looks_only_at_the_relays_that_may_be_due(hub, monkeypatch):
+    relays, done = started(hub, 1000, idle=100.0)
+    looked = []
+    due = Relay.due
+    monkeypatch.setattr(Relay, "due", lambda r: looked.append(r) or due(r))
+    t0 = max(r.last for r in relays)
+    for second in range(1, 99):  # 98 rounds: no relay can be due, none is looked at
+        hub.sweep(t0 + second)
+    assert looked == [] and done == []
+    for r in relays[:10]:
+        r.last = t0 + 50  # these moved bytes: looked at once more, then put back
+    hub.sweep(t0 + 101)
+    assert len(looked) == 1000 and len(done) == 990
+    hub.sweep(t0 + 140)
+    assert len(looked) == 1000  # the ten wait in the slot of t0 + 150
+    hub.sweep(t0 + 151)
+    assert len(looked) == 1010 and len(done) == 1000
+
+
+def test_a_clean_end_that_runs_out_of_grace_is_aborted_before_its_idle_time():
+    hub = RelayHub(loop=FakeLoop(), sweep_interval=0.05)
+    (relay,), done = started(hub, idle=600.0, mqtt=True)
+    relay.client.feed(packets.publish("t", b"p" * 100)[:40])  # a packet that never ends
+    reader = relay.up.reader
+    reader.callback(*reader.args)
+    hub.queue._run()
+    assert relay.info.bytes_in == 40
+    relay.end(BYE_BROKER, None, 0.2)
+    now = relay.deadline - 0.2
+    hub.sweep(now + 0.1)
+    assert done == []
+    hub.sweep(now + 0.31)
+    assert done == [relay] and relay.reason == "end timed out"
+    hub.close_all()
+
+
+def test_close_all_ends_every_live_relay_wherever_it_waits(hub):
+    relays, done = started(hub, 3, idle=10.0)
+    relays[0].last += 30  # moved bytes: the next round puts it in a later slot
+    hub.sweep(max(r.last for r in relays[1:]) + 10.5)
+    assert set(done) == set(relays[1:])  # in a round, in no particular order
+    hub.close_all("shutdown")
+    assert len(done) == 3 and done[2] is relays[0] and relays[0].reason == "shutdown"
+    assert hub.relays == set()
