@@ -16,8 +16,9 @@ greenlet in gproxy that sleeps 1 ms in a loop and logs each overshoot above
    times it) in one burst, and watches the hub until gproxy has closed them
    all: they all come due within a second or two.
 
-Prints, for each phase, the probe's overshoots and the longest time gproxy
-held the hub on a CPU.  The figures count only while nothing else runs on
+Prints, for each phase, the probe's overshoots, the longest time gproxy
+held the hub on a CPU, and Python's generation 1 and 2 garbage collections
+in gproxy (a hold as long as one of those is the collector's).  The figures count only while nothing else runs on
 the machine: the probe cannot tell a busy machine from a busy hub (that is
 what the on-CPU column is for).
 """
@@ -31,7 +32,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from scale_setup import open_idle, probe_holds, start_broker, start_gproxy, stop  # noqa: E402
+from scale_setup import (gc_passes, open_idle, probe_holds, start_broker,  # noqa: E402
+                         start_gproxy, stop)
 
 
 def closed_by_peer(socks):
@@ -47,11 +49,16 @@ def closed_by_peer(socks):
     return n
 
 
-def phase(name, holds, closed=None):
-    cpu = [c for _, c in holds]
-    line = "%-34s overshoots > 0.5 ms: %4d, on a CPU >= 1 ms: %4d, longest on a CPU %.2f ms" % (
-        name, len(holds), sum(c >= 1 for c in cpu), max(cpu, default=0.0))
-    return line + ("" if closed is None else ", sessions closed by gproxy %d" % closed)
+def phase(name, probe, since, closed=None):
+    until = time.time()
+    cpu = [c for _, c in probe_holds(probe, since, until)]
+    passes = gc_passes(probe, since, until)
+    line = ("%-30s overshoots > 0.5 ms: %4d, on a CPU >= 1 ms: %4d, longest on a CPU %.2f ms;"
+            " GC passes of generation 1 / 2: %d / %d (longest %.1f ms)" % (
+                name, len(cpu), sum(c >= 1 for c in cpu), max(cpu, default=0.0),
+                sum(gen == 1 for gen, _ in passes), sum(gen == 2 for gen, _ in passes),
+                max((ms for _, ms in passes), default=0.0)))
+    return line + ("" if closed is None else "; sessions closed by gproxy %d" % closed)
 
 
 def main(argv=None):
@@ -59,6 +66,7 @@ def main(argv=None):
     parser.add_argument("--sessions", type=int, default=9000)
     parser.add_argument("--seconds", type=float, default=30.0, help="of the quiet phase")
     parser.add_argument("--keepalive", type=int, default=4, help="of the idling-out sessions")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir and its logs")
     args = parser.parse_args(argv)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -73,29 +81,32 @@ def main(argv=None):
         time.sleep(3)  # the opening burst is over
         since = time.time()
         time.sleep(args.seconds)
-        print(phase("%d quiet sessions, %.0f s:" % (len(quiet), args.seconds),
-                    probe_holds(probe, since, time.time())), flush=True)
+        print(phase("%d quiet sessions, %.0f s:" % (len(quiet), args.seconds), probe, since),
+              flush=True)
         for sock in quiet:  # gproxy holds two fds a session: one phase at a time
             sock.close()
         quiet = []
         time.sleep(3)
         dying = open_idle(stream, args.sessions, keepalive=args.keepalive, prefix=b"dying-")
-        since = time.time()  # the opening burst is not the sweeper's
+        time.sleep(1)  # the opening burst is not the sweeper's (and it idles out ~6 s on)
+        since = time.time()
         deadline = time.monotonic() + 1.5 * args.keepalive + 30
         closed = 0
         while time.monotonic() < deadline and closed < len(dying):
             time.sleep(1)
             closed = closed_by_peer(dying)
         time.sleep(1)
-        print(phase("%d idling out together:" % len(dying),
-                    probe_holds(probe, since, time.time()), closed), flush=True)
+        print(phase("%d idling out together:" % len(dying), probe, since, closed), flush=True)
         return 0 if closed == len(dying) else 1
     finally:
         for sock in quiet + dying:
             sock.close()
         for proc in procs:
             stop(proc)
-        shutil.rmtree(workdir, ignore_errors=True)
+        if args.keep:
+            print("kept %s (probe.log: wall time, ms late, ms of it on a CPU)" % workdir)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

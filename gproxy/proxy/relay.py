@@ -38,6 +38,7 @@ import errno
 import logging
 import os
 import socket
+import sys
 import time
 
 import gevent
@@ -297,7 +298,13 @@ class Relay:
             return  # not started, or finished already
         waiting = self.hub.slots.get(self.slot)
         if waiting is not None:
-            waiting.discard(self)  # an emptied slot stays until swept: there are few
+            waiting.discard(self)
+            # A set never shrinks by itself, and a slot may wait ``idle`` seconds
+            # (600 by default) to be swept: under churn every slot would keep the
+            # table of its busiest second.  At 0, 64, 128... relays left, a slot
+            # much bigger than that is rebuilt.
+            if not len(waiting) & 63 and sys.getsizeof(waiting) > 4096 + 64 * len(waiting):
+                self.hub.slots[self.slot] = set(waiting)
         self.slot = None
         if self.reason is None:
             self.reason = "eof"  # queued callbacks of this relay now do nothing
@@ -347,8 +354,8 @@ class RelayHub:
         (nginx proxy_timeout).  ``mqtt``: follow packet boundaries, so
         ``Relay.end`` can end it cleanly.
         """
-        if self._sweeper is None:  # slots before now hold nothing (close_all emptied them)
-            self.next_slot = self._slot_of(time.monotonic())
+        if self._sweeper is None:  # only forward: a killed sweeper may not have died yet
+            self.next_slot = max(self.next_slot, self._slot_of(time.monotonic()))
             self._sweeper = gevent.spawn(self._sweep)
         relay = Relay(self, client, upstream, info, on_done, idle_timeout, mqtt, replayed)
         relay.start()
@@ -406,7 +413,6 @@ class RelayHub:
     def close_all(self, reason="shutdown"):
         for relay in list(self.relays):
             relay.abort(reason)
-        self.slots.clear()
         if self._sweeper is not None:
             self._sweeper.kill(block=False)
             self._sweeper = None

@@ -278,11 +278,12 @@ def test_end_after_the_stream_stopped_looking_like_mqtt_aborts(m):
 # -- the idle sweeper ---------------------------------------------------------------------
 
 def started(hub, n=1, idle=10.0, mqtt=False):
-    """``n`` relays started through ``hub`` (its sweeper greenlet never runs here)."""
+    """``n`` relays started through ``hub``; the test runs ``hub.sweep`` itself."""
     done = []
     relays = [hub.start(Endpoint(100 + 2 * i), Endpoint(101 + 2 * i),
                         SessionInfo("1-%d" % i, "127.0.0.1", 40000, "127.0.0.1", 9100),
                         done.append, idle, mqtt) for i in range(n)]
+    hub._sweeper.kill()  # the real one would sweep at the real time
     return relays, done
 
 
@@ -350,3 +351,18 @@ def test_close_all_ends_every_live_relay_wherever_it_waits(hub):
     hub.close_all("shutdown")
     assert len(done) == 3 and done[2] is relays[0] and relays[0].reason == "shutdown"
     assert hub.relays == set()
+
+
+def test_slots_let_go_of_the_tables_of_relays_that_ended(hub):
+    import sys
+    relays, done = started(hub, 5000, idle=100.0)
+    slots = {r.slot for r in relays}
+    peak = sum(sys.getsizeof(hub.slots[s]) for s in slots)
+    for r in relays[:-3]:  # under churn most sessions end long before their idle time
+        r.abort("eof")
+    left = sum(sys.getsizeof(hub.slots[s]) for s in slots if s in hub.slots)
+    assert peak > 500_000 and left < 5_000, (peak, left)  # what 64 relays need, at most
+    assert hub.relays == set(relays[-3:])
+    for r in relays[-3:]:
+        r.abort("eof")
+    assert sum(sys.getsizeof(hub.slots[s]) for s in slots) < 2_000  # empty, small, till swept
