@@ -90,6 +90,24 @@ def _outcome(result):
     return result
 
 
+#: The longest a checker sleeps: nodes added by a route edit (``follow``) get
+#: their first probe within this, whatever the others' intervals.
+LOOK_EVERY = 1.0
+
+
+def next_round_in(dues, now):
+    """Seconds until the next probe round, given each node's next probe time.
+
+    A node already due means a round now; one probed no more (``inf``) never
+    counts.  (Sleeping until the next due time *in the future* skipped the
+    nodes that came due while the round ran: with one node down at
+    ``unhealthy.interval`` 3600, a node that went down later was not probed
+    for an hour.)
+    """
+    finite = [due - now for due in dues if due != float("inf")]
+    return min(max(min(finite), 0.0), LOOK_EVERY) if finite else LOOK_EVERY
+
+
 class Checker:
     """Active probing of one upstream's nodes, on a greenlet of its own."""
 
@@ -137,8 +155,7 @@ class Checker:
             self._sleep(nodes)
 
     def _sleep(self, nodes):
-        waits = [self.due.get(n.addr, 0) - time.monotonic() for n in nodes]
-        gevent.sleep(min([w for w in waits if w > 0] or [1.0]) if waits else 1.0)
+        gevent.sleep(next_round_in([self.due.get(n.addr, 0) for n in nodes], time.monotonic()))
 
     def _probe(self, node):
         active = self.checks.active

@@ -257,3 +257,14 @@ def test_connack_code(data, code):
 def test_connack_code_refuses_other_packets():
     with pytest.raises(MalformedPacket):
         mqttstream.connack_code(b"\x30\x02\x00\x00")
+
+
+def test_a_node_that_came_due_during_a_round_is_probed_next_round():
+    from gproxy.proxy.health import LOOK_EVERY, next_round_in
+    inf = float("inf")
+    # b came due while a's probe ran; a is down and looked at hourly: probe b now
+    assert next_round_in([100.0 + 3600, 99.5], now=100.0) == 0.0
+    assert next_round_in([100.0 + 3600, 100.25], now=100.0) == 0.25
+    assert next_round_in([100.0 + 3600], now=100.0) == LOOK_EVERY  # new nodes: within 1 s
+    assert next_round_in([inf, inf], now=100.0) == LOOK_EVERY
+    assert next_round_in([], now=100.0) == LOOK_EVERY
