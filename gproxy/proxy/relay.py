@@ -18,7 +18,8 @@ Three things make this more than a byte pump:
   first-out, the reverse of the order epoll reported the sockets ready, so
   bytes two clients sent 50 µs apart could reach the broker swapped.  Watcher
   callbacks therefore only record themselves; ``EventQueue`` replays them,
-  after every I/O callback of the iteration, in the kernel's order.
+  after every I/O callback of the iteration, in the kernel's order, at most
+  ``events.BATCH`` an iteration (a burst runs in slices; ``park``/``unpark``).
 * **MQTT packet boundaries.**  On MQTT routes each direction follows where
   packets begin and end (``protocols.mqttstream``, headers only), so
   ``Relay.end`` can stop each direction exactly between two packets and
@@ -105,8 +106,8 @@ class Relay:
 
     # -- moving bytes ------------------------------------------------------
     def _readable(self, d):
-        if self.reason is not None or d.done:
-            return
+        if self.reason is not None or d.done or d.backlog is not None:
+            return  # (or a record from before the reader stopped, run in a later slice)
         if d.splicing:
             return self._spliced(d)
         try:
@@ -185,6 +186,23 @@ class Relay:
                     self.abort(reason_of(exc))
                 return 0 if self.reason else n
         return 0
+
+    # -- the event queue's slices (events.EventQueue) -----------------------
+    def park(self, func, d):
+        """A record of ``d`` waits for a later iteration: stop its watcher meanwhile."""
+        watcher = d.reader if func.__func__ is Relay._readable else d.writer
+        if self.reason is None and watcher is not None:
+            watcher.stop()
+
+    def unpark(self, func, d):
+        """The parked record has run: start its watcher again if still wanted."""
+        if self.reason is not None:
+            return
+        if func.__func__ is Relay._readable:
+            if not d.done and d.backlog is None:
+                self._resume(d)
+        elif d.backlog is not None:
+            d.writer.start(self.hub.queue.append, (self._writable, d))
 
     def _hold(self, d, backlog):
         d.backlog = backlog

@@ -18,6 +18,7 @@ import pytest
 
 from gproxy.proxy.registry import SessionInfo
 from gproxy.proxy.direction import READ, WRITE
+from gproxy.proxy.events import BATCH, EventQueue
 from gproxy.proxy.relay import Relay, RelayHub
 from tests import packets
 
@@ -40,6 +41,12 @@ class FakeWatcher:
         self.closed = True
 
 
+def run_iteration(queue):
+    """The end of a loop iteration: the queue's check watcher runs."""
+    check = queue._check
+    check.callback(*check.args)
+
+
 class FakeLoop:
     def __init__(self):
         self.watchers = []
@@ -51,6 +58,10 @@ class FakeLoop:
 
     def check(self, ref=True):
         return FakeWatcher()
+
+    def idle(self, ref=True):
+        self.idler = FakeWatcher()
+        return self.idler
 
 
 class Endpoint:
@@ -122,7 +133,7 @@ class Harness:
         watcher = self.watcher(fd, events)
         assert watcher is not None and watcher.active, "no active watcher for %s" % fd
         watcher.callback(*watcher.args)
-        self.hub.queue._run()
+        run_iteration(self.hub.queue)
 
     def client_sends(self, data):
         self.client.feed(data)
@@ -213,7 +224,7 @@ def test_callbacks_queued_before_an_abort_do_nothing(h):
     watcher = h.watcher(h.upstream.fd, READ)
     watcher.callback(*watcher.args)  # recorded in the queue...
     h.relay.abort("disconnected")  # ...then the session is closed in the same iteration
-    h.hub.queue._run()
+    run_iteration(h.hub.queue)
     assert bytes(h.client.sent) == b"" and h.info.bytes_out == 0
 
 
@@ -332,7 +343,7 @@ def test_a_clean_end_that_runs_out_of_grace_is_aborted_before_its_idle_time():
     relay.client.feed(packets.publish("t", b"p" * 100)[:40])  # a packet that never ends
     reader = relay.up.reader
     reader.callback(*reader.args)
-    hub.queue._run()
+    run_iteration(hub.queue)
     assert relay.info.bytes_in == 40
     relay.end(BYE_BROKER, None, 0.2)
     now = relay.deadline - 0.2
@@ -372,3 +383,71 @@ def test_slots_let_go_of_the_tables_of_relays_that_ended(hub, monkeypatch):
     for r in relays[-3:]:
         r.abort("eof")
     assert sum(sys.getsizeof(hub.slots[s]) for s in slots) < 2_000  # empty, small, till swept
+
+
+# -- the event queue's slices -------------------------------------------------------------
+
+class Owner:
+    """What a relay is to the event queue: runs records, parks and unparks them."""
+
+    def __init__(self):
+        self.ran, self.parked, self.unparked = [], [], []
+
+    def run(self, n):
+        self.ran.append(n)
+
+    def park(self, func, n):
+        self.parked.append(n)
+
+    def unpark(self, func, n):
+        self.unparked.append(n)
+
+
+def test_a_burst_runs_in_slices_in_order_and_parks_what_waits():
+    loop = FakeLoop()
+    queue = EventQueue(loop)
+    owner = Owner()
+    burst = list(range(BATCH * 2 + 44))
+    for n in burst:  # one iteration reports them all (FakeLoop: in order)
+        queue.append((owner.run, n))
+    run_iteration(queue)
+    assert owner.ran == burst[:BATCH] and loop.idler.active  # the loop must not block
+    assert owner.parked == burst[BATCH:]  # their watchers stop: no re-report each iteration
+    queue.append((owner.run, "new"))  # the next iteration reports one more socket
+    run_iteration(queue)
+    assert owner.ran == burst[:BATCH * 2]  # the waiting ones first
+    assert owner.unparked == burst[BATCH:BATCH * 2]
+    run_iteration(queue)
+    assert owner.ran == burst + ["new"] and owner.unparked == burst[BATCH:] + ["new"]
+    assert owner.parked == burst[BATCH:] + ["new"] and not loop.idler.active
+    run_iteration(queue)
+    assert len(owner.ran) == len(burst) + 1
+
+
+def test_a_parked_reader_starts_again_only_if_still_wanted(h):
+    up = h.relay.up
+    h.relay.park(h.relay._readable, up)
+    assert not up.reader.active
+    h.client.feed(b"data")
+    h.relay._readable(up)  # the parked record runs
+    h.relay.unpark(h.relay._readable, up)
+    assert bytes(h.upstream.sent) == b"data" and up.reader.active
+    h.upstream.room = 0
+    h.relay.park(h.relay._readable, up)
+    h.client.feed(b"more")
+    h.relay._readable(up)  # the broker is full: held, the reader must stay stopped
+    h.relay.unpark(h.relay._readable, up)
+    assert up.backlog == b"more" and not up.reader.active
+
+
+def test_a_record_from_before_a_hold_does_not_jump_the_backlog(h):
+    h.upstream.room = 4
+    h.client_sends(b"first")
+    assert bytes(h.upstream.sent) == b"firs" and h.relay.up.backlog == b"t"
+    h.client.feed(b"second")
+    h.relay._readable(h.relay.up)  # a record queued before the reader stopped
+    assert bytes(h.upstream.sent) == b"firs"
+    h.upstream.room = None
+    h.fire(h.upstream.fd, WRITE)
+    h.fire(h.client.fd)
+    assert bytes(h.upstream.sent) == b"firstsecond"
