@@ -7,6 +7,8 @@ client's SUBSCRIBE).  ``EventQueue`` restores the kernel's order for the
 relay; nothing else on the hub depends on it.
 """
 
+import collections
+import itertools
 import logging
 
 log = logging.getLogger("gproxy.relay")
@@ -48,7 +50,7 @@ class EventQueue:
     def __init__(self, loop):
         self.ready = []
         self.append = self.ready.append
-        self.later = []  # parked records, in order
+        self.later = collections.deque()  # parked records, in order
         self.reverse = type(loop).__module__.startswith("gevent.libev")
         self._check = loop.check(ref=False)
         self._check.priority = _LOWEST
@@ -62,56 +64,58 @@ class EventQueue:
         n = len(ready)
         if n > BATCH:
             return self._run_slice()
-        func = None
         try:
             for func, arg in (reversed(ready) if self.reverse else ready[:n]):
-                func(arg)
+                try:
+                    func(arg)
+                except Exception:  # never raise into the hub; the others still run
+                    self._failed(func)
             i = n
             while i < len(ready):  # added while replaying: after the batch, in order
                 func, arg = ready[i]
                 i += 1
-                func(arg)
-        except Exception:  # never raise into the hub
-            log.exception("relay: callback failed")
-            relay = getattr(func, "__self__", None)
-            if relay is not None:
-                relay.abort("error: internal")
-            # The rest of the batch is dropped: its watchers are level-triggered
-            # and report the same sockets again on the next iteration.
+                try:
+                    func(arg)
+                except Exception:
+                    self._failed(func)
         finally:
             del ready[:]
 
     def _run_slice(self):
         """Run the parked records, then the new ones, ``BATCH`` in all; park the rest."""
-        ready = self.ready
-        parked = len(self.later)
-        batch = self.later + list(reversed(ready) if self.reverse else ready)
+        ready, later = self.ready, self.later
+        parked = len(later)
+        later.extend(reversed(ready) if self.reverse else ready)
         del ready[:]
-        i, func = 0, None
+        i = 0
         try:
-            while i < len(batch) and i < BATCH:
-                func, arg = batch[i]
+            while later and i < BATCH:
+                func, arg = later.popleft()
                 i += 1
-                func(arg)
-                if i <= parked:
-                    func.__self__.unpark(func, arg)
-        except Exception:  # never raise into the hub; the rest runs later
-            log.exception("relay: callback failed")
-            relay = getattr(func, "__self__", None)
-            if relay is not None:
-                relay.abort("error: internal")
+                try:
+                    func(arg)
+                    if i <= parked:
+                        func.__self__.unpark(func, arg)
+                except Exception:
+                    self._failed(func)
         finally:
-            rest = batch[i:] + ready  # records added while running go after
+            later.extend(ready)  # records added while running go after
             del ready[:]
-            for func, arg in rest[max(parked - i, 0):]:
+            for func, arg in itertools.islice(reversed(later), len(later) - max(parked - i, 0)):
                 func.__self__.park(func, arg)
-            self.later = rest
-            if rest:  # the check runs slices until none is left, and the loop may not block
+            if later:  # the check runs slices until none is left, and the loop may not block
                 self._check.callback = self._run_slice
                 self._idle.start(_nothing)
             else:
                 self._check.callback = self._run
                 self._idle.stop()
+
+    @staticmethod
+    def _failed(func):
+        log.exception("relay: callback failed")
+        relay = getattr(func, "__self__", None)
+        if relay is not None:
+            relay.abort("error: internal")
 
     def close(self):
         self._check.stop()

@@ -238,6 +238,8 @@ class Relay:
         if d.ending and (d.track is None or d.track.at_boundary):
             return self._say_bye(d)
         self._resume(d)
+        if d.pending is not None and d.pending():
+            self.hub.queue.append((self._readable, d))  # no watcher fires for those bytes
 
     def _eof(self, d):
         d.reader.stop()
