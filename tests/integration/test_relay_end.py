@@ -15,7 +15,7 @@ import pytest
 
 from gproxy.protocols.mqttstream import SERVER_SHUTTING_DOWN, disconnect
 from gproxy.proxy.registry import SessionInfo
-from gproxy.proxy.relay import RelayHub
+from gproxy.proxy.relayhub import RelayHub
 from tests import packets as P
 
 BROKER_BYE = P.disconnect(4)

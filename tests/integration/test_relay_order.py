@@ -17,7 +17,7 @@ import gevent
 import pytest
 
 from gproxy.proxy.registry import SessionInfo
-from gproxy.proxy.relay import RelayHub
+from gproxy.proxy.relayhub import RelayHub
 
 
 class RecordingEnd:

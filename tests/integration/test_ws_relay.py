@@ -16,7 +16,7 @@ import pytest
 
 from gproxy.protocols.wsframe import FrameParser
 from gproxy.proxy.registry import SessionInfo
-from gproxy.proxy.relay import RelayHub
+from gproxy.proxy.relayhub import RelayHub
 from gproxy.proxy.wsendpoint import WebSocketEndpoint
 from tests import packets as P
 from tests import wsframes as W

@@ -19,7 +19,8 @@ import pytest
 from gproxy.proxy.registry import SessionInfo
 from gproxy.proxy.direction import READ, WRITE
 from gproxy.proxy.events import BATCH, EventQueue
-from gproxy.proxy.relay import Relay, RelayHub
+from gproxy.proxy.relay import Relay
+from gproxy.proxy.relayhub import RelayHub
 from tests import packets
 
 
