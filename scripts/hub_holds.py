@@ -36,6 +36,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from scale_setup import (gc_passes, open_idle, probe_holds, start_broker,  # noqa: E402
                          start_gproxy, stop)
+from bench.procstat import cpu_seconds  # noqa: E402  (scale_setup put the repo on the path)
 
 
 def closed_by_peer(socks):
@@ -49,12 +50,6 @@ def closed_by_peer(socks):
         except OSError:
             n += 1
     return n
-
-
-def cpu_seconds(pid):
-    with open("/proc/%d/stat" % pid) as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Phase:
