@@ -1,14 +1,11 @@
-"""The data path: listeners, session phases, dialling, the relay, the registry.
+"""The data path, in rooms by lifetime.
 
-Owns: bound listeners and accept (``listener``), one session's phases up to
-the hand-off (``session``, ``phases``, ``preread``, ``dial``; MQTT over
-WebSocket in ``wspreread``; a listener's PROXY protocol and TLS phases in
-``proxyproto`` and ``tls``, its certificates in ``tlsctx``), cooperative I/O
-on C-level sockets (``netio``),
-the two-way byte pump on hub watchers (``relay``, with ``wsendpoint`` for
-WebSocket clients; what all relays share, the event queue and the idle
-sweeper, in ``relayhub`` and ``events``), and live sessions as metadata
-(``registry``).  Works from an
-immutable ``RouteTable`` it is handed.  Must not import HTTP, Flask, the
-Admin API, the store or the runtime.
+``accept`` (listeners, overload, PROXY protocol, TLS handshake), ``session``
+(one client's phases up to the hand-off: route, preread, dial, replay),
+``relay`` (the byte pump and what all relays share) and ``sessions`` (the
+registry of live sessions, the live view the Admin API queries, evictions).
+Shared by several rooms: ``netio`` (cooperative I/O on C-level sockets),
+``settings`` (the data path's knobs) and ``health`` (the active checkers and
+passive reports).  Works from an immutable ``RouteTable`` it is handed.  Must
+not import HTTP, Flask, the Admin API, the store or the runtime.
 """

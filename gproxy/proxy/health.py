@@ -23,7 +23,7 @@ from gproxy.errors import MalformedPacket
 from gproxy.model.health import SUCCESS, TCP_FAILURE, TIMEOUT, Checks, HealthState
 from gproxy.protocols import mqttstream
 from gproxy.proxy import netio
-from gproxy.proxy.overload import out_of_fds
+from gproxy.proxy.accept.overload import out_of_fds
 
 log = logging.getLogger("gproxy.health")
 

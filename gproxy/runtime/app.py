@@ -20,15 +20,16 @@ import logging
 import gevent
 
 from gproxy.model.routes import RouteTable
+from gproxy.proxy.accept.listener import Listener, bind_listener, listener_phases
+from gproxy.proxy.accept.overload import Gate
+from gproxy.proxy.accept.tlsctx import Certificates
+from gproxy.proxy.accept.workers import SessionGreenlets
 from gproxy.proxy.health import HealthCheckers
-from gproxy.proxy.listener import Listener, bind_listener, listener_phases
-from gproxy.proxy.livesessions import LiveSessions
-from gproxy.proxy.overload import Gate
-from gproxy.proxy.registry import Registry
-from gproxy.proxy.session import Proxy
+from gproxy.proxy.session.phases import COMMON
+from gproxy.proxy.session.session import Proxy
+from gproxy.proxy.sessions.live import LiveSessions
+from gproxy.proxy.sessions.registry import Registry
 from gproxy.proxy.settings import Settings
-from gproxy.proxy.tlsctx import Certificates
-from gproxy.proxy.workers import SessionGreenlets
 from gproxy.runtime import services
 from gproxy.runtime.drain import drain
 from gproxy.store.factory import open_store
@@ -155,7 +156,7 @@ class Gproxy:
                 if specs is None:
                     self.stop(0)
                 raise OSError(exc.errno, "cannot listen on %s: %s" % (spec.addr, exc.strerror))
-            listener = Listener(sock, spec, self._phases(spec), gate=self.gate)
+            listener = Listener(sock, spec, self._phases(spec) + COMMON, gate=self.gate)
             listener.serve(self.proxy.handle, self.greenlets.spawn)
             self.listeners.append(listener)
             log.warning("stream proxy listening on %s", spec.addr)

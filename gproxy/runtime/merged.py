@@ -23,8 +23,8 @@ import gevent
 
 from gproxy.model.health import merge_reports
 from gproxy.protocols.mqttstream import USE_ANOTHER_SERVER
-from gproxy.proxy.evict import Evictions
-from gproxy.proxy.livesessions import check_spec, dict_key, sort_order
+from gproxy.proxy.sessions.evict import Evictions
+from gproxy.proxy.sessions.live import check_spec, dict_key, sort_order
 
 log = logging.getLogger("gproxy.workers")
 

@@ -16,7 +16,7 @@ from gproxy.admin.extensions import health_blueprint as _health_blueprint
 from gproxy.admin.server import AdminServer
 from gproxy.control.api import create_control_app
 from gproxy.control.metrics import PATH, GproxyCollector, create_metrics_app
-from gproxy.proxy.registry import DIAL_BUCKETS
+from gproxy.proxy.sessions.registry import DIAL_BUCKETS
 
 log = logging.getLogger("gproxy.server")
 ADMIN_PREFIX = "/apisix/admin"

@@ -14,8 +14,8 @@ import gevent
 import pytest
 
 from gproxy.protocols.mqttstream import SERVER_SHUTTING_DOWN, disconnect
-from gproxy.proxy.registry import SessionInfo
-from gproxy.proxy.relayhub import RelayHub
+from gproxy.proxy.relay.hub import RelayHub
+from gproxy.proxy.sessions.registry import SessionInfo
 from tests import packets as P
 
 BROKER_BYE = P.disconnect(4)

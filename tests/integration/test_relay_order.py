@@ -16,8 +16,8 @@ import socket
 import gevent
 import pytest
 
-from gproxy.proxy.registry import SessionInfo
-from gproxy.proxy.relayhub import RelayHub
+from gproxy.proxy.relay.hub import RelayHub
+from gproxy.proxy.sessions.registry import SessionInfo
 
 
 class RecordingEnd:

@@ -15,9 +15,9 @@ import gevent
 import pytest
 
 from gproxy.protocols.wsframe import FrameParser
-from gproxy.proxy.registry import SessionInfo
-from gproxy.proxy.relayhub import RelayHub
-from gproxy.proxy.wsendpoint import WebSocketEndpoint
+from gproxy.proxy.relay.hub import RelayHub
+from gproxy.proxy.relay.wsendpoint import WebSocketEndpoint
+from gproxy.proxy.sessions.registry import SessionInfo
 from tests import packets as P
 from tests import wsframes as W
 

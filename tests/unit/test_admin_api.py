@@ -8,18 +8,18 @@ disk, byte for byte as it was.
 """
 
 import contextlib
-import time
 import copy
 import json
 import os
 import re
+import time
 
 import pytest
 
 from gproxy.admin.app import create_app
 from gproxy.config import Config
-from gproxy.proxy.livesessions import LiveSessions
-from gproxy.proxy.registry import Registry
+from gproxy.proxy.sessions.live import LiveSessions
+from gproxy.proxy.sessions.registry import Registry
 from gproxy.store.file import FileStore
 
 ADMIN_KEY = "edd1c9f034335f136f87ad84b625c8f1"

@@ -16,7 +16,7 @@ import gevent
 import gevent.socket
 import pytest
 
-from gproxy.proxy.registry import Registry
+from gproxy.proxy.sessions.registry import Registry
 from gproxy.runtime.channel import Channel, LineReader, decode, encode
 from gproxy.runtime.workers import serve_control
 

@@ -44,7 +44,7 @@ def _offences(tree):
 
 def test_the_sources_were_found():
     names = {_module_name(p) for p in SOURCES}
-    assert {"gproxy.cli", "gproxy.protocols.mqtt", "gproxy.proxy.session",
+    assert {"gproxy.cli", "gproxy.protocols.mqtt", "gproxy.proxy.session.session",
             "gproxy.runtime.app", "admin_ui"} <= names
 
 
@@ -80,7 +80,7 @@ def test_importing_every_module_patches_nothing():
 
 def test_this_process_is_not_patched_either():
     """The unit tests themselves run unpatched (a guard for the test above)."""
-    for name in ("gproxy.runtime.app", "gproxy.proxy.session", "gproxy.admin.app"):
+    for name in ("gproxy.runtime.app", "gproxy.proxy.session.session", "gproxy.admin.app"):
         importlib.import_module(name)
     assert socket.socket.__module__ == "socket"
     assert threading.Thread.__module__ == "threading"

@@ -9,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gproxy.control.api import create_control_app
 from gproxy.control.metrics import PATH, GproxyCollector, create_metrics_app
-from gproxy.proxy.registry import DIAL_BUCKETS, Registry
+from gproxy.proxy.sessions.registry import DIAL_BUCKETS, Registry
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 HEALTH = [{"name": "/apisix/upstreams/1", "type": "tcp", "nodes": [

@@ -19,11 +19,11 @@ import pytest
 
 from gproxy.errors import Reject
 from gproxy.model.routes import RouteTable
-from gproxy.proxy import dial as dialing
-from gproxy.proxy import phases
-from gproxy.proxy.dial import hash_key, session_vars
-from gproxy.proxy.registry import Registry
-from gproxy.proxy.session import Proxy, Session
+from gproxy.proxy.session import dial as dialing
+from gproxy.proxy.session import phases
+from gproxy.proxy.session.dial import hash_key, session_vars
+from gproxy.proxy.session.session import Proxy, Session
+from gproxy.proxy.sessions.registry import Registry
 from gproxy.proxy.settings import Settings
 from tests import packets
 

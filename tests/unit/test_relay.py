@@ -16,11 +16,11 @@ import socket
 
 import pytest
 
-from gproxy.proxy.registry import SessionInfo
-from gproxy.proxy.direction import READ, WRITE
-from gproxy.proxy.events import BATCH, EventQueue
-from gproxy.proxy.relay import Relay
-from gproxy.proxy.relayhub import RelayHub
+from gproxy.proxy.relay.direction import READ, WRITE
+from gproxy.proxy.relay.events import BATCH, EventQueue
+from gproxy.proxy.relay.hub import RelayHub
+from gproxy.proxy.relay.relay import Relay
+from gproxy.proxy.sessions.registry import SessionInfo
 from tests import packets
 
 
@@ -368,7 +368,8 @@ def test_close_all_ends_every_live_relay_wherever_it_waits(hub):
 def test_slots_let_go_of_the_tables_of_relays_that_ended(hub, monkeypatch):
     import sys
     import types
-    from gproxy.proxy import relay as relay_module
+
+    from gproxy.proxy.relay import relay as relay_module
     # all start in the same second, whatever the machine's speed: one slot
     now = float(int(relay_module.time.monotonic()) + 2)
     monkeypatch.setattr(relay_module, "time", types.SimpleNamespace(monotonic=lambda: now))

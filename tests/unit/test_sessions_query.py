@@ -16,9 +16,9 @@ import pytest
 from gproxy.model.balancer import Balancer, ChashRing, Node, RoundRobin
 from gproxy.model.placement import Placement
 from gproxy.model.routes import RouteTable
-from gproxy.proxy.evict import Evictions
-from gproxy.proxy.livesessions import LiveSessions, check_spec
-from gproxy.proxy.registry import Registry
+from gproxy.proxy.sessions.evict import Evictions
+from gproxy.proxy.sessions.live import LiveSessions, check_spec
+from gproxy.proxy.sessions.registry import Registry
 from gproxy.runtime.channel import decode, encode_large
 from tests.integration.helpers import ApisixRing
 

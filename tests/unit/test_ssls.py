@@ -7,16 +7,16 @@ import os
 import stat
 
 import pytest
+import trustme  # noqa: E402  (the test extra: a missing one must fail, not skip)
 
+from gproxy.admin.app import create_app
 from gproxy.config import Config
 from gproxy.errors import SchemaError
 from gproxy.model.ssls import CertIndex, check_ssl
-from gproxy.proxy.registry import Registry
-from gproxy.proxy.tlsctx import Certificates, CertError
+from gproxy.proxy.accept.tlsctx import CertError, Certificates
+from gproxy.proxy.sessions.registry import Registry
 from gproxy.store.file import FileStore
-from gproxy.admin.app import create_app
 
-import trustme  # noqa: E402  (the test extra: a missing one must fail, not skip)
 KEY = {"X-API-KEY": "edd1c9f034335f136f87ad84b625c8f1"}
 
 

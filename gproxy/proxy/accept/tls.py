@@ -28,7 +28,7 @@ from gevent.socket import wait_read, wait_write
 from gproxy.errors import MalformedHeader, Reject
 from gproxy.protocols import tlshello
 from gproxy.proxy import netio
-from gproxy.proxy.tlsctx import DEFAULT_UPSTREAM_SNI, CertError, refusal_context
+from gproxy.proxy.accept.tlsctx import DEFAULT_UPSTREAM_SNI, CertError, refusal_context
 
 HANDSHAKING = "SSL handshaking"  # nginx's log actions
 UPSTREAM_HANDSHAKING = "SSL handshaking to upstream"

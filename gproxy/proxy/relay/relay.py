@@ -41,7 +41,13 @@ import os
 import socket
 import time
 
-from gproxy.proxy.direction import PIPE_SIZE, WRITE, Direction, reason_of, shutdown
+from gproxy.proxy.relay.direction import (
+    PIPE_SIZE,
+    WRITE,
+    Direction,
+    reason_of,
+    shutdown,
+)
 
 log = logging.getLogger("gproxy.relay")
 

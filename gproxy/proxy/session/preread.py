@@ -21,7 +21,7 @@ from gproxy.errors import MalformedPacket, Reject
 from gproxy.protocols import mqtt, mqttconnect
 from gproxy.protocols.text import printable
 from gproxy.proxy import netio
-from gproxy.proxy.dial import session_vars
+from gproxy.proxy.session.dial import session_vars
 
 RECV_SIZE = 4096
 #: A WebSocket client's upgrade request starts with "GET"; a CONNECT with 0x10.

@@ -18,12 +18,13 @@ for more than about a millisecond whatever the number of sessions.
 
 import ipaddress
 import operator
+
 from gproxy import hub
 from gproxy.model.placement import Placement
 from gproxy.model.routes import RouteTable
 from gproxy.protocols.mqttstream import USE_ANOTHER_SERVER
-from gproxy.proxy.evict import Evictions
-from gproxy.proxy.registry import STATES
+from gproxy.proxy.sessions.evict import Evictions
+from gproxy.proxy.sessions.registry import STATES
 
 SORTS = ("connected_at", "bytes_in", "bytes_out", "client_id")
 CHUNK = 128          # sessions looked at between two chances to yield

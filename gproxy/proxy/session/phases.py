@@ -13,11 +13,11 @@ passthrough mode the broker's upgrade comes before the replay.
 import logging
 
 from gproxy.errors import NoUpstream, Reject
-from gproxy.proxy import dial as dialing
 from gproxy.proxy import netio
-from gproxy.proxy.limits import limits
-from gproxy.proxy.preread import preread_mqtt
-from gproxy.proxy.wspreread import preread_websocket, upgrade_upstream
+from gproxy.proxy.session import dial as dialing
+from gproxy.proxy.session.limits import limits
+from gproxy.proxy.session.preread import preread_mqtt
+from gproxy.proxy.session.wspreread import preread_websocket, upgrade_upstream
 
 PREREAD = "prereading client data"  # nginx's log actions
 CONNECTING = "connecting to upstream"

@@ -14,9 +14,8 @@ A job must leave nothing behind that could switch into its greenlet later
 
 import logging
 
-from greenlet import GreenletExit, getcurrent, greenlet
-
 from gevent import get_hub
+from greenlet import GreenletExit, getcurrent, greenlet
 
 log = logging.getLogger("gproxy.session")
 

@@ -16,13 +16,13 @@ import logging
 import socket
 import time
 
-
 from gproxy.errors import NoUpstream, Reject
 from gproxy.model.health import SUCCESS, TCP_FAILURE, TIMEOUT
 from gproxy.model.routes import DEFAULT_CONNECT_TIMEOUT
-from gproxy.proxy import netio, tls
+from gproxy.proxy import netio
+from gproxy.proxy.accept import tls
+from gproxy.proxy.accept.overload import out_of_fds
 from gproxy.proxy.health import passive
-from gproxy.proxy.overload import out_of_fds
 
 BALANCER_TYPES = ("roundrobin", "chash")
 

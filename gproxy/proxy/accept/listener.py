@@ -16,9 +16,9 @@ from functools import partial
 import gevent.socket
 from gevent.server import StreamServer
 
-from gproxy.proxy import proxyproto, tls
+from gproxy.proxy.accept import proxyproto, tls
+from gproxy.proxy.accept.overload import Gate, out_of_fds
 from gproxy.proxy.netio import RawSocket
-from gproxy.proxy.overload import Gate, out_of_fds
 
 BACKLOG = 1024
 
@@ -106,16 +106,16 @@ class PlainStreamServer(StreamServer):
 class Listener:
     """One bound address and how its sessions start.
 
-    ``phases`` run in order before the common ones (route match onwards);
-    ``spec`` is the config entry it came from.
+    ``pipeline`` is what every session accepted here runs, in order: the
+    listener's own phases (PROXY header, TLS handshake), then the common
+    ones (route match onwards), which the session room composes and this
+    room never imports; ``spec`` is the config entry it came from.
     """
 
-    def __init__(self, sock, spec=None, phases=(), gate=None):
+    def __init__(self, sock, spec=None, pipeline=(), gate=None):
         self.sock = sock
         self.spec = spec
-        self.phases = tuple(phases)
-        from gproxy.proxy.phases import COMMON  # phases import this module's users
-        self.pipeline = self.phases + COMMON  # what every session here runs, in order
+        self.pipeline = tuple(pipeline)
         self.gate = gate if gate is not None else Gate()
         host, port = sock.getsockname()[:2]
         self.text = addr_text(host, port)  # nginx's "server:" in log lines

@@ -27,9 +27,9 @@ from gproxy.model.routes import DEFAULT_CONNECT_TIMEOUT
 from gproxy.protocols import wsframe, wshandshake
 from gproxy.protocols.text import printable
 from gproxy.proxy import netio
-from gproxy.proxy.preread import RECV_SIZE, plugin_exit, read_connect
-from gproxy.proxy.tls import TlsEndpoint
-from gproxy.proxy.wsendpoint import WebSocketEndpoint
+from gproxy.proxy.accept.tls import TlsEndpoint
+from gproxy.proxy.relay.wsendpoint import WebSocketEndpoint
+from gproxy.proxy.session.preread import RECV_SIZE, plugin_exit, read_connect
 
 #: Close codes for a CONNECT refused after the 101 (APISIX's 503, in WebSocket terms).
 _CLOSE_FOR = {"too_large": wsframe.TOO_BIG}

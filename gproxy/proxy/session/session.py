@@ -20,13 +20,13 @@ import time
 from gproxy.errors import Reject
 from gproxy.model.routes import DEFAULT_PROXY_TIMEOUT, RouteTable
 from gproxy.protocols.mqttstream import SERVER_SHUTTING_DOWN, disconnect
-from gproxy.proxy.direction import shutdown
-from gproxy.proxy.limits import Limits
-from gproxy.proxy.listener import plain_ip
-from gproxy.proxy.registry import Registry
-from gproxy.proxy.relayhub import RelayHub
+from gproxy.proxy.accept.listener import plain_ip
+from gproxy.proxy.accept.tlsctx import Certificates
+from gproxy.proxy.relay.direction import shutdown
+from gproxy.proxy.relay.hub import RelayHub
+from gproxy.proxy.session.limits import Limits
+from gproxy.proxy.sessions.registry import Registry
 from gproxy.proxy.settings import Settings
-from gproxy.proxy.tlsctx import Certificates
 
 log = logging.getLogger("gproxy.session")
 

@@ -11,8 +11,8 @@ import time
 import gevent
 
 from gproxy.hub import pause
-from gproxy.proxy.events import EventQueue
-from gproxy.proxy.relay import Relay
+from gproxy.proxy.relay.events import EventQueue
+from gproxy.proxy.relay.relay import Relay
 
 BUFFER_SIZE = 64 * 1024
 
