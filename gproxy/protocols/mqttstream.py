@@ -87,6 +87,33 @@ class Boundaries:
             left = self.left
         self.left = left
 
+    def advance(self, n, marks):
+        """Account for ``n`` bytes moved without reading them, given their ``marks``.
+
+        ``marks`` lists the fixed headers that begin in those bytes (and any
+        after them), found by peeking (``walk_headers``): ``(offset, header,
+        size)`` with ``offset`` counted from where this stream stood (negative
+        for the rest of a header begun before), ``header`` its bytes and
+        ``size`` the whole packet's (None: the header is cut short there).
+        The state after is what ``feed`` of those bytes would have left.
+        """
+        last = None
+        for mark in marks:
+            if mark[0] >= n:
+                break
+            last = mark
+            if mark[2] is not None and mark[0] + len(mark[1]) <= n:
+                self.packets += 1
+        if last is None:
+            self.left -= n
+            return
+        offset, header, size = last
+        taken = n - offset  # bytes of that packet moved so far
+        if size is None or taken < len(header):
+            self.header, self.left = bytes(header[:taken]), 0
+        else:
+            self.header, self.left = b"", size - taken
+
     def next_boundary(self, data, start=0, end=None, stop=True):
         """Advance over ``data[start:end]``.
 
@@ -133,6 +160,81 @@ class Boundaries:
                 return end
         self.header = header  # the header goes on in the next chunk
         return end
+
+
+def fixed_header(data, start, end):
+    """The fixed header at ``data[start:end]``: ``(header size, remaining length)``.
+
+    None when ``data`` ends inside the header; raises MalformedPacket on a
+    fifth remaining-length byte (MQTT 5.0 §1.5.5: at most four).
+    """
+    value, multiplier = 0, 1
+    for i in range(start + 1, min(end, start + 5)):
+        byte = data[i]
+        value += (byte & 0x7F) * multiplier
+        if not byte & 0x80:
+            return i + 1 - start, value
+        multiplier *= 128
+    if end - start >= 5:
+        raise MalformedPacket("remaining length longer than four bytes")
+    return None
+
+
+def walk_headers(track, peek, limit, small=0, few=4):
+    """Find the packets in the next ``limit`` bytes of a stream by their headers only.
+
+    ``track`` (Boundaries) says where the stream stands; ``peek(offset)``
+    returns the bytes waiting at ``offset`` from there (a few, enough for a
+    header; b"" when none are there yet).  Body bytes are skipped by length,
+    never read.  Returns ``(n, marks)``: the first ``n`` bytes (at most
+    ``limit``) have a known structure, and ``marks`` are the headers that
+    begin in them, for ``Boundaries.advance``.  Sets ``track.lost`` on a
+    stream that stops looking like MQTT.  Stops after ``few`` packets
+    smaller than ``small`` bytes: small packets are cheaper to copy than to
+    find one peek at a time.  (One peek per packet is the cost that counts:
+    the common headers are decoded inline, as in ``Boundaries.feed``.)
+    """
+    marks = []
+    mark = marks.append
+    head = track.header
+    pos = -len(head) if head else track.left
+    while pos < limit:
+        data = peek(pos if pos > 0 else 0)
+        if not data:
+            break
+        if pos < 0:
+            data = head + data
+        end, at = len(data), 0
+        while at < end:  # every header inside what was peeked (tiny packets)
+            if at + 4 <= end and data[at + 1] < 0x80:
+                hl, size = 2, 2 + data[at + 1]
+            elif at + 4 <= end and data[at + 2] < 0x80:
+                hl = 3
+                size = 3 + ((data[at + 1] & 0x7F) | (data[at + 2] << 7))
+            elif at + 4 <= end and data[at + 3] < 0x80:
+                hl = 4
+                size = 4 + ((data[at + 1] & 0x7F) | ((data[at + 2] & 0x7F) << 7)
+                            | (data[at + 3] << 14))
+            else:
+                try:
+                    found = fixed_header(data, at, end)
+                except MalformedPacket:
+                    track.lost = True
+                    return max(pos, 0), marks
+                if found is None:  # a header cut short: take what is there of it
+                    mark((pos, data[at:end], None))
+                    return pos + end - at, marks
+                hl, size = found[0], found[0] + found[1]
+            mark((pos, data[at:at + hl], size))
+            pos += size
+            at += size
+            if size < small:
+                few -= 1
+                if few < 0:
+                    return min(pos, limit), marks
+            if pos >= limit:
+                return limit, marks
+    return min(pos, limit), marks
 
 
 def disconnect(level, reason=NORMAL, server_reference=None):

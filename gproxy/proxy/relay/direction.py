@@ -3,20 +3,64 @@
 Also the relay's small shared helpers: ``shutdown`` (never raises) and the
 short reason a socket error ends a relay with.  splice(2) is offered only
 between two kernel sockets (never for TLS or WebSocket endpoints).
+
+**The state of a direction at rest** (between two callbacks; what a live
+upgrade must carry to another process, everything else is rebuilt there):
+
+* ``backlog``: bytes read from src and not yet written to dst: None, a
+  ``bytes``, or an int: that many bytes wait in ``pipe`` (read them out of
+  ``pipe[0]`` to carry them);
+* ``track`` (``protocols.mqttstream.Boundaries``, None on a non-MQTT
+  route): ``left``, ``header``, ``lost``, ``packets``, counted up to the last
+  byte taken from src (the backlog's bytes included);
+* ``done``, ``ending``, ``bye``: the end of the stream, a clean end asked
+  for, and the goodbye still to send;
+* ``splicing``: how bytes move now (``COPY``, ``BODY``, ``WALK``, ``ALL``);
+  a new process may start again from ``COPY`` once the backlog is out.
+
+Nothing else lasts: ``walk`` peeks at headers afresh on every call (the
+socket's ``SO_PEEK_OFF`` is set before each peek, never relied on after).
 """
 
 import _socket
 import errno
 import fcntl
 import os
+import socket
 
-from gproxy.protocols.mqttstream import Boundaries
+from gproxy.protocols.mqttstream import Boundaries, walk_headers
 
 READ, WRITE = 1, 2
 SPLICE = hasattr(os, "splice")
 PIPE_SIZE = 1024 * 1024
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _RAW = _socket.socket
+#: How a direction moves bytes (``Direction.splicing``): through Python's
+#: buffer; the rest of one large MQTT body through the pipe; whole runs of
+#: large MQTT packets through the pipe, their headers found by peeking; or
+#: everything through the pipe (no packet boundaries to keep).
+COPY, BODY, WALK, ALL = 0, 1, 2, 3
+_SO_PEEK_OFF = getattr(socket, "SO_PEEK_OFF", 42)  # 42 on Linux (asm-generic/socket.h)
+_PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
+_SOL = socket.SOL_SOCKET
+_HEADER_PEEK = 8  # a fixed header is at most 5 bytes; a few more catch tiny packets after it
+
+
+def _peek_offset_works():
+    """True if this kernel lets TCP peek at an offset (SO_PEEK_OFF, Linux 6.10+)."""
+    if not SPLICE:
+        return False
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, _SO_PEEK_OFF, 0)
+    except OSError:
+        return False
+    return True
+
+
+#: Large MQTT packets can be walked (``WALK``); without it only bodies of
+#: ``relay.SPLICE_BODY`` or more are spliced (``BODY``).
+PEEK_WALK = _peek_offset_works()
 
 
 def shutdown(sock, how):
@@ -36,7 +80,7 @@ class Direction:
     """One way of a relay: src -> dst, with its watchers, backlog and boundaries."""
 
     __slots__ = ("src", "dst", "reader", "writer", "backlog", "counter", "done", "pipe",
-                 "splicing", "track", "ending", "bye", "pending", "can_splice")
+                 "splicing", "track", "ending", "bye", "pending", "can_splice", "eof")
 
     def __init__(self, loop, src, dst, counter, track):
         self.src = src
@@ -47,13 +91,31 @@ class Direction:
         self.counter = counter
         self.done = False  # src ended (or this direction was ended cleanly)
         self.pipe = None  # (read fd, write fd) once this direction splices
-        self.splicing = False
+        self.splicing = COPY
+        self.eof = False  # walk saw the end of src's stream (nothing left to take)
         self.track = Boundaries() if track else None
         self.ending = False  # stop at the next packet boundary
         self.bye = None  # bytes to send dst at that boundary (a DISCONNECT)
         self.pending = getattr(src, "pending", None)  # TLS: bytes already decrypted
         # splice(2) needs kernel sockets on both sides (not TLS or WebSocket endpoints)
         self.can_splice = SPLICE and type(src) is _RAW and type(dst) is _RAW
+
+    def walk(self, limit, small):
+        """``walk_headers`` over what waits on src: ``(n, marks)`` (see there)."""
+        src = self.src
+        setsockopt, recv = src.setsockopt, src.recv
+
+        def peek(offset):
+            try:
+                setsockopt(_SOL, _SO_PEEK_OFF, offset)
+                data = recv(_HEADER_PEEK, _PEEK)
+            except BlockingIOError:
+                return b""
+            if not data and not offset:
+                self.eof = True
+            return data
+
+        return walk_headers(self.track, peek, limit, small)
 
     def open_pipe(self):
         if self.pipe is not None:
