@@ -91,28 +91,34 @@ class Boundaries:
         """Account for ``n`` bytes moved without reading them, given their ``marks``.
 
         ``marks`` lists the fixed headers that begin in those bytes (and any
-        after them), found by peeking (``walk_headers``): ``(offset, header,
+        after them), found by peeking (``walk_headers``): ``(offset, data,
         size)`` with ``offset`` counted from where this stream stood (negative
-        for the rest of a header begun before), ``header`` its bytes and
-        ``size`` the whole packet's (None: the header is cut short there).
-        The state after is what ``feed`` of those bytes would have left.
+        for the rest of a header begun before), ``data`` bytes that start
+        with the header and ``size`` the whole packet's (None: ``data`` is a
+        header cut short; 0: not an MQTT header, the stream is lost past it).  The state after is what ``feed`` of those bytes
+        would have left.
         """
-        last = None
-        for mark in marks:
-            if mark[0] >= n:
-                break
-            last = mark
-            if mark[2] is not None and mark[0] + len(mark[1]) <= n:
-                self.packets += 1
-        if last is None:
+        if not marks or marks[0][0] >= n:
             self.left -= n
             return
-        offset, header, size = last
+        if marks[-1][0] < n:  # every mark inside: the common case
+            count, last = len(marks), marks[-1]
+        else:
+            count = 0
+            while marks[count][0] < n:
+                count += 1
+            last = marks[count - 1]
+        offset, data, size = last
         taken = n - offset  # bytes of that packet moved so far
-        if size is None or taken < len(header):
-            self.header, self.left = bytes(header[:taken]), 0
+        if size == 0 and taken >= 5:  # a fifth length byte went by, as feed would see
+            self.lost = True
+            count -= 1
+        elif size is None or size == 0 or taken < fixed_header(data, 0, len(data))[0]:
+            self.header, self.left = bytes(data[:taken]), 0  # the move ended in its header
+            count -= 1
         else:
             self.header, self.left = b"", size - taken
+        self.packets += count
 
     def next_boundary(self, data, start=0, end=None, stop=True):
         """Advance over ``data[start:end]``.
@@ -188,44 +194,61 @@ def walk_headers(track, peek, limit, small=0, few=4):
     header; b"" when none are there yet).  Body bytes are skipped by length,
     never read.  Returns ``(n, marks)``: the first ``n`` bytes (at most
     ``limit``) have a known structure, and ``marks`` are the headers that
-    begin in them, for ``Boundaries.advance``.  Sets ``track.lost`` on a
-    stream that stops looking like MQTT.  Stops after ``few`` packets
+    begin in them, for ``Boundaries.advance`` (which sets ``lost`` once the
+    bytes of a header that is not MQTT's have moved).  Stops after ``few`` packets
     smaller than ``small`` bytes: small packets are cheaper to copy than to
-    find one peek at a time.  (One peek per packet is the cost that counts:
-    the common headers are decoded inline, as in ``Boundaries.feed``.)
+    find one peek at a time.  One peek per packet is what this costs, so the
+    common case (a peek that starts with a whole header of up to four bytes,
+    packets under 2 MiB) is decoded inline, as in ``Boundaries.feed``.
     """
     marks = []
     mark = marks.append
-    head = track.header
-    pos = -len(head) if head else track.left
+    pos = -len(track.header) if track.header else track.left
     while pos < limit:
         data = peek(pos if pos > 0 else 0)
-        if not data:
-            break
-        if pos < 0:
-            data = head + data
-        end, at = len(data), 0
-        while at < end:  # every header inside what was peeked (tiny packets)
-            if at + 4 <= end and data[at + 1] < 0x80:
-                hl, size = 2, 2 + data[at + 1]
-            elif at + 4 <= end and data[at + 2] < 0x80:
-                hl = 3
-                size = 3 + ((data[at + 1] & 0x7F) | (data[at + 2] << 7))
-            elif at + 4 <= end and data[at + 3] < 0x80:
-                hl = 4
-                size = 4 + ((data[at + 1] & 0x7F) | ((data[at + 2] & 0x7F) << 7)
-                            | (data[at + 3] << 14))
+        if len(data) < 4 or pos < 0:
+            return _walk_slowly(track, peek, limit, small, few, marks, pos, data)
+        b1 = data[1]
+        if b1 < 0x80:
+            size = 2 + b1
+        else:
+            b2 = data[2]
+            if b2 < 0x80:
+                size = 3 + ((b1 & 0x7F) | (b2 << 7))
+            elif data[3] < 0x80:
+                size = 4 + ((b1 & 0x7F) | ((b2 & 0x7F) << 7) | (data[3] << 14))
             else:
-                try:
-                    found = fixed_header(data, at, end)
-                except MalformedPacket:
-                    track.lost = True
-                    return max(pos, 0), marks
-                if found is None:  # a header cut short: take what is there of it
-                    mark((pos, data[at:end], None))
-                    return pos + end - at, marks
-                hl, size = found[0], found[0] + found[1]
-            mark((pos, data[at:at + hl], size))
+                return _walk_slowly(track, peek, limit, small, few, marks, pos, data)
+        mark((pos, data, size))
+        pos += size
+        if size < small:
+            if size < len(data):  # tiny packets inside this peek: the slow path takes them
+                return _walk_slowly(track, peek, limit, small, few - 1, marks, pos,
+                                    data[size:])
+            few -= 1
+            if few < 0:
+                break
+    return min(pos, limit), marks
+
+
+def _walk_slowly(track, peek, limit, small, few, marks, pos, data):
+    """``walk_headers`` for what its inline case does not take: a header cut short
+    or begun in an earlier read, five-byte headers, several packets in one peek."""
+    while data:
+        if pos < 0:
+            data = track.header + data
+        end, at = len(data), 0
+        while at < end:
+            try:
+                found = fixed_header(data, at, end)
+            except MalformedPacket:  # not MQTT from here: lost once moved past (advance)
+                marks.append((pos, data[at:end], 0))
+                return pos + end - at, marks
+            if found is None:  # a header cut short: take what is there of it
+                marks.append((pos, data[at:end], None))
+                return pos + end - at, marks
+            size = found[0] + found[1]
+            marks.append((pos, data[at:at + found[0]], size))
             pos += size
             at += size
             if size < small:
@@ -234,7 +257,8 @@ def walk_headers(track, peek, limit, small=0, few=4):
                     return min(pos, limit), marks
             if pos >= limit:
                 return limit, marks
-    return min(pos, limit), marks
+        data = peek(pos)
+    return max(0, min(pos, limit)), marks
 
 
 def disconnect(level, reason=NORMAL, server_reference=None):

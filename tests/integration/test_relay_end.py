@@ -1,19 +1,25 @@
 """Relay.end: each direction stops exactly between two MQTT packets and says goodbye.
 
-Relays run in this process on socket pairs (a real kernel socket on each side,
-so the splice path for large bodies is exercised too).  The test plays the
-client and the broker, ends the relay in the middle of a packet, and checks
-byte for byte what each side received: every whole packet up to the boundary,
-then the DISCONNECT, then end of stream; nothing after the boundary.
+Relays run in this process on socket pairs.  The test plays the client and
+the broker, ends the relay in the middle of a packet, and checks byte for
+byte what each side received: every whole packet up to the boundary, then
+the DISCONNECT, then end of stream; nothing after the boundary.  ``Pair``
+uses Unix socket pairs (the relay copies); ``TcpPair`` loopback TCP with
+C-level sockets, as sessions hand the relay, so large packets are walked
+and spliced (relay.WALK) or, on kernels without SO_PEEK_OFF, their bodies
+spliced (relay.BODY).
 """
 
+import _socket
 import socket
+import threading
 import time
 
 import gevent
 import pytest
 
 from gproxy.protocols.mqttstream import SERVER_SHUTTING_DOWN, disconnect
+from gproxy.proxy.relay.direction import PEEK_WALK, WALK
 from gproxy.proxy.relay.hub import RelayHub
 from gproxy.proxy.sessions.registry import SessionInfo
 from tests import packets as P
@@ -55,6 +61,36 @@ class Pair:
     def close(self):
         self.client.close()
         self.broker.close()
+
+
+def tcp_pair():
+    """Two connected loopback TCP sockets: (the test's end, a C-level non-blocking end)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        ours = socket.create_connection(listener.getsockname())
+        theirs, _ = listener.accept()
+    raw = _socket.socket(theirs.family, theirs.type, theirs.proto, theirs.detach())
+    raw.setblocking(False)
+    return ours, raw
+
+
+class TcpPair(Pair):
+    def __init__(self, hub):
+        self.client, client_end = tcp_pair()
+        self.broker, upstream_end = tcp_pair()
+        self.info = SessionInfo("t-1", "127.0.0.1", 1, "127.0.0.1", 2)
+        self.done = []
+        self.relay = hub.start(client_end, upstream_end, self.info, self.done.append, 60.0,
+                               mqtt=True)
+
+
+def send_in_thread(sock, data):
+    """``sock.sendall(data)`` in a real thread (the hub must keep running the relay)."""
+    sock.setblocking(True)
+    thread = threading.Thread(target=sock.sendall, args=(data,), daemon=True)
+    thread.start()
+    return thread
 
 
 @pytest.fixture
@@ -167,3 +203,37 @@ def test_a_replay_that_ends_inside_a_second_packet_keeps_the_boundaries(hub):
     assert Pair.read_all(broker) == subscribe[4:] + BROKER_BYE
     client.close()
     broker.close()
+
+
+@pytest.mark.skipif(not PEEK_WALK, reason="this kernel cannot peek at an offset (SO_PEEK_OFF)")
+def test_a_run_of_16k_publishes_is_walked_and_ends_between_two_of_them(hub):
+    """The bulk case: 16 KiB PUBLISHes are walked (headers peeked, bytes spliced),
+    and an end asked in the middle of the run still lands between two of them."""
+    pair = TcpPair(hub)
+    publishes = [P.publish("bulk/%d" % i, bytes([65 + i % 26]) * 16384) for i in range(200)]
+    stream = b"".join(publishes)
+    received = []
+    reader = gevent.spawn(lambda: received.append(pair.read_all(pair.broker, 20)))
+    sender = send_in_thread(pair.client, stream[:len(stream) // 2])
+    modes = set()
+    deadline = time.monotonic() + 10
+    while pair.info.bytes_in < len(stream) // 2 and time.monotonic() < deadline:
+        modes.add(pair.relay.up.splicing)
+        gevent.sleep(0.0005)
+    sender.join(10)
+    assert WALK in modes
+    assert pair.relay.up.track.packets > 50
+    pair.relay.end(BROKER_BYE, None, 5.0)
+    send_in_thread(pair.client, stream[len(stream) // 2:]).join(10)
+    reader.join(timeout=20)
+    got = received[0]
+    assert got.endswith(BROKER_BYE)
+    whole = got[:-len(BROKER_BYE)]
+    assert stream.startswith(whole)
+    ends = set()
+    pos = 0
+    for pkt in publishes:
+        pos += len(pkt)
+        ends.add(pos)
+    assert len(whole) in ends and len(whole) >= len(stream) // 2 - 16384
+    pair.close()
