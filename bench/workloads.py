@@ -192,12 +192,16 @@ def idle(target, broker, opts, prefix):
 
 
 def throughput(target, broker, opts, prefix, payload_size, key, ws=False, duration=None,
-               lead=1.0, cpus=None, tls=None):
+               lead=1.0, cpus=None, tls=None, batch=256 * 1024, window=True,
+               recv_size=1 << 20):
     """One publisher, one subscriber, both through the target; MB/s at the subscriber.
 
     ``ws``: both speak MQTT over WebSocket (MB/s of MQTT bytes, frame headers
     not counted), for targets that speak it.  ``lead`` s are allowed for the
     subscriber to subscribe; ``cpus`` is unused (the per-core mode passes it).
+    ``batch``: bytes per publisher ``sendall`` (less than a frame: one frame a
+    call); ``window`` False: the publisher is not held back (see loadgen);
+    ``recv_size``: the subscriber's ``recv_into`` buffer.
     """
     if ws and not getattr(target, "websocket", False):
         return {}
@@ -209,14 +213,15 @@ def throughput(target, broker, opts, prefix, payload_size, key, ws=False, durati
     start_at = go_at + warmup
     end_at = start_at + duration
     sub = _spawn(loadgen.subscriber, addr, prefix + b"sub", topic, received, start_at,
-                 duration, opts.timeout, ws, tls)
+                 duration, opts.timeout, ws, tls, recv_size)
     workers = [sub]
     try:
         if _receive(sub[1], time.monotonic() + lead - 0.2) != "subscribed":
             raise RuntimeError("subscriber did not subscribe in time")
         workers.append(_spawn(loadgen.publisher, addr, prefix + b"pub", topic, payload_size,
-                              received, go_at, end_at + 0.2, opts.tput_window, opts.timeout,
-                              256 * 1024, ws, tls))
+                              received, go_at, end_at + 0.2,
+                              opts.tput_window if window else None, opts.timeout, batch, ws,
+                              tls))
         _sleep_until(start_at)
         proxy0 = _cpu(target.pid)
         broker0 = _cpu(broker.pid)
@@ -294,6 +299,13 @@ WORKLOADS = {
     "conn": conn_rate,
     "tput64": lambda t, b, o, p: throughput(t, b, o, p, 64, "tput64"),
     "tput16k": lambda t, b, o, p: throughput(t, b, o, p, 16 * 1024, "tput16k"),
+    # the independent harness's shape: four 16 KiB PUBLISHes a 64 KiB send, no
+    # window (the chain backs up), 256 KiB reads at the subscriber
+    "flood16k": lambda t, b, o, p: throughput(t, b, o, p, 16 * 1024, "flood16k",
+                                              batch=64 * 1024, window=False,
+                                              recv_size=256 * 1024),
+    # an unbatched publisher: one 16 KiB PUBLISH a send
+    "single16k": lambda t, b, o, p: throughput(t, b, o, p, 16 * 1024, "single16k", batch=1),
     # MQTT over WebSocket: gproxy only (the other targets would need an HTTP front)
     "wsconn": lambda t, b, o, p: conn_rate(t, b, o, p, ws=True),
     "wstput64": lambda t, b, o, p: throughput(t, b, o, p, 64, "wstput64", ws=True),
