@@ -81,7 +81,7 @@ class WebSocketEndpoint:
                 return 0
             self._read(len(buf))
         n = min(nbytes or len(buf), len(buf), len(self._in))
-        buf[:n] = self._in[:n]
+        buf[:n] = memoryview(self._in)[:n]
         self._in = self._in[n:] if n < len(self._in) else b""
         return n
 
