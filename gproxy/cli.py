@@ -8,7 +8,6 @@ that does not load is logged and the running configuration kept.
 """
 
 import argparse
-import gc
 import logging
 import os
 import resource
@@ -111,13 +110,11 @@ def main(argv=None):
 
 
 def freeze_startup_objects():
-    """Keep what start-up built (modules, Flask, the route table) out of every
-    later garbage collection: a full collection walks every tracked object on
-    the hub, and with thousands of live sessions each one stalled relaying for
-    tens of milliseconds.  This process's own business only: never done when
-    gproxy is embedded."""
-    gc.collect()
-    gc.freeze()
+    """Keep start-up's objects, then each live session, out of every later garbage
+    collection (runtime/gcpolicy.py).  This process's own business only: never
+    done when gproxy is embedded."""
+    from gproxy.runtime import gcpolicy
+    gcpolicy.start()
 
 
 def reload(app, path, log_level):

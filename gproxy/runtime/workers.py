@@ -30,6 +30,7 @@ import gevent
 import gevent.socket
 
 from gproxy.hub import pause as sessions_pause
+from gproxy.runtime import gcpolicy
 from gproxy.runtime.channel import (ACK_TIMEOUT, Channel, LineReader, decode, encode,
                                     encode_large)
 from gproxy.runtime.merged import WorkerSet
@@ -102,6 +103,7 @@ def _run_worker(app, index, child_end):
             ctl.sendall(encode({"error": str(exc)}))
             raise
         ctl.sendall(encode({"ready": True}))
+        gcpolicy.start()  # a worker is the CLI's: its sessions stay out of the collector
         reader = LineReader(ctl)
         drain = gevent.spawn(app.stop, serve_control(app, ctl, reader))
         gevent.spawn(_force_on_request, app, ctl, reader, drain)

@@ -131,6 +131,21 @@ class Direction:
         self.pipe = (r, w)
         return True
 
+    def close(self):
+        """Stop and let go of the watchers and the pipe (the relay has ended).
+
+        The watchers' callbacks are the relay's bound methods: dropping them
+        here leaves no reference cycle, so an ended relay is freed by its
+        reference count and never waits for the cyclic collector (which the
+        CLI keeps off live sessions: runtime/gcpolicy.py).
+        """
+        for watcher in (self.reader, self.writer):
+            if watcher is not None:
+                watcher.stop()
+                watcher.close()
+        self.reader = self.writer = None
+        self.close_pipe()
+
     def close_pipe(self):
         if self.pipe is not None:
             os.close(self.pipe[0])

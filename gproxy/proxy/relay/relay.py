@@ -363,15 +363,11 @@ class Relay:
         if self.reason is None:
             self.reason = "eof"  # queued callbacks of this relay now do nothing
         for d in (self.up, self.down):
-            d.reader.stop()
-            d.reader.close()
-            if d.writer is not None:
-                d.writer.stop()
-                d.writer.close()
-            d.close_pipe()
+            d.close()  # (the watchers held this relay through their callbacks: a cycle)
         for sock in (self.client, self.upstream):
             sock.close()
+        on_done, self.on_done = self.on_done, None  # (the session holds this relay: a cycle)
         try:
-            self.on_done(self)
+            on_done(self)
         except Exception:  # never raise into the hub
             log.exception("relay: completion callback failed")
