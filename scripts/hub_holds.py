@@ -16,7 +16,12 @@ greenlet in gproxy that sleeps 1 ms in a loop and logs each overshoot above
    ending, run by the event queue;
 3. opens N with keep alive ``--keepalive`` (idle timeout 1.5 times it) in
    one burst and watches the hub until gproxy has closed them all: they all
-   come due within a second or two, for the idle sweeper.
+   come due within a second or two, for the idle sweeper;
+4. the garbage collector: with N quiet sessions live, new clients come and
+   go (``--churn-rate`` a second for ``--churn-seconds``), which makes the
+   collector run; a full pass walks every object it tracks, so without
+   gproxy's freezing (``--gc startup``: start-up's objects only, as before
+   runtime/gcpolicy.py) its longest pass grows with N.
 
 Prints, for each phase, the probe's overshoots, the longest time gproxy held
 the hub on a CPU, and Python's generation 1 and 2 garbage collections in
@@ -34,8 +39,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from scale_setup import (gc_passes, open_idle, probe_holds, start_broker,  # noqa: E402
-                         start_gproxy, stop)
+from scale_setup import (connack_latencies, gc_passes, open_idle, probe_holds,  # noqa: E402
+                         start_broker, start_gproxy, stop)
 from bench.procstat import cpu_seconds  # noqa: E402  (scale_setup put the repo on the path)
 
 
@@ -82,6 +87,13 @@ def main(argv=None):
     parser.add_argument("--sessions", type=int, default=9000)
     parser.add_argument("--seconds", type=float, default=30.0, help="of the quiet phase")
     parser.add_argument("--keepalive", type=int, default=4, help="of the idling-out sessions")
+    parser.add_argument("--churn-rate", type=float, default=300.0,
+                        help="new clients a second in the GC phase")
+    parser.add_argument("--churn-seconds", type=float, default=20.0)
+    parser.add_argument("--gc", choices=("rounds", "startup"), default="rounds",
+                        help="gproxy's GC policy: freeze survivors every second (rounds, "
+                        "gproxy's), or only start-up's objects (startup: before)")
+    parser.add_argument("--only-gc", action="store_true", help="skip phases 2 and 3")
     parser.add_argument("--keep", action="store_true", help="keep the work dir and its logs")
     args = parser.parse_args(argv)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -91,6 +103,7 @@ def main(argv=None):
     try:
         brokers = [start_broker(workdir, name) for name in ("a", "b")]
         procs += [p for p, _ in brokers]
+        os.environ["GPROXY_HOLDS_GC"] = args.gc
         gp, stream, _, probe = start_gproxy(workdir, [p for _, p in brokers])
         procs.append(gp)
         measure = Phase(probe, gp.pid)
@@ -99,6 +112,12 @@ def main(argv=None):
         measure.begin()
         time.sleep(args.seconds)
         measure.report("%d quiet sessions, %.0f s:" % (len(quiet), args.seconds))
+        measure.begin()
+        latencies = connack_latencies(stream, args.churn_seconds, args.churn_rate, 0)
+        measure.report("%d live, %d new clients (GC %s):" % (len(quiet), len(latencies),
+                                                             args.gc))
+        if args.only_gc:
+            return 0
         measure.begin()
         for sock in quiet:  # gproxy holds two fds a session: one phase at a time
             sock.close()

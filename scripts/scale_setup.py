@@ -56,6 +56,9 @@ def serve(config, probe_path):
 
     gc.callbacks.append(collections)
     gevent.spawn(probe)
+    if os.environ.get("GPROXY_HOLDS_GC") == "startup":  # the policy before gcpolicy's rounds:
+        from gproxy.runtime import gcpolicy         # start-up's objects frozen, nothing after
+        gcpolicy._rounds = lambda interval: None
     from gproxy import cli
     return cli.main(["-c", config, "--log-level", "error"])
 
