@@ -119,8 +119,11 @@ def conn_worker(pipe, addr, prefix, start_at, duration, timeout, ws=False, tls=N
                "cpu": self_cpu_seconds() - cpu0, "wall": time.perf_counter() - t0})
 
 
-def idle_worker(pipe, addr, prefix, count, timeout, hold, batch=100):
-    """Open ``count`` MQTT sessions, report, hold them until told (or ``hold`` s), close."""
+def idle_worker(pipe, addr, prefix, count, timeout, hold, batch=100, tls=None):
+    """Open ``count`` MQTT sessions, report, hold them until told (or ``hold`` s), close.
+
+    ``tls``: each session over TLS (full handshake), as ``mqtt_session``.
+    """
     template = mqttwire.ConnectTemplate(prefix)
     open_socks, errors = [], {}
     cpu0 = self_cpu_seconds()
@@ -137,6 +140,7 @@ def idle_worker(pipe, addr, prefix, count, timeout, hold, batch=100):
             sock.settimeout(timeout)
             try:
                 sock.connect(addr)
+                sock = _tls_wrap(sock, tls)
                 sock.sendall(template.build(i))
                 sent.append(sock)
             except OSError as exc:

@@ -10,9 +10,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: In the order they run against each target.
 ALL_WORKLOADS = ["idle", "ping", "loaded", "order", "conn", "tput64", "tput16k", "flood16k",
-                 "single16k", "wsconn",
-                 "wstput64", "wstput16k", "tlsconn", "tlstput16k", "core-conn", "core-tput64",
-                 "core-tput16k"]
+                 "single16k", "wsconn", "wstput64", "wstput16k", "tlsconn", "tlstput16k",
+                 "tlsidle", "core-conn", "core-tput64", "core-tput16k"]
 PER_CORE = [w for w in ALL_WORKLOADS if w.startswith("core-")]
 MODES = {
     "quick": dict(rounds=1, conn_duration=3.0, tput_duration=2.0, ping_count=1000,

@@ -31,6 +31,7 @@ METRICS = [
     ("wsconn_p99_ms", "ws CONNACK latency p99", "ms", "low"),
     ("wsconn_proxy_cpu_us", "  proxy CPU per ws connection", "us", "low"),
     ("idle_kib_per_conn", "memory per idle conn", "KiB", "low"),
+    ("tlsidle_kib_per_conn", "memory per idle TLS conn", "KiB", "low"),
     ("tput64_MBps", "throughput 64 B msgs", "MB/s", "high"),
     ("tput64_cpu_s_per_GB", "  proxy CPU per GB, 64 B", "s/GB", "low"),
     ("tput64_loadgen_cores", "  load-gen CPU, 64 B", "cores", None),

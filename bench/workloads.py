@@ -142,23 +142,27 @@ def _ms(seconds):
     return None if seconds is None else seconds * 1e3
 
 
-def idle(target, broker, opts, prefix):
-    """RSS growth of the proxy's process tree per open, idle MQTT session."""
+def idle(target, broker, opts, prefix, tls=None, count=None, key="idle"):
+    """RSS growth of the proxy's process tree per open, idle MQTT session.
+
+    ``tls``: the sessions speak TLS to the target's TLS listener (tlsbench);
+    ``count``: how many (default ``--idle-conns``); metrics named ``key_*``.
+    """
     if target.pid is None:
-        return {"idle_kib_per_conn": None}
-    addr = (HOST, target.port)
+        return {key + "_kib_per_conn": None}
+    addr = (HOST, target.tls_port if tls else target.port)
+    count = count or opts.idle_conns
     for i in range(50):  # warm up one-time allocations before the baseline
-        sock = loadgen.mqtt_session(addr, prefix + b"w%03d" % i, opts.timeout)
+        sock = loadgen.mqtt_session(addr, prefix + b"w%03d" % i, opts.timeout, tls=tls)
         sock.sendall(b"\xe0\x00")
         sock.close()
     time.sleep(1.0)
     before = procstat.tree_rss_kib(target.pid)
     procs = opts.idle_procs
-    shares = [opts.idle_conns // procs + (1 if i < opts.idle_conns % procs else 0)
-              for i in range(procs)]
+    shares = [count // procs + (1 if i < count % procs else 0) for i in range(procs)]
     hold = opts.idle_timeout + 30
-    workers = [_spawn(loadgen.idle_worker, addr, prefix + b"%02d-" % i, n, opts.timeout, hold)
-               for i, n in enumerate(shares)]
+    workers = [_spawn(loadgen.idle_worker, addr, prefix + b"%02d-" % i, n, opts.timeout, hold,
+                      100, tls) for i, n in enumerate(shares)]
     done = False
     try:
         t0 = time.monotonic()
@@ -180,15 +184,15 @@ def idle(target, broker, opts, prefix):
     finally:
         _reap(workers, 3.0 if done else 0.0)  # interrupted: they hold sockets, stop them now
     opened = sum(r["ok"] for r in ready if r)
-    out = {"idle_kib_per_conn": (after - before) / opened if opened else None,
-           "idle_opened": opened, "idle_errors": _merge_errors(ready),
-           "idle_rss_before_kib": before, "idle_rss_after_kib": after,
-           "idle_open_seconds": open_seconds, "idle_broker_rss_kib": broker_rss}
+    out = {"kib_per_conn": (after - before) / opened if opened else None,
+           "opened": opened, "errors": _merge_errors(ready),
+           "rss_before_kib": before, "rss_after_kib": after,
+           "open_seconds": open_seconds, "broker_rss_kib": broker_rss}
     lost = sum(1 for r in ready if r is None)
     if lost:
-        out["idle_errors"]["worker_lost"] = lost
+        out["errors"]["worker_lost"] = lost
     time.sleep(1.0)  # the proxy tears the sessions down
-    return out
+    return {key + "_" + k: v for k, v in out.items()}
 
 
 def throughput(target, broker, opts, prefix, payload_size, key, ws=False, duration=None,
