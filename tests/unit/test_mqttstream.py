@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gproxy.protocols.mqttstream import (NORMAL, SERVER_SHUTTING_DOWN, USE_ANOTHER_SERVER,
-                                         Boundaries, disconnect, walk_headers)
+                                         Boundaries, disconnect)
+from gproxy.protocols.mqttwalk import walk_headers
 from tests import packets as P
 
 FUZZ = settings(max_examples=300, deadline=None, database=None,

@@ -28,7 +28,8 @@ import fcntl
 import os
 import socket
 
-from gproxy.protocols.mqttstream import Boundaries, walk_headers
+from gproxy.protocols.mqttstream import Boundaries
+from gproxy.protocols.mqttwalk import walk_headers
 
 READ, WRITE = 1, 2
 SPLICE = hasattr(os, "splice")
@@ -44,6 +45,7 @@ _SO_PEEK_OFF = getattr(socket, "SO_PEEK_OFF", 42)  # 42 on Linux (asm-generic/so
 _PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 _SOL = socket.SOL_SOCKET
 _HEADER_PEEK = 8  # a fixed header is at most 5 bytes; a few more catch tiny packets after it
+SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 
 
 def _peek_offset_works():
@@ -101,7 +103,14 @@ class Direction:
         self.can_splice = SPLICE and type(src) is _RAW and type(dst) is _RAW
 
     def walk(self, limit, small):
-        """``walk_headers`` over what waits on src: ``(n, marks)`` (see there)."""
+        """Move into the pipe what waits on src, up to ``limit`` bytes of known packets.
+
+        Peeks at each packet's header where the last body ends
+        (``mqttwalk.walk_headers``), splices every byte whose structure is
+        then known, and brings ``track`` up to where that ended.  Returns the
+        bytes moved; 0 at the end of the stream; None when nothing could be
+        moved now.  Raises OSError from the socket.
+        """
         src = self.src
         setsockopt, recv = src.setsockopt, src.recv
 
@@ -115,7 +124,17 @@ class Direction:
                 self.eof = True
             return data
 
-        return walk_headers(self.track, peek, limit, small)
+        n, marks = walk_headers(self.track, peek, limit, small)
+        if not n:
+            return 0 if self.eof else None
+        n = os.splice(src.fileno(), self.pipe[1], n, flags=SPLICE_FLAGS)
+        if n:
+            self.track.advance(n, marks)
+            if len(marks) > 4 and n < small * len(marks):
+                self.splicing = COPY  # small packets again: copying them is cheaper
+        if self.track.lost:
+            self.splicing = ALL
+        return n
 
     def open_pipe(self):
         if self.pipe is not None:

@@ -54,6 +54,7 @@ from gproxy.proxy.relay.direction import (
     COPY,
     PEEK_WALK,
     PIPE_SIZE,
+    SPLICE_FLAGS,
     WALK,
     WRITE,
     Direction,
@@ -74,7 +75,6 @@ SPLICE_BODY = 64 * 1024
 #: the kernel can peek at an offset): under it, the two syscalls that find a
 #: header cost more than copying the packet (measured: bench/README.md).
 WALK_PACKET = 8 * 1024
-_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 
 
 class Relay:
@@ -168,27 +168,17 @@ class Relay:
     def _walked(self, d):
         """WALK: splice every byte whose packets are known (headers peeked), at once."""
         try:
-            n, marks = d.walk(PIPE_SIZE, WALK_PACKET)
-            if not n:
-                if d.eof:
-                    self._eof(d)
-                elif d.track.lost:
-                    d.splicing = ALL
-                return
-            n = os.splice(d.src.fileno(), d.pipe[1], n, flags=_SPLICE_FLAGS)
+            n = d.walk(PIPE_SIZE, WALK_PACKET)
         except OSError as exc:
             if exc.errno not in _RETRY:
                 self.abort(reason_of(exc))
+            return
+        if n is None:
             return
         if not n:
             return self._eof(d)
         self.last = time.monotonic()
         setattr(self.info, d.counter, getattr(self.info, d.counter) + n)
-        d.track.advance(n, marks)
-        if d.track.lost:
-            d.splicing = ALL
-        elif len(marks) > 4 and n < WALK_PACKET * len(marks):
-            d.splicing = COPY  # small packets again: copying them is cheaper
         left = self._drain_pipe(d, n)
         if left:
             self._hold(d, left)
@@ -198,7 +188,7 @@ class Relay:
             return self._walked(d)
         want = PIPE_SIZE if d.splicing == ALL else min(PIPE_SIZE, d.track.left)
         try:
-            n = os.splice(d.src.fileno(), d.pipe[1], want, flags=_SPLICE_FLAGS)
+            n = os.splice(d.src.fileno(), d.pipe[1], want, flags=SPLICE_FLAGS)
         except OSError as exc:
             if exc.errno not in _RETRY:
                 self.abort(reason_of(exc))
@@ -221,7 +211,7 @@ class Relay:
         """Move ``n`` bytes from the pipe to dst; return how many are still in the pipe."""
         while n:
             try:
-                n -= os.splice(d.pipe[0], d.dst.fileno(), n, flags=_SPLICE_FLAGS)
+                n -= os.splice(d.pipe[0], d.dst.fileno(), n, flags=SPLICE_FLAGS)
             except OSError as exc:
                 if exc.errno not in _RETRY:
                     self.abort(reason_of(exc))
