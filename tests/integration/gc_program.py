@@ -25,14 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import gproxy  # noqa: E402
 from tests import packets  # noqa: E402
-
-HOST = "127.0.0.1"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+from tests.integration.embedded_program import HOST, free_port  # noqa: E402
 
 
 def session(port, client_id, how, keep_alive=0):
