@@ -45,6 +45,7 @@ _SO_PEEK_OFF = getattr(socket, "SO_PEEK_OFF", 42)  # 42 on Linux (asm-generic/so
 _PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 _SOL = socket.SOL_SOCKET
 _HEADER_PEEK = 8  # a fixed header is at most 5 bytes; a few more catch tiny packets after it
+_NO_PEEK_OFF = (errno.EOPNOTSUPP, errno.ENOPROTOOPT, errno.EINVAL)
 SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 
 
@@ -82,7 +83,8 @@ class Direction:
     """One way of a relay: src -> dst, with its watchers, backlog and boundaries."""
 
     __slots__ = ("src", "dst", "reader", "writer", "backlog", "counter", "done", "pipe",
-                 "splicing", "track", "ending", "bye", "pending", "can_splice", "eof")
+                 "splicing", "track", "ending", "bye", "pending", "can_splice", "eof",
+                 "walkable")
 
     def __init__(self, loop, src, dst, counter, track):
         self.src = src
@@ -95,6 +97,7 @@ class Direction:
         self.pipe = None  # (read fd, write fd) once this direction splices
         self.splicing = COPY
         self.eof = False  # walk saw the end of src's stream (nothing left to take)
+        self.walkable = PEEK_WALK  # False once src refuses SO_PEEK_OFF (then: COPY)
         self.track = Boundaries() if track else None
         self.ending = False  # stop at the next packet boundary
         self.bye = None  # bytes to send dst at that boundary (a DISCONNECT)
@@ -119,6 +122,12 @@ class Direction:
                 setsockopt(_SOL, _SO_PEEK_OFF, offset)
                 data = recv(_HEADER_PEEK, _PEEK)
             except BlockingIOError:
+                return b""
+            except OSError as exc:
+                if exc.errno not in _NO_PEEK_OFF:
+                    raise
+                self.walkable = False  # (a family the probe did not cover): copy from now on
+                self.splicing = COPY
                 return b""
             if not data and not offset:
                 self.eof = True

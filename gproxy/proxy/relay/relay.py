@@ -52,7 +52,6 @@ from gproxy.proxy.relay.direction import (
     ALL,
     BODY,
     COPY,
-    PEEK_WALK,
     PIPE_SIZE,
     SPLICE_FLAGS,
     WALK,
@@ -144,7 +143,7 @@ class Relay:
             if track is None or track.lost:
                 if n >= SPLICE_AFTER and d.open_pipe():
                     d.splicing = ALL
-            elif PEEK_WALK:
+            elif d.walkable:
                 if n >= WALK_PACKET * (packets or 1) and d.open_pipe():
                     d.splicing = WALK
             elif track.left >= SPLICE_BODY and d.open_pipe():
