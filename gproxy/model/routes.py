@@ -48,7 +48,7 @@ def is_ip(host):
 class Upstream:
     """One upstream: its nodes, balancer settings and (for IP nodes) its balancer."""
 
-    def __init__(self, conf, chash_ring="apisix"):
+    def __init__(self, conf, chash_ring="apisix", name=None, shared=None):
         self.conf = conf
         self.id = None if conf.get("id") is None else str(conf["id"])
         self.type = conf.get("type", "roundrobin")
@@ -68,14 +68,15 @@ class Upstream:
         self.idle_timeout = (max(timeout["send"], timeout["read"])
                              if "send" in timeout and "read" in timeout else None)
         self.checks = conf.get("checks") or None
-        self.name = None  # APISIX's resource key: /apisix/upstreams/<id> or /apisix/stream_routes/<id>
+        self.name = name  # APISIX's resource key: /apisix/upstreams/<id> or /apisix/stream_routes/<id>
         self.health = None  # a model.health.HealthState, set when this upstream is checked
         self._chash_ring = chash_ring
+        self._shared = shared  # least_conn counts and ewma latencies across tables
         self._balancer = None if self.needs_dns else self._build(self.nodes)
         self._dns_balancer = None  # rebuilt when a lookup gives other addresses
 
     def _build(self, nodes):
-        return Balancer(nodes, self.type, self._chash_ring)
+        return Balancer(nodes, self.type, self._chash_ring, self.name, self._shared)
 
     def balancer(self, resolved=None):
         """The balancer for ``resolved`` nodes (domain upstreams) or the static one."""
@@ -192,20 +193,20 @@ def _contains(net, ip):
 class RouteTable:
     """An immutable snapshot of every stream route and upstream."""
 
-    def __init__(self, stream_routes=(), upstreams=(), chash_ring="apisix"):
+    def __init__(self, stream_routes=(), upstreams=(), chash_ring="apisix", shared=None):
+        """``shared``: a ``loadaware.Shared`` that least_conn and ewma keep across tables."""
         self.upstreams = {}
         for conf in upstreams:
-            up = Upstream(conf, chash_ring)
-            up.name = "/apisix/upstreams/%s" % up.id
+            up_id = None if conf.get("id") is None else str(conf["id"])
+            up = Upstream(conf, chash_ring, "/apisix/upstreams/%s" % up_id, shared)
             self.upstreams[up.id] = up
         self.routes = []
         for conf in stream_routes:
             if (conf.get("protocol") or {}).get("superior_id") is not None:
                 continue  # xRPC subordinate routes are never matched directly
             inline = conf.get("upstream")
-            route = Route(conf, Upstream(inline, chash_ring) if inline else None)
-            if route.upstream is not None:
-                route.upstream.name = "/apisix/stream_routes/%s" % route.id
+            name = "/apisix/stream_routes/%s" % conf.get("id")
+            route = Route(conf, Upstream(inline, chash_ring, name, shared) if inline else None)
             self.routes.append(route)
         self._plain = [r for r in self.routes if not r.sni]
         # ip_port.lua's radixtree on reversed SNIs: an exact name before any

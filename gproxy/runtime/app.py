@@ -19,6 +19,7 @@ import logging
 
 import gevent
 
+from gproxy.model.loadaware import Shared
 from gproxy.model.routes import RouteTable
 from gproxy.proxy.accept.listener import Listener, bind_listener, listener_phases
 from gproxy.proxy.accept.overload import Gate
@@ -45,6 +46,7 @@ class Gproxy:
         self.store = store if store is not None else open_store(cfg)
         self.registry = registry if registry is not None else Registry()
         self.health = HealthCheckers()
+        self.balancing = Shared()  # least_conn counts and ewma latencies outlive table swaps
         self.gate = Gate(cfg["gproxy.max_connections"],
                          reject=lambda reason: self.registry.reject(reason))
         data = self.store.snapshot()
@@ -70,7 +72,7 @@ class Gproxy:
 
     def build_table(self, data):
         table = RouteTable(data["stream_routes"], data["upstreams"],
-                           self.cfg["gproxy.balancer.chash_ring"])
+                           self.cfg["gproxy.balancer.chash_ring"], self.balancing)
         self.health.sync(table)  # checked upstreams keep their health across swaps
         return table
 
