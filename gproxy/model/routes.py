@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 
 from gproxy.model.balancer import Balancer, Node
+from gproxy.model.iprestriction import IpRestriction
 from gproxy.model.resources import ip_network
 
 log = logging.getLogger("gproxy.model.routes")
@@ -149,6 +150,8 @@ class Route:
         plugins = conf.get("plugins") or {}
         self.limit_conn = plugins.get("limit-conn")  # APISIX's stream limit-conn conf
         self.limit_rate = plugins.get("gproxy-limit-rate")  # gproxy's extension
+        restrict = plugins.get("ip-restriction")
+        self.ip_restriction = IpRestriction(restrict) if restrict is not None else None
         plugin = plugins.get("mqtt-proxy")
         self.mqtt = None
         if plugin is not None:
