@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 
 from gproxy.errors import ConfigError
+from gproxy.model.logformat import STREAM_VARIABLES, compile_format
 
 DEFAULT_ADMIN_KEY = "edd1c9f034335f136f87ad84b625c8f1"
 LOG_LEVELS = ("debug", "info", "notice", "warn", "error", "crit", "alert", "emerg")
@@ -108,6 +109,16 @@ def typed(kind, check=None, what=None):
 
 def choice(*allowed):
     return typed(str, lambda v: v in allowed, "one of " + ", ".join(allowed))
+
+
+def log_format(value, key):
+    """An nginx log_format naming only variables the stream access log has."""
+    typed(str)(value, key)
+    try:
+        compile_format(value, STREAM_VARIABLES)
+    except ValueError as exc:
+        raise ConfigError("%s: %s" % (key, exc)) from None
+    return value
 
 
 def cidrs(value, key):

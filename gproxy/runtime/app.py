@@ -16,11 +16,13 @@ gevent hub.
 """
 
 import logging
+import os
 
 import gevent
 
 from gproxy.model.loadaware import Shared
 from gproxy.model.routes import RouteTable
+from gproxy.proxy.accesslog import AccessLog
 from gproxy.proxy.accept.listener import Listener, bind_listener, listener_phases
 from gproxy.proxy.accept.overload import Gate
 from gproxy.proxy.accept.tlsctx import Certificates
@@ -52,6 +54,7 @@ class Gproxy:
         data = self.store.snapshot()
         self.proxy = Proxy(self.build_table(data), self.registry, Settings.from_config(cfg),
                            certs=self.build_certs(data))
+        self.proxy.access_log = access_log(cfg)
         self.sessions = LiveSessions(self.registry, lambda: self.proxy.table,
                                      **self.evict_options)
         self.store.subscribe(self.reload)
@@ -123,6 +126,8 @@ class Gproxy:
     # -- starting ------------------------------------------------------------
     def start(self, workers=1):
         """Listen and serve (on the current hub); ``workers`` > 1 forks proxy processes."""
+        if self.proxy.access_log is not None:
+            self.proxy.access_log.check()  # a path it cannot open stops the start, as nginx
         if workers > 1:
             from gproxy.runtime.workers import fork_workers
             self.workers = fork_workers(self, workers)
@@ -209,6 +214,13 @@ class Gproxy:
         return [listener.address for listener in self.listeners]
 
     # -- changing ------------------------------------------------------------
+    def reopen_logs(self):
+        """SIGUSR1: reopen the access log (in every worker), for logrotate."""
+        if self.workers is not None:
+            self.workers.reopen()
+        elif self.proxy.access_log is not None:
+            self.proxy.access_log.reopen()
+
     def reload_config(self, cfg, log_level=None):
         """Apply a new config (SIGHUP): listeners, log level, limits, timeouts.
 
@@ -243,6 +255,8 @@ class Gproxy:
         drain(self.registry, grace, self.cfg["gproxy.shutdown.server_reference"])
         self.registry.close_where()
         self.proxy.relays.close_all()
+        if self.proxy.access_log is not None:
+            self.proxy.access_log.close()  # the lines of the sessions just ended
         self.greenlets.kill()
         for listener in self.listeners:
             listener.stop()
@@ -253,3 +267,12 @@ class Gproxy:
         self.admin_server = None
         self.http_servers = []
         self.listeners = []
+
+
+def access_log(cfg):
+    """The stream access log the config asks for (None when it is off)."""
+    if not cfg["nginx_config.stream.enable_access_log"]:
+        return None
+    stream = "nginx_config.stream."
+    return AccessLog(os.path.join(cfg.base_dir, cfg[stream + "access_log"]),
+                     cfg[stream + "access_log_format"], cfg[stream + "access_log_format_escape"])

@@ -79,7 +79,7 @@ def dial(s):
                or DEFAULT_CONNECT_TIMEOUT)
     deadline = time.monotonic() + upstream.retry_timeout if upstream.retry_timeout else None
     s.set_state("connecting")
-    tried = []
+    tried = s.tried
     health = upstream.health
     unhealthy = health.unhealthy if health is not None else ()
     tries = upstream.tries(len(balancer.nodes))
