@@ -59,6 +59,8 @@ class Upstream:
         self.scheme = "tls" if conf.get("scheme") == "tls" else "tcp"
         self.tls = conf.get("tls") or {}
         self.nodes = parse_nodes(conf.get("nodes"))
+        # service discovery (gproxy.discovery fills ``nodes`` in before the table is built)
+        self.discovery_type = conf.get("discovery_type") if conf.get("service_name") else None
         self.needs_dns = not all(is_ip(n.host) for n in self.nodes)
         retries = conf.get("retries")
         self.retries = retries if retries is not None and retries >= 0 else None
@@ -103,6 +105,12 @@ class Upstream:
         elif self.hash_on == "vars_combinations" and self.key:
             value = re.sub(r"\$(\w+)", lambda m: _text(found.get(m.group(1), "")), self.key)
         return None if value is None or value == "" else value
+
+    def no_nodes(self):
+        """Why a session finds no node here, in APISIX's words (set_by_route)."""
+        if self.discovery_type is not None and "nodes" not in self.conf:
+            return "failed to set upstream: discovery %s is uninitialized" % self.discovery_type
+        return "failed to set upstream: no valid upstream node"
 
     def tries(self, nnodes):
         """Dial attempts allowed: ``retries`` + 1, default one per node."""

@@ -26,7 +26,9 @@ RESTART = ("deployment.admin.admin_listen.ip", "deployment.admin.admin_listen.po
            "plugin_attr.prometheus.enable_export_server",
            "plugin_attr.prometheus.export_addr.ip", "plugin_attr.prometheus.export_addr.port",
            "gproxy.store.backend", "gproxy.store.path", "gproxy.balancer.chash_ring",
-           "gproxy.admin.max_connections", "gproxy.admin.timeout")
+           "gproxy.admin.max_connections", "gproxy.admin.timeout",
+           "discovery.dns.servers", "discovery.dns.resolv_conf", "discovery.dns.order",
+           "apisix.enable_ipv6")
 
 
 def apply_config(gp, cfg, log_level=None):
@@ -53,7 +55,7 @@ def _access_log(gp, old, cfg):
     keys = [k for k in cfg.values if k.startswith("nginx_config.stream.")]
     if all(old[k] == cfg[k] for k in keys):
         return
-    from gproxy.runtime.app import access_log
+    from gproxy.runtime.optional import access_log
     previous, gp.proxy.access_log = gp.proxy.access_log, access_log(cfg)
     if previous is not None:
         previous.close()

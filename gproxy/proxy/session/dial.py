@@ -71,6 +71,8 @@ def resolve(s, upstream):
 def dial(s):
     """Connect to the first candidate that answers; sets ``s.upstream_sock``."""
     upstream = s.upstream
+    if not upstream.nodes:  # a discovered service with no answer, or none at all
+        raise NoUpstream(upstream.no_nodes())
     key = s.info.hash_key = hash_key(s, upstream)
     balancer = upstream.balancer(resolve(s, upstream))
     if upstream.type not in BALANCER_TYPES and len(balancer.nodes) > 1:
