@@ -10,6 +10,7 @@ sessions are untouched, and when dnsmasq is killed the last good answer
 stays in use.
 """
 
+import os
 import socket
 import subprocess
 
@@ -206,3 +207,45 @@ def test_gproxy_follows_dnsmasq_and_survives_its_death(gproxy, dns, brokers):
         assert gp.admin("GET", "/stream_routes/1")[1]["value"]["upstream"].get("nodes") is None
     finally:
         held.close()
+
+
+def test_workers_get_discovered_nodes_and_write_one_access_log(gproxy, dns, brokers, tmp_path):
+    b2, b3 = brokers("127.0.0.2"), brokers("127.0.0.3")
+    server = dns(hosts=[("127.0.0.2", "w.svc.test")])
+    name = "w.svc.test:%d" % b2.port
+    route = mqtt_route([], route_id=1, type_="least_conn")
+    route["upstream"] = {"type": "least_conn", "discovery_type": "dns", "service_name": name}
+    gp = gproxy([route], workers=2, config={
+        "discovery": {"dns": {"servers": [server.server]}},
+        "nginx_config": {"stream": {"enable_access_log": True,
+                                    "access_log_format": "$pid $mqtt_client_id $upstream_addr"}}})
+    held = Held(gp.port)
+    try:
+        for i in range(6):
+            held.open("w-a-%d" % i)
+        mark = gp.mark()
+        server.set_hosts([("127.0.0.2", "w.svc.test"), ("127.0.0.3", "w.svc.test")])
+        server.reload()
+        gp.wait_for_log("dns discovery: %s -> " % name, timeout=10, since=mark)
+        # the parent pushed the new table to both workers: new sessions reach b3 too
+        for i in range(12):
+            held.open("w-b-%d" % i)
+        assert {cid for cid in held.socks if cid.startswith("w-b")} & set(b3.client_ids())
+        assert held.all_alive()
+    finally:
+        held.close()
+    path = os.path.join(gp.dir, "logs", "access_stream.log")
+    found = wait_until(lambda: _log_lines(path, 18), 10)
+    assert found, _log_lines(path, 0)
+    assert {line.split()[1] for line in found} == set(held.socks)
+    pids = {line.split()[0] for line in found}
+    assert str(gp.proc.pid) not in pids  # written by the workers, where the sessions live
+
+
+def _log_lines(path, count):
+    try:
+        with open(path) as fh:
+            lines = fh.read().splitlines()
+    except FileNotFoundError:
+        return None
+    return lines if len(lines) >= count else None
