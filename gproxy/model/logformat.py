@@ -28,6 +28,12 @@ STREAM_VARIABLES = (
     "connection", "pid", "hostname", "upstream_addr", "upstream_bytes_sent",
     "upstream_bytes_received", "ssl_server_name", "route_id", "mqtt_client_id",
     "mqtt_username", "mqtt_protocol_level", "tls_client_cn", "session_id")
+#: Variables whose values are ASCII digits, addresses or fixed words: nothing to escape.
+PLAIN = frozenset((
+    "remote_addr", "remote_port", "server_addr", "server_port", "protocol", "status",
+    "bytes_sent", "bytes_received", "session_time", "time_local", "time_iso8601", "msec",
+    "connection", "pid", "upstream_addr", "upstream_bytes_sent", "upstream_bytes_received",
+    "route_id", "mqtt_protocol_level", "session_id"))
 _VAR = re.compile(rb"\$(?:\{([A-Za-z0-9_]+)\}|([A-Za-z0-9_]+))")
 _DEFAULT = re.compile(rb'[\x00-\x1f"\\\x7f-\xff]')
 _JSON = re.compile(rb'[\x00-\x1f"\\]')
@@ -60,23 +66,41 @@ def escape(value, mode):
 class LogFormat:
     """A compiled format: literal pieces and the variable names between them."""
 
-    def __init__(self, literals, names, mode):
+    def __init__(self, literals, names, mode, plain=()):
         self.literals = literals  # len(names) + 1 byte strings
         self.names = names
         self.mode = mode
+        # per variable: its value needs escaping (False: ASCII that never does)
+        self._steps = tuple((name, name not in plain, literal)
+                            for name, literal in zip(names, literals[1:]))
 
     def render(self, values):
         """The line for ``values`` (a mapping or a callable: name -> value)."""
         get = values if callable(values) else values.get
-        out = [self.literals[0]]
-        for name, literal in zip(self.names, self.literals[1:]):
-            out.append(escape(get(name), self.mode))
-            out.append(literal)
-        return b"".join(out)
+        return self.bind({name: (lambda name=name: get(name)) for name in self.names})()
+
+    def bind(self, getters):
+        """``line(*args)``: the line with each variable's value ``getters[name](*args)``."""
+        steps = tuple((getters[name], needs, literal) for name, needs, literal in self._steps)
+        first, mode = self.literals[0], self.mode
+
+        def line(*args):
+            out = [first]
+            for get, needs, literal in steps:
+                value = get(*args)
+                if needs or value is None:
+                    out.append(escape(value, mode))
+                else:
+                    out.append(value.encode("ascii", "backslashreplace"))
+                out.append(literal)
+            return b"".join(out)
+        return line
 
 
-def compile_format(text, known, mode="default"):
-    """A LogFormat for ``text``; ValueError names an unknown variable or escape."""
+def compile_format(text, known, mode="default", plain=()):
+    """A LogFormat for ``text``; ValueError names an unknown variable or escape.
+
+    ``plain``: names whose values are never escaped (they cannot need it)."""
     if mode not in ESCAPES:
         raise ValueError("unknown escape %r (default, json or none)" % mode)
     raw = text.encode("utf-8").rstrip(b"\r\n")  # a YAML block scalar ends with a newline
@@ -89,4 +113,4 @@ def compile_format(text, known, mode="default"):
         names.append(name)
         pos = m.end()
     literals.append(raw[pos:])
-    return LogFormat(literals, tuple(names), mode)
+    return LogFormat(literals, tuple(names), mode, plain)

@@ -8,10 +8,12 @@ ends, refused ones included, as nginx logs every stream session; ``$status``
 is nginx's stream status (``STATUS``).
 
 The hub only formats the line (a few microseconds) and appends it to a
-pending batch; one thread of a gevent ``ThreadPool`` writes whole batches
-(one ``write(2)`` each, the file opened ``O_APPEND``, so workers can share
-it), one batch in flight at a time: what arrives meanwhile is the next
-batch.  The batch is bounded (``MAX_PENDING`` bytes): when the disk cannot
+pending batch, handed to one thread of a gevent ``ThreadPool`` once it holds
+``BUFFER`` bytes or ``FLUSH_EVERY`` seconds after its first line (APISIX's
+nginx.conf: ``buffer=16384 flush=3``); the thread writes it whole (one
+``write(2)``, the file opened ``O_APPEND``, so workers can share it), one
+batch in flight at a time: what arrives meanwhile is the next batch.  The
+pending batch is bounded (``MAX_PENDING`` bytes): when the disk cannot
 keep up, new lines are dropped, counted (``dropped``) and reported in the
 error log at most every ``WARN_EVERY`` seconds: the hub never waits for a
 disk.  ``reopen()`` (SIGUSR1, for logrotate) makes the writer close and
@@ -26,10 +28,12 @@ import time
 import gevent
 from gevent.threadpool import ThreadPool
 
-from gproxy.model.logformat import compile_format
+from gproxy.model.logformat import PLAIN, compile_format
 
 log = logging.getLogger("gproxy.accesslog")
 MAX_PENDING = 4 * 1024 * 1024  # bytes waiting for the writer before lines are dropped
+BUFFER = 16384     # bytes that make a batch worth writing at once
+FLUSH_EVERY = 1.0  # seconds a line may wait for more (nginx's flush=, APISIX sets 3)
 WARN_EVERY = 10.0  # seconds between two "dropped" warnings
 
 #: ``$status`` of a refused session by refusal reason: the code the refusing APISIX
@@ -63,8 +67,15 @@ def _bytes_received(s):
     return info.bytes_in if info.bytes_in else len(s.replay)  # read, never forwarded
 
 
+_clock = [None, None]  # the second last formatted, and its $time_local (nginx caches it too)
+
+
 def _time_local(now):
-    return time.strftime("%d/%b/%Y:%H:%M:%S %z", time.localtime(now))
+    second = int(now)
+    if _clock[0] != second:
+        _clock[1] = time.strftime("%d/%b/%Y:%H:%M:%S %z", time.localtime(second))
+        _clock[0] = second
+    return _clock[1]
 
 
 def _time_iso8601(now):
@@ -111,7 +122,8 @@ class AccessLog:
 
     def __init__(self, path, fmt=DEFAULT_FORMAT, escape="default", max_pending=MAX_PENDING):
         self.path = path
-        self.format = compile_format(fmt, VARIABLES, escape)  # ValueError: unknown variable
+        self.format = compile_format(fmt, VARIABLES, escape, PLAIN)  # ValueError: unknown name
+        self._line = self.format.bind(VARIABLES)  # line(session, now)
         self.max_pending = max_pending
         self.dropped = 0
         self._pending, self._pending_bytes = [], 0
@@ -119,6 +131,7 @@ class AccessLog:
         self._reopen = False
         self._file = None
         self._pool = None  # made on first use, in the process (and hub) that writes
+        self._timer = None
         self._warned_at, self._dropped_since_warning = 0.0, 0
 
     def check(self):
@@ -128,13 +141,16 @@ class AccessLog:
     def session(self, s):
         """Queue ``s``'s line (called once when the session ends)."""
         now = time.time()
-        line = self.format.render(lambda name: VARIABLES[name](s, now)) + b"\n"
+        line = self._line(s, now) + b"\n"
         if self._pending_bytes + len(line) > self.max_pending:
             self._drop(now)
             return
         self._pending.append(line)
         self._pending_bytes += len(line)
-        self._kick()
+        if self._pending_bytes >= BUFFER:
+            self._kick()
+        else:
+            self._later()
 
     def reopen(self):
         """Close and reopen the path before the next write (logrotate's SIGUSR1)."""
@@ -147,6 +163,8 @@ class AccessLog:
         while (self._writing or self._pending) and time.monotonic() < deadline:
             self._kick()
             gevent.sleep(0.01)
+        if self._timer is not None:
+            self._timer.stop()
         if self._pool is not None:
             self._pool.kill()
             self._pool = None
@@ -155,6 +173,12 @@ class AccessLog:
             self._file = None
 
     # -- the hub side --------------------------------------------------------------
+    def _later(self):
+        if self._timer is None:
+            self._timer = gevent.get_hub().loop.timer(FLUSH_EVERY)
+        if not self._timer.active:
+            self._timer.start(self._kick)
+
     def _kick(self, force=False):
         if self._writing or not (self._pending or force):
             return
@@ -168,8 +192,10 @@ class AccessLog:
         self._writing = False
         if not result.successful():
             log.error("access log: cannot write %s: %s", self.path, result.exception)
-        if self._pending or self._reopen:
+        if self._reopen or self._pending_bytes >= BUFFER:
             self._kick(force=self._reopen)
+        elif self._pending:
+            self._later()
 
     def _drop(self, now):
         self.dropped += 1

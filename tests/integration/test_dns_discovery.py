@@ -12,14 +12,14 @@ stays in use.
 
 import os
 import socket
-import subprocess
 
 import pytest
 
 from tests import packets
 from tests.integration import dnsmasq
-from tests.integration.conftest import HOST, Broker, mqtt_route, wait_until
+from tests.integration.conftest import HOST, mqtt_route, wait_until
 from tests.integration.helpers import CONNACK_OK, ApisixRing, recv_exact
+from tests.integration.test_admin_e2e import HostBroker  # mosquitto on 127.0.0.x:port
 from tests.needs import require
 
 pytestmark = pytest.mark.integration
@@ -95,44 +95,16 @@ def test_a_dead_server_is_a_failure_not_an_empty_answer(dns):
 
 # -- a real gproxy following dnsmasq --------------------------------------------------
 
-class IpBroker(Broker):
-    """mosquitto on its own loopback address (the same port on every one of them)."""
-
-    def __init__(self, directory, name, host, port):
-        super().__init__(directory, name)
-        self.host, self.port = host, port
-        with open(self.conf_path) as fh:
-            lines = fh.read().splitlines()
-        lines[0] = "listener %d %s" % (port, host)
-        with open(self.conf_path, "w") as fh:
-            fh.write("\n".join(lines) + "\n")
-
-    def start(self):
-        with open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen([self.mosquitto, "-c", self.conf_path],
-                                         stdout=subprocess.DEVNULL, stderr=err)
-        ok = wait_until(self._accepts, 10, interval=0.05)
-        assert ok, "mosquitto %s did not listen on %s" % (self.name, self.addr)
-        return self
-
-    def _accepts(self):
-        try:
-            socket.create_connection((self.host, self.port), timeout=0.5).close()
-            return True
-        except OSError:
-            return False
-
-
 @pytest.fixture
 def brokers(tmp_path):
-    from tests.integration.conftest import MOSQUITTO, free_port
+    from tests.integration.conftest import free_port
     port = free_port()
     made = []
 
     def make(host):
-        broker = IpBroker(str(tmp_path), "mq-%s" % host, host, port)
-        broker.mosquitto = MOSQUITTO
-        made.append(broker.start())
+        broker = HostBroker(str(tmp_path), "mq-%s" % host, host, port)
+        broker.start()
+        made.append(broker)
         return broker
     yield make
     for broker in made:
