@@ -135,3 +135,24 @@ def test_no_answer_yet_and_a_name_no_longer_wanted(caplog):
     assert watcher.found == {} and "no answer yet" in caplog.text
     watcher.apply({"upstreams": [], "stream_routes": []})
     assert watcher.errors == {} and watcher._watchers == {}
+
+
+def test_a_discovered_node_change_keeps_health_per_address():
+    from gproxy.model.health import TCP_FAILURE
+    from gproxy.proxy.health import HealthCheckers
+    store = {"upstreams": [{"id": "1", "service_name": "a:1883", "discovery_type": "dns",
+                            "checks": {"active": {"type": "tcp"},
+                                       "passive": {"unhealthy": {"tcp_failures": 1}}}}],
+             "stream_routes": []}
+    node = lambda ip: {"host": ip, "port": 1883, "weight": 1}  # noqa: E731
+    checkers = HealthCheckers()
+    before = with_nodes(store, {"a:1883": [node("10.0.0.1"), node("10.0.0.2")]})
+    table = RouteTable(before["stream_routes"], before["upstreams"])
+    checkers.sync(table)
+    table.upstreams["1"].health.report("10.0.0.2:1883", TCP_FAILURE, passive=True)
+    assert table.upstreams["1"].health.unhealthy == {"10.0.0.2:1883"}
+    after = with_nodes(store, {"a:1883": [node("10.0.0.1"), node("10.0.0.2"), node("10.0.0.3")]})
+    swapped = RouteTable(after["stream_routes"], after["upstreams"])
+    checkers.sync(swapped)
+    health = swapped.upstreams["1"].health
+    assert health.unhealthy == {"10.0.0.2:1883"} and "10.0.0.3:1883" in health.nodes
