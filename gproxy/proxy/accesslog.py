@@ -164,7 +164,8 @@ class AccessLog:
             self._kick()
             gevent.sleep(0.01)
         if self._timer is not None:
-            self._timer.stop()
+            self._timer.close()
+            self._timer = None
         if self._pool is not None:
             self._pool.kill()
             self._pool = None
@@ -174,10 +175,13 @@ class AccessLog:
 
     # -- the hub side --------------------------------------------------------------
     def _later(self):
-        if self._timer is None:
-            self._timer = gevent.get_hub().loop.timer(FLUSH_EVERY)
-        if not self._timer.active:
-            self._timer.start(self._kick)
+        """Kick in ``FLUSH_EVERY`` seconds, unless a kick is already due."""
+        if self._timer is not None and self._timer.active:
+            return
+        if self._timer is not None:
+            self._timer.close()  # a fired libev timer restarted would fire at once: a new one
+        self._timer = gevent.get_hub().loop.timer(FLUSH_EVERY)
+        self._timer.start(self._kick)
 
     def _kick(self, force=False):
         if self._writing or not (self._pending or force):

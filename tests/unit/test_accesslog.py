@@ -168,3 +168,21 @@ def test_reopen_follows_a_rename_as_logrotate_does(tmp_path):
     log.session(ended(client_id="after"))
     assert read_lines(path, 1) == [b"after"]
     log.close()
+
+
+def test_lines_wait_for_a_full_buffer_or_the_flush_interval(tmp_path, monkeypatch):
+    monkeypatch.setattr(accesslog, "FLUSH_EVERY", 0.2)
+    log = AccessLog(str(tmp_path / "access.log"), "$mqtt_client_id")
+    writes = []
+    real = log._write
+    log._write = lambda data: (writes.append(data.count(b"\n")), real(data))[1]
+    for round_ in range(3):  # each round: lines a few ms apart, then the interval passes
+        for n in range(10):
+            log.session(ended(client_id="r%d-%d" % (round_, n)))
+            gevent.sleep(0.005)
+        gevent.sleep(0.4)
+    assert writes == [10, 10, 10]  # one batch per interval, not one write per line
+    log.session(ended(client_id="x" * (accesslog.BUFFER + 1)))
+    gevent.sleep(0.05)
+    assert writes == [10, 10, 10, 1]  # a full buffer goes at once
+    log.close()
