@@ -1,12 +1,14 @@
 """The cost of one short MQTT session in gproxy, counted rather than timed.
 
-    python -m bench.conncost [--connections 500] [--tool callgrind|strace|none]
+    python -m bench.conncost [--connections 500] [--tool callgrind|strace|py-spy|none]
                              [--balancer chash|roundrobin|least_conn|ewma] [--access-log]
+                             [--target gproxy|haproxy]
 
 Starts mosquitto and gproxy (one mqtt-proxy route, chash on the client id, one
-node) on loopback, warms gproxy up, then runs ``--connections`` sessions one
-after another (connect, CONNECT, CONNACK, DISCONNECT, close) and reports what
-gproxy spent on them:
+node) on loopback, or HAProxy with the benchmark's configuration (``--target
+haproxy``: nbthread 1, chash on the MQTT client id), warms it up, then runs
+``--connections`` sessions one after another (connect, CONNECT, CONNACK,
+DISCONNECT, close) and reports what the proxy spent on them:
 
 * ``callgrind``: user-space instructions per session, from valgrind's
   instruction count (zeroed after the warm-up, dumped after the run).  The
@@ -14,7 +16,12 @@ gproxy spent on them:
   change of a few percent is visible on a shared 2-core box where timing is not.
 * ``strace``: system calls per session, by name (``strace -c -f``; two runs,
   of N and 2N sessions, and their difference, so start-up does not count).
+* ``py-spy``: gproxy's hot Python frames (attached after the warm-up).
 * ``none``: wall and CPU time, for reference only.
+
+Every tool also reports the process's user and system CPU per session from
+/proc (under callgrind or strace: the tool's, so only the counts are
+meaningful there).
 
 Sessions run sequentially, so this measures cost, not concurrency.
 """
@@ -30,6 +37,7 @@ import sys
 import tempfile
 import time
 
+from bench import configs
 from bench.mqttwire import connect as connect_packet
 from bench.targets import HOST, find, free_port, listening
 
@@ -80,8 +88,17 @@ def _config(run_dir, port, broker, balancer="chash", access_log=False):
     return os.path.join(run_dir, "config.yaml")
 
 
-def _command(tool, out, python, conf):
+def _haproxy_config(run_dir, port, broker):
+    path = os.path.join(run_dir, "haproxy.cfg")
+    with open(path, "w") as fh:
+        fh.write(configs.haproxy(HOST, port, broker, 1000, 4096, free_port(), free_port()))
+    return path
+
+
+def _command(tool, out, python, conf, target="gproxy"):
     gproxy = [python, "-m", "gproxy", "-c", conf]
+    if target == "haproxy":
+        gproxy = [find("haproxy"), "-db", "-f", conf]
     if tool == "callgrind":
         return ["valgrind", "--tool=callgrind", "--callgrind-out-file=" + out,
                 "--dump-instr=no", "--collect-atstart=yes"] + gproxy
@@ -89,10 +106,7 @@ def _command(tool, out, python, conf):
         return ["strace", "-f", "-c", "-o", out] + gproxy
     if tool == "strace-log":  # every call with its arguments, to read by hand
         return ["strace", "-f", "-tt", "-o", out] + gproxy
-    if tool == "py-spy":  # sampled Python stacks, summarised by bench.profile
-        return [os.path.join(os.path.dirname(python), "py-spy"), "record", "--rate", "500",
-                "--format", "raw", "--output", out, "--"] + gproxy
-    return gproxy
+    return gproxy  # (py-spy attaches after the warm-up: start-up is not sampled)
 
 
 def _callgrind_total(path):
@@ -106,14 +120,16 @@ def _callgrind_total(path):
     return total
 
 
-def measure(tool, connections, warmup, python, clients=1, **route):
+def measure(tool, connections, warmup, python, clients=1, target="gproxy", **route):
     run_dir = tempfile.mkdtemp(prefix="gproxy-cost-")
     broker_port, port = free_port(), free_port()
     mosq = subprocess.Popen([find("mosquitto"), "-p", str(broker_port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     out = os.path.join(run_dir, "%s.out" % tool)
-    proc = subprocess.Popen(_command(tool, out, python, _config(run_dir, port, broker_port, **route)),
+    conf = (_haproxy_config(run_dir, port, broker_port) if target == "haproxy"
+            else _config(run_dir, port, broker_port, **route))
+    proc = subprocess.Popen(_command(tool, out, python, conf, target),
                             cwd=run_dir, env=dict(os.environ, PYTHONHASHSEED="0"), stdout=subprocess.DEVNULL,
                             stderr=open(os.path.join(run_dir, "gproxy.log"), "w"),
                             start_new_session=True)
@@ -125,6 +141,7 @@ def measure(tool, connections, warmup, python, clients=1, **route):
         if tool == "callgrind":
             subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True,
                            stdout=subprocess.DEVNULL)
+        spy = _py_spy(python, proc.pid, out) if tool == "py-spy" else None
         cpu0, t0 = _cpu(proc.pid), time.monotonic()
         if clients > 1:  # concurrent clients, as in the benchmark's connection rate
             with multiprocessing.get_context("fork").Pool(clients) as workers:
@@ -134,6 +151,9 @@ def measure(tool, connections, warmup, python, clients=1, **route):
         else:
             _sessions(port, warmup, connections)
         cpu1, t1 = _cpu(proc.pid), time.monotonic()
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its file and exits
+            spy.wait(timeout=60)
         if tool == "callgrind":
             subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True,
                            stdout=subprocess.DEVNULL)
@@ -172,12 +192,19 @@ def _cpu(pid):
         return 0.0, 0.0
 
 
+def _py_spy(python, pid, out):
+    """py-spy sampling ``pid`` (gproxy, warmed up) until SIGINT; raw stacks into ``out``."""
+    spy = subprocess.Popen([os.path.join(os.path.dirname(python), "py-spy"), "record",
+                            "--pid", str(pid), "--rate", "1000", "--nonblocking",
+                            "--format", "raw", "--output", out],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # attached before the first session
+    return spy
+
+
 def _py_spy_summary(path):
     from bench.profile import summarise
-    deadline = time.monotonic() + 30
-    while not os.path.exists(path) and time.monotonic() < deadline:
-        time.sleep(0.2)  # py-spy writes its file after the process it sampled exits
-    found = summarise(path, top=25)
+    found = summarise(path, top=40)
     lines = ["%d samples" % found["samples"], "self:"]
     lines += ["  %5.1f%%  %s" % (100 * share, frame) for frame, share in found["self"]]
     lines += ["inclusive:"]
@@ -204,6 +231,7 @@ def main(argv=None):
                         help="client processes, each running --connections sessions")
     parser.add_argument("--tool", choices=("callgrind", "strace", "strace-log", "py-spy", "none"),
                         default="callgrind")
+    parser.add_argument("--target", choices=("gproxy", "haproxy"), default="gproxy")
     parser.add_argument("--python", default=sys.executable,
                         help="the interpreter with gproxy installed (default: this one)")
     parser.add_argument("--balancer", default="chash",
@@ -211,12 +239,14 @@ def main(argv=None):
     parser.add_argument("--access-log", action="store_true",
                         help="with the stream access log on (its writer thread counts too)")
     args = parser.parse_args(argv)
+    if args.tool == "py-spy" and args.target != "gproxy":
+        parser.error("--tool py-spy samples Python: gproxy only")
     route = {"balancer": args.balancer, "access_log": args.access_log}
     result = measure(args.tool, args.connections, args.warmup, args.python, args.clients,
-                     **route)
+                     args.target, **route)
     if args.tool == "strace":
         more = measure(args.tool, 2 * args.connections, args.warmup, args.python,
-                       args.clients, **route)["syscalls"]
+                       args.clients, args.target, **route)["syscalls"]
         per = {name: (more.get(name, 0) - result["syscalls"].get(name, 0))
                / (args.connections * args.clients)
                for name in set(more) | set(result["syscalls"]) if name != "total"}
