@@ -54,7 +54,8 @@ def wait_quiet(proxy, timeout=20):
     return proxy.stats()["live_sessions"]
 
 
-def main(broker_port, store_dir, count):
+def start_proxy(broker_port, store_dir):
+    """gproxy embedded here, one chash mqtt-proxy route to the broker: (proxy, port)."""
     with open(os.path.join(store_dir, "apisix.yaml"), "w") as fh:
         fh.write("stream_routes:\n  - id: 1\n    plugins:\n      mqtt-proxy:\n"
                  "        protocol_name: MQTT\n        protocol_level: 4\n    upstream:\n"
@@ -67,6 +68,11 @@ def main(broker_port, store_dir, count):
                           "deployment": {"admin": False},
                           "gproxy": {"store": {"path": os.path.join(store_dir, "apisix.yaml")},
                                      "evict": {"grace": 2}}})
+    return proxy, port
+
+
+def main(broker_port, store_dir, count):
+    proxy, port = start_proxy(broker_port, store_dir)
     try:
         for i in range(20):  # warm up: one-time caches, pools, lazily built objects
             session(port, b"warm-%d" % i, "disconnect")

@@ -17,8 +17,8 @@ import pytest
 pytestmark = pytest.mark.integration
 PROGRAM = os.path.join(os.path.dirname(__file__), "gc_program.py")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PER_SESSION = {"Session", "SessionInfo", "Relay", "Direction", "Boundaries", "io", "socket",
-               "method", "greenlet", "Greenlet"}
+PER_SESSION = {"Session", "SessionInfo", "Relay", "RelayedSession", "Direction", "Boundaries",
+               "io", "socket", "method", "greenlet", "Greenlet"}
 
 
 def run(broker, tmp_path, sessions):

@@ -1,4 +1,4 @@
-"""Relay.end: each direction stops exactly between two MQTT packets and says goodbye.
+"""Relay.end_at_boundary: each direction stops between two MQTT packets and says goodbye.
 
 Relays run in this process on socket pairs.  The test plays the client and
 the broker, ends the relay in the middle of a packet, and checks byte for
@@ -76,13 +76,13 @@ def tcp_pair():
 
 
 class TcpPair(Pair):
-    def __init__(self, hub):
+    def __init__(self, hub, mqtt=True):
         self.client, client_end = tcp_pair()
         self.broker, upstream_end = tcp_pair()
         self.info = SessionInfo("t-1", "127.0.0.1", 1, "127.0.0.1", 2)
         self.done = []
         self.relay = hub.start(client_end, upstream_end, self.info, self.done.append, 60.0,
-                               mqtt=True)
+                               mqtt=mqtt)
 
 
 def send_in_thread(sock, data):
@@ -110,7 +110,7 @@ def test_end_between_packets_sends_both_goodbyes(hub):
     ping = P.pingreq()
     pair.client.sendall(ping)
     settle()
-    pair.relay.end(disconnect(5), disconnect(5, SERVER_SHUTTING_DOWN), 5.0)
+    pair.relay.end_at_boundary(disconnect(5), disconnect(5, SERVER_SHUTTING_DOWN), 5.0)
     assert pair.read_all(pair.broker) == ping + BROKER_BYE
     assert pair.read_all(pair.client) == CLIENT_BYE_V5
     assert pair.done and pair.done[0].reason == "eof"
@@ -123,7 +123,7 @@ def test_end_in_the_middle_of_a_client_packet_waits_for_its_end(hub):
     after = P.publish("t/b", b"too late", qos=1)
     pair.client.sendall(publish[:1000])
     settle()
-    pair.relay.end(BROKER_BYE, None, 5.0)  # an MQTT 3.1.1 client: no goodbye to it
+    pair.relay.end_at_boundary(BROKER_BYE, None, 5.0)  # an MQTT 3.1.1 client: no goodbye to it
     settle()
     pair.client.sendall(publish[1000:] + after)  # the rest, and one packet too many
     assert pair.read_all(pair.broker) == publish + BROKER_BYE
@@ -136,7 +136,7 @@ def test_end_in_the_middle_of_a_broker_packet(hub):
     publish = P.publish("t/x", b"q" * 500)
     pair.broker.sendall(publish[:7])
     settle()
-    pair.relay.end(BROKER_BYE, CLIENT_BYE_V5, 5.0)
+    pair.relay.end_at_boundary(BROKER_BYE, CLIENT_BYE_V5, 5.0)
     settle()
     pair.broker.sendall(publish[7:] + P.publish("t/y", b"dropped"))
     assert pair.read_all(pair.client) == publish + CLIENT_BYE_V5
@@ -154,7 +154,7 @@ def test_end_inside_a_large_spliced_body(hub):
     reader = gevent.spawn(lambda: received.append(pair.read_all(pair.broker, 10)))
     sender.get(timeout=10)
     settle()
-    pair.relay.end(BROKER_BYE, None, 5.0)
+    pair.relay.end_at_boundary(BROKER_BYE, None, 5.0)
     gevent.get_hub().threadpool.spawn(pair.client.sendall, publish[200000:] + P.pingreq()
                                       ).get(timeout=10)
     reader.join(timeout=10)
@@ -169,7 +169,7 @@ def test_end_gives_up_after_the_grace_period(hub):
     publish = P.publish("t", b"s" * 100)
     pair.client.sendall(publish[:10])  # and never the rest
     settle()
-    pair.relay.end(BROKER_BYE, None, 0.2)
+    pair.relay.end_at_boundary(BROKER_BYE, None, 0.2)
     deadline = time.monotonic() + 5
     while not pair.done and time.monotonic() < deadline:
         gevent.sleep(0.02)
@@ -179,7 +179,7 @@ def test_end_gives_up_after_the_grace_period(hub):
 
 def test_a_non_mqtt_relay_is_closed_at_once(hub):
     pair = Pair(hub, mqtt=False)
-    assert pair.relay.end(BROKER_BYE, None, 5.0) is False
+    assert pair.relay.end_at_boundary(BROKER_BYE, None, 5.0) is False
     assert pair.done and pair.done[0].reason == "shutdown"
     pair.close()
 
@@ -197,7 +197,7 @@ def test_a_replay_that_ends_inside_a_second_packet_keeps_the_boundaries(hub):
     done = []
     relay = hub.start(client_end, upstream_end, SessionInfo("t-2", "127.0.0.1", 1, "127.0.0.1", 2),
                       done.append, 60.0, mqtt=True, replayed=replayed)
-    relay.end(BROKER_BYE, None, 5.0)
+    relay.end_at_boundary(BROKER_BYE, None, 5.0)
     settle()
     client.sendall(subscribe[4:] + P.pingreq())
     assert Pair.read_all(broker) == subscribe[4:] + BROKER_BYE
@@ -223,7 +223,7 @@ def test_a_run_of_16k_publishes_is_walked_and_ends_between_two_of_them(hub):
     sender.join(10)
     assert WALK in modes
     assert pair.relay.up.track.packets > 50
-    pair.relay.end(BROKER_BYE, None, 5.0)
+    pair.relay.end_at_boundary(BROKER_BYE, None, 5.0)
     send_in_thread(pair.client, stream[len(stream) // 2:]).join(10)
     reader.join(timeout=20)
     got = received[0]
@@ -236,4 +236,26 @@ def test_a_run_of_16k_publishes_is_walked_and_ends_between_two_of_them(hub):
         pos += len(pkt)
         ends.add(pos)
     assert len(whole) in ends and len(whole) >= len(stream) // 2 - 16384
+    pair.close()
+
+
+def test_bulk_bytes_of_a_plain_tcp_route_are_spliced_unchanged(hub):
+    """No packet boundaries to keep: after a large read everything goes by splice(2)."""
+    import os
+
+    from gproxy.proxy.relay.direction import ALL
+    pair = TcpPair(hub, mqtt=False)
+    data = os.urandom(4 << 20)
+    sender = send_in_thread(pair.client, data)
+    got = b""
+    pair.broker.setblocking(False)
+    deadline = time.monotonic() + 20
+    while len(got) < len(data) and time.monotonic() < deadline:
+        try:
+            got += pair.broker.recv(1 << 20)
+        except BlockingIOError:
+            gevent.sleep(0.002)
+    sender.join(5)
+    assert got == data and pair.relay.up.splicing == ALL
+    assert pair.info.bytes_in == len(data)
     pair.close()

@@ -80,30 +80,75 @@ def reason_of(exc):
 
 
 class Direction:
-    """One way of a relay: src -> dst, with its watchers, backlog and boundaries."""
+    """One way of a relay: src -> dst, with its watchers, backlog and boundaries.
 
-    __slots__ = ("src", "dst", "reader", "writer", "backlog", "counter", "done", "pipe",
-                 "splicing", "track", "ending", "bye", "pending", "can_splice", "eof",
-                 "walkable")
+    It is also its watchers' callback (called with no argument, so a watcher
+    holds no argument tuple: 48 bytes a direction at tens of thousands of
+    idle sessions), which records it in the event queue (``events``); the
+    queue calls ``ready()`` once the socket it waits on is ready, which moves
+    bytes the way the state says: out of the backlog while there is one, in
+    from src otherwise (the watcher that fired is then the one for that
+    state; a record from before a change finds the state, not the old
+    intent, and so never reads ahead of a backlog).
+    """
 
-    def __init__(self, loop, src, dst, counter, track):
+    __slots__ = ("relay", "src", "dst", "reader", "writer", "backlog", "done", "pipe", "splicing",
+                 "track", "ending", "bye", "pending", "walkable")
+
+    def __init__(self, relay, loop, src, dst, track):
+        self.relay = relay  # (a cycle until close(): the relay holds its directions)
         self.src = src
         self.dst = dst
         self.reader = loop.io(src.fileno(), READ)
         self.writer = None  # created when dst first pushes back
         self.backlog = None  # bytes dst has not taken yet (an int: bytes in the pipe)
-        self.counter = counter
         self.done = False  # src ended (or this direction was ended cleanly)
         self.pipe = None  # (read fd, write fd) once this direction splices
         self.splicing = COPY
-        self.eof = False  # walk saw the end of src's stream (nothing left to take)
         self.walkable = PEEK_WALK  # False once src refuses SO_PEEK_OFF (then: COPY)
         self.track = Boundaries() if track else None
         self.ending = False  # stop at the next packet boundary
         self.bye = None  # bytes to send dst at that boundary (a DISCONNECT)
         self.pending = getattr(src, "pending", None)  # TLS: bytes already decrypted
-        # splice(2) needs kernel sockets on both sides (not TLS or WebSocket endpoints)
-        self.can_splice = SPLICE and type(src) is _RAW and type(dst) is _RAW
+
+    def splice_ok(self):
+        """splice(2) needs kernel sockets on both sides (not TLS or WebSocket endpoints)."""
+        return SPLICE and type(self.src) is _RAW and type(self.dst) is _RAW
+
+    # -- what the watchers and the event queue call ----------------------------
+    def __call__(self):
+        self.relay.hub.queue.append(self)  # a watcher fired: record, run later in order
+
+    def ready(self):
+        relay = self.relay
+        if relay is None:
+            return  # recorded before its relay finished
+        if self.backlog is None:
+            relay._readable(self)
+        else:
+            relay._writable(self)
+
+    def park(self):
+        """A record of this direction waits for a later iteration: stop its watcher."""
+        relay = self.relay
+        if relay is not None and relay.reason is None:
+            watcher = self.reader if self.backlog is None else self.writer
+            watcher.stop()
+
+    def unpark(self):
+        """The parked record has run: start the watcher the state wants again."""
+        relay = self.relay
+        if relay is None or relay.reason is not None:
+            return
+        if self.backlog is None:
+            if not self.done:
+                relay._resume(self)
+        else:
+            self.writer.start(self)
+
+    def fail(self):
+        if self.relay is not None:
+            self.relay.abort("error: internal")
 
     def walk(self, limit, small):
         """Move into the pipe what waits on src, up to ``limit`` bytes of known packets.
@@ -116,6 +161,7 @@ class Direction:
         """
         src = self.src
         setsockopt, recv = src.setsockopt, src.recv
+        eof = []  # a peek at offset 0 saw the end of src's stream: nothing left to take
 
         def peek(offset):
             try:
@@ -130,12 +176,12 @@ class Direction:
                 self.splicing = COPY
                 return b""
             if not data and not offset:
-                self.eof = True
+                eof.append(True)
             return data
 
         n, marks = walk_headers(self.track, peek, limit, small)
         if not n:
-            return 0 if self.eof else None
+            return 0 if eof else None
         n = os.splice(src.fileno(), self.pipe[1], n, flags=SPLICE_FLAGS)
         if n:
             self.track.advance(n, marks)
@@ -160,18 +206,19 @@ class Direction:
         return True
 
     def close(self):
-        """Stop and let go of the watchers and the pipe (the relay has ended).
+        """Stop and let go of the watchers, the pipe and the relay (it has ended).
 
-        The watchers' callbacks are the relay's bound methods: dropping them
-        here leaves no reference cycle, so an ended relay is freed by its
-        reference count and never waits for the cyclic collector (which the
-        CLI keeps off live sessions: runtime/gcpolicy.py).
+        The watchers hold this direction (their argument) and it holds the
+        relay: dropping them here leaves no reference cycle, so an ended relay
+        is freed by its reference count and never waits for the cyclic
+        collector (which the CLI keeps off live sessions: runtime/gcpolicy.py).
         """
         for watcher in (self.reader, self.writer):
             if watcher is not None:
                 watcher.stop()
                 watcher.close()
         self.reader = self.writer = None
+        self.relay = None
         self.close_pipe()
 
     def close_pipe(self):

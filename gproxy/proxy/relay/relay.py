@@ -22,9 +22,9 @@ Three things make this more than a byte pump:
   ``events.BATCH`` an iteration (a burst runs in slices; ``park``/``unpark``).
 * **MQTT packet boundaries.**  On MQTT routes each direction follows where
   packets begin and end (``protocols.mqttstream``, headers only), so
-  ``Relay.end`` can stop each direction exactly between two packets and
-  append a DISCONNECT: the broker sees a clean disconnection and publishes no
-  Will, an MQTT 5 client learns why.
+  ``Relay.end_at_boundary`` can stop each direction exactly between two
+  packets and append a DISCONNECT: the broker sees a clean disconnection and
+  publishes no Will, an MQTT 5 client learns why.
 * **splice(2).**  Bulk bytes move through a pipe without entering Python.
   A non-MQTT direction splices everything once it reads ``SPLICE_AFTER`` at
   once.  An MQTT direction that reads packets of ``WALK_PACKET`` bytes or
@@ -79,24 +79,31 @@ WALK_PACKET = 8 * 1024
 class Relay:
     """Bytes between ``client`` and ``upstream`` endpoints."""
 
-    __slots__ = ("hub", "client", "upstream", "info", "on_done", "last", "idle", "reason",
-                 "up", "down", "deadline", "slot")
+    __slots__ = ("hub", "info", "on_done", "last", "idle", "reason", "up", "down", "deadline",
+                 "slot", "slot_prev", "slot_next")
 
     def __init__(self, hub, client, upstream, info, on_done, idle, mqtt=False, replayed=b""):
         self.hub = hub
         self.idle = idle
-        self.client = client
-        self.upstream = upstream
         self.info = info
         self.on_done = on_done
         self.last = time.monotonic()
         self.reason = None
         self.deadline = None  # when a clean end gives up and aborts
-        self.slot = None  # the sweeper's slot it waits in while live (relayhub.RelayHub)
-        self.up = Direction(hub.loop, client, upstream, "bytes_in", mqtt)
-        self.down = Direction(hub.loop, upstream, client, "bytes_out", mqtt)
+        self.slot = None  # the sweeper's slot it waits in while live (hub.RelayHub)
+        self.slot_prev = self.slot_next = None  # its neighbours there
+        self.up = Direction(self, hub.loop, client, upstream, mqtt)  # counts info.bytes_in
+        self.down = Direction(self, hub.loop, upstream, client, mqtt)  # info.bytes_out
         if mqtt and replayed:  # the replay may end inside a second packet
             self.up.track.feed(replayed)
+
+    @property
+    def client(self):
+        return self.up.src
+
+    @property
+    def upstream(self):
+        return self.down.src
 
     def start(self):
         self.hub.enter(self)
@@ -106,7 +113,7 @@ class Relay:
                 self._readable(d)  # bytes (or an end) in hand already: no watcher would fire
 
     def _resume(self, d):
-        d.reader.start(self.hub.queue.append, (self._readable, d))
+        d.reader.start(d)  # d records itself in the event queue (events.EventQueue)
 
     # -- moving bytes ------------------------------------------------------
     def _readable(self, d):
@@ -124,32 +131,46 @@ class Relay:
             return
         if not n:
             return self._eof(d)
-        self.last = time.monotonic()
-        setattr(self.info, d.counter, getattr(self.info, d.counter) + n)
         view = memoryview(self.hub.buffer)[:n]
         track = d.track
+        packets = 0  # headers seen in this read (a tracked direction)
         if track is not None:
             if d.ending:
                 cut = track.next_boundary(view, 0, n)
                 if cut is not None:  # forward up to the boundary, then say goodbye
-                    setattr(self.info, d.counter, getattr(self.info, d.counter) - (n - cut))
+                    self._moved(d, cut)
                     return self._send_last(d, view[:cut])
             else:
                 packets = track.packets
                 track.feed(view, 0, n)
                 packets = track.packets - packets
+        self._moved(d, n)
         self._send(d, view)
-        if d.backlog is None and d.can_splice and not d.ending:
-            if track is None or track.lost:
-                if n >= SPLICE_AFTER and d.open_pipe():
-                    d.splicing = ALL
-            elif d.walkable:
-                if n >= WALK_PACKET * (packets or 1) and d.open_pipe():
-                    d.splicing = WALK
-            elif track.left >= SPLICE_BODY and d.open_pipe():
-                d.splicing = BODY
+        if (d.backlog is None and not d.ending
+                and (n >= WALK_PACKET or track is not None and track.left >= SPLICE_BODY)
+                and d.splice_ok()):
+            self._choose_splicing(d, n, track, packets)
         if d.pending is not None and d.backlog is None and d.pending():
-            self.hub.queue.append((self._readable, d))  # decrypted bytes wait in TLS
+            self.hub.queue.append(d)  # decrypted bytes wait in TLS
+
+    def _moved(self, d, n):
+        """``n`` bytes came from d.src: the session's byte count, the idle clock."""
+        self.last = time.monotonic()
+        if d is self.up:
+            self.info.bytes_in += n
+        else:
+            self.info.bytes_out += n
+
+    def _choose_splicing(self, d, n, track, packets):
+        """After a large read: splice from now on, the way the stream allows."""
+        if track is None or track.lost:
+            if n >= SPLICE_AFTER and d.open_pipe():
+                d.splicing = ALL
+        elif d.walkable:
+            if n >= WALK_PACKET * (packets or 1) and d.open_pipe():
+                d.splicing = WALK
+        elif track.left >= SPLICE_BODY and d.open_pipe():
+            d.splicing = BODY
 
     def _send(self, d, view):
         try:
@@ -176,8 +197,7 @@ class Relay:
             return
         if not n:
             return self._eof(d)
-        self.last = time.monotonic()
-        setattr(self.info, d.counter, getattr(self.info, d.counter) + n)
+        self._moved(d, n)
         left = self._drain_pipe(d, n)
         if left:
             self._hold(d, left)
@@ -194,8 +214,7 @@ class Relay:
             return
         if not n:
             return self._eof(d)
-        self.last = time.monotonic()
-        setattr(self.info, d.counter, getattr(self.info, d.counter) + n)
+        self._moved(d, n)
         if d.splicing == BODY:
             d.track.left -= n
             if not d.track.left:
@@ -217,29 +236,12 @@ class Relay:
                 return 0 if self.reason else n
         return 0
 
-    # -- the event queue's slices (events.EventQueue) -----------------------
-    def park(self, func, d):
-        """A record of ``d`` waits for a later iteration: stop its watcher meanwhile."""
-        watcher = d.reader if func.__func__ is Relay._readable else d.writer
-        if self.reason is None and watcher is not None:
-            watcher.stop()
-
-    def unpark(self, func, d):
-        """The parked record has run: start its watcher again if still wanted."""
-        if self.reason is not None:
-            return
-        if func.__func__ is Relay._readable:
-            if not d.done and d.backlog is None:
-                self._resume(d)
-        elif d.backlog is not None:
-            d.writer.start(self.hub.queue.append, (self._writable, d))
-
     def _hold(self, d, backlog):
         d.backlog = backlog
         d.reader.stop()
         if d.writer is None:
             d.writer = self.hub.loop.io(d.dst.fileno(), WRITE)
-        d.writer.start(self.hub.queue.append, (self._writable, d))
+        d.writer.start(d)
 
     def _writable(self, d):
         if self.reason is not None or d.backlog is None:
@@ -269,7 +271,7 @@ class Relay:
             return self._say_bye(d)
         self._resume(d)
         if d.pending is not None and d.pending():
-            self.hub.queue.append((self._readable, d))  # no watcher fires for those bytes
+            self.hub.queue.append(d)  # no watcher fires for those bytes
 
     def _eof(self, d):
         d.reader.stop()
@@ -286,7 +288,7 @@ class Relay:
             shutdown(d.dst, socket.SHUT_WR)
 
     # -- ending cleanly ----------------------------------------------------
-    def end(self, broker_bye, client_bye, grace):
+    def end_at_boundary(self, broker_bye, client_bye, grace):
         """Stop each direction at its next packet boundary and say goodbye.
 
         ``broker_bye`` goes to the broker after the client's last whole

@@ -4,7 +4,7 @@
 as a TLS one) and offers the relay's endpoint contract (``recv_into``,
 ``send``, ``fileno``, ``shutdown``, ``close``, ``pending``; "not now" is
 ``BlockingIOError``), so the relay, its event order, its MQTT boundary
-tracking and ``Relay.end`` work unchanged on the MQTT byte stream:
+tracking and ``Relay.end_at_boundary`` work unchanged on the MQTT byte stream:
 
 * ``recv_into`` reads frames and returns the MQTT bytes inside the binary
   ones; it answers pings itself; a Close from the client is echoed (RFC 6455

@@ -119,6 +119,12 @@ class Registry:
         if info.node is not None:
             _move(self.per_node, None, info.node)
 
+    def set_handle(self, info, handle):
+        """From now on ``handle`` is how an operator ends this live session (a
+        session that starts relaying hands over to its relay)."""
+        if info.id in self._live:
+            self._handles[info.id] = handle
+
     def set_state(self, info, state):
         if info.id in self._live:
             _move(self.per_state, info.state, state)
