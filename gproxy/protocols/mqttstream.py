@@ -63,12 +63,18 @@ class Boundaries:
                 left = 0
             if pos >= end:
                 break
-            if not self.header and pos + 3 < end:
-                # The common case, a whole header inside this chunk (up to three
-                # length bytes: packets under 2 MiB), decoded inline.
+            if not self.header and pos + 1 < end:
+                # The common cases, a whole header inside this chunk, decoded inline:
+                # a one-byte length (packets under 130 bytes: pings, acks, small
+                # messages), then up to three (under 2 MiB).
                 b1 = data[pos + 1]
                 if b1 < 0x80:
-                    left, size = b1, 2
+                    left = b1
+                    pos += 2
+                    self.packets += 1
+                    continue
+                if pos + 3 >= end:
+                    left, size = 0, 0  # may end in the next chunk: the general way
                 else:
                     b2 = data[pos + 2]
                     if b2 < 0x80:

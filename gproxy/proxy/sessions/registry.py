@@ -112,12 +112,13 @@ class Registry:
             self._handles[info.id] = handle
         self.sessions_total += 1
         route = info.route_id
-        self.route_total[route] = self.route_total.get(route, 0) + 1
-        _move(self.per_route, None, route)
-        _move(self.per_state, None, info.state)
-        _move(self.per_transport, None, info.transport)
+        totals = self.route_total
+        totals[route] = totals.get(route, 0) + 1
+        _up(self.per_route, route)
+        _up(self.per_state, info.state)
+        _up(self.per_transport, info.transport)
         if info.node is not None:
-            _move(self.per_node, None, info.node)
+            _up(self.per_node, info.node)
 
     def set_handle(self, info, handle):
         """From now on ``handle`` is how an operator ends this live session (a
@@ -126,8 +127,10 @@ class Registry:
             self._handles[info.id] = handle
 
     def set_state(self, info, state):
-        if info.id in self._live:
-            _move(self.per_state, info.state, state)
+        if info.id in self._live and info.state != state:
+            counts = self.per_state
+            _down(counts, info.state)
+            counts[state] = counts.get(state, 0) + 1
         info.state = state
 
     def set_transport(self, info, transport):
@@ -145,10 +148,11 @@ class Registry:
         if self._live.pop(info.id, None) is None:
             return
         self._handles.pop(info.id, None)
-        _move(self.per_route, info.route_id, None)
-        _move(self.per_state, info.state, None)
-        _move(self.per_node, info.node, None)
-        _move(self.per_transport, info.transport, None)
+        _down(self.per_route, info.route_id)
+        _down(self.per_state, info.state)
+        if info.node is not None:
+            _down(self.per_node, info.node)
+        _down(self.per_transport, info.transport)
         self.bytes_in_closed += info.bytes_in
         self.bytes_out_closed += info.bytes_out
         info.state = "closed"
@@ -256,6 +260,20 @@ class Registry:
             return False
         handle.end(code, grace, server_reference)
         return True
+
+
+def _up(counter, key):
+    """One more ``key`` in ``counter`` (the hot path's half of ``_move``)."""
+    counter[key] = counter.get(key, 0) + 1
+
+
+def _down(counter, key):
+    """One ``key`` fewer in ``counter``; the key goes at zero."""
+    left = counter.get(key, 0) - 1
+    if left > 0:
+        counter[key] = left
+    else:
+        counter.pop(key, None)
 
 
 def _move(counter, old, new):
