@@ -215,8 +215,7 @@ class Direction:
         """
         for watcher in (self.reader, self.writer):
             if watcher is not None:
-                watcher.stop()
-                watcher.close()
+                watcher.close()  # (stops it first)
         self.reader = self.writer = None
         self.relay = None
         self.close_pipe()

@@ -144,7 +144,11 @@ class Relay:
                 packets = track.packets
                 track.feed(view, 0, n)
                 packets = track.packets - packets
-        self._moved(d, n)
+        self.last = time.monotonic()  # (_moved, inline: this runs for every read)
+        if d is self.up:
+            self.info.bytes_in += n
+        else:
+            self.info.bytes_out += n
         self._send(d, view)
         if (d.backlog is None and not d.ending
                 and (n >= WALK_PACKET or track is not None and track.left >= SPLICE_BODY)

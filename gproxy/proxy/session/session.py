@@ -55,8 +55,11 @@ class Proxy:
                 listener.gate.leave()
                 return  # the client left before we looked
             server = (plain_ip(server[0]), server[1])
+        ip = addr[0]
+        if ":" in ip:
+            ip = plain_ip(ip)
         # Interned: clients behind one address (NAT, a load generator) share one string.
-        info = self.registry.new_session((sys.intern(plain_ip(addr[0])), addr[1]), server)
+        info = self.registry.new_session((sys.intern(ip), addr[1]), server)
         Session(self, listener, sock, info).run()
 
 

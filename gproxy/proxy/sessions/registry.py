@@ -82,8 +82,8 @@ class Registry:
     """Live sessions and counters of one process."""
 
     def __init__(self, worker=None):
-        prefix = "%s-" % (worker if worker is not None else os.getpid())
-        self._ids = (prefix + str(n) for n in itertools.count(1))
+        self._prefix = "%s-" % (worker if worker is not None else os.getpid())
+        self._count = itertools.count(1)
         self._live = {}
         self._handles = {}
         self.started_at = time.time()
@@ -102,7 +102,8 @@ class Registry:
 
     def new_session(self, client, server):
         """A fresh SessionInfo for a client ``(ip, port)`` on a listener ``(ip, port)``."""
-        return SessionInfo(next(self._ids), client[0], client[1], server[0], server[1])
+        return SessionInfo(self._prefix + str(next(self._count)), client[0], client[1],
+                           server[0], server[1])
 
     # -- life cycle --------------------------------------------------------
     def add(self, info, handle=None):
