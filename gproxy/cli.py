@@ -105,17 +105,17 @@ def main(argv=None):
     except OSError as exc:
         print("gproxy: %s" % exc, file=sys.stderr)
         return 1
-    freeze_startup_objects()
+    freeze_startup_objects(app)
     serve(app, signals, lambda: reload(app, path, args.log_level), app.reopen_logs)
     return 0
 
 
-def freeze_startup_objects():
+def freeze_startup_objects(app):
     """Keep start-up's objects, then each live session, out of every later garbage
     collection (runtime/gcpolicy.py).  This process's own business only: never
     done when gproxy is embedded."""
     from gproxy.runtime import gcpolicy
-    gcpolicy.start()
+    gcpolicy.start(live=lambda: len(app.registry))
 
 
 def reload(app, path, log_level):

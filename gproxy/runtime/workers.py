@@ -106,7 +106,8 @@ def _run_worker(app, index, child_end):
             ctl.sendall(encode({"error": str(exc)}))
             raise
         ctl.sendall(encode({"ready": True}))
-        gcpolicy.start()  # a worker is the CLI's: its sessions stay out of the collector
+        # a worker is the CLI's: its sessions stay out of the collector
+        gcpolicy.start(live=lambda: len(app.registry))
         reader = LineReader(ctl)
         drain = gevent.spawn(app.stop, serve_control(app, ctl, reader))
         gevent.spawn(_force_on_request, app, ctl, reader, drain)

@@ -10,6 +10,7 @@ relay; nothing else on the hub depends on it.
 import collections
 import itertools
 import logging
+from time import perf_counter
 
 log = logging.getLogger("gproxy.relay")
 
@@ -19,8 +20,11 @@ _LOWEST = -2
 #: Records replayed in one loop iteration at most.  A burst (9,000 clients
 #: closing at once) runs in slices of this many, still in order, and timers,
 #: accepts and the Admin API get the hub between slices, as HAProxy's
-#: ``tune.maxpollevents`` does: about 1.5 ms of the costliest records (ends).
-BATCH = 128
+#: ``tune.maxpollevents`` does.  A slice also stops after ``SLICE`` seconds
+#: (looked at every 8 records): an end costs 20-60 µs, so 64 of them take
+#: over 2 ms on a busy machine.
+BATCH = 64
+SLICE = 0.0015
 
 
 def _nothing():
@@ -92,8 +96,9 @@ class EventQueue:
         later.extend(reversed(ready) if self.reverse else ready)
         del ready[:]
         i = 0
+        deadline = perf_counter() + SLICE
         try:
-            while later and i < BATCH:
+            while later and i < BATCH and (i & 7 or perf_counter() < deadline):
                 record = later.popleft()
                 i += 1
                 try:

@@ -128,16 +128,21 @@ class RelayHub:
         while self.next_slot <= last:
             slot = self.next_slot
             self.next_slot += 1  # from here on nothing new goes into this slot
-            for relay in list(_chain(self.slots.get(slot))):
-                if relay.slot != slot:
-                    continue  # ended, or moved by a clean end, while this round paused
+            # Each relay looked at leaves this slot (ended, or moved to the slot it is next
+            # due in), as do those that end while the round pauses: take the first until
+            # none is left.  (No list of 10,000 relays built in one go.)
+            while True:
+                relay = self.slots.get(slot)
+                if relay is None:
+                    break
                 due = relay.due()
                 if due <= now:
                     relay.abort("idle" if relay.deadline is None else "end timed out")
                 else:
                     self.schedule(relay, due)
+                if self.slots.get(slot) is relay:
+                    self.leave(relay)  # (cannot happen: never loop on one relay)
                 pause()
-            self.slots.pop(slot, None)  # empty now (its last relay left took it)
 
     def close_all(self, reason="shutdown"):
         for relay in list(self.relays):
