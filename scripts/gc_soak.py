@@ -175,10 +175,10 @@ def main(argv=None):
               "%d -> %d, RSS %.1f -> %.1f MiB (%+.2f MiB a minute)" % (
                   first[1], last[1], slope(rows, 1), first[2], last[2], first[3] / 1024,
                   last[3] / 1024, slope(rows, 3) / 1024))
+        kinds = ", ".join("%s %d" % tuple(kv) for kv in unfrozen["kinds"]) or "none"
         print("then, every session ended: unfreezing everything and collecting found %d "
               "objects of cyclic garbage that freezing had kept: %s" % (
-                  unfrozen["collected"], ", ".join("%s %d" % kv for kv in unfrozen["kinds"])
-                  or "none"))
+                  unfrozen["collected"], kinds))
         return 0
     finally:
         for sock in held:

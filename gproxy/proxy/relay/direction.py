@@ -62,7 +62,7 @@ def _peek_offset_works():
 
 
 #: Large MQTT packets can be walked (``WALK``); without it only bodies of
-#: ``relay.SPLICE_BODY`` or more are spliced (``BODY``).
+#: ``splicing.SPLICE_BODY`` or more are spliced (``BODY``).
 PEEK_WALK = _peek_offset_works()
 
 
