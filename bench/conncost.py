@@ -19,6 +19,9 @@ DISCONNECT, close) and reports what the proxy spent on them:
 * ``py-spy``: gproxy's hot Python frames (attached after the warm-up).
 * ``none``: wall and CPU time, for reference only.
 
+The run directory (configs, logs, the tool's output) is removed at the end,
+unless ``CONNCOST_KEEP=1`` is set (e.g. for ``callgrind_annotate``).
+
 Every tool also reports the process's user and system CPU per session from
 /proc (under callgrind or strace: the tool's, so only the counts are
 meaningful there).
@@ -30,6 +33,7 @@ import argparse
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -178,6 +182,10 @@ def measure(tool, connections, warmup, python, clients=1, target="gproxy", **rou
         result["log"] = out
     elif tool == "py-spy":
         result["profile"] = _py_spy_summary(out)
+    if tool == "strace-log" or os.environ.get("CONNCOST_KEEP"):
+        result["run_dir"] = run_dir  # the log to read, or the tool's files (callgrind_annotate)
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)
     return result
 
 

@@ -241,6 +241,7 @@ def main(argv=None):
                         "sessions (default 5)")
     parser.add_argument("--sources", type=int, help="fleet: client source addresses "
                         "127.0.0.1.. (default 4)")
+    parser.add_argument("--keep", action="store_true", help="fleet: keep the work dir")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
     if args.fleet:

@@ -22,7 +22,7 @@ import socket
 import statistics
 import time
 
-from scale_setup import HOST, mqttwire, probe_holds, recv_exact
+from scale_setup import HOST, gc_passes, mqttwire, probe_holds, recv_exact
 
 CTX = multiprocessing.get_context("fork")
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
@@ -133,14 +133,18 @@ def gproxy_rss(pid):
 
 
 def worker_holds(probe, since, until, workers):
-    """Per gproxy worker: its longest hub hold (wall and on a CPU, ms) between two times."""
+    """Per gproxy worker: its longest hub hold (wall and on a CPU, ms) and its longest
+    garbage collection pass between two times."""
     found = probe_holds(probe, since, until, by_pid=True)
+    passes = gc_passes(probe, since, until, by_pid=True)
     out = {}
     for pid in workers:
         holds = found.get(pid, [])
         out[pid] = {"max_ms": round(max((w for w, _ in holds), default=0.0), 2),
                     "max_cpu_ms": round(max((c for _, c in holds), default=0.0), 2),
-                    "over_5ms": sum(1 for w, _ in holds if w > 5)}
+                    "over_5ms": sum(1 for w, _ in holds if w > 5),
+                    "gc_max_ms": round(max((ms for _, ms in passes.get(pid, [])),
+                                           default=0.0), 2)}
     return out
 
 
@@ -202,11 +206,10 @@ def measure(args, setup):
                              "max": round(lat[-1], 2),
                              "workers": worker_holds(probe, since, until, rss["workers"])}
             print("%-22s CONNACK p50 %.2f p99 %.2f max %.2f ms; longest hub hold per worker "
-                  "(ms, on a CPU): %s" % (phase, phases[phase]["p50"], phases[phase]["p99"],
-                                         phases[phase]["max"], " ".join(
-                                             "%.1f(%.1f)" % (w["max_ms"], w["max_cpu_ms"])
-                                             for w in phases[phase]["workers"].values())),
-                  flush=True)
+                  "(ms, on a CPU, longest GC pass): %s" % (
+                      phase, phases[phase]["p50"], phases[phase]["p99"], phases[phase]["max"],
+                      " ".join("%.1f(%.1f, %.1f)" % (w["max_ms"], w["max_cpu_ms"], w["gc_max_ms"])
+                               for w in phases[phase]["workers"].values())), flush=True)
         api = page_figures(get, args.repeat)
         return {"sessions": opened["ok"], "opened": opened, "workers": args.workers,
                 "brokers": args.brokers, "sources": args.sources,
@@ -217,7 +220,10 @@ def measure(args, setup):
             clients.close()
         for proc in reversed(procs):
             setup.stop(proc)
-        shutil.rmtree(workdir, ignore_errors=True)
+        if args.keep:
+            print("kept %s (probe.log: time, ms late, ms of it on a CPU, pid)" % workdir)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def summary(r):
