@@ -22,6 +22,11 @@ without SO_PEEK_OFF).  Medians are reported.
 ``--tool callgrind`` runs gproxy under valgrind and reports user-space
 instructions per MB instead: the same from run to run whatever else the
 machine does, so two builds compare on a shared machine (``--python``).
+
+The main benchmark runs the same as its **oneway16k** workload
+(``workload`` below): through each target's second listener (the order
+probe's route) to a discarding reader on the order probe's sink socket, so
+it sits in the table beside HAProxy's and nginx's figures.
 """
 
 import argparse
@@ -80,21 +85,56 @@ class Callgrind(tg.Gproxy):
                 "--dump-instr=no"] + super().command()
 
 
-def one_run(target, size, per_send, total):
-    """One connection's bytes through ``target``: ``(proxy CPU s, wall s, bytes)``."""
+def one_run(target, size, per_send, total, port=None):
+    """One connection's bytes through ``target`` (to ``port``, default its first
+    listener): ``(proxy CPU s, wall s, bytes)``."""
     frame = mqttwire.publish(b"bench/oneway", b"x" * size)
     batch = frame * max(1, per_send // len(frame))
-    with socket.create_connection((HOST, target.port), timeout=120) as sock:
+    with socket.create_connection((HOST, port or target.port), timeout=120) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.sendall(mqttwire.connect(b"oneway-%d" % time.monotonic_ns()))
         time.sleep(0.2)  # the session is relaying
-        cpu0, t0, sent = procstat.tree_cpu_seconds(target.pid), time.monotonic(), 0
+        cpu0, t0, sent = _cpu(target), time.monotonic(), 0
         while sent < total:
             sock.sendall(batch)
             sent += len(batch)
         sock.shutdown(socket.SHUT_WR)
         sock.recv(1)  # the proxy closes once the sink has read everything
-        return procstat.tree_cpu_seconds(target.pid) - cpu0, time.monotonic() - t0, sent
+        return _cpu(target) - cpu0, time.monotonic() - t0, sent
+
+
+def _cpu(target):
+    return procstat.tree_cpu_seconds(target.pid) if target.pid else 0.0
+
+
+def _discard(listener):
+    """A forked reader of one connection on ``listener`` (the order probe's sink socket)."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            conn, _ = listener.accept()
+            buf = bytearray(1 << 18)
+            while conn.recv_into(buf):
+                pass
+        finally:
+            os._exit(0)
+    return pid
+
+
+def workload(target, broker, opts, prefix, size=16384, per_send=65536):
+    """The main benchmark's **oneway16k**: ``opts.oneway_gb`` through the order listener."""
+    reader = _discard(opts.sink.sock)
+    try:
+        cpu, wall, sent = one_run(target, size, per_send, opts.oneway_gb * 1e9,
+                                  port=target.order_port)
+    finally:
+        os.kill(reader, signal.SIGTERM)
+        os.waitpid(reader, 0)
+    return {"oneway16k_MBps": sent / wall / 1e6,
+            "oneway16k_cpu_s_per_GB": cpu / (sent / 1e9) if target.pid else None}
+
+
+WORKLOADS = {"oneway16k": workload}
 
 
 def make(name, run_dir, python, sink_port, out=None):

@@ -41,6 +41,8 @@ METRICS = [
     ("flood16k_cpu_s_per_GB", "  proxy CPU per GB, 16 KiB no window", "s/GB", "low"),
     ("single16k_MBps", "throughput 16 KiB, one a send", "MB/s", "high"),
     ("single16k_cpu_s_per_GB", "  proxy CPU per GB, 16 KiB one a send", "s/GB", "low"),
+    ("oneway16k_MBps", "one way 16 KiB, no broker", "MB/s", "high"),
+    ("oneway16k_cpu_s_per_GB", "  proxy CPU per GB, one way 16 KiB", "s/GB", "low"),
     ("wstput64_MBps", "ws throughput 64 B msgs", "MB/s", "high"),
     ("wstput64_cpu_s_per_GB", "  proxy CPU per GB, ws 64 B", "s/GB", "low"),
     ("wstput16k_MBps", "ws throughput 16 KiB msgs", "MB/s", "high"),
