@@ -5,12 +5,68 @@ strings, so gproxy validates stream routes and upstreams against APISIX's own
 schemas (docs/apisix-behaviour.md §3, §4.1, §5.1) and reports the first
 failure with api7/jsonschema's wording: ``property "x" validation failed:
 wrong type: expected integer, got string``.  Only the keywords those schemas
-use are implemented.  Pure: no I/O, imports nothing from gproxy but errors.
+use are implemented, plus ``propertyNames`` with a schema for an object's
+keys (JSON Schema draft 6; jsonschema.lua has no message for it, so gproxy's
+follows its style).  Pure: no I/O, imports nothing from gproxy but errors.
+
+Every check takes time linear in the value, whatever its content: patterns
+run on RE2 (``google-re2``), never on a backtracking engine, and unique
+items are found by hashing, not by comparing every pair.  APISIX matches
+with PCRE (``ngx.re.find(s, p, "jo")``: bytes, no Unicode classes), so each
+pattern is translated once into RE2 with the same meaning: Latin-1 over the
+value's UTF-8 bytes, ``$`` also before a final newline, ``\\s`` with the
+vertical tab.  Error messages quote the pattern as APISIX wrote it.
 """
 
-import re
+import functools
+
+import re2
 
 from gproxy.errors import SchemaError
+
+_SPACE = "\\t\\n\\x0b\\f\\r "  # PCRE's \\s (RE2's has no vertical tab)
+_OUTSIDE = {"$": "(?:\\n?$)", "\\s": "[" + _SPACE + "]", "\\S": "[^" + _SPACE + "]"}
+
+
+def pcre_to_re2(pattern):
+    """RE2 syntax for a PCRE pattern as APISIX's schemas use one (same matches).
+
+    Only what those patterns need: ``$`` (PCRE: end, or before a final
+    newline) and ``\\s``/``\\S`` outside character classes; anything else is
+    the same in both.
+    """
+    out, i, in_class = [], 0, False
+    while i < len(pattern):
+        char = pattern[i]
+        pair = pattern[i:i + 2]
+        if char == "\\":
+            out.append(_OUTSIDE.get(pair, pair) if not in_class else pair)
+            if in_class and pair in ("\\s", "\\S"):
+                raise ValueError("\\s in a character class: %r" % pattern)
+            i += 2
+            continue
+        if in_class:
+            in_class = char != "]" or pattern[i - 1] == "["
+        elif char == "[":
+            in_class = True
+        out.append(_OUTSIDE.get(char, char) if not in_class and char == "$" else char)
+        i += 1
+    return "".join(out)
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(pattern):
+    """The RE2 program for one of the schemas' patterns (compiled once)."""
+    options = re2.Options()
+    options.encoding = re2.Options.Encoding.LATIN1  # bytes, as PCRE without "u"
+    options.never_capture = True
+    options.log_errors = False
+    return re2.compile(pcre_to_re2(pattern).encode("latin-1"), options)
+
+
+def matches(pattern, text):
+    """PCRE's ``find(text, pattern)`` for a schema pattern, in linear time."""
+    return compiled(pattern).search(text.encode("utf-8", "surrogatepass")) is not None
 
 
 def _lua_type(value):
@@ -82,12 +138,15 @@ def _check_object(schema, value):
     for name in required:
         if name not in value:
             return "property %s is required" % _lua_str(name)
+    err = _check_names(schema, value)
+    if err:
+        return err
     patterns = schema.get("patternProperties", {})
     extra = schema.get("additionalProperties", True)
     for name, item in value.items():
         matched = False
         for patt, sub in patterns.items():
-            if re.search(patt, name):
+            if matches(patt, name):
                 matched = True
                 err = validate(sub, item)
                 if err:
@@ -96,6 +155,19 @@ def _check_object(schema, value):
             return "additional properties forbidden, found %s" % name
     if len(value) < schema.get("minProperties", 0):
         return "expect object to have at least %s properties" % schema["minProperties"]
+    return None
+
+
+def _check_names(schema, value):
+    """``maxProperties`` (before the properties are walked) and ``propertyNames``."""
+    if "maxProperties" in schema and len(value) > schema["maxProperties"]:
+        return "expect object to have at most %s properties" % schema["maxProperties"]
+    names = schema.get("propertyNames")
+    if names:
+        for name in value:
+            err = validate(names, name)
+            if err:
+                return "property name %s validation failed: %s" % (_lua_str(name[:64]), err)
     return None
 
 
@@ -112,11 +184,39 @@ def _check_array(schema, value):
             if err:
                 return "failed to validate item %d: %s" % (i, err)
     if schema.get("uniqueItems"):
-        for j, item in enumerate(value):
-            if item in value[:j]:
-                return "expected unique items but items %d and %d are equal" % (
-                    value.index(item) + 1, j + 1)
+        pair = _equal_pair(value)
+        if pair:
+            return "expected unique items but items %d and %d are equal" % pair
     return None
+
+
+def _canon(value):
+    """A hashable stand-in for a JSON value, equal where Lua's deep equality is:
+    ``1`` and ``1.0`` are equal, ``true`` and ``1`` are not, ``[]`` and ``{}``
+    are the same empty table."""
+    if isinstance(value, bool):
+        return ("b", value)
+    if isinstance(value, dict):
+        return ("t", frozenset((k, _canon(v)) for k, v in value.items()))
+    if isinstance(value, list):
+        return ("t", frozenset((i, _canon(v)) for i, v in enumerate(value, 1)))
+    return ("v", value)
+
+
+def _equal_pair(items):
+    """jsonschema.lua's ``unique_item_in_array`` answer in linear time: the first
+    repeated scalar (``(first, repeat)``, 1-based), else the first pair of
+    equal tables, else None."""
+    seen, tables = {}, {}
+    for i, item in enumerate(items, 1):
+        if isinstance(item, (dict, list)):
+            tables.setdefault(_canon(item), []).append(i)
+        elif _canon(item) in seen:
+            return seen[_canon(item)], i
+        else:
+            seen[_canon(item)] = i
+    repeated = [group[:2] for group in tables.values() if len(group) > 1]
+    return tuple(min(repeated)) if repeated else None
 
 
 def _check_string(schema, value):
@@ -126,7 +226,7 @@ def _check_string(schema, value):
         return "string too short, expected at least %d, got %d" % (schema["minLength"], len(value))
     if "maxLength" in schema and len(value) > schema["maxLength"]:
         return "string too long, expected at most %d, got %d" % (schema["maxLength"], len(value))
-    if "pattern" in schema and not re.search(schema["pattern"], value):
+    if "pattern" in schema and not matches(schema["pattern"], value):
         return "failed to match pattern %s with %s" % (_lua_str(schema["pattern"]), _lua_str(value))
     return None
 

@@ -121,7 +121,7 @@ def test_weight_zero_chash_node_has_no_points_and_only_its_keys_move():
     before = ChashRing(nodes)
     drained = [nodes[0], Node("127.0.0.1", 1884, 0), nodes[2]]
     after = ChashRing(drained)
-    assert all(owner.port != 1884 for owner in after._owners)
+    assert all(owner.port != 1884 for owner in after.owners())
     for i in range(2000):
         key = b"dev-%d" % i
         old, new = before.pick(key), after.pick(key)
