@@ -17,6 +17,7 @@ from flask import Blueprint, Response, request
 
 from gproxy.admin.filters import FilterError, ListFilter
 from gproxy.errors import SchemaError
+from gproxy.model import jsontext
 from gproxy.model.resources import check_stream_route, check_upstream
 from gproxy.model.ssls import check_ssl, without_secrets
 
@@ -45,26 +46,16 @@ def page_size_refused(size):
     return Response("page_size must be between 10 and 500", 400, mimetype="text/plain")
 
 
-def _cjson_message(exc):
-    """A JSONDecodeError worded like lua-cjson, which APISIX users see."""
-    pos = exc.pos + 1
-    if exc.msg.startswith("Expecting value"):
-        return "Expected value but found invalid token at character %d" % pos
-    if exc.msg.startswith("Expecting property name"):
-        return "Expected object key string but found invalid token at character %d" % pos
-    if exc.msg.startswith("Extra data"):
-        return "Expected the end but found invalid token at character %d" % pos
-    return "%s at character %d" % (exc.msg, pos)
-
-
 def read_body():
+    """The request's JSON body (None when empty), decoded within ``jsontext``'s
+    bounds; a body that is not JSON, or too big to decode on the hub, is a 400."""
     raw = request.get_data(as_text=True)
     if not raw.strip():
         return None
     try:
-        return json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ApiError("invalid request body: " + _cjson_message(exc), req_body=raw) from None
+        return jsontext.loads(raw)
+    except jsontext.JsonError as exc:
+        raise ApiError("invalid request body: %s" % exc, req_body=raw) from None
 
 
 def _forbid_timestamps(conf, prefix=""):

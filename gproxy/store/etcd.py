@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import gevent
 
 from gproxy.errors import SchemaError, StoreUnavailable
+from gproxy.model import jsontext
 from gproxy.model.ssls import without_secrets
 from gproxy.store.base import KINDS, Record, Store, check_item
 from gproxy.store.etcdclient import Cluster, Compacted, WatchStream, blocking, unb64
@@ -80,8 +81,8 @@ class EtcdStore(Store):
     def _decode(self, kind, id_, raw):
         """The checked value of an etcd value, or None (logged as APISIX does)."""
         try:
-            value = json.loads(raw)
-        except ValueError:
+            value = jsontext.loads(raw)  # bounded: a watch event is admin input too
+        except jsontext.JsonError:
             value = None
         if not isinstance(value, dict):
             log.error("invalid item data of [%s/%s/%s], val: %s, it should be an object",

@@ -9,6 +9,7 @@ fail only when the cost is super-linear again (the old code ran for minutes
 on these inputs), never because the machine is busy.
 """
 
+import json
 import random
 import time
 
@@ -16,6 +17,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from gproxy.errors import SchemaError
+from gproxy.model import jsontext
 from gproxy.model.balancer import (CHASH_POINTS_PER_WEIGHT, MAX_RING_POINTS, Balancer,
                                    ChashRing, Node, RoundRobin)
 from gproxy.model.resources import STREAM_ROUTE_SCHEMA, check_stream_route, check_upstream
@@ -246,3 +248,48 @@ def test_a_retry_beside_a_billion_weight_is_one_pass():
     got = list(balancer.candidates(b"", 2))
     assert sorted(n.host for n in got) == ["10.0.0.1", "10.0.0.2"]
     assert time.perf_counter() - start < LIMIT
+
+
+# -- JSON text from outside ----------------------------------------------------------------
+
+def test_a_mebibyte_of_small_values_is_refused_before_decoding():
+    text = "[" + ",".join(["{}"] * 350000) + "]"
+    assert len(text) > 1000000
+    err, took = timed(jsontext_loads, text)
+    assert str(err) == "Found too many values (more than 16384)"
+    assert took < LIMIT
+
+
+def test_an_upstream_of_a_thousand_nodes_decodes():
+    nodes = [{"host": "10.0.%d.%d" % (i // 250, i % 250), "port": 1883, "weight": 1,
+              "priority": 0} for i in range(1000)]
+    body = {"id": "1", "nodes": nodes}
+    assert jsontext.loads(json.dumps(body)) == body
+
+
+@pytest.mark.parametrize("depth, ok", [(64, True), (65, False), (5000, False)])
+def test_nesting_is_bounded(depth, ok):
+    text = '{"a":' * depth + "1" + "}" * depth
+    result, _ = timed(jsontext_loads, text)
+    if ok:
+        assert not isinstance(result, Exception)
+    else:
+        assert str(result) == "Found too many nested data structures (more than 64)"
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"weight": %s}' % ("9" * 5000), "Exceeds the limit (4300 digits) for integer string "
+                                      "conversion: value has 5000 digits"),
+    ('{"a": 1,}', "Expected object key string but found invalid token at character 9"),
+])
+def test_bad_texts_are_json_errors(text, message):
+    with pytest.raises(jsontext.JsonError) as err:
+        jsontext.loads(text)
+    assert str(err.value) == message
+
+
+def jsontext_loads(text):
+    try:
+        return jsontext.loads(text)
+    except jsontext.JsonError as exc:
+        return exc
