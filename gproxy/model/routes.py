@@ -2,7 +2,11 @@
 
 ``RouteTable`` is built from the store's plain dicts (already validated by
 ``resources``) and never mutated: a change builds a new table and the server
-swaps one reference, so a live session keeps the route it matched.  Matching
+swaps one reference, so a live session keeps the route it matched.  A new
+table is made from the last one and the changes (``updated``): what did not
+change is the same object in both, and a changed upstream whose nodes and
+balancing did not change keeps its balancer (ring, round-robin position), so
+an update costs what changed, not what the table holds.  Matching
 follows APISIX's ip_port router (docs/apisix-behaviour.md §4.2): routes with
 ``sni`` only match TLS connections with that SNI; otherwise the first route,
 in load order, whose filters all pass wins.  Pure: no sockets, no DNS.
@@ -10,7 +14,6 @@ in load order, whose filters all pass wins.  Pure: no sockets, no DNS.
 
 import ipaddress
 import logging
-import re
 from dataclasses import dataclass
 
 from gproxy.model.balancer import Balancer, Node
@@ -46,14 +49,19 @@ def is_ip(host):
 
 
 class Upstream:
-    """One upstream: its nodes, balancer settings and (for IP nodes) its balancer."""
+    """One upstream: its nodes, balancer settings and (for IP nodes) its balancer.
 
-    def __init__(self, conf, chash_ring="apisix"):
+    ``previous`` (the upstream this one replaces) lends its balancers when they
+    are what this one would build; ``pause`` is called while a ring is built.
+    """
+
+    def __init__(self, conf, chash_ring="apisix", previous=None, pause=None):
         self.conf = conf
         self.id = None if conf.get("id") is None else str(conf["id"])
         self.type = conf.get("type", "roundrobin")
         self.hash_on = conf.get("hash_on", "vars")
         self.key = conf.get("key")
+        self._template = _template(self.key or "")
         # stream: http (APISIX's default) is tcp at runtime; tls dials TLS (§5.1)
         self.scheme = "tls" if conf.get("scheme") == "tls" else "tcp"
         self.tls = conf.get("tls") or {}
@@ -71,18 +79,31 @@ class Upstream:
         self.name = None  # APISIX's resource key: /apisix/upstreams/<id> or /apisix/stream_routes/<id>
         self.health = None  # a model.health.HealthState, set when this upstream is checked
         self._chash_ring = chash_ring
-        self._balancer = None if self.needs_dns else self._build(self.nodes)
         self._dns_balancer = None  # rebuilt when a lookup gives other addresses
+        self._balancer = None
+        if previous is not None:
+            self._keep(previous)
+        if not self.needs_dns and self._balancer is None:
+            self._balancer = self._build(self.nodes, pause)
 
-    def _build(self, nodes):
-        return Balancer(nodes, self.type, self._chash_ring)
+    def _keep(self, previous):
+        old = previous._balancer
+        if old is not None and old.same_as(self.nodes, self.type, self._chash_ring):
+            self._balancer = old
+        old = previous._dns_balancer
+        if self.needs_dns and old is not None and old.same_as(old.nodes, self.type,
+                                                              self._chash_ring):
+            self._dns_balancer = old
 
-    def balancer(self, resolved=None):
+    def _build(self, nodes, pause=None):
+        return Balancer(nodes, self.type, self._chash_ring, pause)
+
+    def balancer(self, resolved=None, pause=None):
         """The balancer for ``resolved`` nodes (domain upstreams) or the static one."""
         if resolved is None:
             return self._balancer
         if self._dns_balancer is None or self._dns_balancer.nodes != resolved:
-            self._dns_balancer = self._build(resolved)
+            self._dns_balancer = self._build(resolved, pause)
         return self._dns_balancer
 
     @property
@@ -99,7 +120,8 @@ class Upstream:
         if self.hash_on == "vars":
             value = found.get(self.key)
         elif self.hash_on == "vars_combinations" and self.key:
-            value = re.sub(r"\$(\w+)", lambda m: _text(found.get(m.group(1), "")), self.key)
+            value = "".join(text if name is None else _text(found.get(name, ""))
+                            for text, name in self._template)
         return None if value is None or value == "" else value
 
     def tries(self, nnodes):
@@ -171,6 +193,22 @@ class Route:
         return True
 
 
+def _template(key):
+    """A ``vars_combinations`` key as ``(text, None)`` and ``("", variable)`` parts:
+    ``$name`` (word characters, as ``\\$(\\w+)``) is a variable, the rest is text."""
+    first, *rest = key.split("$")
+    parts = [(first, None)]
+    for part in rest:
+        n = 0
+        while n < len(part) and (part[n].isalnum() or part[n] == "_"):
+            n += 1
+        if n:
+            parts += [("", part[:n]), (part[n:], None)]
+        else:
+            parts.append(("$" + part, None))
+    return tuple(parts)
+
+
 def _text(value):
     return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else value
 
@@ -192,26 +230,96 @@ def _contains(net, ip):
 class RouteTable:
     """An immutable snapshot of every stream route and upstream."""
 
-    def __init__(self, stream_routes=(), upstreams=(), chash_ring="apisix"):
+    def __init__(self, stream_routes=(), upstreams=(), chash_ring="apisix", pause=None):
+        self.chash_ring = chash_ring
         self.upstreams = {}
         for conf in upstreams:
-            up = Upstream(conf, chash_ring)
-            up.name = "/apisix/upstreams/%s" % up.id
+            up = self._upstream(conf, None, pause)
             self.upstreams[up.id] = up
-        self.routes = []
+        self._by_id = {}
         for conf in stream_routes:
-            if (conf.get("protocol") or {}).get("superior_id") is not None:
-                continue  # xRPC subordinate routes are never matched directly
-            inline = conf.get("upstream")
-            route = Route(conf, Upstream(inline, chash_ring) if inline else None)
-            if route.upstream is not None:
-                route.upstream.name = "/apisix/stream_routes/%s" % route.id
-            self.routes.append(route)
+            route = self._route(conf, None, pause)
+            if route is not None:
+                self._by_id[route.id] = route
+        self.routes = list(self._by_id.values())
+        self._index()
+
+    def _upstream(self, conf, previous, pause):
+        up = Upstream(conf, self.chash_ring, previous, pause)
+        up.name = "/apisix/upstreams/%s" % up.id
+        return up
+
+    def _route(self, conf, previous, pause):
+        """A Route for ``conf``, or None for an xRPC subordinate (never matched directly)."""
+        if (conf.get("protocol") or {}).get("superior_id") is not None:
+            return None
+        inline = conf.get("upstream")
+        old = previous.upstream if previous is not None else None
+        route = Route(conf, Upstream(inline, self.chash_ring, old, pause) if inline else None)
+        if route.upstream is not None:
+            route.upstream.name = "/apisix/stream_routes/%s" % route.id
+        return route
+
+    def _index(self):
         self._plain = [r for r in self.routes if not r.sni]
         # ip_port.lua's radixtree on reversed SNIs: an exact name before any
         # wildcard, a longer wildcard before a shorter one, "*" last; load order
         # among routes with the same sni.
         self._tls = sorted((r for r in self.routes if r.sni), key=_sni_rank)
+
+    def updated(self, changes, pause=None):
+        """A new table: this one with ``changes`` applied, sharing what did not change.
+
+        ``changes`` are ``(kind, id, value)`` (``value`` None: deleted) or
+        ``(kind, None, [id, ...])``: the kind's objects in a new load order.
+        A new route goes last, a changed one keeps its place (APISIX's order
+        for etcd: keys appended as they come, replaced in place).
+        """
+        new = object.__new__(RouteTable)
+        new.chash_ring = self.chash_ring
+        new.upstreams, new._by_id = dict(self.upstreams), dict(self._by_id)
+        routes, order = list(self.routes), None
+        for kind, id_, value in changes:
+            if pause is not None:
+                pause()
+            if id_ is None:
+                order = value if kind == "stream_routes" else order
+            elif kind == "upstreams":
+                previous = new.upstreams.pop(id_, None)
+                if value is not None:
+                    new.upstreams[id_] = new._upstream(value, previous, pause)
+            elif kind == "stream_routes":
+                new._replace(routes, id_, value, pause)
+        if order is not None:
+            routes = [new._by_id[i] for i in order if i in new._by_id]
+        new.routes = routes
+        new._index()
+        return new
+
+    def _replace(self, routes, id_, value, pause):
+        old = self._by_id.pop(id_, None)
+        route = None if value is None else self._route(value, old, pause)
+        if route is not None:
+            self._by_id[id_] = route
+        if old is not None and route is not None:
+            routes[routes.index(old)] = route
+        elif old is not None:
+            routes.remove(old)
+        elif route is not None:
+            routes.append(route)
+
+    def route_ids(self):
+        """Every route's id, in load order."""
+        return [route.id for route in self.routes]
+
+    def upstream_named(self, name):
+        """The upstream whose health checks are named ``name`` (``/apisix/upstreams/1``
+        or, for a route's inline upstream, ``/apisix/stream_routes/1``), or None."""
+        kind, _, id_ = name[len("/apisix/"):].partition("/")
+        if kind == "upstreams":
+            return self.upstreams.get(id_)
+        route = self._by_id.get(id_)
+        return route.upstream if route is not None else None
 
     def match(self, server_ip, server_port, remote_ip, sni=None):
         """The first route whose filters pass, or None (APISIX: ``not hit any route``).

@@ -5,7 +5,9 @@ arrives after its caller timed out is recognised and dropped instead of
 answering the next request.  Every message starts with a newline: a message
 cut short by a timeout then ends up on a line of its own, which the reader
 logs and drops, and the next message starts clean.  Lines are split from our
-own buffer, so an interrupted read never loses bytes.
+own buffer, so an interrupted read never loses bytes, and each byte is
+looked at once while a long line arrives (a rescan of the whole buffer per
+chunk made a table of many thousands of routes cost its square).
 """
 
 import itertools
@@ -27,20 +29,24 @@ class LineReader:
     def __init__(self, sock):
         self.sock = sock
         self.buf = bytearray()
+        self.scanned = 0  # bytes of buf known to hold no newline
 
     def readline(self):
         """The next non-empty line without its newline; ``b""`` at EOF."""
         while True:
-            end = self.buf.find(b"\n")
+            end = self.buf.find(b"\n", self.scanned)
             if end >= 0:
                 line = bytes(self.buf[:end])
                 del self.buf[:end + 1]
+                self.scanned = 0
                 if line.strip():
                     return line
                 continue
+            self.scanned = len(self.buf)
             if len(self.buf) > MAX_LINE:
                 log.error("control channel: dropped a line longer than %d bytes", MAX_LINE)
                 self.buf.clear()
+                self.scanned = 0
             chunk = self.sock.recv(65536)
             if not chunk:
                 return b""

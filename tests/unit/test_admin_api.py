@@ -758,7 +758,7 @@ def test_allow_admin_configured(tmp_path):
 
 def test_store_change_callback_runs_before_the_response(api):
     seen = []
-    api.store.subscribe(lambda: seen.append(sorted(r.id for r in api.store.list("stream_routes"))))
+    api.store.subscribe(lambda changes: seen.append(sorted(r.id for r in api.store.list("stream_routes"))))
     assert api.put(SR + "/1", {"plugins": MQTT4}).status_code == 201
     assert seen == [["1"]]
     assert api.delete(SR + "/1").status_code == 200
@@ -767,7 +767,7 @@ def test_store_change_callback_runs_before_the_response(api):
 
 def test_rejected_request_does_not_notify(seeded):
     seen = []
-    seeded.store.subscribe(lambda: seen.append(1))
+    seeded.store.subscribe(lambda changes: seen.append(1))
     seeded.put(SR + "/1", {"foo": 1})
     seeded.delete(UP + "/1")
     seeded.put(SR + "/1", {}, headers={})
