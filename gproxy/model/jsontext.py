@@ -64,3 +64,23 @@ def loads(text, max_values=MAX_VALUES, max_depth=MAX_DEPTH):
     if opening > max_depth and isinstance(value, (dict, list)) and _too_deep(value, max_depth):
         raise JsonError("Found too many nested data structures (more than %d)" % max_depth)
     return value
+
+
+def dumps_long(message, pause, field="list", every=128, **options):
+    """``json.dumps(message, **options)`` for a message with a long list under
+    ``field``: the items are encoded ``every`` at a time with ``pause()`` in
+    between, so a caller on the hub never holds it for the whole list."""
+    items = message.get(field) if isinstance(message, dict) else None
+    if not isinstance(items, list) or len(items) <= every:
+        return json.dumps(message, **options)
+    head = json.dumps({k: v for k, v in message.items() if k != field}, **options)
+    item_sep = options.get("separators", (", ", ": "))[0]
+    parts = [head[:-1], item_sep if len(head) > 2 else "",
+             json.dumps(field, **options), options.get("separators", (", ", ": "))[1], "["]
+    for start in range(0, len(items), every):
+        if start:
+            parts.append(item_sep)
+            pause()
+        parts.append(json.dumps(items[start:start + every], **options)[1:-1])
+    parts.append("]}")
+    return "".join(parts)

@@ -17,6 +17,8 @@ import logging
 import gevent
 from gevent.lock import Semaphore
 
+from gproxy.model import jsontext
+
 log = logging.getLogger("gproxy.workers")
 
 ACK_TIMEOUT = 5.0
@@ -61,19 +63,8 @@ def encode_large(message, pause, every=128):
     """``encode`` for a reply with a long ``list`` (a deep page of sessions):
     the items are serialised ``every`` at a time with ``pause()`` in between,
     so a worker's hub is never held for the whole list."""
-    items = message.get("list")
-    if not isinstance(items, list) or len(items) <= every:
-        return encode(message)
-    head = json.dumps({k: v for k, v in message.items() if k != "list"},
-                      separators=(",", ":"))
-    parts = [head[:-1], "," if len(head) > 2 else "", '"list":[']
-    for start in range(0, len(items), every):
-        if start:
-            parts.append(",")
-            pause()
-        parts.append(json.dumps(items[start:start + every], separators=(",", ":"))[1:-1])
-    parts.append("]}")
-    return b"\n" + "".join(parts).encode() + b"\n"
+    text = jsontext.dumps_long(message, pause, every=every, separators=(",", ":"))
+    return b"\n" + text.encode() + b"\n"
 
 
 def decode(line):
