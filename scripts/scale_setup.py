@@ -121,26 +121,35 @@ def start_broker(workdir, name):
     return proc, port
 
 
-def start_gproxy(workdir, brokers):
+def fleet_route(brokers):
+    """The route every idle session takes: chash on the client id over ``brokers``."""
+    return {"id": "fleet", "plugins": {"mqtt-proxy": {"protocol_name": "MQTT",
+                                                       "protocol_level": 4}},
+            "upstream": {"type": "chash", "key": "mqtt_client_id", "nodes": [
+                {"host": HOST, "port": p, "weight": 1} for p in brokers]}}
+
+
+def start_gproxy(workdir, brokers, deployment=None, env=None):
+    """gproxy with the probe, the fleet route in its store file (``deployment``: more
+    ``deployment`` keys, e.g. an etcd store; ``env``: more environment)."""
     stream, admin = free_port(), free_port()
-    route = {"id": "fleet", "plugins": {"mqtt-proxy": {"protocol_name": "MQTT",
-                                                        "protocol_level": 4}},
-             "upstream": {"type": "chash", "key": "mqtt_client_id", "nodes": [
-                 {"host": HOST, "port": p, "weight": 1} for p in brokers]}}
     with open(os.path.join(workdir, "apisix.yaml"), "w") as fh:
-        fh.write("stream_routes:\n  - %s\nupstreams: []\n#END\n" % json.dumps(route))
+        fh.write("stream_routes:\n  - %s\nupstreams: []\n#END\n"
+                 % json.dumps(fleet_route(brokers)))
     config = os.path.join(workdir, "config.yaml")
     with open(config, "w") as fh:
         json.dump({"apisix": {"stream_proxy": {"tcp": ["%s:%d" % (HOST, stream)]}},
-                   "deployment": {"admin": {"admin_listen": {"ip": HOST, "port": admin},
-                                            "admin_key": [{"name": "admin", "key": KEY,
-                                                           "role": "admin"}]}},
+                   "deployment": dict({"admin": {
+                       "admin_listen": {"ip": HOST, "port": admin},
+                       "admin_key": [{"name": "admin", "key": KEY, "role": "admin"}]}},
+                       **(deployment or {})),
                    "gproxy": {"max_connections": 20000}}, fh)
     probe = os.path.join(workdir, "probe.log")
     open(probe, "w").close()
     log = open(os.path.join(workdir, "gproxy.log"), "wb")
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), config, probe],
-                            cwd=workdir, stdout=log, stderr=log)
+                            cwd=workdir, stdout=log, stderr=log,
+                            env=dict(os.environ, **(env or {})))
     try:
         wait_port(admin, proc)
         wait_port(stream, proc)

@@ -104,11 +104,12 @@ class Resource:
                 _forbid_timestamps(conf)
         try:
             if self.name == "upstreams":
-                check_upstream(conf)
+                check_upstream(conf, hub.pause)
             elif self.name == "ssls":
-                check_ssl(conf)
+                check_ssl(conf, hub.pause)
             else:
-                check_stream_route(conf, lambda uid: self.store.get("upstreams", uid) is not None)
+                check_stream_route(conf, lambda uid: self.store.get("upstreams", uid) is not None,
+                                   hub.pause)
         except SchemaError as exc:
             raise ApiError(str(exc)) from None
         return id_

@@ -250,9 +250,10 @@ def check_ring(conf, prefix="invalid configuration: "):
             % (prefix, points, MAX_RING_POINTS, CHASH_POINTS_PER_WEIGHT))
 
 
-def check_stream_route(conf, upstream_exists=lambda _id: True):
-    """Raise SchemaError with APISIX's message unless ``conf`` is a valid stream route."""
-    check(STREAM_ROUTE_SCHEMA, conf)
+def check_stream_route(conf, upstream_exists=lambda _id: True, pause=None):
+    """Raise SchemaError with APISIX's message unless ``conf`` is a valid stream route
+    (``pause``: called now and then over long arrays, see ``schema.validate``)."""
+    check(STREAM_ROUTE_SCHEMA, conf, pause=pause)
     if isinstance(conf.get("upstream"), dict):
         check_ring(conf["upstream"], 'invalid configuration: property "upstream" validation '
                                      "failed: ")
@@ -274,9 +275,9 @@ def check_stream_route(conf, upstream_exists=lambda _id: True):
         raise SchemaError("unknown protocol [%s]" % conf["protocol"]["name"])
 
 
-def check_upstream(conf):
+def check_upstream(conf, pause=None):
     """``check_upstream_conf`` as APISIX runs it for ``/upstreams`` (not for stream routes)."""
-    check(UPSTREAM_SCHEMA, conf)
+    check(UPSTREAM_SCHEMA, conf, pause=pause)
     check_ring(conf)
     nodes = conf.get("nodes")
     if isinstance(nodes, dict):

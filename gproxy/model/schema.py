@@ -24,6 +24,7 @@ import re2
 
 from gproxy.errors import SchemaError
 
+EVERY = 64  # items of one array or object checked between two pauses
 _SPACE = "\\t\\n\\x0b\\f\\r "  # PCRE's \\s (RE2's has no vertical tab)
 _OUTSIDE = {"$": "(?:\\n?$)", "\\s": "[" + _SPACE + "]", "\\S": "[^" + _SPACE + "]"}
 
@@ -108,8 +109,11 @@ def _num(value):
     return str(int(value)) if float(value).is_integer() else repr(value)
 
 
-def validate(schema, value):
-    """Return the first error message for ``value``, or ``None`` if it is valid."""
+def validate(schema, value, pause=None):
+    """Return the first error message for ``value``, or ``None`` if it is valid.
+
+    ``pause()`` is called every ``EVERY`` items of an array or object: a caller
+    on the hub lets the data path run while 1,000 nodes are checked."""
     kind = schema.get("type")
     if isinstance(kind, str) and not _is_type(value, kind):
         return "wrong type: expected %s, got %s" % (kind, _lua_type(value))
@@ -117,20 +121,20 @@ def validate(schema, value):
         return "wrong type: expected one of %s, got %s" % (", ".join(kind), _lua_type(value))
     for check in (_check_object, _check_array, _check_string, _check_number,
                   _check_enum, _check_any_of, _check_one_of):
-        err = check(schema, value)
+        err = check(schema, value, pause)
         if err:
             return err
     return None
 
 
-def _check_object(schema, value):
+def _check_object(schema, value, pause=None):
     if not isinstance(value, dict):
         return None
     props = schema.get("properties", {})
     required = list(schema.get("required", ()))
     for name, sub in props.items():
         if name in value:
-            err = validate(sub, value[name])
+            err = validate(sub, value[name], pause)
             if err:
                 return "property %s validation failed: %s" % (_lua_str(name), err)
         elif name in required:
@@ -143,12 +147,14 @@ def _check_object(schema, value):
         return err
     patterns = schema.get("patternProperties", {})
     extra = schema.get("additionalProperties", True)
-    for name, item in value.items():
+    for n, (name, item) in enumerate(value.items(), 1):
+        if pause is not None and n % EVERY == 0:
+            pause()
         matched = False
         for patt, sub in patterns.items():
             if matches(patt, name):
                 matched = True
-                err = validate(sub, item)
+                err = validate(sub, item, pause)
                 if err:
                     return "failed to validate %s (matching %s): %s" % (name, _lua_str(patt), err)
         if extra is False and name not in props and not matched:
@@ -158,7 +164,7 @@ def _check_object(schema, value):
     return None
 
 
-def _check_names(schema, value):
+def _check_names(schema, value, pause=None):
     """``maxProperties`` (before the properties are walked) and ``propertyNames``."""
     if "maxProperties" in schema and len(value) > schema["maxProperties"]:
         return "expect object to have at most %s properties" % schema["maxProperties"]
@@ -171,7 +177,7 @@ def _check_names(schema, value):
     return None
 
 
-def _check_array(schema, value):
+def _check_array(schema, value, pause=None):
     if not isinstance(value, list):
         return None
     if len(value) < schema.get("minItems", 0):
@@ -180,7 +186,9 @@ def _check_array(schema, value):
         return "expect array to have at most %s items" % schema["maxItems"]
     if "items" in schema:
         for i, item in enumerate(value, 1):
-            err = validate(schema["items"], item)
+            if pause is not None and i % EVERY == 0:
+                pause()
+            err = validate(schema["items"], item, pause)
             if err:
                 return "failed to validate item %d: %s" % (i, err)
     if schema.get("uniqueItems"):
@@ -219,7 +227,7 @@ def _equal_pair(items):
     return tuple(min(repeated)) if repeated else None
 
 
-def _check_string(schema, value):
+def _check_string(schema, value, pause=None):
     if not isinstance(value, str):
         return None
     if "minLength" in schema and len(value) < schema["minLength"]:
@@ -231,7 +239,7 @@ def _check_string(schema, value):
     return None
 
 
-def _check_number(schema, value):
+def _check_number(schema, value, pause=None):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     if "minimum" in schema and value < schema["minimum"]:
@@ -244,15 +252,15 @@ def _check_number(schema, value):
     return None
 
 
-def _check_enum(schema, value):
+def _check_enum(schema, value, pause=None):
     if "enum" in schema and value not in schema["enum"]:
         return "matches non of the enum values"  # sic, jsonschema.lua
     return None
 
 
-def _check_any_of(schema, value):
+def _check_any_of(schema, value, pause=None):
     subs = schema.get("anyOf")
-    if not subs or any(validate(sub, value) is None for sub in subs):
+    if not subs or any(validate(sub, value, pause) is None for sub in subs):
         return None
     requireds = [sub["required"] for sub in subs if "required" in sub]
     msg = "object matches none of the requireds"
@@ -262,11 +270,11 @@ def _check_any_of(schema, value):
     return msg
 
 
-def _check_one_of(schema, value):
+def _check_one_of(schema, value, pause=None):
     subs = schema.get("oneOf")
     if not subs:
         return None
-    matched = [i for i, sub in enumerate(subs, 1) if validate(sub, value) is None]
+    matched = [i for i, sub in enumerate(subs, 1) if validate(sub, value, pause) is None]
     if not matched:
         return "value should match only one schema, but matches none"
     if len(matched) > 1:
@@ -275,8 +283,8 @@ def _check_one_of(schema, value):
     return None
 
 
-def check(schema, value, prefix="invalid configuration: "):
+def check(schema, value, prefix="invalid configuration: ", pause=None):
     """Raise SchemaError(prefix + first error) unless ``value`` fits ``schema``."""
-    err = validate(schema, value)
+    err = validate(schema, value, pause)
     if err:
         raise SchemaError(prefix + err)

@@ -121,9 +121,9 @@ def _validate(cert, key=None):
     return None
 
 
-def check_ssl(conf):
+def check_ssl(conf, pause=None):
     """Raise SchemaError with APISIX's message unless ``conf`` is a valid ssl object."""
-    check(SSL_SCHEMA, conf)
+    check(SSL_SCHEMA, conf, pause=pause)
     if conf.get("type", "server") == "server":
         if sum(all(k in conf for k in req) for req in (("sni", "key", "cert"),
                                                        ("snis", "key", "cert"))) != 1:

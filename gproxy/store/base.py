@@ -107,14 +107,14 @@ def diff(kind, old, fresh, pause=None):
     return changes
 
 
-def check_item(kind, value):
+def check_item(kind, value, pause=None):
     """The Admin API's checks, less referential ones: like APISIX standalone, a
     route naming a missing upstream loads and fails per connection instead."""
     if not isinstance(value, dict) or value.get("id") is None:
         raise SchemaError("missing id")
     if kind == "upstreams":
-        check_upstream(value)
+        check_upstream(value, pause)
     elif kind == "ssls":
-        check_ssl(value)
+        check_ssl(value, pause)
     else:
-        check_stream_route(value)
+        check_stream_route(value, pause=pause)

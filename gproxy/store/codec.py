@@ -143,7 +143,7 @@ def check_items(items, pause=None):
             if n % EVERY == 0:
                 pause()
             try:
-                check_item(kind, value)
+                check_item(kind, value, pause)
             except SchemaError as exc:
                 shown = without_secrets(value) if isinstance(value, dict) else value
                 errors.append("failed to check item data of [%s] err:%s ,val: %s"

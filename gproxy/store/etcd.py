@@ -96,7 +96,7 @@ class EtcdStore(Store):
             return None
         value["id"] = id_  # APISIX: the key names the object
         try:
-            check_item(kind, value)
+            check_item(kind, value, self._pause)
         except SchemaError as exc:
             shown = without_secrets(value)  # no private keys, whatever the kind (as the file codec)
             log.error("failed to check item data of [%s/%s] err:%s ,val: %s",
