@@ -45,8 +45,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from scale_setup import (HOST, fleet_route, open_idle, probe_holds,  # noqa: E402
-                         start_broker, start_gproxy, stop)
+from scale_setup import (fleet_route, open_idle, start_broker, start_gproxy,  # noqa: E402
+                         stop)
 from bench.procstat import cpu_seconds  # noqa: E402  (scale_setup put the repo on the path)
 from cp_bodies import hostile, table  # noqa: E402
 from cp_load import (Admin, Connacks, EtcdWriter, PingLoad, bulk,  # noqa: E402
@@ -75,7 +75,9 @@ class Target:
         since, cpu = time.time(), cpu_seconds(self.proc.pid)
         latencies = work()
         until = time.time()
-        row = cp_report.row(self.name, name, until - since, probe_holds(self.probe, since, until),
+        row = cp_report.row(self.name, name, until - since,
+                            cp_report.timed_lines(self.probe, since, until),
+                            cp_report.timed_lines(self.probe + ".gc", since, until),
                             cpu_seconds(self.proc.pid) - cpu, latencies, self.connacks.take(),
                             self.ping.take(), notes)
         self.rows.append(row)
@@ -109,6 +111,7 @@ def file_phases(t, args, brokers, dead, workdir):
 
 def etcd_phases(args, brokers, dead, workdir, monitor_env):
     from tests.integration.etcd import Etcd  # Debian's etcd-server, as the etcd tests run it
+    os.makedirs(os.path.join(workdir, "etcd"))
     etcd = Etcd(os.path.join(workdir, "etcd")).start()
     writer = EtcdWriter(etcd.url)
     writer.put_many([("stream_routes", "fleet", fleet_route(brokers))])

@@ -37,7 +37,7 @@ ORDER = ("stream_routes", "upstreams", "ssls")  # as APISIX's examples: routes f
 #: non-printable ones) or refuses: written as \u escapes, which both read.
 _YAML_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029\ufeff\ufffe\uffff\ud800-\udfff]")
 _TOP = re.compile(r"^([a-z_]+):(?: (\[\]|\d+))?$")
-EVERY = 128  # items between two pauses
+EVERY = 16  # items between two calls to pause() (which yields once a millisecond)
 
 
 def has_end_flag(text):
@@ -61,8 +61,8 @@ def render_parts(texts, revision, pause=None):
         if kind == "ssls" and not items:
             continue  # APISIX standalone's top-level ``ssls`` only when there are some
         parts.append("%s:%s\n" % (kind, "" if items else " []"))
-        for start in range(0, len(items), EVERY * 8):
-            parts.extend("- %s\n" % text for text in items[start:start + EVERY * 8])
+        for start in range(0, len(items), EVERY * 64):
+            parts.extend("- %s\n" % text for text in items[start:start + EVERY * 64])
             if pause is not None:
                 pause()
     parts.append("gproxy_revision: %d\n%s\n" % (revision, END_FLAG))

@@ -323,8 +323,15 @@ class FileStore(Store):
 
     # -- folding the journal into the file -------------------------------------
     def _render(self, pause):
+        """The file's bytes, encoded a part at a time (a thread encoding 5 MB would
+        hold the interpreter lock, and so the hub, for its whole length)."""
         texts = {kind: list(self._texts[kind].values()) for kind in KINDS}
-        return "".join(codec.render_parts(texts, self._revision, pause))
+        out = []
+        for n, part in enumerate(codec.render_parts(texts, self._revision, pause)):
+            out.append(part.encode("utf-8", "surrogatepass"))
+            if pause is not None and n % (codec.EVERY * 64) == 0:
+                pause()
+        return b"".join(out)
 
     def _fold(self):
         """Rewrite the file with everything and drop the journal (kept if that fails)."""
@@ -347,8 +354,8 @@ class FileStore(Store):
             os.umask(umask)
             return 0o666 & ~umask
 
-    def _write_file(self, text):
-        """Blocking: replace the file durably with ``text``; returns its new signature."""
+    def _write_file(self, data):
+        """Blocking: replace the file durably with ``data``; returns its new signature."""
         directory = os.path.dirname(self.path)
         os.makedirs(directory, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=self._temp_prefix(), dir=directory)
@@ -357,8 +364,8 @@ class FileStore(Store):
             if self._data["ssls"]:  # but private keys are for the owner only
                 mode &= 0o700
             os.fchmod(fd, mode)
-            with os.fdopen(fd, "w", encoding="utf-8", errors="surrogatepass") as fh:
-                fh.write(text)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, self.path)
