@@ -10,6 +10,7 @@ drops them from GET bodies, and gproxy from every body.
 """
 
 import copy
+import json
 import operator
 import time
 
@@ -38,7 +39,13 @@ class ApiError(Exception):
 def json_response(body, status=200):
     """APISIX's body: the JSON (``/`` not escaped) and a trailing newline.  A long
     ``list`` (10,000 routes: 3 MB) is encoded in parts, pausing between them."""
-    text = jsontext.dumps_long(body, hub.pause, ensure_ascii=False, separators=(",", ":"))
+    options = {"ensure_ascii": False, "separators": (",", ":")}
+    raw = body.get("req_body") if isinstance(body, dict) else None
+    if isinstance(raw, str) and len(raw) > 65536:  # a refused body echoed back, as APISIX does
+        head = json.dumps(dict(body, req_body=None), **options)
+        text = head[:-len("null}")] + jsontext.dumps_string(raw, hub.pause, **options) + "}"
+    else:
+        text = jsontext.dumps_long(body, hub.pause, **options)
     return Response(text + "\n", status=status, mimetype="application/json")
 
 
@@ -53,10 +60,11 @@ def read_body():
     """The request's JSON body (None when empty), decoded within ``jsontext``'s
     bounds; a body that is not JSON, or too big to decode on the hub, is a 400."""
     raw = request.get_data(as_text=True)
+    hub.pause()
     if not raw.strip():
         return None
     try:
-        return jsontext.loads(raw)
+        return jsontext.loads(raw, pause=hub.pause)
     except jsontext.JsonError as exc:
         raise ApiError("invalid request body: %s" % exc, req_body=raw) from None
 

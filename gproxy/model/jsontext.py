@@ -47,11 +47,17 @@ def _too_deep(value, limit):
     return False
 
 
-def loads(text, max_values=MAX_VALUES, max_depth=MAX_DEPTH):
-    """``json.loads(text)`` for a text within the bounds, else JsonError."""
+def _none():
+    pass
+
+
+def loads(text, max_values=MAX_VALUES, max_depth=MAX_DEPTH, pause=_none):
+    """``json.loads(text)`` for a text within the bounds, else JsonError; ``pause()``
+    between the passes over a long text."""
     opening = text.count("[") + text.count("{")
     if opening + text.count(",") + 1 > max_values:  # at least the values it can hold
         raise JsonError("Found too many values (more than %d)" % max_values)
+    pause()
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -64,6 +70,19 @@ def loads(text, max_values=MAX_VALUES, max_depth=MAX_DEPTH):
     if opening > max_depth and isinstance(value, (dict, list)) and _too_deep(value, max_depth):
         raise JsonError("Found too many nested data structures (more than %d)" % max_depth)
     return value
+
+
+def dumps_string(text, pause, every=65536, **options):
+    """``json.dumps(text)`` for a long string, ``every`` characters at a time (JSON
+    escapes each character on its own, so the parts join into the same text)."""
+    if len(text) <= every:
+        return json.dumps(text, **options)
+    parts = ['"']
+    for start in range(0, len(text), every):
+        parts.append(json.dumps(text[start:start + every], **options)[1:-1])
+        pause()
+    parts.append('"')
+    return "".join(parts)
 
 
 def dumps_long(message, pause, field="list", every=128, **options):

@@ -307,3 +307,10 @@ def jsontext_loads(text):
         return jsontext.loads(text)
     except jsontext.JsonError as exc:
         return exc
+
+
+def test_a_long_string_is_encoded_in_parts_to_the_same_text():
+    text = 'ab"c\\\u2028\x00\u00e9\U0001f600' * 30000
+    pauses = []
+    out = jsontext.dumps_string(text, lambda: pauses.append(1), ensure_ascii=False)
+    assert out == json.dumps(text, ensure_ascii=False) and len(pauses) >= 4
