@@ -38,15 +38,14 @@ import argparse
 import json
 import os
 import resource
-import shutil
 import signal
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from scale_setup import (fleet_route, open_idle, start_broker, start_gproxy,  # noqa: E402
-                         stop)
+from scale_setup import (finish, fleet_route, open_idle, start_broker,  # noqa: E402
+                         start_gproxy, stop)
 from bench.procstat import cpu_seconds  # noqa: E402  (scale_setup put the repo on the path)
 from cp_bodies import hostile, table  # noqa: E402
 from cp_load import (Admin, Connacks, EtcdWriter, PingLoad, bulk,  # noqa: E402
@@ -283,12 +282,7 @@ def main(argv=None):
     finally:
         for target in targets:
             target.close()
-        for proc in procs:
-            stop(proc)
-        if args.keep:
-            print("kept %s (gproxy.log, probe.log)" % workdir)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        finish(procs, workdir, args.keep, "gproxy.log, probe.log")
 
 
 if __name__ == "__main__":

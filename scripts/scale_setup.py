@@ -160,6 +160,16 @@ def start_gproxy(workdir, brokers, deployment=None, env=None):
     return proc, stream, admin, probe
 
 
+def finish(procs, workdir, keep, note):
+    """Stop what a script started and drop (or keep, saying what is in it) its work dir."""
+    for proc in procs:
+        stop(proc)
+    if keep:
+        print("kept %s (%s)" % (workdir, note))
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def stop(proc):
     if proc.poll() is None:
         proc.terminate()
