@@ -41,8 +41,11 @@ EVERY = 16  # items between two calls to pause() (which yields once a millisecon
 
 
 def has_end_flag(text):
-    """APISIX looks for ``#END`` in the file's last bytes, after trailing space."""
-    return text.rstrip()[-len(END_FLAG):] == END_FLAG
+    """APISIX looks for ``#END`` in the file's last bytes, after trailing space
+    (``text``: str or bytes; only its tail is looked at)."""
+    tail = text[-4096:].rstrip()
+    flag = END_FLAG.encode() if isinstance(tail, bytes) else END_FLAG
+    return tail[-len(flag):] == flag
 
 
 def item_text(value):
@@ -76,13 +79,20 @@ def render(values, revision):
 
 
 def json_layout(text, pause=None):
-    """``(items, revision)`` for a file in gproxy's own layout, else None."""
+    """``(items, revision)`` for a file in gproxy's own layout, else None.
+
+    ``text`` may be the file's bytes: each item line then goes to the JSON
+    decoder as it is, and only the short lines between them are decoded here.
+    """
     pause = pause or _none
     items, revision, kind = {kind: [] for kind in KINDS}, 0, None
-    for n, line in enumerate(text.splitlines()):
+    lines = text.split(b"\n") if isinstance(text, bytes) else text.splitlines()
+    for n, line in enumerate(lines):
+        if isinstance(line, bytes) and not line.startswith(b"- {"):
+            line = line.rstrip(b"\r").decode("utf-8", "replace")
         if not line or line.startswith("#"):
             continue
-        if line.startswith("- {") and kind is not None:
+        if line.startswith(b"- {" if isinstance(line, bytes) else "- {") and kind is not None:
             try:
                 items[kind].append(json.loads(line[2:]))
             except ValueError:

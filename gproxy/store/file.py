@@ -41,6 +41,10 @@ FOLD_IDLE = 1.0  # seconds without writes before the journal is folded into the 
 FOLD_MIN = 1024  # journal entries that always justify a fold
 
 
+def _yaml_layout(data, path):
+    return codec.yaml_layout(data.decode("utf-8"), path)
+
+
 class _Write:
     """One queued put (``value``) or delete (``value`` None) and its answer."""
 
@@ -173,17 +177,21 @@ class FileStore(Store):
         with open(self.path, encoding="utf-8") as fh:
             return fh.read()
 
+    def _read_bytes(self):
+        with open(self.path, "rb") as fh:
+            return fh.read()
+
     def _reload_if_edited(self):
         """The changes of a hand edit saved since we last looked (None: there was none)."""
         signature = in_threadpool(self._stat)
         if signature is None or signature == self._signature:
             return None
         try:
-            text = in_threadpool(self._read_text)
-            if not codec.has_end_flag(text):
+            data = in_threadpool(self._read_bytes)  # decoded a line at a time, on the hub
+            if not codec.has_end_flag(data):
                 raise SchemaError("missing valid end flag in file %s" % self.path)
-            items = codec.json_layout(text, self._pause) or in_threadpool(
-                codec.yaml_layout, text, self.path)
+            items = codec.json_layout(data, self._pause) or in_threadpool(
+                _yaml_layout, data, self.path)
             values, errors = codec.check_items(items[0], self._pause)
             if errors:
                 raise SchemaError("; ".join(errors))
