@@ -3,9 +3,10 @@ mosquitto brokers, idle MQTT sessions and paced new clients.
 
 Run as a script (``scale_setup.py CONFIG PROBE``) it is the gproxy child:
 gproxy's CLI in this process plus a probe greenlet that sleeps 1 ms in a loop
-and logs every overshoot above 0.5 ms with how much of it the process spent
-on a CPU.  Everything else here runs in scale.py's own (plain, unpatched)
-process.
+and logs every overshoot above 0.5 ms with how much of it the hub's thread
+spent on a CPU (``thread_time``: the threadpool's and the etcd watch thread's
+CPU is not the hub's).  Everything else here runs in scale.py's own (plain,
+unpatched) process.
 """
 
 import gc
@@ -37,11 +38,11 @@ def serve(config, probe_path):
     def probe():
         with open(probe_path, "a", buffering=1) as fh:
             while True:
-                start, cpu = time.perf_counter(), time.process_time()
+                start, cpu = time.perf_counter(), time.thread_time()
                 gevent.sleep(PROBE_MS / 1000)
                 late = (time.perf_counter() - start) * 1000 - PROBE_MS
                 if late > 0.5:  # and how much of it this process ran (vs. waited for a core)
-                    ran = (time.process_time() - cpu) * 1000
+                    ran = (time.thread_time() - cpu) * 1000
                     fh.write("%.4f %.3f %.3f\n" % (time.time(), late, min(late, ran)))
 
     gc_log = open(probe_path + ".gc", "a", buffering=1)
