@@ -24,7 +24,6 @@ warning); one that does not is logged and ignored.
 
 import logging
 import os
-import tempfile
 
 import gevent
 from gevent.event import AsyncResult, Event
@@ -32,7 +31,7 @@ from gevent.lock import RLock
 
 from gproxy import hub
 from gproxy.errors import SchemaError
-from gproxy.store import codec, journal
+from gproxy.store import atomic, codec, journal
 from gproxy.store.base import KINDS, Record, Store, check_item, diff
 from gproxy.store.threads import in_threadpool
 
@@ -71,26 +70,8 @@ class FileStore(Store):
         self._wake = Event()
         self._committer = None
         self._closing = False
-        self._remove_stale_temp_files()
+        atomic.remove_stale(self.path)
         self._start()
-
-    def _temp_prefix(self):
-        return ".%s." % os.path.basename(self.path)
-
-    def _remove_stale_temp_files(self):
-        """Temp files left by a write a crash interrupted: never the store, safe to drop."""
-        directory = os.path.dirname(self.path)
-        try:
-            names = os.listdir(directory)
-        except OSError:
-            return
-        for name in names:
-            if name.startswith(self._temp_prefix()):
-                try:
-                    os.unlink(os.path.join(directory, name))
-                    log.info("store: removed %s left by an interrupted write", name)
-                except OSError:
-                    pass
 
     # -- starting: the file, then what the journal adds ---------------------
     def _start(self):
@@ -354,34 +335,7 @@ class FileStore(Store):
             log.error("store: could not fold %s into %s (kept; retrying later): %s",
                       self.journal.path, self.path, exc)
 
-    def _mode(self):
-        try:
-            return os.stat(self.path).st_mode & 0o777
-        except OSError:
-            umask = os.umask(0)
-            os.umask(umask)
-            return 0o666 & ~umask
-
     def _write_file(self, data):
         """Blocking: replace the file durably with ``data``; returns its new signature."""
-        directory = os.path.dirname(self.path)
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=self._temp_prefix(), dir=directory)
-        try:
-            mode = self._mode()  # mkstemp makes 0600; keep the file's own mode,
-            if self._data["ssls"]:  # but private keys are for the owner only
-                mode &= 0o700
-            os.fchmod(fd, mode)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        journal.fsync_dir(self.path)
+        atomic.replace(self.path, data, private=bool(self._data["ssls"]))
         return self._stat()

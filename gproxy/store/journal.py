@@ -16,6 +16,8 @@ import logging
 import os
 import zlib
 
+from gproxy.store.atomic import fsync_dir
+
 log = logging.getLogger("gproxy.store")
 
 
@@ -58,14 +60,6 @@ def read(path):
     if torn:
         log.warning("store: %s: skipped %d torn or unreadable journal line(s)", path, torn)
     return entries
-
-
-def fsync_dir(path):
-    fd = os.open(os.path.dirname(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Journal:
