@@ -102,8 +102,9 @@ def diff(kind, old, fresh, pause=None):
         if pause is not None and n % 256 == 255:
             pause()
     changes.extend((kind, key, None) for key in old if key not in fresh)
-    if [key for key in old if key in fresh] != [key for key in fresh if key in old]:
-        changes.append((kind, None, None))  # the same keys in another order
+    kept = [key for key in old if key in fresh]
+    if kept + [key for key in fresh if key not in old] != list(fresh):
+        changes.append((kind, None, None))  # not the order "kept, then new ones last"
     return changes
 
 

@@ -87,18 +87,19 @@ def json_layout(text, pause=None):
     pause = pause or _none
     items, revision, kind = {kind: [] for kind in KINDS}, 0, None
     lines = text.split(b"\n") if isinstance(text, bytes) else text.splitlines()
+    item = b"- {" if isinstance(text, bytes) else "- {"
     for n, line in enumerate(lines):
-        if isinstance(line, bytes) and not line.startswith(b"- {"):
-            line = line.rstrip(b"\r").decode("utf-8", "replace")
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith(b"- {" if isinstance(line, bytes) else "- {") and kind is not None:
+        if line.startswith(item) and kind is not None:
             try:
                 items[kind].append(json.loads(line[2:]))
             except ValueError:
                 return None
             if n % EVERY == 0:
                 pause()
+            continue
+        if isinstance(line, bytes):
+            line = line.rstrip(b"\r").decode("utf-8", "replace")
+        if not line or line.startswith("#"):
             continue
         top = _TOP.match(line)
         if top is None:

@@ -615,6 +615,21 @@ def test_a_hand_edit_drops_the_changes_its_editor_could_not_see(store, path, cap
     assert FileStore(path).get("stream_routes", "2") is None
 
 
+def test_a_hand_edit_in_the_files_own_layout(store, path):
+    """An operator adds a line to the file as gproxy writes it (one JSON item a
+    line): read line by line, without YAML, and only that route is a change."""
+    calls = Calls()
+    store.subscribe(calls)
+    text = path.read_text()
+    line = json.dumps({"id": "added", "server_port": 2000})
+    hand_edit(path, text.replace("stream_routes:\n", "stream_routes:\n- %s\n" % line, 1))
+    assert store.poll() is True
+    assert calls.changes == [[("stream_routes", "added", {"id": "added", "server_port": 2000}),
+                              ("stream_routes", None, None)]]
+    assert [r.id for r in store.list("stream_routes")] == ["added", "1"]
+    store.put("upstreams", "2", {"id": "2", "nodes": {"127.0.0.1:2": 1}})  # writes go on
+
+
 def test_a_hand_edit_that_reorders_routes_says_so(store, path):
     store.put("stream_routes", "2", {"id": "2", "server_port": 2})
     store.fold()
