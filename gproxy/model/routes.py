@@ -152,13 +152,14 @@ class RouteTable:
         A new route goes last, a changed one keeps its place (APISIX's order
         for etcd: keys appended as they come, replaced in place).
         """
+        pause = pause or _none
         new = object.__new__(RouteTable)
         new.chash_ring = self.chash_ring
-        new.upstreams, new._by_id = dict(self.upstreams), dict(self._by_id)
-        routes, order = list(self.routes), None
+        new.upstreams = dict(self.upstreams)
+        pause()  # each copy and pass is one step: about a millisecond at 10,000
+        new._by_id, routes, order = dict(self._by_id), list(self.routes), None
         for kind, id_, value in changes:
-            if pause is not None:
-                pause()
+            pause()
             if id_ is None:
                 order = value if kind == "stream_routes" else order
             elif kind == "upstreams":
@@ -168,7 +169,9 @@ class RouteTable:
             elif kind == "stream_routes":
                 new._replace(routes, id_, value, pause)
         if order is not None:
+            pause()
             routes = [new._by_id[i] for i in order if i in new._by_id]
+        pause()
         new.routes = routes
         new._index()
         return new
@@ -240,6 +243,10 @@ class RouteTable:
             return route.plugin_upstream, None
         return None, ("failed to set upstream: missing upstream configuration "
                       "in Route or Service")
+
+
+def _none():
+    pass
 
 
 def _sni_rank(route):

@@ -101,8 +101,12 @@ def diff(kind, old, fresh, pause=None):
             changes.append((kind, key, record))
         if pause is not None and n % 256 == 255:
             pause()
+    if pause is not None:
+        pause()
     changes.extend((kind, key, None) for key in old if key not in fresh)
     kept = [key for key in old if key in fresh]
+    if pause is not None:
+        pause()
     if kept + [key for key in fresh if key not in old] != list(fresh):
         changes.append((kind, None, None))  # not the order "kept, then new ones last"
     return changes

@@ -86,7 +86,7 @@ def json_layout(text, pause=None):
     """
     pause = pause or _none
     items, revision, kind = {kind: [] for kind in KINDS}, 0, None
-    lines = text.split(b"\n") if isinstance(text, bytes) else text.splitlines()
+    lines = _byte_lines(text) if isinstance(text, bytes) else text.splitlines()
     item = b"- {" if isinstance(text, bytes) else "- {"
     for n, line in enumerate(lines):
         if line.startswith(item) and kind is not None:
@@ -112,6 +112,16 @@ def json_layout(text, pause=None):
         else:
             return None
     return items, revision
+
+
+def _byte_lines(data):
+    """The lines of ``data`` one at a time (splitting megabytes at once is one long step)."""
+    pos = 0
+    while pos <= len(data):
+        end = data.find(b"\n", pos)
+        end = len(data) if end < 0 else end
+        yield data[pos:end]
+        pos = end + 1
 
 
 class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
