@@ -916,3 +916,22 @@ def test_plugin_schema_not_found(api):
     resp = api.get("/apisix/admin/plugins/foo?subsystem=stream")
     assert resp.status_code == 404
     assert body(resp) == error("plugin not found in subsystem stream")
+
+
+def test_a_change_a_worker_could_not_apply_is_a_503_not_a_200(api):
+    """With --workers, a change stored but not live in every worker is said so
+    (before: the parent logged it and the Admin API answered 200)."""
+    from gproxy.errors import NotApplied
+
+    def worker_fails(changes):
+        raise NotApplied("the change is stored, but worker 7 failed to apply it: out of "
+                         "memory; it serves the previous route table until it takes the "
+                         "whole table")
+
+    api.store.subscribe(worker_fails)
+    resp = api.put(UP + "/1", UPSTREAM)
+    assert resp.status_code == 503
+    assert body(resp) == error("the change is stored, but worker 7 failed to apply it: out "
+                               "of memory; it serves the previous route table until it takes "
+                               "the whole table")
+    assert api.store.get("upstreams", "1") is not None  # stored: a retry re-applies it
