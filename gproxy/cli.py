@@ -108,6 +108,7 @@ def main(argv=None):
         return 1
     freeze_startup_objects()
     serve(app, signals, lambda: reload(app, path, args.log_level), app.reopen_logs)
+    app.store.close()  # the file store folds its journal into the file
     return 0
 
 
