@@ -5,15 +5,17 @@
 swaps one reference, so a live session keeps the route it matched.  Matching
 follows APISIX's ip_port router (docs/apisix-behaviour.md §4.2): routes with
 ``sni`` only match TLS connections with that SNI; otherwise the first route,
-in load order, whose filters all pass wins.  Pure: no sockets, no DNS.
+in load order, whose filters all pass wins.  gproxy's routes with ``vars``
+(docs/routing.md) come before those, by ``priority``: ``match`` then gives
+the first candidate and ``refine`` the route, once the CONNECT is known; a
+table without ``vars`` never looks at them.  Pure: no sockets, no DNS.
 """
 
 import ipaddress
 import logging
 import re
-from dataclasses import dataclass
-
 from gproxy.model.balancer import Balancer, Node
+from gproxy.model.mqttproxy import MqttConf
 from gproxy.model.resources import ip_network
 
 log = logging.getLogger("gproxy.model.routes")
@@ -102,35 +104,14 @@ class Upstream:
             value = re.sub(r"\$(\w+)", lambda m: _text(found.get(m.group(1), "")), self.key)
         return None if value is None or value == "" else value
 
+    def healthy(self):
+        """False only when its health checks mark every node unhealthy."""
+        health = self.health
+        return health is None or any(n.addr not in health.unhealthy for n in self.nodes)
+
     def tries(self, nnodes):
         """Dial attempts allowed: ``retries`` + 1, default one per node."""
         return nnodes if self.retries is None else self.retries + 1
-
-
-@dataclass(frozen=True)
-class WebSocketConf:
-    """gproxy's ``websocket`` option of mqtt-proxy (docs/websocket.md)."""
-
-    enable: bool = True
-    path: str = None         # None: any path
-    origins: tuple = None    # lower-cased; None: any Origin
-    passthrough: bool = False  # pass the upgrade and frames to a WebSocket broker
-
-    @classmethod
-    def from_conf(cls, conf):
-        conf = conf or {}
-        origins = conf.get("allow_origins")
-        return cls(conf.get("enable", True), conf.get("path"),
-                   None if origins is None else tuple(o.lower() for o in origins),
-                   conf.get("mode") == "passthrough")
-
-
-@dataclass(frozen=True)
-class MqttConf:
-    protocol_name: str
-    protocol_level: int
-    websocket: WebSocketConf = WebSocketConf()
-    set_connect: tuple = ()  # ((field, "$var template"), ...): gproxy's CONNECT rewrite
 
 
 class Route:
@@ -151,15 +132,25 @@ class Route:
         plugin = plugins.get("mqtt-proxy")
         self.mqtt = None
         if plugin is not None:
-            self.mqtt = MqttConf(plugin.get("protocol_name", "MQTT"), plugin["protocol_level"],
-                                 WebSocketConf.from_conf(plugin.get("websocket")),
-                                 tuple(sorted((plugin.get("set_connect") or {}).items())))
+            self.mqtt = MqttConf.from_plugin(plugin)
+        # ``vars``: the route is one candidate among those its addresses match,
+        # chosen by the CONNECT (RouteTable.refine); None: it is a fallback.
+        self.vars = None if self.mqtt is None else self.mqtt.vars
+        self.priority = 0 if self.mqtt is None else self.mqtt.priority
+        self.split = None if self.mqtt is None else self.mqtt.split
         self.plugin_upstream = None
         old = (plugin or {}).get("upstream")  # deprecated (≤ 2.15), used only without another
         if isinstance(old, dict) and (old.get("host") or old.get("ip")) and old.get("port"):
             host = old.get("host") or old.get("ip")
             self.plugin_upstream = Upstream({"nodes": [{"host": host, "port": old["port"],
                                                         "weight": 1}]})
+
+    def reaches(self, server_ip, server_port, remote_ip, sni):
+        """Its filters pass, SNI included (a route with ``sni`` needs a TLS client
+        that sent a name it matches)."""
+        if self.sni and not (sni and _sni_matches(self.sni, sni)):
+            return False
+        return self.matches(server_ip, server_port, remote_ip)
 
     def matches(self, server_ip, server_port, remote_ip):
         if self.server_port is not None and self.server_port != server_port:
@@ -207,19 +198,45 @@ class RouteTable:
             if route.upstream is not None:
                 route.upstream.name = "/apisix/stream_routes/%s" % route.id
             self.routes.append(route)
-        self._plain = [r for r in self.routes if not r.sni]
+        fallbacks = [r for r in self.routes if r.vars is None]
+        self._plain = [r for r in fallbacks if not r.sni]
         # ip_port.lua's radixtree on reversed SNIs: an exact name before any
         # wildcard, a longer wildcard before a shorter one, "*" last; load order
         # among routes with the same sni.
-        self._tls = sorted((r for r in self.routes if r.sni), key=_sni_rank)
+        self._tls = sorted((r for r in fallbacks if r.sni), key=_sni_rank)
+        # Routes with vars, in the order the CONNECT tries them (docs/routing.md).
+        self._refined = sorted((r for r in self.routes if r.vars is not None), key=_vars_rank)
+        if not self._refined:
+            self.match = self._fallback  # the plain router, not one call more per connection
 
     def match(self, server_ip, server_port, remote_ip, sni=None):
-        """The first route whose filters pass, or None (APISIX: ``not hit any route``).
+        """The first route to try, from what is known before any byte is read;
+        None: ``not hit any route``.
 
-        ``sni`` is the TLS client's server name (None for plain TCP, which
-        never matches a route with ``sni``); a TLS connection whose name no
-        ``sni`` route takes falls through to the routes without one (§4.2).
+        Without ``vars`` anywhere this is APISIX's router (§4.2): the first
+        route whose filters pass.  ``sni`` is the TLS client's server name
+        (None for plain TCP, which never matches a route with ``sni``); a TLS
+        connection whose name no ``sni`` route takes falls through to the
+        routes without one.  A route with ``vars`` whose address filters pass
+        comes first, highest ``priority`` first: the answer then has ``vars``
+        and only ``refine`` can say, once the CONNECT is read, which route it is.
         """
+        for route in self._refined:
+            if route.reaches(server_ip, server_port, remote_ip, sni):
+                return route
+        return self._fallback(server_ip, server_port, remote_ip, sni)
+
+    def refine(self, server_ip, server_port, remote_ip, sni, values):
+        """The route for a connection whose CONNECT gave ``values`` (variable name
+        -> bytes, None when unset): the first route with ``vars``, highest
+        ``priority`` first and ties by id, whose filters and vars pass, else the
+        route without vars ``match`` would have taken; None: no route."""
+        for route in self._refined:
+            if route.reaches(server_ip, server_port, remote_ip, sni) and route.vars.eval(values):
+                return route
+        return self._fallback(server_ip, server_port, remote_ip, sni)
+
+    def _fallback(self, server_ip, server_port, remote_ip, sni):
         if sni:
             for route in self._tls:
                 if _sni_matches(route.sni, sni) and route.matches(
@@ -255,6 +272,13 @@ class RouteTable:
             return route.plugin_upstream, None
         return None, ("failed to set upstream: missing upstream configuration "
                       "in Route or Service")
+
+
+def _vars_rank(route):
+    """Highest ``priority`` first; ties by id, numeric ids in numeric order before
+    the others in string order."""
+    rid = route.id
+    return (-route.priority, 0 if rid.isdigit() else 1, int(rid) if rid.isdigit() else 0, rid)
 
 
 def _sni_rank(route):

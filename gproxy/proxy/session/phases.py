@@ -7,14 +7,25 @@ function in a listener's list, not a branch here.  MQTT over WebSocket rides
 on the mqtt-proxy preread (the first byte tells, ``wspreread``); in its
 passthrough mode the broker's upgrade comes before the replay.
 
-    match_route -> find_upstream -> limits -> preread -> dial -> replay   (then the relay)
+    match_route -> find_upstream -> limits -> preread -> refine -> split -> dial -> replay
+                                                               (then the relay)
+
+A route is chosen in one of two places.  Usually the address match decides
+(APISIX's router) and ``find_upstream`` and ``limits`` run before the
+preread, in APISIX's plugin order.  When routes with ``vars`` are among the
+candidates (docs/routing.md), the match leaves ``s.route`` unset: the
+preread reads the CONNECT under every candidate's terms (``PREREAD_ANY``),
+``refine`` chooses the route from it and runs the two route phases then.
+``split`` then picks the upstream of a route with a traffic split.
 """
 
 import logging
 
 from gproxy.errors import NoUpstream, Reject
+from gproxy.model.mqttproxy import PREREAD_ANY
 from gproxy.proxy import netio
 from gproxy.proxy.session import dial as dialing
+from gproxy.proxy.session import refine as refining
 from gproxy.proxy.session.limits import limits
 from gproxy.proxy.session.preread import preread_mqtt
 from gproxy.proxy.session.wspreread import preread_websocket, upgrade_upstream
@@ -25,7 +36,8 @@ PROXYING = "proxying connection"
 
 
 def match_route(s):
-    """APISIX's stream router, before any byte is read (§4.2)."""
+    """APISIX's stream router, before any byte is read (§4.2).  A first candidate
+    with ``vars`` leaves the route to ``refine``."""
     s.action = PREREAD
     info = s.info
     route = s.table.match(info.server_addr, info.server_port, info.client_addr, s.sni)
@@ -35,13 +47,16 @@ def match_route(s):
     limit = s.settings.max_connections
     if limit and len(s.registry) >= limit:
         raise Reject("limit", logging.ERROR, "too many sessions (max_connections %d)", limit)
-    s.route = route
-    info.route_id = route.id
+    if route.vars is None:
+        s.route = route
+        info.route_id = route.id
     s.track()
 
 
 def find_upstream(s):
     """``upstream_id`` wins over the inline upstream (§4.2)."""
+    if s.route is None:
+        return  # the CONNECT chooses the route: refine runs this
     upstream, err = s.table.upstream_for(s.route)
     if err:
         raise Reject("no_upstream", logging.ERROR, err)
@@ -55,9 +70,21 @@ def preread(s):
     An mqtt-proxy route also serves MQTT over WebSocket on the same port
     (unless its ``websocket.enable`` is false): the first byte tells.
     """
-    conf = s.route.mqtt
+    conf = s.route.mqtt if s.route is not None else PREREAD_ANY
     if conf is not None:
         preread_mqtt(s, conf, preread_websocket if conf.websocket.enable else None)
+
+
+def refine(s):
+    """Refine the route after the preread: the CONNECT chooses among the candidates."""
+    if s.route is None:
+        refining.refine(s, (find_upstream, limits))
+
+
+def split(s):
+    """A route's traffic split: the upstream for this client (model.split)."""
+    if s.route.split is not None:
+        refining.split(s)
 
 
 def dial(s):
@@ -83,4 +110,4 @@ def replay(s):
     s.info.bytes_in += len(s.replay)
 
 
-COMMON = (match_route, find_upstream, limits, preread, dial, replay)
+COMMON = (match_route, find_upstream, limits, preread, refine, split, dial, replay)
