@@ -17,6 +17,7 @@ from flask import Blueprint, Response, request
 
 from gproxy.admin.filters import FilterError, ListFilter
 from gproxy.errors import SchemaError
+from gproxy.model.mqttproxy import split_upstream_ids
 from gproxy.model.resources import check_stream_route, check_upstream
 from gproxy.model.ssls import check_ssl, without_secrets
 
@@ -152,7 +153,8 @@ class Resource:
     def delete(self, id_):
         if self.name == "upstreams" and request.args.get("force") != "true":
             users = [r.id for r in self.store.list("stream_routes")
-                     if str(r.value.get("upstream_id")) == str(id_)]
+                     if str(r.value.get("upstream_id")) == str(id_)
+                     or str(id_) in split_upstream_ids(r.value)]
             if users:
                 raise ApiError("can not delete this upstream, route [%s] is still using it now"
                                % users[0])

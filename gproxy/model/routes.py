@@ -236,7 +236,7 @@ class RouteTable:
                 return route
         return self._fallback(server_ip, server_port, remote_ip, sni)
 
-    def _fallback(self, server_ip, server_port, remote_ip, sni):
+    def _fallback(self, server_ip, server_port, remote_ip, sni=None):
         if sni:
             for route in self._tls:
                 if _sni_matches(route.sni, sni) and route.matches(
