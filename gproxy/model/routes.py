@@ -16,6 +16,7 @@ import logging
 import re
 from gproxy.model.balancer import Balancer, Node
 from gproxy.model.mqttproxy import MqttConf
+from gproxy.model.varsroutes import VarsRoutes
 from gproxy.model.resources import ip_network
 
 log = logging.getLogger("gproxy.model.routes")
@@ -205,7 +206,7 @@ class RouteTable:
         # among routes with the same sni.
         self._tls = sorted((r for r in fallbacks if r.sni), key=_sni_rank)
         # Routes with vars, in the order the CONNECT tries them (docs/routing.md).
-        self._refined = sorted((r for r in self.routes if r.vars is not None), key=_vars_rank)
+        self._refined = VarsRoutes(self.routes)
         if not self._refined:
             self.match = self._fallback  # the plain router, not one call more per connection
 
@@ -221,7 +222,7 @@ class RouteTable:
         comes first, highest ``priority`` first: the answer then has ``vars``
         and only ``refine`` can say, once the CONNECT is read, which route it is.
         """
-        for route in self._refined:
+        for route in self._refined.ordered:
             if route.reaches(server_ip, server_port, remote_ip, sni):
                 return route
         return self._fallback(server_ip, server_port, remote_ip, sni)
@@ -231,7 +232,7 @@ class RouteTable:
         -> bytes, None when unset): the first route with ``vars``, highest
         ``priority`` first and ties by id, whose filters and vars pass, else the
         route without vars ``match`` would have taken; None: no route."""
-        for route in self._refined:
+        for route in self._refined.candidates(values):
             if route.reaches(server_ip, server_port, remote_ip, sni) and route.vars.eval(values):
                 return route
         return self._fallback(server_ip, server_port, remote_ip, sni)
@@ -272,13 +273,6 @@ class RouteTable:
             return route.plugin_upstream, None
         return None, ("failed to set upstream: missing upstream configuration "
                       "in Route or Service")
-
-
-def _vars_rank(route):
-    """Highest ``priority`` first; ties by id, numeric ids in numeric order before
-    the others in string order."""
-    rid = route.id
-    return (-route.priority, 0 if rid.isdigit() else 1, int(rid) if rid.isdigit() else 0, rid)
 
 
 def _sni_rank(route):

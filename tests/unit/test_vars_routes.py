@@ -57,10 +57,10 @@ def test_the_match_names_the_first_candidate_and_the_refine_the_route():
 def test_ties_go_by_id_numbers_first_and_in_numeric_order():
     any_ = [["mqtt_protocol_level", "==", 4]]
     tbl = RouteTable([route("b", any_), route("10", any_), route("9", any_), route("a", any_)])
-    assert [r.id for r in tbl._refined] == ["9", "10", "a", "b"]
+    assert [r.id for r in tbl._refined.ordered] == ["9", "10", "a", "b"]
     assert refined(tbl, mqtt_protocol_level="4") == "9"
     tbl = RouteTable([route("b", any_), route("10", any_, priority=-1), route("a", any_, 3)])
-    assert [r.id for r in tbl._refined] == ["a", "b", "10"]
+    assert [r.id for r in tbl._refined.ordered] == ["a", "b", "10"]
 
 
 def test_no_route_passing_and_no_fallback_is_no_route():
@@ -203,3 +203,63 @@ def test_an_upstream_a_split_names_cannot_be_deleted(seeded):
     assert seeded.put(SR + "/3", dict(conf, upstream=UPSTREAM)).status_code == 201
     rejected(seeded, "DELETE", UP + "/2", None, 400,
              error("can not delete this upstream, route [3] is still using it now"))
+
+
+# -- the index by equality -----------------------------------------------------------
+
+def test_a_connect_is_checked_only_against_routes_it_can_pass():
+    tbl = RouteTable([route(str(i), [["mqtt_username", "==", "t%d" % i]]) for i in range(500)]
+                     + [route("rx", [["mqtt_client_id", "~~", "^b-"]], priority=-1),
+                        route("in", ["OR", ["mqtt_username", "in", ["x", "t7"]],
+                                     ["mqtt_username", "==", "y"]], priority=1)])
+    got = [r.id for r in tbl._refined.candidates(values(mqtt_username="t7"))]
+    assert got == ["in", "7", "rx"]  # priority order kept across indexed and scanned routes
+    assert [r.id for r in tbl._refined.candidates(values(mqtt_username="zz"))] == ["rx"]
+    assert refined(tbl, mqtt_username="t7") == "in"
+    assert refined(tbl, mqtt_username="t8") == "8"
+    assert refined(tbl, mqtt_username="q", mqtt_client_id="b-1") == "rx"
+
+
+@pytest.mark.parametrize("rule, need", [
+    ([["u", "==", "a"]], ("u", {b"a"})),
+    ([["u", "==", "a"], ["c", "in", ["x", "y"]]], ("u", {b"a"})),   # the narrowest
+    (["OR", ["u", "==", "a"], ["u", "in", ["b"]]], ("u", {b"a", b"b"})),
+    (["OR", ["u", "==", "a"], ["c", "==", "b"]], None),              # two variables
+    ([["u", "!", "==", "a"]], None),
+    ([["u", "==", 5]], None),                                       # numeric: "05" passes
+    (["!AND", ["u", "==", "a"], ["u", "==", "a"]], None),
+    (["AND", ["u", "==", "a"], ["OR", ["c", "~~", "x"], ["c", "==", "y"]]], ("u", {b"a"})),
+])
+def test_needs(rule, need):
+    from gproxy.model.expr import compile as compile_expr
+    got = compile_expr(rule).need
+    assert (None if got is None else (got[0], set(got[1]))) == need
+
+
+def test_the_index_never_drops_a_route_that_passes():
+    from types import SimpleNamespace
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from gproxy.model.expr import ExprError, compile as compile_expr
+    from gproxy.model.varsroutes import VarsRoutes
+    from tests.unit.test_expr import NAMES, RULES, VALUES
+
+    def compiled(rule):
+        try:
+            return compile_expr(rule)
+        except ExprError:
+            return compile_expr([["a", "==", "x"]])
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.tuples(RULES, st.integers(-2, 2)), min_size=1, max_size=8),
+           st.fixed_dictionaries({n: VALUES for n in NAMES}))
+    def check(rules, vals):
+        routes = [SimpleNamespace(id=str(i), priority=p, vars=compiled(rule))
+                  for i, (rule, p) in enumerate(rules)]
+        index = VarsRoutes(routes)
+        enc = {k: None if v is None else v.encode() for k, v in vals.items()}
+        want = [r.id for r in index.ordered if r.vars.eval(enc)]
+        assert [r.id for r in index.candidates(enc) if r.vars.eval(enc)] == want
+    check()
