@@ -120,3 +120,52 @@ def test_raw_connect_bytes_arrive_unchanged_at_the_chosen_broker(setup):
         assert recv_exact(sock, 4) == bytes.fromhex("20 02 00 00")
         sock.sendall(packets.disconnect())
     a.wait_for_client("raw-a", since=mark_a, timeout=WAIT)
+
+
+# -- WebSocket options belong to the route the CONNECT chose --------------------------
+
+@pytest.fixture
+def ws_routes(mosquitto, gproxy):
+    from tests.integration.wsclient import WsBridge
+    plain, behind = mosquitto("plain"), mosquitto("behind-bridge")
+    bridge = WsBridge(behind.port)
+    strict = tenant("strict", plain, [["mqtt_username", "==", "strict"]])
+    strict["plugins"]["mqtt-proxy"]["websocket"] = {"path": "/strict"}
+    passing = mqtt_route([{"host": HOST, "port": bridge.port, "weight": 1}], route_id="pt",
+                         type_="roundrobin")
+    passing["plugins"]["mqtt-proxy"]["vars"] = [["mqtt_client_id", "~~", "^pt-"]]
+    passing["plugins"]["mqtt-proxy"]["websocket"] = {"mode": "passthrough"}
+    gp = gproxy([strict, passing])
+    yield gp, plain, behind, bridge
+    bridge.close()
+
+
+def test_the_chosen_routes_path_applies_after_the_connect(ws_routes):
+    from tests.integration.wsclient import WsClient
+    gp, plain, _, _ = ws_routes
+    mark, mark_plain = gp.mark(), plain.log.mark()
+    with WsClient(gp.port, path="/elsewhere") as ws:
+        ws.open()  # accepted: any candidate might take it
+        ws.send_mqtt(packets.connect_v311("s-1", username="strict"))
+        ws.expect_close(1008)
+    gp.wait_for_session_line(ws.local_port, "websocket refused by the route: 404 Not Found: "
+                             "path /elsewhere not served (expected /strict)", since=mark)
+    assert plain.connections(mark_plain) == []
+    with Paho("s-2", gp.port, transport="websockets", ws_path="/strict",
+              username="strict") as ok:
+        ok.subscribe("s/t", 1)
+    plain.wait_for_client("s-2", since=mark_plain)
+
+
+def test_passthrough_chosen_by_vars_replays_the_frames(ws_routes):
+    gp, _, behind, bridge = ws_routes
+    mark = gp.mark()
+    with Paho("pt-sub", gp.port, transport="websockets") as sub, \
+            Paho("pt-pub", gp.port, transport="websockets") as pub:
+        sub.subscribe("pt/t", 1)
+        pub.publish("pt/t", b"through the bridge", 1)
+        assert sub.expect_message().payload == b"through the bridge"
+        gp.wait_for_session_line(sub.local_port, "route chosen by the connect: route=pt",
+                                 since=mark)
+    assert len(bridge.requests) == 2  # the broker's WebSocket listener got both upgrades
+    behind.wait_for_client("pt-sub")

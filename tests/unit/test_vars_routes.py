@@ -263,3 +263,30 @@ def test_the_index_never_drops_a_route_that_passes():
         want = [r.id for r in index.ordered if r.vars.eval(enc)]
         assert [r.id for r in index.candidates(enc) if r.vars.eval(enc)] == want
     check()
+
+
+# -- rebalancing a split -----------------------------------------------------------
+
+def split_table(percent):
+    return RouteTable([{"id": "1", "plugins": {"mqtt-proxy": {
+        "protocol_level": 4, "traffic_split": {"weighted_upstreams": [
+            {"upstream_id": "new", "weight": percent}, {"weight": 100 - percent}]}}},
+        "upstream": {"type": "roundrobin", "nodes": {"127.0.0.1:1883": 1}}}],
+        [{"id": "new", "type": "roundrobin", "nodes": {"127.0.0.1:1884": 1}}])
+
+
+def test_moving_a_split_misplaces_exactly_the_devices_it_moves():
+    from gproxy.model.placement import Placement
+    from tests.unit.test_sessions_query import Registry, add
+    before, after = split_table(10).routes[0].split, split_table(20).routes[0].split
+    reg = Registry()
+    for i in range(1000):
+        cid = "dev-%d" % i
+        node = "127.0.0.1:1884" if before.side(cid.encode()) == "new" else "127.0.0.1:1883"
+        add(reg, client_id=cid, node=node)
+    place = Placement(split_table(20))
+    misplaced = {info.client_id for info in reg._live.values() if place.misplaced(info)}
+    moved = {"dev-%d" % i for i in range(1000)
+             if before.side(b"dev-%d" % i) != after.side(b"dev-%d" % i)}
+    assert misplaced == moved and 50 < len(moved) < 150
+    assert Placement(split_table(10)).misplaced(next(iter(reg._live.values()))) is False
