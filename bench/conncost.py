@@ -1,6 +1,7 @@
 """The cost of one short MQTT session in gproxy, counted rather than timed.
 
     python -m bench.conncost [--connections 500] [--tool callgrind|strace|none]
+                             [--routing plain|vars|vars-1k]
 
 Starts mosquitto and gproxy (one mqtt-proxy route, chash on the client id, one
 node) on loopback, warms gproxy up, then runs ``--connections`` sessions one
@@ -14,6 +15,13 @@ gproxy spent on them:
 * ``strace``: system calls per session, by name (``strace -c -f``; two runs,
   of N and 2N sessions, and their difference, so start-up does not count).
 * ``none``: wall and CPU time, for reference only.
+
+``--routing`` picks the route table: ``plain`` (that one route), ``vars``
+(routes chosen by the CONNECT, docs/routing.md: a tenant by username, the
+sessions' own route by a client-id regex, a fallback; configs.gproxy_vars_routes)
+or ``vars-1k`` (the same with 1,000 username tenants, which the route table
+indexes).  The difference between ``plain`` and ``vars`` is what choosing the
+route by the CONNECT costs a session.
 
 Sessions run sequentially, so this measures cost, not concurrency.
 """
@@ -29,6 +37,7 @@ import sys
 import tempfile
 import time
 
+from bench.configs import gproxy_vars_routes
 from bench.mqttwire import connect as connect_packet
 from bench.targets import HOST, find, free_port, listening
 
@@ -64,15 +73,21 @@ def _sessions(port, first, count):
         one_session(port, i)
 
 
-def _config(run_dir, port, broker):
+ROUTINGS = {"plain": None, "vars": 1, "vars-1k": 1000}  # username tenants beside the regex
+
+
+def _config(run_dir, port, broker, routing="plain"):
     with open(os.path.join(run_dir, "config.yaml"), "w") as fh:
         fh.write("apisix:\n  enable_admin: false\n  stream_proxy:\n    tcp: ['%s:%d']\n"
                  "nginx_config:\n  error_log_level: warn\n" % (HOST, port))
     with open(os.path.join(run_dir, "apisix.yaml"), "w") as fh:
-        fh.write("stream_routes:\n  - id: 1\n    plugins:\n      mqtt-proxy:\n"
-                 "        protocol_level: 4\n    upstream:\n      type: chash\n"
-                 "      key: mqtt_client_id\n      nodes:\n        '%s:%d': 1\n"
-                 "upstreams: []\n#END\n" % (HOST, broker))
+        if ROUTINGS[routing] is None:
+            fh.write("stream_routes:\n  - id: 1\n    plugins:\n      mqtt-proxy:\n"
+                     "        protocol_level: 4\n    upstream:\n      type: chash\n"
+                     "      key: mqtt_client_id\n      nodes:\n        '%s:%d': 1\n"
+                     "upstreams: []\n#END\n" % (HOST, broker))
+        else:  # the order route (port 0: never matched) is harmless here
+            fh.write(gproxy_vars_routes(HOST, port, broker, 1, broker, ROUTINGS[routing]))
     return os.path.join(run_dir, "config.yaml")
 
 
@@ -102,20 +117,21 @@ def _callgrind_total(path):
     return total
 
 
-def measure(tool, connections, warmup, python, clients=1):
+def measure(tool, connections, warmup, python, clients=1, routing="plain"):
     run_dir = tempfile.mkdtemp(prefix="gproxy-cost-")
     broker_port, port = free_port(), free_port()
     mosq = subprocess.Popen([find("mosquitto"), "-p", str(broker_port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     out = os.path.join(run_dir, "%s.out" % tool)
-    proc = subprocess.Popen(_command(tool, out, python, _config(run_dir, port, broker_port)),
+    conf = _config(run_dir, port, broker_port, routing)
+    proc = subprocess.Popen(_command(tool, out, python, conf),
                             cwd=run_dir, env=dict(os.environ, PYTHONHASHSEED="0"), stdout=subprocess.DEVNULL,
                             stderr=open(os.path.join(run_dir, "gproxy.log"), "w"),
                             start_new_session=True)
     try:
         _wait_listening(broker_port, mosq, 10)
-        _wait_listening(port, proc, 120)
+        _wait_listening(port, proc, 600 if routing == "vars-1k" else 120)  # 1,000 routes to load
         for i in range(warmup):
             one_session(port, i)
         if tool == "callgrind":
@@ -200,13 +216,16 @@ def main(argv=None):
                         help="client processes, each running --connections sessions")
     parser.add_argument("--tool", choices=("callgrind", "strace", "strace-log", "py-spy", "none"),
                         default="callgrind")
+    parser.add_argument("--routing", choices=sorted(ROUTINGS), default="plain",
+                        help="the route table (see above)")
     parser.add_argument("--python", default=sys.executable,
                         help="the interpreter with gproxy installed (default: this one)")
     args = parser.parse_args(argv)
-    result = measure(args.tool, args.connections, args.warmup, args.python, args.clients)
+    result = measure(args.tool, args.connections, args.warmup, args.python, args.clients,
+                     args.routing)
     if args.tool == "strace":
         more = measure(args.tool, 2 * args.connections, args.warmup, args.python,
-                       args.clients)["syscalls"]
+                       args.clients, args.routing)["syscalls"]
         per = {name: (more.get(name, 0) - result["syscalls"].get(name, 0))
                / (args.connections * args.clients)
                for name in set(more) | set(result["syscalls"]) if name != "total"}

@@ -88,9 +88,24 @@ def _order(test):
 
 def _regex(case_sensitive):
     def build(right):
-        pattern = _compile_regex(right, case_sensitive)
-        return lambda left: left is not None and pattern.search(left) is not None
+        return _searcher(_compile_regex(right, case_sensitive))
     return build
+
+
+def _searcher(pattern):
+    """``left -> bool``: does ``pattern`` match anywhere in ``left`` (bytes, None: no).
+
+    google-re2's ``search`` wraps its C++ ``Match`` in a generator that builds a
+    match object; only "is there a match" is wanted here, once per CONNECT, so the
+    C++ call is made directly when this build of google-re2 has it (a third of what
+    routing by a regex costs a session), else the public API.
+    """
+    native = getattr(pattern, "_regexp", None)
+    anchor = getattr(getattr(re2, "_Anchor", None), "UNANCHORED", None)
+    if native is None or anchor is None or not hasattr(native, "Match"):
+        return lambda left: left is not None and pattern.search(left) is not None
+    match, miss = native.Match, (-1, -1)
+    return lambda left: left is not None and match(anchor, left, 0, len(left))[0] != miss
 
 
 def _compile_regex(right, case_sensitive):

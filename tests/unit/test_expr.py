@@ -327,3 +327,17 @@ def test_any_json_compiles_or_raises_expr_error(rule):
     except ExprError:
         return
     assert compiled.eval({}) in (True, False)
+
+
+def test_regex_without_the_native_call_uses_the_public_api():
+    import re2
+
+    from gproxy.model.exprops import _searcher
+
+    class Public:  # a google-re2 without the C++ Match: only the public search
+        def __init__(self, pattern):
+            self.search = re2.compile(pattern).search
+
+    native, public = _searcher(re2.compile(b"^dev-[0-9]+$")), _searcher(Public(b"^dev-[0-9]+$"))
+    for value in (b"dev-42", b"xdev-42", b"", None):
+        assert native(value) is public(value) is (value == b"dev-42")

@@ -24,24 +24,37 @@ from gproxy.proxy.session.preread import accept_connect
 from gproxy.proxy.session.wspreread import apply_options, refused_after_upgrade
 
 
-def connect_values(s):
-    """The variables a route's ``vars`` read, as nginx-style strings (bytes; None: unset)."""
-    info, packet = s.info, s.connect  # the preread of candidates always reads a CONNECT
-    return {
-        "mqtt_client_id": packet.client_id or None,  # empty: unset, as APISIX's variable
-        "mqtt_username": packet.username or None,
-        "mqtt_protocol_name": packet.protocol_name,
-        "mqtt_protocol_level": b"%d" % packet.protocol_level,
-        "tls_client_cn": _text(info.tls_client_cn),
-        "sni": _text(s.sni),
-        "remote_addr": info.client_addr.encode(),
-        "server_addr": info.server_addr.encode(),
-        "server_port": b"%d" % info.server_port,
-    }
-
-
 def _text(value):
     return value.encode("utf-8", "surrogateescape") if value else None
+
+
+#: The variables a route's ``vars`` read, as nginx-style strings (bytes; None: unset),
+#: from the session (the preread of candidates always reads a CONNECT).
+VARIABLES = {
+    "mqtt_client_id": lambda s: s.connect.client_id or None,  # empty: unset, as APISIX's
+    "mqtt_username": lambda s: s.connect.username or None,
+    "mqtt_protocol_name": lambda s: s.connect.protocol_name,
+    "mqtt_protocol_level": lambda s: b"%d" % s.connect.protocol_level,
+    "tls_client_cn": lambda s: _text(s.info.tls_client_cn),
+    "sni": lambda s: _text(s.sni),
+    "remote_addr": lambda s: s.info.client_addr.encode(),
+    "server_addr": lambda s: s.info.server_addr.encode(),
+    "server_port": lambda s: b"%d" % s.info.server_port,
+}
+
+
+class ConnectValues:
+    """``get(name)`` of the variables above, worked out when a rule reads one (most
+    rules read one or two)."""
+
+    __slots__ = ("s",)
+
+    def __init__(self, s):
+        self.s = s
+
+    def get(self, name, default=None):
+        found = VARIABLES.get(name)
+        return default if found is None else found(self.s)
 
 
 def refine(s, bound=()):
@@ -50,7 +63,7 @@ def refine(s, bound=()):
     info = s.info
     try:
         route = s.table.refine(info.server_addr, info.server_port, info.client_addr, s.sni,
-                               connect_values(s))
+                               ConnectValues(s))
         if route is None:
             raise Reject("no_route", logging.INFO, "match(): not hit any route")
         s.route = route
