@@ -11,14 +11,12 @@ as it was.  The tests run in file order and share one gproxy and one page.
 import json
 import os
 import pathlib
-import urllib.error
-import urllib.request
 
 import pytest
 
 from tests.integration.browser import browser, require_browser  # noqa: F401 (a fixture)
 from tests.integration.conftest import HOST, mqtt_route, node, wait_listening
-from tests.integration.helpers import Paho
+from tests.integration.helpers import Paho, http_call
 
 sync_api = require_browser("the dashboard tests")
 pytest.importorskip("paho.mqtt.client")
@@ -65,14 +63,9 @@ def page(browser, gp):
 
 
 def admin(gp, method, path, body=None):
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(gp.base + "/apisix/admin" + path, data=data, method=method,
-                                 headers={"X-API-KEY": KEY, "Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=5) as resp:
-            return resp.status, json.loads(resp.read() or b"null")
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"null")
+    status, raw = http_call(gp.admin_port, method, "/apisix/admin" + path, body,
+                            {"X-API-KEY": KEY})
+    return status, json.loads(raw or b"null")
 
 
 def stored(gp, rid):

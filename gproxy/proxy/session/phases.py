@@ -7,8 +7,8 @@ function in a listener's list, not a branch here.  MQTT over WebSocket rides
 on the mqtt-proxy preread (the first byte tells, ``wspreread``); in its
 passthrough mode the broker's upgrade comes before the replay.
 
-    match_route -> find_upstream -> limits -> preread -> refine -> split -> dial -> replay
-                                                               (then the relay)
+    match_route -> find_upstream -> limits -> preread -> refine -> dial -> replay
+                                                                  (then the relay)
 
 A route is chosen in one of two places.  Usually the address match decides
 (APISIX's router) and ``find_upstream`` and ``limits`` run before the
@@ -16,7 +16,8 @@ preread, in APISIX's plugin order.  When routes with ``vars`` are among the
 candidates (docs/routing.md), the match leaves ``s.route`` unset: the
 preread reads the CONNECT under every candidate's terms (``PREREAD_ANY``),
 ``refine`` chooses the route from it and runs the two route phases then.
-``split`` then picks the upstream of a route with a traffic split.
+``refine`` also picks the upstream of a route with a traffic split: both are
+what the CONNECT decides.
 """
 
 import logging
@@ -76,13 +77,10 @@ def preread(s):
 
 
 def refine(s):
-    """Refine the route after the preread: the CONNECT chooses among the candidates."""
+    """Refine after the preread what the CONNECT decides: the route among the
+    candidates (``vars``), then the upstream of a route with a traffic split."""
     if s.route is None:
         refining.refine(s, (find_upstream, limits))
-
-
-def split(s):
-    """A route's traffic split: the upstream for this client (model.split)."""
     if s.route.split is not None:
         refining.split(s)
 
@@ -110,4 +108,4 @@ def replay(s):
     s.info.bytes_in += len(s.replay)
 
 
-COMMON = (match_route, find_upstream, limits, preread, refine, split, dial, replay)
+COMMON = (match_route, find_upstream, limits, preread, refine, dial, replay)

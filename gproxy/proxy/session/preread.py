@@ -66,6 +66,8 @@ def read_connect(s, conf, recv, on_http=None):
                 return on_http(chunk)
             buf += chunk
             packet = mqtt.parse_connect(buf, max_packet)
+        if conf.protocol_level is not None:  # None: refine checks the chosen route's
+            mqtt.check_protocol(packet, conf.protocol_name, conf.protocol_level)
     except socket.timeout:
         _short_read(s, buf, "timeout")
     except OSError as exc:
@@ -73,30 +75,6 @@ def read_connect(s, conf, recv, on_http=None):
     except MalformedPacket as exc:
         plugin_exit(s, exc.reason, "%s" % exc)
     s.connect = packet
-    if conf.protocol_level is None:
-        _note_client(s, packet)  # the route's own checks come after the refine
-        return buf
-    return accept_connect(s, conf, buf, noted=False)
-
-
-def accept_connect(s, conf, buf, noted=True):
-    """Apply a route's mqtt-proxy ``conf`` to the CONNECT read (``s.connect``,
-    ``buf`` every MQTT byte read): its protocol check in APISIX's order and
-    wording, then its rewrite; returns the bytes to replay."""
-    packet = s.connect
-    try:
-        mqtt.check_protocol(packet, conf.protocol_name, conf.protocol_level)
-    except MalformedPacket as exc:
-        plugin_exit(s, exc.reason, "%s" % exc)
-    if not noted:
-        _note_client(s, packet)
-    if conf.set_connect:
-        return _rewrite(s, conf.set_connect, packet, buf)
-    return buf
-
-
-def _note_client(s, packet):
-    """What the CONNECT says about the client: variables, the session record, the log."""
     if packet.client_id:  # an empty id leaves the var unset, as in APISIX
         s.vars["mqtt_client_id"] = packet.client_id
     if packet.username:  # likewise for gproxy's mqtt_username
@@ -107,6 +85,23 @@ def _note_client(s, packet):
     info.protocol_level = packet.protocol_level
     s.keep_alive = packet.keep_alive
     s.log(logging.INFO, "mqtt client id: %s", printable(packet.client_id))
+    if conf.set_connect:
+        return _rewrite(s, conf.set_connect, packet, buf)
+    return buf
+
+
+def accept_connect(s, conf, buf):
+    """After a refine: the chosen route's mqtt-proxy ``conf`` over the CONNECT read
+    (``s.connect``; ``buf``: every MQTT byte read), its protocol check in APISIX's
+    order and wording, then its rewrite; returns the bytes to replay."""
+    packet = s.connect
+    try:
+        mqtt.check_protocol(packet, conf.protocol_name, conf.protocol_level)
+    except MalformedPacket as exc:
+        plugin_exit(s, exc.reason, "%s" % exc)
+    if conf.set_connect:
+        return _rewrite(s, conf.set_connect, packet, buf)
+    return buf
 
 
 def _rewrite(s, set_connect, packet, buf):

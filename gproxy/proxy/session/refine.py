@@ -1,4 +1,4 @@
-"""The phases that decide by the CONNECT: ``refine`` (which route) and ``split`` (which upstream).
+"""What the CONNECT decides, in the ``refine`` phase: which route, and which upstream.
 
 ``refine`` runs after the preread.  When the address match left the choice
 to routes with ``vars`` (docs/routing.md), no route was set and the preread
@@ -10,7 +10,7 @@ WebSocket options, ``set_connect``) and the phases that need the route
 (its upstream, its limits) run.  No route passing is ``not hit any route``.
 A WebSocket client, upgraded already, hears why in a Close frame.
 
-``split`` runs once the route is known: a route with ``traffic_split`` sends
+``split`` runs next, for a route with ``traffic_split``: it sends
 the client to the side its key hashes to (model.split), or to the next one
 when health checks find no healthy node there.
 """
