@@ -205,12 +205,12 @@ class RouteTable:
         # wildcard, a longer wildcard before a shorter one, "*" last; load order
         # among routes with the same sni.
         self._tls = sorted((r for r in fallbacks if r.sni), key=_sni_rank)
-        # Routes with vars, in the order the CONNECT tries them (docs/routing.md).
+        # Routes with vars, in the order the CONNECT tries them (docs/routing.md);
+        # ``_first`` is their list for ``match``: empty without vars, one cheap loop.
         self._refined = VarsRoutes(self.routes)
-        if not self._refined:
-            self.match = self._fallback  # the plain router, not one call more per connection
+        self._first = self._refined.ordered
 
-    def match(self, server_ip, server_port, remote_ip, sni=None):
+    def match(self, server_ip, server_port, remote_ip, sni=None, fallback_only=False):
         """The first route to try, from what is known before any byte is read;
         None: ``not hit any route``.
 
@@ -220,24 +220,13 @@ class RouteTable:
         connection whose name no ``sni`` route takes falls through to the
         routes without one.  A route with ``vars`` whose address filters pass
         comes first, highest ``priority`` first: the answer then has ``vars``
-        and only ``refine`` can say, once the CONNECT is read, which route it is.
+        and only ``refine`` can say, once the CONNECT is read, which route it
+        is.  ``fallback_only``: the routes without ``vars`` only.
         """
-        for route in self._refined.ordered:
-            if route.reaches(server_ip, server_port, remote_ip, sni):
-                return route
-        return self._fallback(server_ip, server_port, remote_ip, sni)
-
-    def refine(self, server_ip, server_port, remote_ip, sni, values):
-        """The route for a connection whose CONNECT gave ``values`` (variable name
-        -> bytes, None when unset): the first route with ``vars``, highest
-        ``priority`` first and ties by id, whose filters and vars pass, else the
-        route without vars ``match`` would have taken; None: no route."""
-        for route in self._refined.candidates(values):
-            if route.reaches(server_ip, server_port, remote_ip, sni) and route.vars.eval(values):
-                return route
-        return self._fallback(server_ip, server_port, remote_ip, sni)
-
-    def _fallback(self, server_ip, server_port, remote_ip, sni=None):
+        if not fallback_only:  # inline, not a call: every connection runs this
+            for route in self._first:
+                if route.reaches(server_ip, server_port, remote_ip, sni):
+                    return route
         if sni:
             for route in self._tls:
                 if _sni_matches(route.sni, sni) and route.matches(
@@ -247,6 +236,16 @@ class RouteTable:
             if route.matches(server_ip, server_port, remote_ip):
                 return route
         return None
+
+    def refine(self, server_ip, server_port, remote_ip, sni, values):
+        """The route for a connection whose CONNECT gave ``values`` (variable name
+        -> bytes, None when unset): the first route with ``vars``, highest
+        ``priority`` first and ties by id, whose filters and vars pass, else the
+        route without vars ``match`` would have taken; None: no route."""
+        for route in self._refined.candidates(values):
+            if route.reaches(server_ip, server_port, remote_ip, sni) and route.vars.eval(values):
+                return route
+        return self.match(server_ip, server_port, remote_ip, sni, True)
 
     def checked_upstreams(self):
         """Upstreams with ``checks`` that a route can reach, by name (APISIX checks
