@@ -1,6 +1,7 @@
 """The cost of one short MQTT session in gproxy, counted rather than timed.
 
     python -m bench.conncost [--connections 500] [--tool callgrind|strace|none]
+                             [--balancer chash|roundrobin|least_conn|ewma] [--access-log]
                              [--routing plain|vars|vars-1k]
 
 Starts mosquitto and gproxy (one mqtt-proxy route, chash on the client id, one
@@ -82,17 +83,21 @@ def _sessions(port, first, count):
 ROUTINGS = {"plain": None, "vars": 1, "vars-1k": 1000}  # username tenants beside the regex
 
 
-def _config(run_dir, port, broker, routing="plain"):
+def _config(run_dir, port, broker, balancer="chash", access_log=False, routing="plain"):
+    """One route to one node (``balancer``), or ``routing``'s table of routes with
+    vars (chash); ``access_log``: the stream access log on."""
     with open(os.path.join(run_dir, "config.yaml"), "w") as fh:
         fh.write("apisix:\n  enable_admin: false\n  stream_proxy:\n    tcp: ['%s:%d']\n"
                  "nginx_config:\n  error_log_level: warn\n" % (HOST, port))
+        if access_log:
+            fh.write("  stream:\n    enable_access_log: true\n")
     with open(os.path.join(run_dir, "apisix.yaml"), "w") as fh:
         if ROUTINGS[routing] is None:
             fh.write("stream_routes:\n  - id: 1\n    plugins:\n      mqtt-proxy:\n"
-                     "        protocol_level: 4\n    upstream:\n      type: chash\n"
+                     "        protocol_level: 4\n    upstream:\n      type: %s\n"
                      "      key: mqtt_client_id\n      nodes:\n        '%s:%d': 1\n"
-                     "upstreams: []\n#END\n" % (HOST, broker))
-        else:  # the order route (port 0: never matched) is harmless here
+                     "upstreams: []\n#END\n" % (balancer, HOST, broker))
+        else:  # the order route (port 1: never matched) is harmless here
             fh.write(gproxy_vars_routes(HOST, port, broker, 1, broker, ROUTINGS[routing]))
     return os.path.join(run_dir, "config.yaml")
 
@@ -133,21 +138,21 @@ def _callgrind_summary(path):
     return 0
 
 
-def measure(tool, connections, warmup, python, clients=1, routing="plain"):
+def measure(tool, connections, warmup, python, clients=1, **route):
     run_dir = tempfile.mkdtemp(prefix="gproxy-cost-")
     broker_port, port = free_port(), free_port()
     mosq = subprocess.Popen([find("mosquitto"), "-p", str(broker_port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     out = os.path.join(run_dir, "%s.out" % tool)
-    conf = _config(run_dir, port, broker_port, routing)
+    conf = _config(run_dir, port, broker_port, **route)
     proc = subprocess.Popen(_command(tool, out, python, conf),
                             cwd=run_dir, env=dict(os.environ, PYTHONHASHSEED="0"), stdout=subprocess.DEVNULL,
                             stderr=open(os.path.join(run_dir, "gproxy.log"), "w"),
                             start_new_session=True)
     try:
         _wait_listening(broker_port, mosq, 10)
-        _wait_listening(port, proc, 600 if routing == "vars-1k" else 120)  # 1,000 routes to load
+        _wait_listening(port, proc, 600 if route.get("routing") == "vars-1k" else 120)  # 1,000 routes
         for i in range(warmup):
             one_session(port, i)
         if tool == "callgrind":
@@ -237,12 +242,17 @@ def main(argv=None):
                         help="the route table (see above)")
     parser.add_argument("--python", default=sys.executable,
                         help="the interpreter with gproxy installed (default: this one)")
+    parser.add_argument("--balancer", default="chash",
+                        choices=("chash", "roundrobin", "least_conn", "ewma"))
+    parser.add_argument("--access-log", action="store_true",
+                        help="with the stream access log on (its writer thread counts too)")
     args = parser.parse_args(argv)
+    route = {"balancer": args.balancer, "access_log": args.access_log, "routing": args.routing}
     result = measure(args.tool, args.connections, args.warmup, args.python, args.clients,
-                     args.routing)
+                     **route)
     if args.tool == "strace":
         more = measure(args.tool, 2 * args.connections, args.warmup, args.python,
-                       args.clients, args.routing)["syscalls"]
+                       args.clients, **route)["syscalls"]
         per = {name: (more.get(name, 0) - result["syscalls"].get(name, 0))
                / (args.connections * args.clients)
                for name in set(more) | set(result["syscalls"]) if name != "total"}

@@ -206,3 +206,18 @@ def test_a_split_naming_a_missing_upstream_refuses_with_apisix_words(monkeypatch
 def test_zero_and_all(monkeypatch, dialler, weight):
     tried = {side_of("dev-%d" % i, monkeypatch, dialler, weight)[1][0] for i in range(30)}
     assert tried == ({NODE_A} if weight == 0 else {NODE_B})
+
+
+def test_ip_restriction_of_the_chosen_route_applies_after_the_refine(monkeypatch, dialler,
+                                                                     logs):
+    blocked = vroute("a", [["mqtt_username", "==", "tenant-a"]])
+    blocked["plugins"]["ip-restriction"] = {"blacklist": ["127.0.0.0/8"]}
+    routes = [blocked, vroute("default", upstream=ONE_B)]
+    s, fake, handed = run(packets.connect_v311("1", username="tenant-a"), routes, monkeypatch,
+                          dialler)
+    assert handed == [] and fake.tried == [] and s.registry.rejected == {"ip_restriction": 1}
+    assert s.sock.reads >= 1  # the route, so its restriction, is known only from the CONNECT
+    assert "ip-restriction exits with status code 403" in logs(logging.WARNING)[-1]
+    s, fake, handed = run(packets.connect_v311("2", username="tenant-b"), routes, monkeypatch,
+                          dialler)
+    assert len(handed) == 1 and fake.tried == [NODE_B]

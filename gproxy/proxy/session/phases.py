@@ -7,17 +7,17 @@ function in a listener's list, not a branch here.  MQTT over WebSocket rides
 on the mqtt-proxy preread (the first byte tells, ``wspreread``); in its
 passthrough mode the broker's upgrade comes before the replay.
 
-    match_route -> find_upstream -> limits -> preread -> refine -> dial -> replay
-                                                                  (then the relay)
+    match_route -> find_upstream -> ip_restriction -> limits -> preread -> refine
+                -> dial -> replay                                    (then the relay)
 
 A route is chosen in one of two places.  Usually the address match decides
-(APISIX's router) and ``find_upstream`` and ``limits`` run before the
-preread, in APISIX's plugin order.  When routes with ``vars`` are among the
-candidates (docs/routing.md), the match leaves ``s.route`` unset: the
-preread reads the CONNECT under every candidate's terms (``PREREAD_ANY``),
-``refine`` chooses the route from it and runs the two route phases then.
-``refine`` also picks the upstream of a route with a traffic split: both are
-what the CONNECT decides.
+(APISIX's router) and ``find_upstream``, ``ip_restriction`` and ``limits``
+run before the preread, in APISIX's plugin order.  When routes with ``vars``
+are among the candidates (docs/routing.md), the match leaves ``s.route``
+unset: the preread reads the CONNECT under every candidate's terms
+(``PREREAD_ANY``), ``refine`` chooses the route from it and runs those three
+route phases then (``ROUTE_PHASES``).  ``refine`` also picks the upstream of
+a route with a traffic split: both are what the CONNECT decides.
 """
 
 import logging
@@ -29,6 +29,7 @@ from gproxy.proxy.session import dial as dialing
 from gproxy.proxy.session import refine as refining
 from gproxy.proxy.session.limits import limits
 from gproxy.proxy.session.preread import preread_mqtt
+from gproxy.proxy.session.restrict import ip_restriction
 from gproxy.proxy.session.wspreread import preread_websocket, upgrade_upstream
 
 PREREAD = "prereading client data"  # nginx's log actions
@@ -80,7 +81,7 @@ def refine(s):
     """Refine after the preread what the CONNECT decides: the route among the
     candidates (``vars``), then the upstream of a route with a traffic split."""
     if s.route is None:
-        refining.refine(s, (find_upstream, limits))
+        refining.refine(s, ROUTE_PHASES)
     if s.route.split is not None:
         refining.split(s)
 
@@ -108,4 +109,7 @@ def replay(s):
     s.info.bytes_in += len(s.replay)
 
 
-COMMON = (match_route, find_upstream, limits, preread, refine, dial, replay)
+#: The phases that need the route: before the preread when the addresses decide,
+#: from ``refine`` when the CONNECT does.
+ROUTE_PHASES = (find_upstream, ip_restriction, limits)
+COMMON = (match_route, find_upstream, ip_restriction, limits, preread, refine, dial, replay)
