@@ -19,6 +19,7 @@ import ipaddress
 import logging
 
 from gproxy.model.iprestriction import IpRestriction
+from gproxy.model.iprouter import IpPortRouter, sni_matches
 from gproxy.model.mqttproxy import MqttConf
 from gproxy.model.resources import ip_network
 from gproxy.model.upstream import Upstream, is_ip, parse_nodes  # noqa: F401 (re-exported)
@@ -67,7 +68,7 @@ class Route:
     def reaches(self, server_ip, server_port, remote_ip, sni):
         """Its filters pass, SNI included (a route with ``sni`` needs a TLS client
         that sent a name it matches)."""
-        if self.sni and not (sni and _sni_matches(self.sni, sni)):
+        if self.sni and not (sni and sni_matches(self.sni, sni)):
             return False
         return self.matches(server_ip, server_port, remote_ip)
 
@@ -132,13 +133,9 @@ class RouteTable:
 
     def _index(self, pause=None):
         pause = pause or _none
-        fallbacks = [r for r in self.routes if r.vars is None]
-        self._plain = [r for r in fallbacks if not r.sni]
-        pause()
-        # ip_port.lua's radixtree on reversed SNIs: an exact name before any
-        # wildcard, a longer wildcard before a shorter one, "*" last; load order
-        # among routes with the same sni.
-        self._tls = sorted((r for r in fallbacks if r.sni), key=_sni_rank)
+        # APISIX's ip_port router over the routes without vars, indexed by
+        # server port and exact server name (model/iprouter.py).
+        self._router = IpPortRouter([r for r in self.routes if r.vars is None])
         pause()
         # Routes with vars, in the order the CONNECT tries them (docs/routing.md);
         # ``_first`` is their list for ``match``: empty without vars, one cheap loop.
@@ -220,15 +217,7 @@ class RouteTable:
             for route in self._first:
                 if route.reaches(server_ip, server_port, remote_ip, sni):
                     return route
-        if sni:
-            for route in self._tls:
-                if _sni_matches(route.sni, sni) and route.matches(
-                        server_ip, server_port, remote_ip):
-                    return route
-        for route in self._plain:
-            if route.matches(server_ip, server_port, remote_ip):
-                return route
-        return None
+        return self._router.match(server_ip, server_port, remote_ip, sni)
 
     def refine(self, server_ip, server_port, remote_ip, sni, values):
         """The route for a connection whose CONNECT gave ``values`` (variable name
@@ -269,19 +258,3 @@ class RouteTable:
 
 def _none():
     pass
-
-
-def _sni_rank(route):
-    pattern = route.sni.lower()
-    if not pattern.startswith("*"):
-        return (0, 0)
-    return (1, -len(pattern))
-
-
-def _sni_matches(pattern, sni):
-    """``*.x.com`` matches any depth (``a.b.x.com``): routes, unlike certificates,
-    care only about the suffix (ip_port.lua); ``*`` matches every name."""
-    pattern, sni = pattern.lower(), sni.lower()
-    if pattern.startswith("*"):
-        return sni.endswith(pattern[1:]) and len(sni) > len(pattern) - 1
-    return pattern == sni
