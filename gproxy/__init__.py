@@ -8,7 +8,7 @@ stays cheap); a gevent program can run ``gproxy.runtime.app.Gproxy`` itself.
 """
 
 __version__ = "0.1.0"
-_LAZY = ("start", "AdminError", "EmbeddedProxy")
+_LAZY = ("start", "AdminError", "EmbeddedProxy", "ProxyStopped")
 
 
 def __getattr__(name):
