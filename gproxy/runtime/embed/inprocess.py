@@ -89,7 +89,8 @@ class ProcessProxy(EmbeddedProxy):
         try:
             proc = subprocess.Popen(self._command(child_end.fileno()), env=self._env(),
                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    pass_fds=(child_end.fileno(),), close_fds=True)
+                                    pass_fds=(child_end.fileno(),), close_fds=True,
+                                    start_new_session=True)
         except BaseException as exc:
             spawned.set_exception(exc)
             return

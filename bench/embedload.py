@@ -1,0 +1,297 @@
+"""Latency through an embedded gproxy while its host program computes.
+
+    python -m bench.embedload            # 3 rounds, 20 s a case (~7 minutes)
+    python -m bench.embedload --quick    # CI: 1 round, 3 s a case (~1 minute)
+    python -m bench.embedload --json out.json --duration 10 --busy 2
+
+A host program (``bench/embedded.py``) embeds gproxy with ``gproxy.start`` in
+mode ``thread`` or ``process``, or starts none (``direct``), while it is idle or
+runs ``--busy`` CPU-bound Python threads.  A separate client process holds one
+MQTT session through it to mosquitto (or to mosquitto itself for direct) and
+sends a PINGREQ every ``--interval-ms`` (2 ms), waiting for each PINGRESP:
+p50/p99/max of those round trips, per case.  The direct case runs the same busy
+host, so every case shares the machine's load; rounds interleave the cases.
+Also reported per mode: how long ``start`` took, the host's RSS growth, the
+child's RSS (process mode), and the median of 200 ``proxy.stats()`` calls.
+"""
+
+import argparse
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from bench import configs, mqttwire, procstat
+from bench.loadgen import mqtt_session, recv_exact
+from bench.ports import HOST, free_port, listening
+from bench.targets import ROOT, Mosquitto, find
+
+MODES = ("thread", "process")
+PINGRESP = b"\xd0\x00"
+
+
+def percentile(values, q):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q / 100.0 * len(ordered)))] if ordered else None
+
+
+def pinger(pipe, ports, duration, interval, warmup=100):
+    """Client process: one session per port; every ``interval`` s a PINGREQ on each,
+    one after the other, waiting for each PINGRESP; per port, round trips in µs."""
+    try:
+        pipe.send(_pings(ports, duration, interval, warmup))
+    except Exception as exc:  # reported, raised by the harness
+        pipe.send("%s: %s" % (type(exc).__name__, exc))
+
+
+def _round_trip(sock):
+    t = time.perf_counter()
+    sock.sendall(mqttwire.PINGREQ)
+    if recv_exact(sock, 2) != PINGRESP:
+        raise ConnectionError("not a PINGRESP")
+    return (time.perf_counter() - t) * 1e6
+
+
+def _pings(ports, duration, interval, warmup):
+    socks = [mqtt_session((HOST, port), b"embedload-%d-%d" % (os.getpid(), i), timeout=30)
+             for i, port in enumerate(ports)]
+    rtts = [[] for _ in ports]
+    try:
+        for sock in socks:
+            for _ in range(warmup):
+                _round_trip(sock)
+        start = due = time.perf_counter()
+        while due - start < duration:
+            for sock, out in zip(socks, rtts):
+                while time.perf_counter() < due:
+                    time.sleep(max(0.0, due - time.perf_counter() - 0.0002))
+                out.append(_round_trip(sock))
+                due = max(due + interval / len(socks), time.perf_counter())  # late: no burst
+    finally:
+        for sock in socks:
+            sock.close()
+    return rtts
+
+
+def ping(ports, duration, interval):
+    """Round trips (µs) per port, from a fresh client process."""
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=pinger, args=(child, ports, duration, interval), daemon=True)
+    proc.start()
+    child.close()
+    try:
+        if not parent.poll(duration * 50 + 60):
+            raise RuntimeError("the ping client did not report")
+        rtts = parent.recv()
+        if isinstance(rtts, str):
+            raise RuntimeError("the ping client failed: " + rtts)
+        return rtts
+    finally:
+        proc.join(5)
+        if proc.is_alive():
+            proc.kill()
+
+
+def stats(rtts):
+    return {"samples": len(rtts), "p50_ms": percentile(rtts, 50) / 1e3,
+            "p99_ms": percentile(rtts, 99) / 1e3, "max_ms": max(rtts) / 1e3}
+
+
+class Host:
+    """One run of ``bench/embedded.py``: started, measured, stopped by PID."""
+
+    def __init__(self, run_dir, broker_port, mode, busy):
+        self.dir = tempfile.mkdtemp(dir=run_dir)
+        self.mode, self.busy = mode, busy
+        self.port = free_port()
+        self.report_path = os.path.join(self.dir, "report.json")
+        conf = os.path.join(self.dir, "config.yaml")
+        with open(conf, "w") as fh:
+            fh.write(config(self.port))
+        with open(os.path.join(self.dir, "apisix.yaml"), "w") as fh:
+            fh.write("stream_routes:\n" + configs.gproxy_route(1, self.port, HOST, broker_port)
+                     + "#END\n")
+        self.log = open(os.path.join(self.dir, "host.log"), "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.embedded", conf, "--mode", mode, "--busy", str(busy),
+             "--report", self.report_path], cwd=ROOT, stdin=subprocess.DEVNULL,
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout=60):
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(self.report_path) or not listening(self.port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("host (%s) did not start:\n%s" % (self.mode, self.tail()))
+            time.sleep(0.05)
+        report = self.report()
+        if report.get("child_pid"):
+            report["child_rss_kib"] = procstat.rss_kib(report["child_pid"])
+        return report
+
+    def report(self):
+        with open(self.report_path) as fh:
+            return json.load(fh)
+
+    def tail(self):
+        self.log.flush()
+        with open(self.log.name, "rb") as fh:
+            return fh.read()[-3000:].decode("utf-8", "replace")
+
+    def stop(self):
+        children = [p for p in procstat.descendants(self.proc.pid) if p != self.proc.pid]
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.log.close()
+        left = [p for p in children if os.path.exists("/proc/%d" % p)]
+        report = self.report()
+        report["left_behind"] = left  # the embedded child must be gone with its host
+        return report
+
+
+def config(port):
+    """gproxy's config: one listener, no Admin API, control API or metrics listener."""
+    return ("apisix:\n  enable_control: false\n  stream_proxy:\n    tcp:\n      - \"%s:%d\"\n"
+            "deployment:\n  admin: false\n"
+            "plugin_attr:\n  prometheus:\n    enable_export_server: false\n"
+            "nginx_config:\n  error_log_level: warn\n"
+            "gproxy:\n  store:\n    path: apisix.yaml\n" % (HOST, port))
+
+
+def measure(run_dir, broker_port, mode, busy, duration, interval):
+    """One case: a host embedding gproxy in ``mode`` (``busy`` CPU-bound threads), and a
+    client alternating pings straight to the broker and through the proxy, so both
+    paths see the same machine at the same time; a result dict."""
+    host = Host(run_dir, broker_port, mode, busy)
+    try:
+        report = host.wait_ready()
+        time.sleep(0.5)  # the busy threads and the proxy settle
+        direct, proxied = ping([broker_port, host.port], duration, interval)
+    finally:
+        final = host.stop()
+    result = {"mode": mode, "busy": busy, "direct": stats(direct), "proxy": stats(proxied),
+              "left_behind": final["left_behind"]}
+    for key in ("start_s", "host_rss_before_kib", "host_rss_after_kib", "child_rss_kib"):
+        if report.get(key) is not None:
+            result[key] = report[key]
+    if report.get("call_us"):
+        result["call_p50_us"] = percentile(report["call_us"], 50)
+    if final.get("stop_s") is not None:
+        result["stop_s"] = final["stop_s"]
+    return result
+
+
+def run(args):
+    """Every case, ``args.rounds`` times, interleaved; the list of results."""
+    mosquitto = find("mosquitto")
+    if mosquitto is None:
+        raise SystemExit("bench.embedload needs mosquitto (apt-get install mosquitto)")
+    run_dir = tempfile.mkdtemp(prefix="gproxy-embedload-")
+    broker = Mosquitto(run_dir, mosquitto)
+    results = []
+    try:
+        broker.start()
+        for rnd in range(args.rounds):
+            for busy in (0, args.busy):
+                for mode in args.modes:
+                    result = measure(run_dir, broker.port, mode, busy, args.duration,
+                                     args.interval_ms / 1e3)
+                    result["round"] = rnd
+                    results.append(result)
+                    print(line(result), file=sys.stderr, flush=True)
+    finally:
+        broker.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return results
+
+
+def line(r):
+    return "%-7s host %-4s  " % (r["mode"], "busy" if r["busy"] else "idle") + "   ".join(
+        "%s p50 %6.2f p99 %7.2f max %7.2f ms (%d)" % (
+            k, r[k]["p50_ms"], r[k]["p99_ms"], r[k]["max_ms"], r[k]["samples"])
+        for k in ("direct", "proxy"))
+
+
+def median(values):
+    values = sorted(v for v in values if v is not None)
+    return values[len(values) // 2] if values else None
+
+
+def table(results, busy):
+    """Markdown: per path, the median over runs of p50/p99/max, host idle and busy.
+    The direct row pools the direct pings of every run (each run pings both ways)."""
+    out = ["| through | host idle p50 / p99 / max (ms) | host busy (%d CPU-bound threads) "
+           "p50 / p99 / max (ms) |" % busy, "| --- | ---: | ---: |"]
+    for name, pick in (("direct", lambda r: r["direct"]),
+                       ("embedded thread", lambda r: r["proxy"] if r["mode"] == "thread" else None),
+                       ("embedded process",
+                        lambda r: r["proxy"] if r["mode"] == "process" else None)):
+        cells = []
+        for b in (0, busy):
+            rows = [pick(r) for r in results if r["busy"] == b and pick(r) is not None]
+            cells.append(" / ".join("%.2f" % median(r[k] for r in rows)
+                                    for k in ("p50_ms", "p99_ms", "max_ms")) if rows else "n/a")
+        out.append("| %s | %s |" % (name, " | ".join(cells)))
+    return "\n".join(out)
+
+
+def costs(results):
+    """Markdown: what each mode costs (medians over every run of it)."""
+    out = ["| mode | start() (s) | host RSS growth (MiB) | child RSS (MiB) | "
+           "proxy.stats() p50 (µs), host idle / busy |", "| --- | ---: | ---: | ---: | ---: |"]
+    for mode in ("thread", "process"):
+        rows = [r for r in results if r["mode"] == mode]
+        if not rows:
+            continue
+        start = median(r["start_s"] for r in rows)
+        grow = median((r["host_rss_after_kib"] - r["host_rss_before_kib"]) / 1024 for r in rows)
+        child = median(r.get("child_rss_kib", 0) / 1024 for r in rows) if mode == "process" \
+            else None
+        calls = [median(r.get("call_p50_us") for r in rows if bool(r["busy"]) == b)
+                 for b in (False, True)]
+        out.append("| %s | %.2f | %.1f | %s | %s |" % (
+            mode, start, grow, "%.1f" % child if child is not None else "-",
+            " / ".join("%.0f" % c if c is not None else "n/a" for c in calls)))
+    return "\n".join(out)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench.embedload", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1 round, 3 s a case (CI)")
+    parser.add_argument("--rounds", type=int, help="rounds over every case (default 3)")
+    parser.add_argument("--duration", type=float, help="seconds of pings a case (default 20)")
+    parser.add_argument("--interval-ms", type=float, default=2.0, help="between PINGREQs")
+    parser.add_argument("--busy", type=int, default=2, help="CPU-bound host threads (2)")
+    parser.add_argument("--modes", default=",".join(MODES), help="thread,process")
+    parser.add_argument("--json", metavar="FILE", help="also write every result here")
+    args = parser.parse_args(argv)
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.duration = args.duration or (3.0 if args.quick else 20.0)
+    args.modes = [m for m in args.modes.split(",") if m]
+    results = run(args)
+    left = [r for r in results if r["left_behind"]]
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"args": vars(args), "results": results}, fh, indent=1)
+    print(table(results, args.busy))
+    print()
+    print(costs(results))
+    if left:
+        print("processes left behind by their host: %s" % left, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
