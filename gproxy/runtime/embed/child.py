@@ -51,6 +51,8 @@ def die_with(host_pid, sig=signal.SIGTERM):
 def describe(exc):
     """An exception as JSON, for the host to raise again (``inprocess.rebuild``)."""
     args = list(exc.args)
+    if isinstance(exc, OSError) and exc.errno is not None and exc.filename is not None:
+        args = [exc.errno, exc.strerror, exc.filename]  # kept apart from args by OSError
     try:
         json.dumps(args)
     except (TypeError, ValueError):
@@ -131,7 +133,7 @@ def run(channel_fd, host_pid, after_start):
         outbox.flush()
         return 1
     outbox.put({"id": first["id"], "ready": True, "pid": os.getpid(),
-                "addresses": app.addresses, "admin_address": _admin_address(app)})
+                "addresses": _addresses(app), "admin_address": _admin_address(app)})
     after_start()
     return Serving(app, reader, outbox, host_pid).run()
 
@@ -144,6 +146,13 @@ def _start(first):
     app = Gproxy(Config(first["raw"], first["path"]))
     app.start(workers=first.get("workers", 1))
     return app
+
+
+def _addresses(app):
+    """The stream listeners' addresses (with workers, each worker binds the configured ones)."""
+    if app.workers is None:
+        return app.addresses
+    return [(spec.host, spec.port) for spec in app.cfg["apisix.stream_proxy.tcp"]]
 
 
 def _admin_address(app):
