@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from tests.integration.conftest import HOST, free_port, wait_until
+from tests.integration.conftest import free_port, wait_until
+from tests.integration.embedding import gone, listener_holders, relays
 from tests.integration.helpers import Paho
 
 pytestmark = pytest.mark.integration
@@ -85,46 +86,6 @@ def _kill(pid):
         os.kill(pid, signal.SIGKILL)
     except OSError:
         pass
-
-
-def gone(pid):
-    """True once ``pid`` has exited (a zombie counts: it runs nothing, holds nothing)."""
-    try:
-        with open("/proc/%d/stat" % pid) as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
-def listener_holders(port):
-    """The pids holding the socket that LISTENs on ``port`` (from /proc)."""
-    inodes = set()
-    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(path) as fh:
-            for row in fh.read().splitlines()[1:]:
-                f = row.split()
-                if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:
-                    inodes.add("socket:[%s]" % f[9])
-    holders = set()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            fds = os.listdir("/proc/%s/fd" % pid)
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                if os.readlink("/proc/%s/fd/%s" % (pid, fd)) in inodes:
-                    holders.add(int(pid))
-            except OSError:
-                continue
-    return holders
-
-
-def relays(port, tag):
-    with Paho("sub-" + tag, port) as sub, Paho("pub-" + tag, port) as pub:
-        sub.subscribe("t/" + tag, qos=1)
-        pub.publish("t/" + tag, tag.encode(), qos=1)
-        return sub.expect_message().payload == tag.encode()
 
 
 # -- process mode: the child ends with its host ------------------------------------
