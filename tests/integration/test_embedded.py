@@ -207,11 +207,20 @@ def test_process_mode_runs_workers_in_the_child(mosquitto, tmp_path, nothing_lef
                 ["w-1", "w-2", "w-3"]
 
 
-def test_a_monkey_patched_program_is_told_to_use_process_mode():
+def test_a_monkey_patched_program_is_told_to_use_process_mode(tmp_path):
+    """A gevent program has a hub of its own: the thread mode refuses, the process
+    mode works (its handle's waits are cooperative there)."""
+    conf = _conf(tmp_path, free_port())
     code = ("from gevent import monkey; monkey.patch_all()\n"
-            "import gproxy\n"
-            "try:\n    gproxy.start({}, mode='thread')\n"
-            "except RuntimeError as exc:\n    print(exc)\n")
+            "import gevent, gproxy\n"
+            "try:\n    gproxy.start(%r, mode='thread')\n"
+            "except RuntimeError as exc:\n    print(exc)\n"
+            "with gproxy.start(%r) as proxy:\n"
+            "    calls = [gevent.spawn(proxy.stats) for _ in range(3)]\n"
+            "    gevent.joinall(calls, timeout=30)\n"
+            "    print('process mode:', [c.value['live_sessions'] for c in calls])\n"
+            % (conf, conf))
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                          text=True, timeout=60)
     assert "not monkey-patched" in out.stdout and "mode='process'" in out.stdout, out.stderr
+    assert "process mode: [0, 0, 0]" in out.stdout, out.stderr

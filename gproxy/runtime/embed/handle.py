@@ -132,6 +132,11 @@ class EmbeddedProxy:
         if not self._stopped:
             self._release_in_child()
 
+    def __repr__(self):
+        return "<gproxy %s mode%s %s%s>" % (
+            self.mode, " pid %s" % self.pid if getattr(self, "pid", None) else "",
+            ", ".join("%s:%d" % a for a in self.addresses), " stopped" if self._stopped else "")
+
     def __enter__(self):
         return self
 
