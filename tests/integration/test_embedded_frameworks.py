@@ -11,6 +11,7 @@ shows.
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -142,6 +143,25 @@ def test_gunicorn_runs_one_proxy_for_the_whole_server(mosquitto, tmp_path, mode,
         assert server.end(signal.SIGTERM) == 0, server.text()
         assert live.disconnected.wait(10)
     nothing_left(server, port, admin_port, http_port)
+
+
+def test_gunicorn_does_not_start_without_its_proxy(mosquitto, tmp_path, servers):
+    """A proxy that cannot start (its port taken) stops gunicorn, with the reason."""
+    broker = mosquitto()
+    conf, port, admin_port = write_conf(tmp_path, broker.port)
+    taken = socket.create_server((HOST, port))
+    try:
+        server = Server([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py",
+                         "--bind", "%s:%d" % (HOST, free_port()), "flask_app:app"], tmp_path,
+                        GPROXY_CONFIG=conf)
+        servers.append(server)
+        assert server.proc.wait(60) != 0
+    finally:
+        taken.close()
+    assert "cannot listen on %s:%d" % (HOST, port) in server.text()
+    assert "Booting worker" not in server.text()
+    server.remember_tree()
+    nothing_left(server, admin_port)
 
 
 # -- Django ---------------------------------------------------------------------
