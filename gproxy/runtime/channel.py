@@ -15,36 +15,11 @@ import logging
 import gevent
 from gevent.lock import Semaphore
 
+from gproxy.runtime.lines import MAX_LINE, LineReader  # noqa: F401 (the channel's framing)
+
 log = logging.getLogger("gproxy.workers")
 
 ACK_TIMEOUT = 5.0
-MAX_LINE = 64 * 1024 * 1024  # a route table of many thousands of routes still fits
-
-
-class LineReader:
-    """Newline-framed messages from a (gevent) socket, kept across interruptions."""
-
-    def __init__(self, sock):
-        self.sock = sock
-        self.buf = bytearray()
-
-    def readline(self):
-        """The next non-empty line without its newline; ``b""`` at EOF."""
-        while True:
-            end = self.buf.find(b"\n")
-            if end >= 0:
-                line = bytes(self.buf[:end])
-                del self.buf[:end + 1]
-                if line.strip():
-                    return line
-                continue
-            if len(self.buf) > MAX_LINE:
-                log.error("control channel: dropped a line longer than %d bytes", MAX_LINE)
-                self.buf.clear()
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                return b""
-            self.buf += chunk
 
 
 def encode(message):

@@ -3,6 +3,7 @@ from the outside, in /proc (never by signalling anything)."""
 
 import os
 
+from bench import procstat
 from tests.integration.conftest import HOST, free_port
 from tests.integration.helpers import Paho
 
@@ -39,15 +40,7 @@ def parent_of(pid):
 
 def descendants(root):
     """Every live process below ``root`` (not ``root`` itself)."""
-    children = {}
-    for name in filter(str.isdigit, os.listdir("/proc")):
-        children.setdefault(parent_of(int(name)), []).append(int(name))
-    out, todo = [], list(children.get(root, ()))
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, ()))
-    return out
+    return [pid for pid in procstat.descendants(root) if pid != root]
 
 
 def is_gproxy_child(pid):

@@ -31,6 +31,7 @@ from concurrent.futures import Future
 from gproxy import errors
 from gproxy.errors import ProxyStopped
 from gproxy.runtime.embed.handle import EmbeddedProxy
+from gproxy.runtime.lines import LineReader
 
 START_TIMEOUT = 120.0  # a store behind a slow etcd, on a loaded machine
 STOP_MARGIN = 10.0  # beyond the grace, before the child is killed
@@ -165,7 +166,7 @@ class Channel:
     def __init__(self, sock, on_log):
         self.sock = sock
         self.on_log = on_log
-        self.buf = bytearray()
+        self.reader = LineReader(sock)
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._pending = {}
@@ -199,12 +200,15 @@ class Channel:
     def read_until_closed(self, pid):
         try:
             while True:
-                head = json.loads(self._line())
+                line = self.reader.readline()
+                if not line:
+                    break
+                head = json.loads(line)
                 if "log" in head:
                     self.on_log(head["log"])
                     continue
                 if "len" in head:
-                    head["body"] = self._exactly(head.pop("len")).decode("utf-8")
+                    head["body"] = self.reader.read_exactly(head.pop("len")).decode("utf-8")
                 future = self._pending.pop(head.get("id"), None)
                 if future is not None:
                     future.set_result(head)
@@ -212,30 +216,6 @@ class Channel:
             pass
         self._fail("gproxy has stopped" if self.stopping else
                    "gproxy's process (pid %d) has exited" % pid)
-
-    def _line(self):
-        while True:
-            end = self.buf.find(b"\n")
-            if end >= 0:
-                line = bytes(self.buf[:end])
-                del self.buf[:end + 1]
-                if line.strip():
-                    return line
-                continue
-            self._fill()
-
-    def _exactly(self, size):
-        while len(self.buf) < size:
-            self._fill()
-        data = bytes(self.buf[:size])
-        del self.buf[:size]
-        return data
-
-    def _fill(self):
-        chunk = self.sock.recv(262144)
-        if not chunk:
-            raise EOFError
-        self.buf += chunk
 
     def _fail(self, why):
         with self._lock:
