@@ -246,23 +246,29 @@ def table(results, busy):
 
 
 def costs(results):
-    """Markdown: what each mode costs (medians over every run of it)."""
-    out = ["| mode | start() (s) | host RSS growth (MiB) | child RSS (MiB) | "
+    """Markdown: what each mode costs (medians over its runs, host idle / busy)."""
+    out = ["| mode | start() (s), host idle / busy | host RSS growth (MiB) | child RSS (MiB) | "
            "proxy.stats() p50 (µs), host idle / busy |", "| --- | ---: | ---: | ---: | ---: |"]
     for mode in ("thread", "process"):
         rows = [r for r in results if r["mode"] == mode]
         if not rows:
             continue
-        start = median(r["start_s"] for r in rows)
+
+        def split(key):
+            return " / ".join(_fmt(median(r.get(key) for r in rows if bool(r["busy"]) == b),
+                                   key) for b in (False, True))
         grow = median((r["host_rss_after_kib"] - r["host_rss_before_kib"]) / 1024 for r in rows)
-        child = median(r.get("child_rss_kib", 0) / 1024 for r in rows) if mode == "process" \
-            else None
-        calls = [median(r.get("call_p50_us") for r in rows if bool(r["busy"]) == b)
-                 for b in (False, True)]
-        out.append("| %s | %.2f | %.1f | %s | %s |" % (
-            mode, start, grow, "%.1f" % child if child is not None else "-",
-            " / ".join("%.0f" % c if c is not None else "n/a" for c in calls)))
+        child = median(r.get("child_rss_kib", 0) / 1024 for r in rows)
+        out.append("| %s | %s | %.1f | %s | %s |" % (
+            mode, split("start_s"), grow, "%.1f" % child if mode == "process" else "-",
+            split("call_p50_us")))
     return "\n".join(out)
+
+
+def _fmt(value, key):
+    if value is None:
+        return "n/a"
+    return "%.2f" % value if key.endswith("_s") else "%.0f" % value
 
 
 def main(argv=None):
