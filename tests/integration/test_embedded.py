@@ -191,6 +191,18 @@ def test_a_config_file_path_works_and_stop_is_idempotent(tmp_path, embed_mode, n
     proxy.stop()  # a second stop is a no-op
 
 
+@pytest.mark.parametrize("python", ["/nonexistent/python", "/bin/false"])
+def test_process_mode_without_an_interpreter_says_so(tmp_path, python, nothing_left):
+    """``python=`` (for hosts whose sys.executable is not Python) that is wrong: the
+    reason, in the caller's thread, and nothing left behind."""
+    with pytest.raises((OSError, gproxy.ProxyStopped)) as info:
+        gproxy.start(_conf(tmp_path, free_port()), python=python)
+    if python == "/bin/false":
+        assert "exited with status 1 before it was ready" in str(info.value)
+    else:
+        assert isinstance(info.value, FileNotFoundError)
+
+
 def test_process_mode_runs_workers_in_the_child(mosquitto, tmp_path, nothing_left):
     """workers=N forks the proxy processes from the child, never from the host."""
     from tests.integration.helpers import Paho

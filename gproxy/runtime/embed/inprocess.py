@@ -66,13 +66,21 @@ class ProcessProxy(EmbeddedProxy):
         self._thread.start()
         try:
             self._proc = spawned.result()
+        except BaseException:  # no interpreter there, say: nothing to wait for
+            self._channel.close()
+            raise
         finally:
             child_end.close()
         self.pid = self._proc.pid
         try:
             ready = self._channel.call(self._start_message(), START_TIMEOUT)
-        except BaseException:
-            self._reap(0)
+        except ProxyStopped:  # it died before it could say why
+            self._reap(EXIT_TIMEOUT)
+            raise ProxyStopped("gproxy's process (%s, pid %d) exited with status %s before it "
+                               "was ready; its stderr says why" % (
+                                   self.python, self.pid, self._proc.returncode)) from None
+        except BaseException:  # the child reported it, or never answered
+            self._reap(EXIT_TIMEOUT)
             raise
         self.addresses = [tuple(a) for a in ready["addresses"]]
         self.admin_address = tuple(ready["admin_address"]) if ready["admin_address"] else None
