@@ -133,6 +133,18 @@ def test_a_killed_child_is_reported_and_stop_still_returns(host):
     assert gone(h.child) and not os.path.exists("/proc/%d" % h.child)  # reaped
 
 
+def test_sigterm_to_the_child_drains_it_and_the_handle_says_so(host):
+    """systemd stopping every process of a service, say: the child drains and exits as
+    the gproxy command does; the host's calls then raise, and its stop returns."""
+    h = host("process")
+    with Paho("live", h.port) as live:
+        os.kill(h.child, signal.SIGTERM)
+        assert live.disconnected.wait(15)  # the drain ends the session
+    assert wait_until(lambda: h.ask("stats") == {"stats": "ProxyStopped"}, 15)
+    assert h.ask("stop") == {"stopped": True}
+    assert gone(h.child) and listener_holders(h.port) == set()
+
+
 # -- fork() by the host, in both modes ---------------------------------------------
 
 @pytest.mark.parametrize("mode", ["process", "thread"])
