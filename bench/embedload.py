@@ -6,11 +6,12 @@
 
 A host program (``bench/embedded.py``) embeds gproxy with ``gproxy.start`` in
 mode ``thread`` or ``process``, or starts none (``direct``), while it is idle or
-runs ``--busy`` CPU-bound Python threads.  A separate client process holds one
-MQTT session through it to mosquitto (or to mosquitto itself for direct) and
-sends a PINGREQ every ``--interval-ms`` (2 ms), waiting for each PINGRESP:
-p50/p99/max of those round trips, per case.  The direct case runs the same busy
-host, so every case shares the machine's load; rounds interleave the cases.
+runs ``--busy`` CPU-bound Python threads.  A separate client process holds
+one MQTT session straight to mosquitto, one through the embedded proxy and one
+through the ``gproxy`` command (the same proxy, no host to slow it), and every
+``--interval-ms`` (2 ms) sends a PINGREQ on each in turn, waiting for each
+PINGRESP: p50/p99/max of those round trips, per path.  Every path sees the
+same machine at the same time; rounds interleave the cases.
 Also reported per mode: how long ``start`` took, the host's RSS growth, the
 child's RSS (process mode), and the median of 200 ``proxy.stats()`` calls.
 """
@@ -29,6 +30,7 @@ import time
 from bench import configs, mqttwire, procstat
 from bench.loadgen import mqtt_session, recv_exact
 from bench.ports import HOST, free_port, listening
+from bench.embedtable import costs, line, table
 from bench.targets import ROOT, Mosquitto, find
 
 MODES = ("thread", "process")
@@ -159,6 +161,41 @@ class Host:
         return report
 
 
+class Command:
+    """The ``gproxy`` command on the same config: a proxy that no host slows, pinged in
+    every run beside the embedded one (the machine's own noise on a two-hop path)."""
+
+    def __init__(self, run_dir, broker_port):
+        self.dir = tempfile.mkdtemp(dir=run_dir)
+        self.port = free_port()
+        conf = os.path.join(self.dir, "config.yaml")
+        with open(conf, "w") as fh:
+            fh.write(config(self.port))
+        with open(os.path.join(self.dir, "apisix.yaml"), "w") as fh:
+            fh.write("stream_routes:\n" + configs.gproxy_route(1, self.port, HOST, broker_port)
+                     + "#END\n")
+        self.log = open(os.path.join(self.dir, "gproxy.log"), "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "gproxy", "-c", conf], cwd=ROOT,
+                                     stdin=subprocess.DEVNULL, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while not listening(self.port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("the gproxy command did not start; see " + self.log.name)
+            time.sleep(0.05)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.log.close()
+
+
 def config(port):
     """gproxy's config: one listener, no Admin API, control API or metrics listener."""
     return ("apisix:\n  enable_control: false\n  stream_proxy:\n    tcp:\n      - \"%s:%d\"\n"
@@ -168,19 +205,23 @@ def config(port):
             "gproxy:\n  store:\n    path: apisix.yaml\n" % (HOST, port))
 
 
-def measure(run_dir, broker_port, mode, busy, duration, interval):
+def measure(run_dir, broker_port, mode, busy, duration, interval, command_port=None):
     """One case: a host embedding gproxy in ``mode`` (``busy`` CPU-bound threads), and a
-    client alternating pings straight to the broker and through the proxy, so both
-    paths see the same machine at the same time; a result dict."""
+    client pinging in turn straight to the broker, through the embedded proxy and (with
+    ``command_port``) through the gproxy command, so every path sees the same machine
+    at the same time; a result dict."""
     host = Host(run_dir, broker_port, mode, busy)
+    ports = [broker_port, host.port] + ([command_port] if command_port else [])
     try:
         report = host.wait_ready()
         time.sleep(0.5)  # the busy threads and the proxy settle
-        direct, proxied = ping([broker_port, host.port], duration, interval)
+        rtts = ping(ports, duration, interval)
     finally:
         final = host.stop()
-    result = {"mode": mode, "busy": busy, "direct": stats(direct), "proxy": stats(proxied),
+    result = {"mode": mode, "busy": busy, "direct": stats(rtts[0]), "proxy": stats(rtts[1]),
               "left_behind": final["left_behind"]}
+    if command_port:
+        result["command"] = stats(rtts[2])
     for key in ("start_s", "host_rss_before_kib", "host_rss_after_kib", "child_rss_kib"):
         if report.get(key) is not None:
             result[key] = report[key]
@@ -198,77 +239,25 @@ def run(args):
         raise SystemExit("bench.embedload needs mosquitto (apt-get install mosquitto)")
     run_dir = tempfile.mkdtemp(prefix="gproxy-embedload-")
     broker = Mosquitto(run_dir, mosquitto)
+    command = None
     results = []
     try:
         broker.start()
+        command = Command(run_dir, broker.port)
         for rnd in range(args.rounds):
             for busy in (0, args.busy):
                 for mode in args.modes:
                     result = measure(run_dir, broker.port, mode, busy, args.duration,
-                                     args.interval_ms / 1e3)
+                                     args.interval_ms / 1e3, command.port)
                     result["round"] = rnd
                     results.append(result)
                     print(line(result), file=sys.stderr, flush=True)
     finally:
+        if command is not None:
+            command.stop()
         broker.stop()
         shutil.rmtree(run_dir, ignore_errors=True)
     return results
-
-
-def line(r):
-    return "%-7s host %-4s  " % (r["mode"], "busy" if r["busy"] else "idle") + "   ".join(
-        "%s p50 %6.2f p99 %7.2f max %7.2f ms (%d)" % (
-            k, r[k]["p50_ms"], r[k]["p99_ms"], r[k]["max_ms"], r[k]["samples"])
-        for k in ("direct", "proxy"))
-
-
-def median(values):
-    values = sorted(v for v in values if v is not None)
-    return values[len(values) // 2] if values else None
-
-
-def table(results, busy):
-    """Markdown: per path, the median over runs of p50/p99/max, host idle and busy.
-    The direct row pools the direct pings of every run (each run pings both ways)."""
-    out = ["| through | host idle p50 / p99 / max (ms) | host busy (%d CPU-bound threads) "
-           "p50 / p99 / max (ms) |" % busy, "| --- | ---: | ---: |"]
-    for name, pick in (("direct", lambda r: r["direct"]),
-                       ("embedded thread", lambda r: r["proxy"] if r["mode"] == "thread" else None),
-                       ("embedded process",
-                        lambda r: r["proxy"] if r["mode"] == "process" else None)):
-        cells = []
-        for b in (0, busy):
-            rows = [pick(r) for r in results if r["busy"] == b and pick(r) is not None]
-            cells.append(" / ".join("%.2f" % median(r[k] for r in rows)
-                                    for k in ("p50_ms", "p99_ms", "max_ms")) if rows else "n/a")
-        out.append("| %s | %s |" % (name, " | ".join(cells)))
-    return "\n".join(out)
-
-
-def costs(results):
-    """Markdown: what each mode costs (medians over its runs, host idle / busy)."""
-    out = ["| mode | start() (s), host idle / busy | host RSS growth (MiB) | child RSS (MiB) | "
-           "proxy.stats() p50 (µs), host idle / busy |", "| --- | ---: | ---: | ---: | ---: |"]
-    for mode in ("thread", "process"):
-        rows = [r for r in results if r["mode"] == mode]
-        if not rows:
-            continue
-
-        def split(key):
-            return " / ".join(_fmt(median(r.get(key) for r in rows if bool(r["busy"]) == b),
-                                   key) for b in (False, True))
-        grow = median((r["host_rss_after_kib"] - r["host_rss_before_kib"]) / 1024 for r in rows)
-        child = median(r.get("child_rss_kib", 0) / 1024 for r in rows)
-        out.append("| %s | %s | %.1f | %s | %s |" % (
-            mode, split("start_s"), grow, "%.1f" % child if mode == "process" else "-",
-            split("call_p50_us")))
-    return "\n".join(out)
-
-
-def _fmt(value, key):
-    if value is None:
-        return "n/a"
-    return "%.2f" % value if key.endswith("_s") else "%.0f" % value
 
 
 def main(argv=None):
