@@ -3,7 +3,9 @@
 Shared by the control channels that speak JSON lines: the parent and its
 ``--workers`` (``channel``), and an embedding host and its gproxy process
 (``embed``).  Works on any object with ``recv`` (a gevent socket or a plain
-one); imports no gevent, so a host that embeds gproxy can use it.
+one); imports no gevent, so a host that embeds gproxy can use it.  Each byte
+is looked at once while a long line arrives (a rescan of the whole buffer per
+chunk made a table of many thousands of routes cost its square).
 """
 
 import logging
@@ -20,20 +22,24 @@ class LineReader:
     def __init__(self, sock):
         self.sock = sock
         self.buf = bytearray()
+        self.scanned = 0  # bytes of buf known to hold no newline
 
     def readline(self):
         """The next non-empty line without its newline; ``b""`` at EOF."""
         while True:
-            end = self.buf.find(b"\n")
+            end = self.buf.find(b"\n", self.scanned)
             if end >= 0:
                 line = bytes(self.buf[:end])
                 del self.buf[:end + 1]
+                self.scanned = 0
                 if line.strip():
                     return line
                 continue
+            self.scanned = len(self.buf)
             if len(self.buf) > MAX_LINE:
                 log.error("control channel: dropped a line longer than %d bytes", MAX_LINE)
                 self.buf.clear()
+                self.scanned = 0
             if not self.fill():
                 return b""
 
@@ -44,6 +50,7 @@ class LineReader:
                 raise EOFError("channel closed within a %d-byte body" % size)
         data = bytes(self.buf[:size])
         del self.buf[:size]
+        self.scanned = max(0, self.scanned - size)
         return data
 
     def fill(self):

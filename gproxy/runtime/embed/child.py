@@ -6,6 +6,7 @@ answers ``{"ready", "addresses", ...}`` or the exception that stopped it,
 then serves the host's requests, each in its own greenlet:
 
     {"op": "admin", "method", "path", "data", "query"} -> {"status", "len"} + body
+    {"op": "reopen"}                                   -> the access log reopened, {"ok": true}
     {"op": "stop", "grace": g}                         -> drain, {"ok": true}, exit
 
 and sends every log record up as ``{"log": [name, level, message, exc_text]}``.
@@ -215,15 +216,16 @@ class Serving:
                 gevent.spawn(self._answer, message)
 
     def _answer(self, message):
-        request_id = message.get("id")
-        if message.get("op") != "admin":
-            self.outbox.put({"id": request_id, "error": {"type": "ValueError", "args": [
-                "unknown op %r" % message.get("op")]}})
-            return
+        request_id, op = message.get("id"), message.get("op")
         try:
-            status, text = request(self.client, message["method"], message["path"],
-                                   message.get("data"), message.get("query"))
+            if op == "reopen":
+                self.app.reopen_logs()
+                self.outbox.put({"id": request_id, "ok": True})
+            elif op == "admin":
+                status, text = request(self.client, message["method"], message["path"],
+                                       message.get("data"), message.get("query"))
+                self.outbox.put({"id": request_id, "status": status}, text.encode("utf-8"))
+            else:
+                raise ValueError("unknown op %r" % (op,))
         except Exception as exc:  # raised in the host's thread, as in thread mode
             self.outbox.put({"id": request_id, "error": describe(exc)})
-            return
-        self.outbox.put({"id": request_id, "status": status}, text.encode("utf-8"))

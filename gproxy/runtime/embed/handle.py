@@ -137,6 +137,11 @@ class EmbeddedProxy:
             self.mode, " pid %s" % self.pid if getattr(self, "pid", None) else "",
             ", ".join("%s:%d" % a for a in self.addresses), " stopped" if self._stopped else "")
 
+    def reopen_logs(self):
+        """Reopen the stream access log (after logrotate renamed it), like SIGUSR1."""
+        self._check_owner()
+        self._reopen_logs()
+
     def __enter__(self):
         return self
 
@@ -176,6 +181,9 @@ class EmbeddedProxy:
         raise NotImplementedError
 
     def _shutdown(self, grace):
+        raise NotImplementedError
+
+    def _reopen_logs(self):
         raise NotImplementedError
 
     def _release_in_child(self):

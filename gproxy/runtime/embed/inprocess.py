@@ -122,6 +122,9 @@ class ProcessProxy(EmbeddedProxy):
                                     "data": data, "query": query})
         return reply["status"], reply["body"]
 
+    def _reopen_logs(self):
+        self._channel.call({"op": "reopen"})
+
     def _log(self, entry):
         """A log record from the child, handed to this program's ``logging``."""
         name, level, message, exc_text = entry

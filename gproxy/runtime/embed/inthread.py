@@ -58,6 +58,9 @@ class ThreadProxy(EmbeddedProxy):
     def _request(self, method, path, data, query):
         return self._hub.call(request, self._client, method, path, data, query)
 
+    def _reopen_logs(self):
+        self._hub.call(self._app.reopen_logs)
+
     def _shutdown(self, grace):
         try:
             self._hub.call(self._drain, grace)
