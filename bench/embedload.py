@@ -105,25 +105,46 @@ def stats(rtts):
             "p99_ms": percentile(rtts, 99) / 1e3, "max_ms": max(rtts) / 1e3}
 
 
-class Host:
-    """One run of ``bench/embedded.py``: started, measured, stopped by PID."""
+class Proxied:
+    """A process on its own gproxy config (one listener, a route to the broker), in a
+    directory of its own; started by ``argv(conf)``, stopped by PID."""
 
-    def __init__(self, run_dir, broker_port, mode, busy):
+    def __init__(self, run_dir, broker_port, name):
         self.dir = tempfile.mkdtemp(dir=run_dir)
-        self.mode, self.busy = mode, busy
         self.port = free_port()
-        self.report_path = os.path.join(self.dir, "report.json")
-        conf = os.path.join(self.dir, "config.yaml")
-        with open(conf, "w") as fh:
+        self.conf = os.path.join(self.dir, "config.yaml")
+        with open(self.conf, "w") as fh:
             fh.write(config(self.port))
         with open(os.path.join(self.dir, "apisix.yaml"), "w") as fh:
             fh.write("stream_routes:\n" + configs.gproxy_route(1, self.port, HOST, broker_port)
                      + "#END\n")
-        self.log = open(os.path.join(self.dir, "host.log"), "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.embedded", conf, "--mode", mode, "--busy", str(busy),
-             "--report", self.report_path], cwd=ROOT, stdin=subprocess.DEVNULL,
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.log = open(os.path.join(self.dir, name + ".log"), "wb")
+        self.proc = None
+
+    def launch(self, argv):
+        self.proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def terminate(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.log.close()
+
+
+class Host(Proxied):
+    """One run of ``bench/embedded.py``: started, measured, stopped by PID."""
+
+    def __init__(self, run_dir, broker_port, mode, busy):
+        super().__init__(run_dir, broker_port, "host")
+        self.mode, self.busy = mode, busy
+        self.report_path = os.path.join(self.dir, "report.json")
+        self.launch([sys.executable, "-m", "bench.embedded", self.conf, "--mode", mode,
+                     "--busy", str(busy), "--report", self.report_path])
 
     def wait_ready(self, timeout=60):
         deadline = time.monotonic() + timeout
@@ -147,37 +168,20 @@ class Host:
 
     def stop(self):
         children = [p for p in procstat.descendants(self.proc.pid) if p != self.proc.pid]
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.log.close()
+        self.terminate()
         left = [p for p in children if os.path.exists("/proc/%d" % p)]
         report = self.report()
         report["left_behind"] = left  # the embedded child must be gone with its host
         return report
 
 
-class Command:
+class Command(Proxied):
     """The ``gproxy`` command on the same config: a proxy that no host slows, pinged in
     every run beside the embedded one (the machine's own noise on a two-hop path)."""
 
     def __init__(self, run_dir, broker_port):
-        self.dir = tempfile.mkdtemp(dir=run_dir)
-        self.port = free_port()
-        conf = os.path.join(self.dir, "config.yaml")
-        with open(conf, "w") as fh:
-            fh.write(config(self.port))
-        with open(os.path.join(self.dir, "apisix.yaml"), "w") as fh:
-            fh.write("stream_routes:\n" + configs.gproxy_route(1, self.port, HOST, broker_port)
-                     + "#END\n")
-        self.log = open(os.path.join(self.dir, "gproxy.log"), "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "gproxy", "-c", conf], cwd=ROOT,
-                                     stdin=subprocess.DEVNULL, stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        super().__init__(run_dir, broker_port, "gproxy")
+        self.launch([sys.executable, "-m", "gproxy", "-c", self.conf])
         deadline = time.monotonic() + 60
         while not listening(self.port):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -186,14 +190,7 @@ class Command:
             time.sleep(0.05)
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.log.close()
+        self.terminate()
 
 
 def config(port):
