@@ -298,16 +298,16 @@ class GproxyEmbedded(Gproxy):
     def __init__(self, run_dir, python, broker_port, sink_port, own_python=True):
         super().__init__(run_dir, "gproxy-embedded", python, broker_port, sink_port,
                          own_python=own_python)
-        self.note = "mqtt-proxy route, chash on mqtt_client_id, gproxy.start() in a thread" + (
-            "" if own_python else ", interpreter %s" % python)
+        self.note = "mqtt-proxy route, chash on mqtt_client_id, gproxy.start(mode='thread')" \
+            + ("" if own_python else ", interpreter %s" % python)
 
     def command(self):
         if self.cwd == ROOT:
-            return [self.python, "-m", "bench.embedded", self.conf]
+            return [self.python, "-m", "bench.embedded", self.conf, "--mode", "thread"]
         # Another interpreter runs outside this checkout (see Gproxy): hand it the
         # program's text, so it imports its own gproxy and nothing from here.
         with open(os.path.join(ROOT, "bench", "embedded.py")) as fh:
-            return [self.python, "-c", fh.read(), self.conf]
+            return [self.python, "-c", fh.read(), self.conf, "--mode", "thread"]
 
 
 def gproxy_has_workers(python, cwd):

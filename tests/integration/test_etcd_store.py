@@ -255,7 +255,8 @@ def test_a_broken_watch_resumes_after_its_revision_or_reloads_if_compacted(etcd,
         store.close()
 
 
-def test_embedded_gproxy_on_etcd_leaves_nothing_behind(etcd, prefix):
+@pytest.mark.parametrize("mode", ["process", "thread"])
+def test_embedded_gproxy_on_etcd_leaves_nothing_behind(etcd, prefix, mode):
     import gc
     import os
     import threading
@@ -266,12 +267,14 @@ def test_embedded_gproxy_on_etcd_leaves_nothing_behind(etcd, prefix):
     conf = dict(etcd.etcd_config(prefix),
                 apisix={"stream_proxy": {"tcp": ["%s:%d" % (HOST, free_port())]}})
     conf["deployment"]["admin"] = False
-    with gproxy.start(conf) as proxy:
+    with gproxy.start(conf, mode=mode) as proxy:
         body = proxy.routes.put("7", json.loads(_route_json()))
         assert etcd.get(prefix + "/stream_routes/7")["value"] == body["value"]
         etcd.ctl("put", prefix + "/stream_routes/8", _route_json())
         assert wait_until(lambda: proxy.routes.list()["total"] == 2, WAIT)
-        assert any(t.name == "gproxy-etcd-watch" for t in threading.enumerate())
+        # the watch runs where the proxy runs: a thread here, or the child process
+        watching = any(t.name == "gproxy-etcd-watch" for t in threading.enumerate())
+        assert watching is (mode == "thread")
     gc.collect()
     assert not [t for t in threading.enumerate() if t.name.startswith("gproxy-")]
     assert len(os.listdir("/proc/self/fd")) == fds
