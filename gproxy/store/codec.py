@@ -24,8 +24,9 @@ def has_end_flag(text):
     return text.rstrip()[-len(END_FLAG):] == END_FLAG
 
 
-def parse(text, path, require_end=True):
-    """Parse and check a store file's text.
+def parse(text, path, require_end=True, keyring=None):
+    """Parse and check a store file's text (private keys given encrypted with
+    APISIX's ``keyring`` are decrypted first, as APISIX standalone reads them).
 
     Returns ``({kind: [value, ...]}, [error line, ...], revision)``; raises
     SchemaError when the file as a whole is unusable.
@@ -46,6 +47,8 @@ def parse(text, path, require_end=True):
         out[kind] = []
         for value in items:
             try:
+                if keyring is not None:
+                    value = keyring.open(kind, value)
                 check_item(kind, value)
             except SchemaError as exc:
                 shown = without_secrets(value) if isinstance(value, dict) else value

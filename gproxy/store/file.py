@@ -28,8 +28,8 @@ log = logging.getLogger("gproxy.store")
 class FileStore(Store):
     """The embedded durable store: one YAML file, atomically replaced on each write."""
 
-    def __init__(self, path):
-        super().__init__()
+    def __init__(self, path, keyring=None):
+        super().__init__(keyring)
         self.path = os.path.abspath(path)
         self._revision = 0
         self._signature = None
@@ -73,7 +73,8 @@ class FileStore(Store):
             text = fh.read()
         if not strict and text.strip() and not codec.has_end_flag(text):
             log.warning("store: %s has no #END line; loading it anyway", self.path)
-        data, errors, revision = codec.parse(text, self.path, require_end=strict)
+        data, errors, revision = codec.parse(text, self.path, require_end=strict,
+                                             keyring=self.keyring)
         if errors and strict:
             raise SchemaError("; ".join(errors))
         return signature, data, errors, revision

@@ -232,7 +232,7 @@ def test_a_broken_watch_resumes_after_its_revision_or_reloads_if_compacted(etcd,
         store.close()
         etcd.ctl("del", prefix + "/stream_routes/1")
         etcd.ctl("put", prefix + "/upstreams/u", json.dumps({"nodes": {"127.0.0.1:1": 1}}))
-        store._stop.clear()
+        store._watch._stop.clear()
         store.poll()
         assert _wait_on_hub(lambda: store.get("upstreams", "u") is not None
                             and store.get("stream_routes", "1") is None)
@@ -244,7 +244,7 @@ def test_a_broken_watch_resumes_after_its_revision_or_reloads_if_compacted(etcd,
         revision = json.loads(etcd.ctl("get", prefix + "/stream_routes/3", "-w", "json"))[
             "header"]["revision"]  # the watch would resume before it: compacted
         etcd.ctl("compact", str(revision))
-        store._stop.clear()
+        store._watch._stop.clear()
         store.poll()
         assert _wait_on_hub(lambda: store.get("stream_routes", "3") is not None)
         assert sorted(r.id for r in store.list("stream_routes")) == ["2", "3"]
