@@ -192,4 +192,4 @@ def _admin_client(app, cfg):
     local.values = dict(cfg.values)
     local.values["deployment.admin.admin_key_required"] = False
     local.values["deployment.admin.allow_admin"] = [ipaddress.ip_network("127.0.0.1/32")]
-    return create_app(app.store, app.sessions, local).test_client()
+    return create_app(app.store, app.live(), local, fleet=app.fleet).test_client()
