@@ -37,6 +37,7 @@ class Peers:
     def __init__(self, timeout, ca=None, cert=None, key=None):
         self.timeout = timeout
         self.session = requests.Session()
+        self.session.trust_env = False  # no HTTP_PROXY between instances
         self.session.verify = ca or system_ca()
         if ca and cert and key:
             self.session.cert = (cert, key)

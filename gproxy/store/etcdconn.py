@@ -103,6 +103,7 @@ class EtcdAccess:
     def session(self):
         """A ``requests`` session with this cluster's TLS settings."""
         s = requests.Session()
+        s.trust_env = False  # APISIX's settings, not REQUESTS_CA_BUNDLE or HTTP_PROXY
         s.verify = self.verify
         if self.cert:
             s.cert = self.cert

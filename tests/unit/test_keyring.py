@@ -4,33 +4,21 @@ The expected ciphertexts come from outside gproxy: two vectors from APISIX's
 own test suite (``t/node/data_encrypt.t``, 3.9.0: with the keyring entry
 ``edd1c9f0985e76a2``, ``bar`` is stored as ``77+NmbYqNfN+oLm0aX5akg==`` and
 ``vU/ZHVJw7b0XscDJ1Fhtig==`` reads as ``auth-two``), and an encryption the
-test does itself from the documented algorithm (AES-CBC, the keyring entry as
-key and IV, PKCS#7 padding written here, base64).
+tests do themselves from the documented algorithm (``tests/apisix_keyring``).
 """
 
 import base64
 
 import pytest
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from gproxy.config import Config
 from gproxy.errors import ConfigError, SchemaError
 from gproxy.store.keyring import Keyring, aes_decrypt, aes_encrypt
+from tests.apisix_keyring import DEFAULT_KEYRING, encrypt as apisix_encrypt
 
-DEFAULT = ["qeddd145sfvddff3", "edd1c9f0985e76a2"]  # APISIX's config-default.yaml
+DEFAULT = list(DEFAULT_KEYRING)  # APISIX's config-default.yaml
 PEM = ("-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQC7\n"
        "-----END PRIVATE KEY-----\n")
-
-
-def apisix_encrypt(entry, text):
-    """The test's own AES-CBC (no padding helper from the library): APISIX's algorithm."""
-    data = text.encode()
-    pad = 16 - len(data) % 16
-    data += bytes([pad]) * pad
-    secret = entry.encode()
-    # lua-resty-string copies the entry into the IV buffer; CBC reads its first block
-    enc = Cipher(algorithms.AES(secret), modes.CBC(secret[:16])).encryptor()
-    return base64.b64encode(enc.update(data) + enc.finalize()).decode()
 
 
 def test_apisix_test_suite_vectors():
