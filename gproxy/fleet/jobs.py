@@ -75,7 +75,7 @@ class FleetJobs:
                "started_at": time.time(), "started_by": self.shares.id,
                "instances": sorted(self.registered()), "lease": lease}
         self.kv.put(PATH + job_id, job, lease)
-        self.shares.wait_counts(job_id, job["instances"])
+        self.shares.wait_counts(job_id, job["instances"], paced=True)
         return self.get(job_id)
 
     def _jobs(self, path):

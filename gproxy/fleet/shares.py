@@ -80,13 +80,15 @@ class Shares:
         elif first and value.get("state") == "running" and not self.stopping:
             gevent.spawn(self._take, job_id, value)
 
-    def wait_counts(self, job_id, expected, timeout=SETTLE):
+    def wait_counts(self, job_id, expected, paced=False, timeout=SETTLE):
         """The shares known for ``job_id`` once ``expected`` instances all wrote one
-        (or ``timeout`` passed)."""
+        (``paced``: and set its rate), or ``timeout`` passed."""
         deadline = time.monotonic() + timeout
         while True:
             shares = self.jobs.get(job_id, {}).get("shares", {})
-            if set(expected) <= set(shares) or time.monotonic() >= deadline:
+            ready = set(expected) <= set(shares) and not (paced and any(
+                s.get("state") == "counting" for s in shares.values()))
+            if ready or time.monotonic() >= deadline:
                 return dict(shares)
             gevent.sleep(0.02)
 
