@@ -60,9 +60,10 @@ def admin(proxy, method, path, body=None, timeout=15.0):
     return status, json.loads(raw or b"{}")
 
 
-def fleet(make, etcd, prefix, count=3, named=True, **extra):
+def fleet(make, etcd, prefix, count=3, named=True, workers=None, **extra):
     """``count`` instances on ``etcd`` under ``prefix`` (ids gp-0, gp-1, ... if ``named``);
-    ``extra``: more config sections."""
+    ``workers``: ``{index: N}`` for instances run with ``--workers N``; ``extra``: more
+    config sections."""
     out = []
     for i in range(count):
         config = etcd.etcd_config(prefix)
@@ -71,7 +72,7 @@ def fleet(make, etcd, prefix, count=3, named=True, **extra):
             config["apisix"] = {"id": "gp-%d" % i}
         for section, values in extra.items():
             config.setdefault(section, {}).update(values)
-        proxy = make([], config=config)
+        proxy = make([], config=config, workers=(workers or {}).get(i, 1))
         wait_listening(proxy.admin_port, proxy.proc, what="gproxy admin")
         out.append(proxy)
     assert wait_until(lambda: admin(out[0], "GET", "/gproxy/instances")[1]["total"] == count,
@@ -165,7 +166,7 @@ def test_registry_lists_three_and_drops_a_killed_one_within_the_ttl(etcd, gproxy
 
 def test_a_client_id_is_found_on_the_instance_that_holds_it(etcd, gproxy, mosquitto, prefix):
     x, y = mosquitto("x"), mosquitto("y")
-    instances = fleet(gproxy, etcd, prefix, gproxy={"fleet": {"timeout": 1}})
+    instances = fleet(gproxy, etcd, prefix, workers={2: 2}, gproxy={"fleet": {"timeout": 1}})
     route_everywhere(instances, x, y)
     holder = {}
     socks = {}
