@@ -9,15 +9,11 @@
 
 import {api, enc, listValues} from "./api.js";
 import {$, $$, h, setText, setOptions} from "./dom.js";
-import {ago, bytes, count, dateTime, duration, hostPort, mqttVersion} from "./format.js";
+import {ago, bytes, count, dateTime, duration, hostPort, mqttVersion, naturalCompare as compare} from "./format.js";
 import {createNodes, healthByNode} from "./nodes.js";
 
 const POLL_MS = 1000;
 const CONFIG_EVERY = 5;  // re-read routes/upstreams and what would move every 5 polls
-
-function compare(a, b) {
-  return String(a).localeCompare(String(b), "en", {numeric: true});
-}
 
 export function createConnections(section, ctx) {
   const table = $("#sessions-table", section);

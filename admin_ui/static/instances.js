@@ -6,13 +6,9 @@
 
 import {api} from "./api.js";
 import {$, h, setText, clear} from "./dom.js";
-import {ago, count, dateTime, duration} from "./format.js";
+import {ago, count, dateTime, duration, naturalCompare as compare} from "./format.js";
 
 const POLL_MS = 2000;
-
-function compare(a, b) {
-  return String(a).localeCompare(String(b), "en", {numeric: true});
-}
 
 export function createInstances(section, ctx) {
   const tbody = $("#instances-table tbody", section);

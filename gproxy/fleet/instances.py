@@ -134,7 +134,10 @@ class Reporter:
     def report(self, force=False):
         """Renew the lease (a new one if etcd lost it) and write the record if it changed."""
         if self.etcd_version == "unknown":
-            self.etcd_version = self.kv.etcd_version()
+            try:
+                self.etcd_version = self.kv.etcd_version()
+            except (StoreUnavailable, OSError, ValueError):
+                pass  # registered without it; asked again at the next renewal
         if self.lease is not None and self.kv.keepalive(self.lease) <= 0:
             self.lease = None  # expired while etcd or this instance was away
         if self.lease is None:

@@ -63,6 +63,8 @@ class Shares:
         if found is None:
             return
         job_id, instance = found
+        if value is None and job_id not in self.jobs:
+            return  # the job's keys expiring together: it is forgotten already
         seen = self.jobs.setdefault(job_id, {"job": None, "shares": {}})
         if instance is not None:
             if value is None:

@@ -14,8 +14,11 @@ on etcd's authentication with a user that may read and write ``prefix``.
 
 import json
 import os
+import re
 import shutil
 import subprocess
+
+import pytest
 
 from tests.integration.conftest import HOST, free_port, stop_process, wait_listening, wait_until
 
@@ -25,6 +28,25 @@ ETCDCTL = shutil.which("etcdctl") or "/usr/bin/etcdctl"
 
 def available():
     return os.access(ETCD, os.X_OK) and os.access(ETCDCTL, os.X_OK)
+
+
+#: ``pytestmark`` entry for modules that need etcd.
+needs_etcd = pytest.mark.skipif(not available(), reason="needs etcd and etcdctl "
+                                "(apt-get install etcd-server etcd-client)")
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory):
+    """One plain-HTTP etcd for the module (import it into the test module)."""
+    server = Etcd(str(tmp_path_factory.mktemp("etcd"))).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def prefix(request):
+    """A key prefix of the test's own."""
+    return "/gproxy-test/" + re.sub(r"\W", "-", request.node.name)
 
 
 class Etcd:

@@ -14,14 +14,14 @@ import pytest
 
 from tests.integration.browser import browser, require_browser  # noqa: F401 (a fixture)
 from tests.integration.conftest import HOST, wait_listening, wait_until
-from tests.integration.etcd import Etcd, available
+from tests.integration.etcd import etcd, needs_etcd  # noqa: F401 (a fixture)
 from tests.integration.helpers import Paho, http_call
 
 sync_api = require_browser("the dashboard's fleet tests")
 pytest.importorskip("paho.mqtt.client")
 expect = sync_api.expect
 pytestmark = [pytest.mark.integration, pytest.mark.browser, pytest.mark.timeout(120),
-              pytest.mark.skipif(not available(), reason="needs etcd and etcdctl")]
+              needs_etcd]
 KEY = "fleet-dashboard-key-0123456789abcdef"
 WAIT_MS = 8000
 DOCS = pathlib.Path(__file__).resolve().parents[2] / "docs"
@@ -31,13 +31,6 @@ def screenshot(page, name):
     """docs/dashboard-<name>.png, only when GPROXY_SCREENSHOTS=1 (as test_dashboard)."""
     if os.environ.get("GPROXY_SCREENSHOTS") == "1":
         page.screenshot(path=str(DOCS / ("dashboard-%s.png" % name)))
-
-
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory):
-    server = Etcd(str(tmp_path_factory.mktemp("etcd"))).start()
-    yield server
-    server.stop()
 
 
 def key_config(extra=None):

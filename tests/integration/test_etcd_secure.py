@@ -24,12 +24,10 @@ import trustme  # noqa: E402  (the test extra: a missing one must fail, not skip
 from tests import apisix_keyring, packets
 from tests.integration.conftest import (HOST, Gproxy, mqtt_route, node, wait_listening,
                                         wait_until)
-from tests.integration.etcd import Etcd, available
+from tests.integration.etcd import Etcd, needs_etcd
 from tests.integration.helpers import CONNACK_OK, WAIT, Paho, http_call, recv_exact
 
-pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(not available(), reason="needs etcd and etcdctl "
-                                 "(apt-get install etcd-server etcd-client)")]
+pytestmark = [pytest.mark.integration, needs_etcd]
 KEY = "edd1c9f034335f136f87ad84b625c8f1"
 PREFIX = "/secure"
 USER, PASSWORD = "gproxy-user", "s3cret-pw-never-logged"

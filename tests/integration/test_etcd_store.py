@@ -12,26 +12,12 @@ import re
 import pytest
 
 from tests.integration.conftest import HOST, mqtt_route, node, wait_listening, wait_until
-from tests.integration.etcd import Etcd, available
+from tests.integration.etcd import etcd, needs_etcd, prefix  # noqa: F401 (fixtures)
 from tests.integration.helpers import ApisixRing, Paho, http_call
 
-pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(not available(), reason="needs etcd and etcdctl "
-                                 "(apt-get install etcd-server etcd-client)")]
+pytestmark = [pytest.mark.integration, needs_etcd]
 KEY = "edd1c9f034335f136f87ad84b625c8f1"
 WAIT = 10.0  # seconds for a change to reach another instance through etcd
-
-
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory):
-    server = Etcd(str(tmp_path_factory.mktemp("etcd"))).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def prefix(request):
-    return "/gproxy-test/" + re.sub(r"\W", "-", request.node.name)
 
 
 def on_etcd(gproxy, etcd, prefix):

@@ -12,7 +12,6 @@ import collections
 import concurrent.futures
 import json
 import os
-import re
 import signal
 import subprocess
 import time
@@ -20,15 +19,13 @@ import time
 import pytest
 
 from tests.integration.conftest import wait_listening, wait_until
-from tests.integration.etcd import Etcd, available
+from tests.integration.etcd import etcd, needs_etcd, prefix  # noqa: F401 (fixtures)
 from tests.integration.helpers import ApisixRing, Paho, http_call
 from tests.integration.test_fleet import (chash_upstream, close_all, close_times, ids_on,
                                           mqtt_route_to, raw_clients, rate_of)
 
 pytest.importorskip("paho.mqtt.client")
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(240),
-              pytest.mark.skipif(not available(), reason="needs etcd and etcdctl "
-                                 "(apt-get install etcd-server etcd-client)")]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240), needs_etcd]
 KEY = "edd1c9f034335f136f87ad84b625c8f1"
 TTL = 3  # plugin_attr.server-info.report_ttl: APISIX's smallest
 WAIT = 10.0
@@ -39,18 +36,6 @@ def setup_module():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:  # hundreds of clients, and the processes we start inherit it
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory):
-    server = Etcd(str(tmp_path_factory.mktemp("etcd"))).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def prefix(request):
-    return "/fleet/" + re.sub(r"\W", "-", request.node.name)
 
 
 def admin(proxy, method, path, body=None, timeout=15.0):

@@ -11,11 +11,10 @@ import sys
 
 import pytest
 
-from tests.integration.etcd import available
+from tests.integration.etcd import needs_etcd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(180),
-              pytest.mark.skipif(not available(), reason="needs etcd")]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180), needs_etcd]
 
 
 def test_fanout_script_short_mode(tmp_path):
