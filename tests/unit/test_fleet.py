@@ -298,3 +298,27 @@ def test_a_forgotten_token_means_one_login_and_one_retry(monkeypatch):
     answers.append(etcd_exc.Etcd3Exception('{"error":"etcdserver: permission denied"}'))
     with pytest.raises(StoreUnavailable, match="^etcdserver: permission denied$"):
         cluster.call("/kv/put", {})
+
+
+def test_pages_of_several_sources_merge_into_one():
+    from gproxy.proxy.sessions.live import merge_pages
+
+    def source(*items, per_node=None):
+        listed = [{"id": i, "client_id": c, "connected_at": t} for i, c, t in items]
+        return {"total": len(listed) + 1, "list": listed, "per_node": per_node}
+    a = source(("a1", "x", 1.0), ("a2", "m", 3.0), ("a3", "b", 5.0), per_node={"n:1": 2})
+    b = source(("b1", "y", 2.0), ("b2", "m", 3.0), per_node={"n:1": 1, "n:2": 4})
+    c = source(("c1", "z", 4.0))
+    got = merge_pages([a, b, c], {"sort": "connected_at", "offset": 1, "limit": 3},
+                      pause=lambda: None)
+    assert [i["id"] for i in got["list"]] == ["b1", "a2", "b2"]  # ties in source order
+    assert got["total"] == 9 and "per_node" not in got
+    got = merge_pages([a, b, c], {"sort": "-client_id", "offset": 0, "limit": 10,
+                                  "misplaced": True}, pause=lambda: None)
+    assert [i["client_id"] for i in got["list"]] == ["z", "y", "x", "m", "m", "b"]
+    assert got["per_node"] == {"n:1": 3, "n:2": 4}
+    pauses = []
+    many = {"total": 600, "list": [{"id": str(n), "connected_at": n} for n in range(600)]}
+    got = merge_pages([many], {"offset": 500, "limit": 50}, pause=lambda: pauses.append(1))
+    assert [i["id"] for i in got["list"]] == [str(n) for n in range(500, 550)]
+    assert len(pauses) == 550 // 128  # the data path gets the hub back as it goes

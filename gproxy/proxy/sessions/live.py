@@ -56,16 +56,22 @@ def dict_key(field):
     return operator.itemgetter(field)
 
 
-def merge_pages(replies, spec):
+def merge_pages(replies, spec, pause=hub.pause):
     """One page from several sources' first ``offset + limit`` matches, each sorted
     as ``spec`` says (workers of one process, or instances of a fleet): a heap
-    merge, ties in source order, totals and ``per_node`` summed."""
+    merge, ties in source order, totals and ``per_node`` summed.  A deep page
+    merges thousands of items: the data path gets the hub every ``CHUNK``."""
     field, reverse = sort_order(spec.get("sort"))
     offset, limit = spec.get("offset", 0), spec.get("limit")
     merged = heapq.merge(*(r["list"] for r in replies), key=dict_key(field), reverse=reverse)
     stop = None if limit is None else offset + limit
-    out = {"total": sum(r["total"] for r in replies),
-           "list": list(itertools.islice(merged, offset, stop))}
+    page = []
+    for n, item in enumerate(itertools.islice(merged, stop), 1):
+        if n > offset:
+            page.append(item)
+        if n % CHUNK == 0:
+            pause()
+    out = {"total": sum(r["total"] for r in replies), "list": page}
     if spec.get("misplaced"):
         per_node = Counter()
         for reply in replies:
