@@ -25,7 +25,12 @@ RESTART = ("deployment.admin.admin_listen.ip", "deployment.admin.admin_listen.po
            "plugin_attr.prometheus.enable_export_server",
            "plugin_attr.prometheus.export_addr.ip", "plugin_attr.prometheus.export_addr.port",
            "gproxy.store.backend", "gproxy.store.path", "gproxy.balancer.chash_ring",
-           "gproxy.admin.max_connections", "gproxy.admin.timeout")
+           "gproxy.admin.max_connections", "gproxy.admin.timeout",
+           # the etcd connection, the keyring its keys were read with, the fleet
+           "deployment.etcd.user", "deployment.etcd.password", "deployment.etcd.tls.verify",
+           "deployment.etcd.tls.cert", "deployment.etcd.tls.key", "deployment.etcd.tls.sni",
+           "apisix.data_encryption.keyring", "apisix.id", "plugin_attr.server-info.report_ttl",
+           "gproxy.fleet.enable", "gproxy.fleet.admin_url", "gproxy.fleet.timeout")
 
 
 def apply_config(gp, cfg, log_level=None):

@@ -10,7 +10,7 @@ import json
 import yaml
 
 from gproxy.errors import SchemaError
-from gproxy.model.ssls import without_secrets
+from gproxy.model.ssls import redacted
 from gproxy.store.base import KINDS, check_item
 
 END_FLAG = "#END"
@@ -51,7 +51,7 @@ def parse(text, path, require_end=True, keyring=None):
                     value = keyring.open(kind, value)
                 check_item(kind, value)
             except SchemaError as exc:
-                shown = without_secrets(value) if isinstance(value, dict) else value
+                shown = redacted(value) if isinstance(value, dict) else value
                 errors.append("failed to check item data of [%s] err:%s ,val: %s"
                               % (kind, exc, json.dumps(shown, default=str)))
                 continue

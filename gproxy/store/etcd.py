@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import gevent
 
 from gproxy.errors import SchemaError
-from gproxy.model.ssls import without_secrets
+from gproxy.model.ssls import redacted
 from gproxy.store.base import KINDS, Record, Store, check_item
 from gproxy.store.etcdclient import Cluster, blocking
 from gproxy.store.etcdwatch import PrefixWatch, text
@@ -97,7 +97,7 @@ class EtcdStore(Store):
             value = self.keyring.open(kind, value)
             check_item(kind, value)
         except SchemaError as exc:
-            shown = without_secrets(value)  # no private keys, whatever the kind (as the file codec)
+            shown = redacted(value)  # no private keys, whatever the kind (as the file codec)
             log.error("failed to check item data of [%s/%s] err:%s ,val: %s",
                       self.prefix, kind, exc, json.dumps(shown)[:500])
             return None

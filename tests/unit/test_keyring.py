@@ -87,3 +87,13 @@ def test_config_takes_apisix_keyring_forms():
     for bad in (["short"], [], "x" * 17, [1]):
         with pytest.raises(ConfigError, match="apisix.data_encryption.keyring"):
             Config({"apisix": {"data_encryption": {"keyring": bad}}})
+
+
+def test_log_lines_show_no_private_key_of_any_kind():
+    from gproxy.model.ssls import redacted
+    upstream = {"nodes": {"127.0.0.1:1": 1}, "tls": {"client_cert": "C", "client_key": PEM}}
+    assert redacted(upstream) == {"nodes": {"127.0.0.1:1": 1}, "tls": {"client_cert": "C"}}
+    route = {"id": "1", "upstream": upstream}
+    assert redacted(route)["upstream"]["tls"] == {"client_cert": "C"}
+    assert redacted({"cert": "C", "key": PEM, "keys": [PEM]}) == {"cert": "C"}
+    assert upstream["tls"]["client_key"] == PEM, "the input is not changed"
