@@ -13,8 +13,8 @@ import concurrent.futures
 import json
 import os
 import signal
-import subprocess
 import time
+import urllib.request
 
 import pytest
 
@@ -110,8 +110,8 @@ def test_registry_lists_three_and_drops_a_killed_one_within_the_ttl(etcd, gproxy
     assert sorted(i["id"] for i in body["list"]) == sorted(ids)
     assert [i["id"] for i in body["list"] if i["self"]] == [ids[1]]
     # APISIX's record, where APISIX's tooling looks for it
-    version = json.loads(subprocess.run(["curl", "-s", etcd.url + "/version"],
-                                        capture_output=True, text=True).stdout)
+    with urllib.request.urlopen(etcd.url + "/version", timeout=5) as resp:
+        version = json.load(resp)
     record = etcd.get(prefix + "/data_plane/server_info/" + ids[0])["value"]
     assert record["id"] == ids[0] and record["etcd_version"] == version["etcdcluster"]
     assert isinstance(record["boot_time"], int) and record["hostname"] and record["version"]
@@ -315,5 +315,32 @@ def test_stopping_the_instance_that_started_a_job_does_not_stop_it(etcd, gproxy,
         print("starter stopped after 1.5s: the other two ended their 160 sessions at "
               "%.1f/s (their part of 40/s: %.1f/s)" % (rate, 40 * 160 / 240))
         assert 40 * 160 / 240 * 0.8 <= rate <= 40 * 160 / 240 * 1.2, rate
+    finally:
+        close_all(socks.values())
+
+
+def test_a_job_whose_starter_is_killed_finishes_on_the_others(etcd, gproxy, mosquitto, prefix):
+    a, b = mosquitto("a"), mosquitto("b")
+    instances = fleet(gproxy, etcd, prefix)
+    route_everywhere(instances, a, b)
+    ring = ApisixRing([(x.host, x.port, 1) for x in (a, b)])
+    on_a = ids_on(ring, a.addr, 120, "kill")
+    socks, by_instance = {}, collections.defaultdict(list)
+    try:
+        for i, cid in enumerate(on_a):
+            socks.update(raw_clients(instances[i % 3].port, [cid]))
+            by_instance[i % 3].append(cid)
+        status, job = admin(instances[0], "DELETE", "/gproxy/sessions?node=%s&rate=30&fleet=true"
+                            % a.addr)
+        assert status == 200 and job["total"] == 120, job
+        time.sleep(0.5)
+        instances[0].proc.send_signal(signal.SIGKILL)  # no goodbye: its lease must run out
+        closed = close_times([socks[c] for i in (1, 2) for c in by_instance[i]], timeout=20)
+        assert len(closed) == 80
+        job = wait_job(instances[2], job["id"], timeout=TTL + 10)
+        shares = {s["instance"]: s for s in job["instances"]}
+        assert job["state"] == "done" and shares["gp-0"]["state"] == "lost"
+        assert (shares["gp-1"]["done"], shares["gp-2"]["done"]) == (40, 40)
+        assert job["failed"] == 40 - shares["gp-0"]["done"]  # what the dead one had left
     finally:
         close_all(socks.values())
