@@ -16,6 +16,8 @@ callable, as the runtime only knows it once started.
 import logging
 from collections import Counter
 
+import gevent
+
 from gproxy.errors import StoreUnavailable
 from gproxy.fleet.instances import PATH as REGISTRY, Reporter, admin_url, describe, \
     instance_id
@@ -159,11 +161,12 @@ class Fleet(SoloFleet):
         try:
             peers = self._others(self.registry())
         except StoreUnavailable as exc:
-            return dict(super().query(spec), note="the registry could not be read (%s): "
-                        "this instance only" % exc)
+            return dict(super().query(spec, token), note="the registry could not be read "
+                        "(%s): this instance only" % exc)
+        local = gevent.spawn(self.sessions().query, dict(spec, offset=0, limit=need))
         answers, missing = self.peers.ask(peers, lambda peer: self._first(peer, spec, need,
                                                                           token))
-        mine = self.sessions().query(dict(spec, offset=0, limit=need))
+        mine = local.get()  # asked while the others were
         replies = [(self.id, mine)] + [(peer["id"], page) for peer, page in answers]
         for instance, reply in replies:
             for item in reply["list"]:

@@ -114,7 +114,7 @@ class Shares:
         progress = gevent.spawn(self._report, share, lease)
         self.running[job_id] = (share, progress)
         try:
-            if self.jobs.get(job_id, {}).get("job", {}).get("state") == "cancelled":
+            if (self.jobs.get(job_id, {}).get("job") or {}).get("state") == "cancelled":
                 share.state = "cancelled"
             self.sessions().evictions.run(share)
         finally:
@@ -124,9 +124,11 @@ class Shares:
                 self._write(share, lease, share.state)
 
     def _report(self, share, lease):
-        renewed = time.monotonic()
+        renewed, written = time.monotonic(), None
         while True:
-            self._write(share, lease, "running")
+            progress = (share.done, share.gone, share.failed)
+            if progress != written and self._write(share, lease, "running"):
+                written = progress
             if lease and time.monotonic() - renewed >= RENEW_EVERY:
                 try:
                     self.kv.keepalive(lease)

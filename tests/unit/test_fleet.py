@@ -322,3 +322,29 @@ def test_pages_of_several_sources_merge_into_one():
     got = merge_pages([many], {"offset": 500, "limit": 50}, pause=lambda: pauses.append(1))
     assert [i["id"] for i in got["list"]] == [str(n) for n in range(500, 550)]
     assert len(pauses) == 550 // 128  # the data path gets the hub back as it goes
+
+
+class DownKV(FakeKV):
+    def items(self, path):
+        raise StoreUnavailable("http://127.0.0.1:2379: connection refused")
+
+
+def test_an_unreadable_registry_answers_for_this_instance_with_the_reason(tmp_path):
+    from gproxy.fleet import Fleet
+
+    class Store:  # what Fleet takes of the etcd store
+        cluster, prefix = None, "/apisix"
+
+        def watch_keys(self, path, callback):
+            pass
+    registry = Registry()
+    sessions = LiveSessions(registry)
+    fleet = Fleet(Store(), Config({"apisix": {"id": "gp-a"}}), lambda: sessions)
+    fleet.kv = DownKV()
+    with contextlib.ExitStack() as stack:
+        open_session(stack, registry, "1", client_id="dev-1", node="10.0.0.5:1883")
+        got = fleet.query({"sort": "connected_at", "offset": 0, "limit": 10}, "key")
+        assert got["total"] == 1 and "connection refused" in got["note"]
+        got = fleet.instances("key")
+        assert got["per_node"] == {"10.0.0.5:1883": 1} and "connection refused" in got["note"]
+    fleet.leave()
