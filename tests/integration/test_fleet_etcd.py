@@ -87,6 +87,16 @@ def fleet_sessions(proxy, query=""):
         page += 1
 
 
+def dealt(instances, a, b, count, tag, socks, by_instance):
+    """``count`` sessions the ring puts on broker ``a`` (of a and b), dealt round the
+    instances; fills ``socks`` ({client id: socket}) and ``by_instance`` ({index: ids})."""
+    on_a = ids_on(ApisixRing([(x.host, x.port, 1) for x in (a, b)]), a.addr, count, tag)
+    for i, cid in enumerate(on_a):
+        socks.update(raw_clients(instances[i % len(instances)].port, [cid]))
+        by_instance[i % len(instances)].append(cid)
+    return on_a
+
+
 def wait_job(proxy, job_id, timeout=30):
     def finished():
         job = admin(proxy, "GET", "/gproxy/evictions/" + job_id)[1]
@@ -286,13 +296,9 @@ def test_stopping_the_instance_that_started_a_job_does_not_stop_it(etcd, gproxy,
     a, b = mosquitto("a"), mosquitto("b")
     instances = fleet(gproxy, etcd, prefix)
     route_everywhere(instances, a, b)
-    ring = ApisixRing([(x.host, x.port, 1) for x in (a, b)])
-    on_a = ids_on(ring, a.addr, 240, "job")
     socks, by_instance = {}, collections.defaultdict(list)
     try:
-        for i, cid in enumerate(on_a):
-            socks.update(raw_clients(instances[i % 3].port, [cid]))
-            by_instance[i % 3].append(cid)
+        dealt(instances, a, b, 240, "job", socks, by_instance)
         starter = instances[0]
         rest = [socks[c] for i in (1, 2) for c in by_instance[i]]
         watching = concurrent.futures.ThreadPoolExecutor(1)
@@ -323,13 +329,9 @@ def test_a_job_whose_starter_is_killed_finishes_on_the_others(etcd, gproxy, mosq
     a, b = mosquitto("a"), mosquitto("b")
     instances = fleet(gproxy, etcd, prefix)
     route_everywhere(instances, a, b)
-    ring = ApisixRing([(x.host, x.port, 1) for x in (a, b)])
-    on_a = ids_on(ring, a.addr, 120, "kill")
     socks, by_instance = {}, collections.defaultdict(list)
     try:
-        for i, cid in enumerate(on_a):
-            socks.update(raw_clients(instances[i % 3].port, [cid]))
-            by_instance[i % 3].append(cid)
+        dealt(instances, a, b, 120, "kill", socks, by_instance)
         status, job = admin(instances[0], "DELETE", "/gproxy/sessions?node=%s&rate=30&fleet=true"
                             % a.addr)
         assert status == 200 and job["total"] == 120, job
