@@ -101,10 +101,20 @@ class Fleet(SoloFleet):
         self.peers = Peers(cfg["gproxy.fleet.timeout"], cfg.admin_file(mtls + "admin_ssl_ca_cert"),
                            cfg.admin_file(mtls + "admin_ssl_cert"),
                            cfg.admin_file(mtls + "admin_ssl_cert_key"))
+        self._records = None  # {path: record} of the registry, kept by the watch
+        self.kv.watch(REGISTRY, self._on_record)
         self.kv.watch(JOBS, self.shares.on_change)
 
     def start(self):
         self.reporter.start()
+
+    def _on_record(self, path, record, revision):
+        if self._records is None:
+            return  # not read yet: the first read has it
+        if record is None:
+            self._records.pop(path, None)
+        else:
+            self._records[path] = record
 
     def stop(self):
         """Shutting down: report draining, end this instance's shares (bounded)."""
@@ -117,8 +127,14 @@ class Fleet(SoloFleet):
 
     # -- the registry ----------------------------------------------------------
     def registry(self):
-        """Every registered instance (gproxy's and APISIX's), as ``describe`` lists them."""
-        items = [describe(path, rec) for path, rec in self.kv.items(REGISTRY).items()]
+        """Every registered instance (gproxy's and APISIX's), as ``describe`` lists them.
+
+        Read from etcd once, then kept by the store's watch: asking costs no
+        request, and an etcd outage leaves the last known fleet (whose
+        instances still answer their Admin APIs) rather than none."""
+        if self._records is None:
+            self._records = self.kv.items(REGISTRY)
+        items = [describe(path, rec) for path, rec in self._records.items()]
         return sorted(items, key=lambda item: str(item["id"]))
 
     def registered(self):
