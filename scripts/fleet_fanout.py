@@ -16,7 +16,8 @@ plus:
 
 * how long each gproxy's hub was held while it answered (a probe greenlet in
   each process, ``scale_setup.py``: the asked instance merges the pages, the
-  others each answer one page), wall clock and on a CPU;
+  others each answer one page), wall clock and on a CPU, and Python's full
+  garbage collections meanwhile (each holds the hub too);
 * the CPU seconds each instance spent in the query phase (from /proc).
 
 The clients, etcd and the three instances share the machine: on a busy one
@@ -36,8 +37,8 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from scale_setup import (HOST, KEY, ROOT, free_port, open_idle, probe_holds,  # noqa: E402
-                         start_broker, stop, wait_port)
+from scale_setup import (HOST, KEY, ROOT, free_port, gc_passes, open_idle,  # noqa: E402
+                         probe_holds, start_broker, stop, wait_port)
 
 from bench.procstat import tree_cpu_seconds  # noqa: E402
 
@@ -168,10 +169,12 @@ def measure(args):
         result["hub_holds"] = {}
         for inst in instances:
             holds = probe_holds(inst["probe"], since, until)
+            full = [ms for gen, ms in gc_passes(inst["probe"], since, until) if gen == 2]
             result["hub_holds"][inst["name"]] = {
                 "count_over_1ms": sum(1 for wall, _ in holds if wall >= 1.0),
                 "longest_wall_ms": max((w for w, _ in holds), default=0.0),
-                "longest_on_cpu_ms": max((r for _, r in holds), default=0.0)}
+                "longest_on_cpu_ms": max((r for _, r in holds), default=0.0),
+                "full_gc_passes": len(full), "longest_full_gc_ms": max(full, default=0.0)}
         result["load_average"] = os.getloadavg()
         return result
     finally:
@@ -192,8 +195,10 @@ def summary(result):
     lines.append("CPU seconds in the query phase: %s" % ", ".join(
         "%s %.2f" % kv for kv in result["cpu_s"].items()))
     for name, h in result["hub_holds"].items():
-        lines.append("%s hub: %d holds >= 1 ms, longest %.1f ms wall / %.1f ms on a CPU"
-                     % (name, h["count_over_1ms"], h["longest_wall_ms"], h["longest_on_cpu_ms"]))
+        lines.append("%s hub: %d holds >= 1 ms, longest %.1f ms wall / %.1f ms on a CPU; "
+                     "%d full GC passes, longest %.1f ms"
+                     % (name, h["count_over_1ms"], h["longest_wall_ms"], h["longest_on_cpu_ms"],
+                        h["full_gc_passes"], h["longest_full_gc_ms"]))
     return "\n".join(lines)
 
 
