@@ -13,7 +13,10 @@ changes.  A watch thread keeps the copy current with every other writer: it
 resumes from the revision after the last event it saw, reloads everything
 when that revision was compacted, and retries while etcd is down, so an
 outage leaves the last known routes serving.  Events reach the hub through
-an async watcher (thread-safe), and are applied there, newest revision wins.
+an async watcher (thread-safe), and are applied there by one greenlet,
+newest revision wins, pausing between events (each is decoded within
+``jsontext``'s bounds and checked), so a burst of thousands of events or a
+full reload never holds the hub; subscribers hear only what changed.
 Invalid values are logged in APISIX's words and skipped (a key keeps its
 last valid value), as APISIX's config_etcd does.  Private keys are written
 encrypted with APISIX's keyring and read back through it (``keyring``); the
@@ -33,8 +36,10 @@ from dataclasses import dataclass
 import gevent
 
 from gproxy.errors import SchemaError
+from gproxy.model import jsontext
 from gproxy.model.ssls import redacted
-from gproxy.store.base import KINDS, Record, Store, check_item
+from gproxy import hub
+from gproxy.store.base import KINDS, Record, Store, check_item, diff
 from gproxy.store.etcdclient import Cluster, blocking
 from gproxy.store.etcdwatch import PrefixWatch, text
 
@@ -56,8 +61,9 @@ class EtcdStore(Store):
     """The shared store: etcd, with a watched in-memory copy."""
 
     def __init__(self, hosts, prefix="/apisix", timeout=30, watch_timeout=50,
-                 health_check_timeout=10, access=None, keyring=None):
+                 health_check_timeout=10, pause=hub.pause, access=None, keyring=None):
         super().__init__(keyring)
+        self._pause = pause
         self.prefix = prefix.rstrip("/")
         self.cluster = Cluster(hosts, timeout, health_check_timeout, access)
         # ssls < stream_routes < upstreams: one range covers the three kinds;
@@ -66,6 +72,7 @@ class EtcdStore(Store):
         self._tombs = {}  # (kind, id) -> revision of a delete applied here
         self._inbox = collections.deque()  # watch thread -> hub
         self._handlers = []  # (key prefix, callback) from watch_keys
+        self._draining = False
         self._wake = None
         body = blocking(self.cluster.range, *self.range)  # raises if etcd is down
         self._apply_reload(body)
@@ -85,8 +92,8 @@ class EtcdStore(Store):
     def _decode(self, kind, id_, raw):
         """The checked value of an etcd value, or None (logged as APISIX does)."""
         try:
-            value = json.loads(raw)
-        except ValueError:
+            value = jsontext.loads(raw)  # bounded: a watch event is admin input too
+        except jsontext.JsonError:
             value = None
         if not isinstance(value, dict):
             log.error("invalid item data of [%s/%s/%s], val: %s, it should be an object",
@@ -95,7 +102,7 @@ class EtcdStore(Store):
         value["id"] = id_  # APISIX: the key names the object
         try:
             value = self.keyring.open(kind, value)
-            check_item(kind, value)
+            check_item(kind, value, self._pause)
         except SchemaError as exc:
             shown = redacted(value)  # no private keys, whatever the kind (as the file codec)
             log.error("failed to check item data of [%s/%s] err:%s ,val: %s",
@@ -113,8 +120,8 @@ class EtcdStore(Store):
         prev = body.get("prev_kv")
         created = int(prev["create_revision"]) if prev else revision
         record = EtcdRecord(kind, id_, value, created, revision, self.prefix)
-        self._set(record)
-        self._notify()
+        if self._set(record):
+            self._notify([(kind, id_, record)])
         return record, prev is None
 
     def delete(self, kind, id_):
@@ -125,13 +132,14 @@ class EtcdStore(Store):
         self._tombs[(kind, id_)] = revision
         if not int(body.get("deleted") or 0):
             if old is not None:  # already gone in etcd; our copy was behind
-                self._notify()
+                self._notify([(kind, id_, None)])
             return None
         if old is None:
             prev = body["prev_kvs"][0]
             old = EtcdRecord(kind, id_, {}, int(prev["create_revision"]),
                              int(prev["mod_revision"]), self.prefix)
-        self._notify()
+        else:
+            self._notify([(kind, id_, None)])
         return old
 
     def new_id(self):
@@ -178,24 +186,26 @@ class EtcdStore(Store):
         return True
 
     def _apply_event(self, event):
-        """Apply one change of a route, upstream or ssl; True if the copy changed."""
+        """Apply one change of a route, upstream or ssl; the changes it makes."""
         kind, id_ = self._split(event.key)
         if event.deleted:
             current = self._data[kind].get(id_)
             if current is None or current.modified_index >= event.revision:
-                return False
+                return []
             del self._data[kind][id_]
             self._tombs[(kind, id_)] = event.revision
-            return True
+            return [(kind, id_, None)]
         value = self._decode(kind, id_, event.value)
-        return value is not None and self._set(
-            EtcdRecord(kind, id_, value, event.created, event.revision, self.prefix))
+        record = None if value is None else EtcdRecord(kind, id_, value, event.created,
+                                                       event.revision, self.prefix)
+        return [(kind, id_, record)] if record is not None and self._set(record) else []
 
     def _apply_reload(self, body):
         """Replace the copy with a full range read (keeping newer local writes)."""
         revision = int(body["header"]["revision"])
         fresh = {kind: {} for kind in KINDS}
         for kv in body.get("kvs") or ():
+            self._pause()
             parsed = self._split(text(kv["key"]))
             if parsed is None:
                 continue
@@ -208,14 +218,15 @@ class EtcdStore(Store):
                 continue
             fresh[kind][id_] = EtcdRecord(kind, id_, value, int(kv["create_revision"]),
                                           int(kv["mod_revision"]), self.prefix)
+        changes = []
         for kind in KINDS:  # written here after the range was read: keep them
             for id_, record in self._data[kind].items():
                 if record.modified_index > revision:
                     fresh[kind][id_] = record
-        changed = fresh != self._data
+            changes += diff(kind, self._data[kind], fresh[kind], self._pause)
         self._data = fresh
         self._tombs = {k: r for k, r in self._tombs.items() if r > revision}
-        return changed
+        return changes
 
     # -- the watch's deliveries, applied on the hub in order -------------------
     def _deliver(self, op, payload):
@@ -226,26 +237,43 @@ class EtcdStore(Store):
             wake.send()
 
     def _drain(self):
-        changed = False
-        while self._inbox:
-            op, payload = self._inbox.popleft()
-            if op == "reload":
-                changed |= self._apply_reload(payload)
-                log.warning("store: reloaded every route and upstream from etcd")
+        """Apply what the watch delivered, in order: one drain at a time (it pauses
+        between events, and another wake must not overtake it)."""
+        if self._draining:
+            return
+        self._draining = True
+        try:
+            while self._inbox:
+                changes = []
+                while self._inbox:
+                    op, payload = self._inbox.popleft()
+                    if op == "reload":
+                        changes += self._apply_reload(payload)
+                        log.warning("store: reloaded every route and upstream from etcd")
+                    else:
+                        changes = self._apply_events(payload, changes)
+                if changes:
+                    self._notify(changes)
+        finally:
+            self._draining = False
+
+    def _apply_events(self, events, changes):
+        """Apply watch events in order (pausing between them); the route changes not
+        told yet.  A key of the fleet's goes to its handlers once what came
+        before it is live."""
+        for event in events:
+            self._pause()
+            self.revision = max(self.revision, event.revision)
+            if self._split(event.key) is not None:
+                changes += self._apply_event(event)
                 continue
-            for event in payload:
-                self.revision = max(self.revision, event.revision)
-                if self._split(event.key) is not None:
-                    changed |= self._apply_event(event)
-                    continue
-                handlers = [cb for sub, cb in self._handlers if event.key.startswith(sub)]
-                if handlers and changed:  # what came before the event is live first
-                    changed = False
-                    self._notify()
-                for callback in handlers:
-                    self._call(callback, event)
-        if changed:
-            self._notify()
+            handlers = [cb for sub, cb in self._handlers if event.key.startswith(sub)]
+            if handlers and changes:
+                self._notify(changes)
+                changes = []
+            for callback in handlers:
+                self._call(callback, event)
+        return changes
 
     def _call(self, callback, event):
         try:
