@@ -34,4 +34,4 @@ def open_store(cfg):
                          health_check_timeout=cfg["deployment.etcd.health_check_timeout"],
                          access=etcd_access(cfg), keyring=keyring)
     from gproxy.store.file import FileStore
-    return FileStore(cfg.store_path, keyring)
+    return FileStore(cfg.store_path, keyring=keyring)
