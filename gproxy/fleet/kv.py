@@ -10,15 +10,17 @@ Every call blocks only the calling greenlet (``blocking``).
 import json
 import logging
 
+from gproxy.model import jsontext
 from gproxy.store.etcdclient import blocking, unb64
 
 log = logging.getLogger("gproxy.fleet")
 
 
 def _json(text):
+    """A JSON object of ours, decoded within bounds (etcd is shared: anyone may write)."""
     try:
-        value = json.loads(text)
-    except ValueError:
+        value = jsontext.loads(text)
+    except jsontext.JsonError:
         return None
     return value if isinstance(value, dict) else None
 
