@@ -112,6 +112,8 @@ class Resource:
             if not allow_time:
                 _forbid_timestamps(conf)
         try:
+            if isinstance(conf, dict):  # APISIX decrypts a key given encrypted to check it
+                conf.update(self.store.open(self.name, conf))
             if self.name == "upstreams":
                 check_upstream(conf, hub.pause)
             elif self.name == "ssls":

@@ -28,7 +28,12 @@ RESTART = ("deployment.admin.admin_listen.ip", "deployment.admin.admin_listen.po
            "gproxy.store.backend", "gproxy.store.path", "gproxy.balancer.chash_ring",
            "gproxy.admin.max_connections", "gproxy.admin.timeout",
            "discovery.dns.servers", "discovery.dns.resolv_conf", "discovery.dns.order",
-           "apisix.enable_ipv6")
+           "apisix.enable_ipv6",
+           # the etcd connection, the keyring its keys were read with, the fleet
+           "deployment.etcd.user", "deployment.etcd.password", "deployment.etcd.tls.verify",
+           "deployment.etcd.tls.cert", "deployment.etcd.tls.key", "deployment.etcd.tls.sni",
+           "apisix.data_encryption.keyring", "apisix.id", "plugin_attr.server-info.report_ttl",
+           "gproxy.fleet.enable", "gproxy.fleet.admin_url", "gproxy.fleet.timeout")
 
 
 def apply_config(gp, cfg, log_level=None):

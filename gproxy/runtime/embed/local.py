@@ -18,8 +18,7 @@ def local_admin(app, cfg):
     local.values = dict(cfg.values)
     local.values["deployment.admin.admin_key_required"] = False
     local.values["deployment.admin.allow_admin"] = [ipaddress.ip_network("127.0.0.1/32")]
-    sessions = app.workers if app.workers is not None else app.sessions
-    return create_app(app.store, sessions, local).test_client()
+    return create_app(app.store, app.live(), local, fleet=app.fleet).test_client()
 
 
 def request(client, method, path, data, query):
