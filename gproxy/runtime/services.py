@@ -1,8 +1,10 @@
 """The HTTP listeners beside the data path: Admin API, control API, metrics.
 
-Each is a WSGI app served by ``AdminServer`` (pywsgi, capped at
-``gproxy.admin.max_connections`` with ``gproxy.admin.timeout``) on the
-proxy's hub.  The control API (``apisix.enable_control``, ``apisix.control``)
+Each is a WSGI app served by ``AdminServer`` (pywsgi, at most
+``gproxy.admin.max_connections`` connections, with ``gproxy.admin.timeout``
+for idle ones and ``gproxy.admin.request_timeout`` for slow ones) on the
+proxy's hub; the three share one ``CloseTally``, so connections they close
+make one log line a second at most.  The control API (``apisix.enable_control``, ``apisix.control``)
 and the metrics (``plugin_attr.prometheus``) read the runtime's ``stats()``
 and ``health_report()``; with ``--workers`` they run in the parent and see
 every worker.  A control or metrics address that cannot be bound is logged
@@ -26,19 +28,28 @@ def health_blueprint(health):
     return _health_blueprint(ADMIN_PREFIX, health)
 
 
-def serve_http(cfg, address, app, logger, start=True, **ssl_args):
-    """An ``AdminServer`` for ``app`` on ``address`` (started unless ``start`` is False)."""
+def serve_http(cfg, address, app, name, tally, start=True, **ssl_args):
+    """An ``AdminServer`` named ``name`` for ``app`` on ``address`` (started unless
+    ``start`` is False)."""
     server = AdminServer(address, app, cfg["gproxy.admin.max_connections"],
-                         cfg["gproxy.admin.timeout"], log=None,
-                         error_log=logging.getLogger(logger), **ssl_args)
+                         cfg["gproxy.admin.timeout"], cfg["gproxy.admin.request_timeout"],
+                         name=name, tally=tally, log=None,
+                         error_log=logging.getLogger("gproxy." + name), **ssl_args)
     if start:
         server.start()
     return server
 
 
-def _optional(cfg, address, app, what, url):
+def configure_http(cfg, servers):
+    """Apply ``gproxy.admin.*`` (cap and timeouts) to running HTTP listeners (SIGHUP)."""
+    for server in servers:
+        server.configure(cfg["gproxy.admin.max_connections"], cfg["gproxy.admin.timeout"],
+                         cfg["gproxy.admin.request_timeout"])
+
+
+def _optional(gp, address, app, name, what, url):
     try:
-        server = serve_http(cfg, address, app, "gproxy.control")
+        server = serve_http(gp.cfg, address, app, name, gp.http_tally)
     except OSError as exc:
         log.error("%s: cannot listen on %s:%d: %s; not served", what, address[0], address[1],
                   exc.strerror)
@@ -59,10 +70,11 @@ def start_http(gp):
     servers = []
     if cfg["apisix.enable_control"]:
         address = (cfg["apisix.control.ip"], cfg["apisix.control.port"])
-        servers.append(_optional(cfg, address, create_control_app(gp.health_report),
-                                 "control API", "/v1/healthcheck"))
+        servers.append(_optional(gp, address, create_control_app(gp.health_report),
+                                 "control", "control API", "/v1/healthcheck"))
     if cfg["plugin_attr.prometheus.enable_export_server"]:
         address = (cfg["plugin_attr.prometheus.export_addr.ip"],
                    cfg["plugin_attr.prometheus.export_addr.port"])
-        servers.append(_optional(cfg, address, metrics_app(gp), "prometheus metrics", PATH))
+        servers.append(_optional(gp, address, metrics_app(gp), "metrics", "prometheus metrics",
+                                 PATH))
     return [server for server in servers if server is not None]

@@ -202,6 +202,30 @@ def test_sighup_applies_a_new_max_connections(sink, gproxy):
     second.close()
 
 
+def test_sighup_names_the_etcd_change_it_cannot_apply_and_applies_the_admin_timeout(gproxy):
+    """A changed ``deployment.etcd.host`` / ``config_provider`` needs a new store:
+    the reload says so (and keeps the file store); the HTTP listeners' timeout
+    is applied to the running listener."""
+    gp = gproxy([])
+    cfg = gp.cfg
+    cfg["deployment"]["etcd"] = {"host": ["http://127.0.0.2:2379"]}
+    cfg["deployment"]["role_traditional"] = {"config_provider": "etcd"}
+    cfg["gproxy"]["admin"] = {"timeout": 1}
+    gp.write_config(cfg)
+    mark = gp.mark()
+    gp.proc.send_signal(signal.SIGHUP)
+    gp.wait_for_log("reload: configuration from", since=mark)
+    (line,) = gp.find("takes a restart", since=mark)
+    assert "deployment.role_traditional.config_provider, deployment.etcd.host changed" in line
+    assert "gproxy.admin" not in line
+    idle = dial(gp.admin_port, timeout=5)
+    started = time.monotonic()
+    assert idle.recv(1) == b"", "the new idle timeout did not apply"
+    assert time.monotonic() - started < 4.0
+    idle.close()
+    assert gp.admin("PUT", "/upstreams/1", {"nodes": {"127.0.0.1:1": 1}})[0] == 201
+
+
 def test_idle_timeout_follows_the_keep_alive(sink, gproxy):
     """A client that announced keep alive 1 s and went silent is dropped after
     ~1.5 s, not after gproxy.proxy.timeout; keep alive 0 falls back to it."""
