@@ -138,7 +138,7 @@ class Checker:
         up = self.upstream
         if not up.needs_dns:
             return up.nodes
-        nodes = netio.resolve_nodes(up.nodes)
+        nodes = netio.resolve_nodes(up.nodes, timeout=self.checks.active.get("timeout") or 1)
         self.state.set_nodes(nodes)
         return nodes
 
