@@ -14,6 +14,7 @@ from werkzeug.exceptions import HTTPException
 from gproxy import __version__
 from gproxy.admin import auth
 from gproxy.errors import StoreUnavailable
+from gproxy.protocols.text import printable
 from gproxy.admin.extensions import extensions_blueprint
 from gproxy.admin.plugins import plugins_blueprint
 from gproxy.admin.resources import ApiError, json_response, make_resource_blueprint
@@ -70,7 +71,9 @@ def create_app(store, sessions, cfg, extra_blueprints=()):
     @app.errorhandler(StoreUnavailable)
     def store_unavailable(exc):
         # APISIX: 503 {"error_msg": <etcd client error>}, e.g. when etcd is down
-        app.logger.error("failed to %s %s in the store: %s", request.method, request.path, exc)
+        # the path is the client's (decoded: %0A is a newline), etcd's error text etcd's
+        app.logger.error("failed to %s %s in the store: %s", printable(request.method),
+                         printable(request.path), printable(str(exc)))
         return json_response({"error_msg": str(exc)}, 503)
 
     @app.errorhandler(HTTPException)

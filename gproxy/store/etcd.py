@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import gevent
 
 from gproxy.errors import SchemaError, StoreUnavailable
+from gproxy.protocols.text import printable
 from gproxy.model.ssls import without_secrets
 from gproxy.store.base import KINDS, Record, Store, check_item
 from gproxy.store.etcdclient import Cluster, Compacted, WatchStream, blocking, unb64
@@ -84,8 +85,10 @@ class EtcdStore(Store):
         except ValueError:
             value = None
         if not isinstance(value, dict):
+            # whoever can write etcd chooses the key and value: one escaped line each
             log.error("invalid item data of [%s/%s/%s], val: %s, it should be an object",
-                      self.prefix, kind, id_, "(not shown)" if kind == "ssls" else raw[:200])
+                      self.prefix, kind, printable(id_),
+                      "(not shown)" if kind == "ssls" else printable(raw[:200]))
             return None
         value["id"] = id_  # APISIX: the key names the object
         try:
@@ -93,7 +96,7 @@ class EtcdStore(Store):
         except SchemaError as exc:
             shown = without_secrets(value)  # no private keys, whatever the kind (as the file codec)
             log.error("failed to check item data of [%s/%s] err:%s ,val: %s",
-                      self.prefix, kind, exc, json.dumps(shown)[:500])
+                      self.prefix, kind, printable(str(exc)), json.dumps(shown)[:500])
             return None
         return value
 
@@ -255,7 +258,7 @@ class EtcdStore(Store):
             except (StoreUnavailable, OSError, ValueError) as exc:
                 if down is None:
                     log.error("store: etcd watch failed: %s; serving the last known "
-                              "routes and retrying", exc)
+                              "routes and retrying", printable(str(exc)))
                 down = down or time.monotonic()
                 self._stop.wait(delay)
                 delay = min(delay * 2, RETRY_MAX)

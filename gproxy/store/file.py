@@ -18,6 +18,7 @@ import tempfile
 from gevent.lock import RLock
 
 from gproxy.errors import SchemaError
+from gproxy.protocols.text import printable
 from gproxy.store import codec
 from gproxy.store.base import KINDS, Record, Store
 from gproxy.store.threads import in_threadpool
@@ -80,7 +81,7 @@ class FileStore(Store):
 
     def _apply(self, signature, data, errors, revision):
         for err in errors:
-            log.error("%s", err)
+            log.error("%s", printable(err))  # values from the file, one line each
         self._signature = signature
         self._revision = max(self._revision, revision)
         fresh = {kind: {} for kind in KINDS}
@@ -104,7 +105,7 @@ class FileStore(Store):
                 loaded = in_threadpool(self._read, True)
             except (OSError, SchemaError) as exc:
                 self._signature = signature  # report a broken edit once, not every poll
-                log.error("store: ignoring edit of %s: %s", self.path, exc)
+                log.error("store: ignoring edit of %s: %s", self.path, printable(str(exc)))
                 return False
             self._apply(*loaded)
         log.warning("store: reloaded %s after an outside edit", self.path)
