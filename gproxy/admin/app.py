@@ -83,6 +83,10 @@ def create_app(store, sessions, cfg, extra_blueprints=()):
             if segment and segment not in RESOURCES:
                 return json_response({"error_msg": "Unsupported resource type: %s" % segment},
                                      404)
-        return json_response({"error_msg": "%d %s" % (exc.code, exc.name)}, exc.code)
+        resp = json_response({"error_msg": "%d %s" % (exc.code, exc.name)}, exc.code)
+        allow = dict(exc.get_headers()).get("Allow")
+        if allow:  # a 405 names the methods the resource has (RFC 9110 §15.5.6)
+            resp.headers["Allow"] = allow
+        return resp
 
     return app

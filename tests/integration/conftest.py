@@ -498,8 +498,9 @@ class Gproxy:
     """One ``python -m gproxy`` child process with its own config directory."""
 
     def __init__(self, directory, stream_routes, upstreams=(), config=None, listeners=1,
-                 workers=1, preexec_fn=None, log_level="info"):
+                 workers=1, preexec_fn=None, log_level="info", env=None):
         self.dir = directory
+        self.env = env or {}  # extra environment variables for the child
         self.log_level = log_level  # None: the config file's nginx_config.error_log_level
         self.nworkers = workers
         self.preexec_fn = preexec_fn
@@ -580,7 +581,7 @@ class Gproxy:
         os.replace(tmp, self.routes_path)
 
     def start(self):
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         with open(self.log_file.path, "ab") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "gproxy", "-c", self.config_path, "--workers",

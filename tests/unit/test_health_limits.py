@@ -301,3 +301,17 @@ def test_a_node_that_came_due_during_a_round_is_probed_next_round():
     assert next_round_in([100.0 + 3600], now=100.0) == LOOK_EVERY  # new nodes: within 1 s
     assert next_round_in([inf, inf], now=100.0) == LOOK_EVERY
     assert next_round_in([], now=100.0) == LOOK_EVERY
+
+
+@pytest.mark.parametrize("concurrency, probes", [(None, 10), (0, 1), (-5, 1), (3, 3),
+                                                 (2 ** 63, 1024)])
+def test_any_concurrency_the_schema_takes_makes_a_pool(concurrency, probes):
+    """``active.concurrency`` is an integer with no bound (APISIX's schema): a
+    huge one crashed the checker's greenlet with a traceback (found by fuzzing)."""
+    from gevent.pool import Pool
+    from gproxy.proxy.health import probes_at_once
+    active = dict(Checks({"active": {"type": "tcp"}}).active)
+    if concurrency is not None:
+        active["concurrency"] = concurrency
+    assert probes_at_once(active) == probes
+    Pool(probes_at_once(active))
