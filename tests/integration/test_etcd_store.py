@@ -11,13 +11,14 @@ import re
 
 import pytest
 
+from tests import needs
 from tests.integration.conftest import HOST, mqtt_route, node, wait_listening, wait_until
 from tests.integration.etcd import Etcd, available
 from tests.integration.helpers import ApisixRing, Paho, http_call
 
-pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(not available(), reason="needs etcd and etcdctl "
-                                 "(apt-get install etcd-server etcd-client)")]
+needs.require(available(), "needs etcd and etcdctl (apt-get install etcd-server etcd-client)",
+              module_level=True)
+pytestmark = [pytest.mark.integration]
 KEY = "edd1c9f034335f136f87ad84b625c8f1"
 WAIT = 10.0  # seconds for a change to reach another instance through etcd
 

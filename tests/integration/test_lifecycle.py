@@ -12,11 +12,11 @@ import time
 
 import pytest
 
-from tests import packets
+from tests import needs, packets
 from tests.integration.conftest import HOST, free_port, mqtt_route, node, wait_until
 from tests.integration.helpers import Paho, dial, recv_exact
 
-mqtt = pytest.importorskip("paho.mqtt.client")
+mqtt = needs.module("paho.mqtt.client", "bash scripts/venv.sh test")
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 

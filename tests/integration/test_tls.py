@@ -14,12 +14,12 @@ import ssl
 
 import pytest
 
-from tests import packets
+from tests import needs, packets
 from tests.integration.conftest import HOST, Broker, mqtt_route, node, wait_listening
 from tests.integration.helpers import CONNACK_OK, WAIT, Paho, expect_closed, http_call, recv_exact
 
 import trustme  # noqa: E402  (the test extra: a missing one must fail, not skip)
-mqtt = pytest.importorskip("paho.mqtt.client")
+mqtt = needs.module("paho.mqtt.client", "bash scripts/venv.sh test")
 
 KEY = "edd1c9f034335f136f87ad84b625c8f1"
 

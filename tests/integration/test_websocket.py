@@ -17,13 +17,14 @@ import urllib.request
 
 import pytest
 
+from tests import needs
 from tests import packets as P
 from tests import wsframes as W
 from tests.integration.conftest import HOST, mqtt_route, node, wait_until
 from tests.integration.helpers import ApisixRing, Paho, expect_closed, raw_session
 from tests.integration.wsclient import WsBridge, WsClient
 
-mqtt = pytest.importorskip("paho.mqtt.client")
+mqtt = needs.module("paho.mqtt.client", "bash scripts/venv.sh test")
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
