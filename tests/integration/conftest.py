@@ -112,6 +112,22 @@ def _listening_in_proc(port):
     return False if seen_file else None
 
 
+def accept_queue(port):
+    """Connections the kernel completed on our LISTEN socket ``port`` that nobody
+    has accepted yet (``rx_queue`` of its /proc/net/tcp row); None without /proc."""
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(path) as fh:
+                lines = fh.read().splitlines()[1:]
+        except OSError:
+            return None
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                return int(fields[4].split(":")[1], 16)
+    return None
+
+
 def wait_listening(port, proc=None, timeout=10.0, what="process"):
     """Wait until ``port`` is in LISTEN state (connect probe only without /proc)."""
     deadline = time.monotonic() + timeout

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tests import packets
-from tests.integration.conftest import mqtt_route, node, wait_until
+from tests.integration.conftest import accept_queue, mqtt_route, node, wait_until
 from tests.integration.helpers import CONNACK_OK, dial, expect_closed, raw_session, recv_exact
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -90,8 +90,8 @@ def test_beyond_max_connections_clients_wait_in_the_backlog(sink, gproxy):
     sink.wait_for_connection(1)
     waiting = dial(gp.port)  # the kernel completes the handshake: it waits in the backlog
     waiting.sendall(packets.connect_v311("waiting"))
-    time.sleep(0.8)
-    assert sink.count() == 2
+    assert wait_until(lambda: accept_queue(gp.port) == 1, 5), "gproxy accepted a third client"
+    assert sink.settle() == 2
     held[0].close()
     third = sink.wait_for_connection(2)
     assert third.wait_for_bytes(5)
