@@ -17,7 +17,7 @@ from gproxy import __version__
 from gproxy.admin.extensions import health_blueprint as _health_blueprint
 from gproxy.admin.server import AdminServer
 from gproxy.control.api import create_control_app
-from gproxy.control.metrics import PATH, GproxyCollector, create_metrics_app
+from gproxy.control.metrics import PATH, GproxyCollector, HttpCollector, create_metrics_app
 from gproxy.proxy.sessions.registry import DIAL_BUCKETS
 
 log = logging.getLogger("gproxy.server")
@@ -61,7 +61,10 @@ def _optional(gp, address, app, name, what, url):
 def metrics_app(gp):
     from prometheus_client import ProcessCollector
     collector = GproxyCollector(gp.stats, gp.health_report, __version__, DIAL_BUCKETS)
-    return create_metrics_app(collector, [ProcessCollector(registry=None)])
+    http = HttpCollector(lambda: dict(gp.http_tally.totals), lambda: {
+        server.name: server.conns.snapshot()[0]
+        for server in [gp.admin_server] + gp.http_servers if server is not None})
+    return create_metrics_app(collector, [http, ProcessCollector(registry=None)])
 
 
 def start_http(gp):

@@ -115,6 +115,9 @@ def test_an_idle_flood_leaves_a_fresh_request_answered_promptly(gproxy, mosquitt
     raw_session(gp.port, "data-path-unaffected")
     assert wait_until(lambda: sum(n for _, n in summaries(gp)) >= 2000, 10), gp.log()[-3000:]
     assert "%s reclaimed=" % listener in gp.log()
+    reclaimed = gp.metrics()[("gproxy_http_connections_closed_total",
+                              frozenset({"listener": listener, "reason": "reclaimed"}.items()))]
+    assert reclaimed >= 2000 - 16
 
 
 def test_slowloris_connections_are_cut_at_the_request_timeout(gproxy):
