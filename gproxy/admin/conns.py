@@ -28,7 +28,9 @@ connection is busy does the listener stop accepting until one is done.
 Closing means ``shutdown(2)`` of the descriptor, at once: the connection's
 greenlet wakes to end-of-file, sees ``dropped`` and ends without acting on
 what it had read (no exception is thrown into it, so a half-read request can
-never reach the application).  This module knows no HTTP and writes no log
+never reach the application).  A connection no greenlet serves yet (the
+listener waits for its first byte with a bare watcher) is closed by the
+listener there and then (``on_drop``).  This module knows no HTTP and writes no log
 line; the listener reports ``Conn.reason`` once the connection is gone.
 """
 
@@ -73,7 +75,7 @@ class Conn:
     """One accepted connection: its socket, client address and state."""
 
     __slots__ = ("sock", "fd", "address", "client", "state", "reason", "dropped", "timer",
-                 "table")
+                 "table", "watcher")
 
     def __init__(self, table, sock, address):
         self.table = table
@@ -85,6 +87,7 @@ class Conn:
         self.reason = None  # why gproxy closed it: idle, request_timeout, reclaimed, ...
         self.dropped = False  # shut by the table: its greenlet must act on nothing more
         self.timer = None
+        self.watcher = None  # the listener's, while no greenlet serves it yet
 
     def enter(self, state):
         """Move to ``state`` (re-arming its deadline); no-op once dropped."""
@@ -117,13 +120,16 @@ class Conns:
 
     ``loop`` is the hub's loop (for deadlines); ``on_room`` is called when a
     listener that stopped accepting (every connection busy) may accept again.
-    ``readable`` and ``shutdown`` act on a descriptor (tests pass fakes).
+    ``on_drop(conn)`` may close a dropped connection itself (one no greenlet
+    serves yet) and say so; otherwise its descriptor is shut down for the
+    greenlet to see.  ``readable`` and ``shutdown`` act on a descriptor
+    (tests pass fakes).
     """
 
     def __init__(self, loop, limit, idle, request, on_room=lambda: None,
-                 readable=readable, shutdown=shutdown):
+                 on_drop=lambda conn: False, readable=readable, shutdown=shutdown):
         self.loop = loop
-        self.on_room = on_room
+        self.on_room, self.on_drop = on_room, on_drop
         self.readable, self.shutdown = readable, shutdown
         self.limit, self.idle, self.request = limit, idle, request
         self.clients = {}
@@ -195,7 +201,8 @@ class Conns:
             return
         conn.dropped, conn.reason = True, reason
         self.release(conn)
-        self.shutdown(conn.fd)
+        if not self.on_drop(conn):
+            self.shutdown(conn.fd)
 
     def release(self, conn):
         """Forget ``conn`` (its greenlet has ended, or it was dropped); idempotent."""

@@ -63,7 +63,7 @@ class AdminServer(WSGIServer):
         super().__init__(listener, application, spawn=self._group.spawn, **kwargs)
         self.name = name
         self.conns = Conns(self.loop, max_connections, timeout, request_timeout,
-                           on_room=self._room)
+                           on_room=self._room, on_drop=self._dropped)
         # At most a quarter of the cap per turn of the loop: a request accepted
         # in one turn has its greenlet read it before the cap can come round to it.
         self.max_accept = max(1, min(100, max_connections // 4))
@@ -112,7 +112,25 @@ class AdminServer(WSGIServer):
         # A backstop only: every state has its own deadline, shorter than this.
         sock.settimeout(max(self.conns.idle, self.conns.request) + 1.0)
         conn = self.conns.admit(sock, address)
+        if conn.state == READING:
+            self._spawn(self._serve, conn)
+        else:  # nothing to read yet: a bare watcher until bytes come, not a greenlet, so
+            conn.watcher = self.loop.io(conn.fd, 1)  # an idle flood costs little
+            conn.watcher.start(self._wake, conn)
+
+    def _wake(self, conn):
+        conn.watcher.stop()
+        conn.watcher = None
         self._spawn(self._serve, conn)
+
+    def _dropped(self, conn):
+        """Close a dropped connection no greenlet serves yet, now; True if it was one."""
+        if conn.watcher is None:
+            return False
+        conn.watcher.stop()
+        conn.watcher = None
+        self._finish(conn)
+        return True
 
     def _serve(self, conn):
         try:
@@ -122,13 +140,16 @@ class AdminServer(WSGIServer):
                 handler.conn = conn
                 handler.handle()
         finally:
-            self.conns.release(conn)
-            if conn.reason is not None and conn.reason != "stopping":
-                self.tally.note(self.name, conn.reason, conn.client)
-            try:
-                conn.sock.close()
-            except OSError:
-                pass
+            self._finish(conn)
+
+    def _finish(self, conn):
+        self.conns.release(conn)
+        if conn.reason is not None and conn.reason != "stopping":
+            self.tally.note(self.name, conn.reason, conn.client)
+        try:
+            conn.sock.close()
+        except OSError:
+            pass
 
     def _handshake(self, conn):
         """HTTPS: the TLS handshake, within the request's deadline once bytes come."""

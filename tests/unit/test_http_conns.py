@@ -219,3 +219,13 @@ def test_flush_with_nothing_pending_writes_nothing(tally):
     t, clock, loop, caplog = tally
     t.flush()
     assert not caplog.records
+
+
+def test_a_connection_no_greenlet_serves_yet_is_closed_by_the_listener_not_shut():
+    t = Table(limit=2)
+    closed = []
+    t.conns.on_drop = lambda conn: closed.append(conn) or conn.client == "10.0.0.1"
+    waiting, served = t.admit("10.0.0.1"), t.admit("10.0.0.2", readable=True)
+    waiting.timer.fire()  # the listener closes it itself: no shutdown for a greenlet
+    served.timer.fire()   # a greenlet serves this one: it is shut down for it to see
+    assert closed == [waiting, served] and t.shut == [served.fd]
