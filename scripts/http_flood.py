@@ -12,9 +12,10 @@ fresh Admin request (``GET /apisix/admin/stream_routes`` on a new connection,
 one at a time) in three phases:
 
 1. quiet: nothing else;
-2. idle flood: a thread keeps ``--idle`` connections open that send nothing,
-   opening a new one whenever gproxy closes one;
-3. slowloris: ``--slow`` connections that send a request line and then a
+2. idle: ``--idle`` connections that send nothing, opened once;
+3. idle, reconnecting: as many, each reopened as soon as gproxy closes it
+   (a connection-rate flood: the client opens connections as fast as it can);
+4. slowloris: ``--slow`` connections that send a request line and then a
    header byte every second, reopened when closed.
 
 For each phase it prints the request latency p50/p99/max, requests that
@@ -100,11 +101,12 @@ def admin_get(port, timeout=15.0):
 
 
 class Flood:
-    """``count`` connections to ``port`` kept open (reopened when gproxy closes one);
-    ``head`` is sent on connect, then ``drip`` every second (slowloris) if given."""
+    """``count`` connections to ``port`` (with ``reopen``, reopened when gproxy closes
+    one); ``head`` is sent on connect, then ``drip`` every second (slowloris)."""
 
-    def __init__(self, port, count, head=b"", drip=b""):
+    def __init__(self, port, count, head=b"", drip=b"", reopen=True):
         self.port, self.count, self.head, self.drip = port, count, head, drip
+        self.reopen = reopen
         self.socks, self.opened, self.stop = [], 0, threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -122,7 +124,7 @@ class Flood:
     def _run(self):
         next_drip = time.monotonic() + 1.0
         while not self.stop.is_set():
-            if len(self.socks) < self.count:
+            if len(self.socks) < self.count and (self.reopen or self.opened < self.count):
                 for _ in range(min(50, self.count - len(self.socks))):
                     self._open()
             else:
@@ -151,7 +153,7 @@ class Flood:
     def __enter__(self):
         self.thread.start()
         deadline = time.monotonic() + 30
-        while len(self.socks) < self.count * 0.9 and time.monotonic() < deadline:
+        while self.opened < self.count * 0.9 and time.monotonic() < deadline:
             time.sleep(0.1)
         return self
 
@@ -174,7 +176,7 @@ def phase(name, port, pid, probe, requests):
            "max_ms": ok[-1] if ok else None, "gproxy_cpu_s": cpu_seconds(pid) - cpu,
            "longest_hold_ms": worst[0], "longest_hold_on_cpu_ms": worst[1],
            "gc_passes": len(passes)}
-    print("%-12s p50 %6.1f ms  p99 %6.1f ms  max %7.1f ms  failed %d/%d  gproxy CPU %.2f s  "
+    print("%-13s p50 %6.1f ms  p99 %6.1f ms  max %7.1f ms  failed %d/%d  gproxy CPU %.2f s  "
           "longest hub hold %.1f ms (%.1f ms on a CPU)" % (
               name, row["p50_ms"] or -1, row["p99_ms"] or -1, row["max_ms"] or -1,
               row["failed"], requests, row["gproxy_cpu_s"], worst[0], worst[1]), flush=True)
@@ -205,8 +207,10 @@ def main(argv=None):
     proc, port, probe, log = start_gproxy(workdir)
     try:
         rows = [phase("quiet", port, proc.pid, probe, args.requests)]
+        with Flood(port, args.idle, reopen=False):
+            rows.append(phase("idle", port, proc.pid, probe, args.requests))
         with Flood(port, args.idle) as idle:
-            rows.append(phase("idle flood", port, proc.pid, probe, args.requests))
+            rows.append(phase("idle, reopen", port, proc.pid, probe, args.requests))
         with Flood(port, args.slow, b"GET /apisix/admin/stream_routes HTTP/1.1\r\n",
                    b"X") as slow:
             rows.append(phase("slowloris", port, proc.pid, probe, args.requests))
