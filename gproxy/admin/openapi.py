@@ -80,54 +80,72 @@ def _body(schema):
     return {"required": True, "content": _json(schema)}
 
 
-def resource_paths(name, schema, kind):
-    """APISIX 3.x's operations on one resource (admin/resource.lua)."""
-    item, listing, writable = ref(schema + "Item"), ref(schema + "List"), ref(schema + "Input")
+def _write(summary, body, ok, *errors, created=None):
+    return {"summary": summary, "requestBody": _body(body),
+            "responses": _answers(ok, *errors, created=created)}
+
+
+def _collection(name, schema, kind):
+    """``/<resource>``: list, PUT with the id in the body, POST for a new id."""
+    item = ref(schema + "Item")
     filters = [_param("name", "query", {"type": "string", "maxLength": 1024},
                       "regular expression on the name (RE2)"),
                _param("label", "query", {"type": "string"}, "key or key:value")]
     if name == "stream_routes":
         filters.append(_param("upstream_id", "query", {"type": "string"}))
-    missing_id = {"summary": "Refused: the %s id is missing (APISIX's 400)" % kind,
-                  "responses": _refusal("400")}
-    collection = {
+    return {
         "get": {"summary": "List %ss" % kind, "parameters": PAGE + filters,
-                "responses": _answers(listing, "400", "503")},
-        "delete": missing_id,
-        "put": {"summary": "Create or replace a %s (id in the body)" % kind,
-                "requestBody": _body(writable),
-                "responses": _answers(item, "400", "413", "503", created=item)},
-        "post": {"summary": "Create a %s with a new id" % kind, "requestBody": _body(writable),
-                 "responses": _answers(item, "400", "413", "503", created=item)},
+                "responses": _answers(ref(schema + "List"), "400", "503")},
+        "delete": {"summary": "Refused: the %s id is missing (APISIX's 400)" % kind,
+                   "responses": _refusal("400")},
+        "put": _write("Create or replace a %s (id in the body)" % kind, ref(schema + "Input"),
+                      item, "400", "413", "503", created=item),
+        "post": _write("Create a %s with a new id" % kind, ref(schema + "Input"), item,
+                       "400", "413", "503", created=item),
     }
+
+
+def _one(name, schema, kind):
+    """``/<resource>/{id}``: get, PUT, DELETE (``?force`` for upstreams)."""
+    item = ref(schema + "Item")
     one = {
         "parameters": [ID],
         "get": {"summary": "Get a %s" % kind, "responses": _answers(item, "400", "404", "503")},
-        "put": {"summary": "Create or replace a %s" % kind, "requestBody": _body(writable),
-                "responses": _answers(item, "400", "413", "503", created=item)},
+        "put": _write("Create or replace a %s" % kind, ref(schema + "Input"), item,
+                      "400", "413", "503", created=item),
         "delete": {"summary": "Delete a %s" % kind,
                    "responses": _answers(ref("Deleted"), "400", "404", "503")},
         "post": {"summary": "Refused: POST makes its own id (APISIX's 400, \"do not need it\")",
                  "responses": _refusal("400")},
     }
-    field = "%s/%s/{id}/{field}" % (PREFIX, name)
-    paths = {"%s/%s" % (PREFIX, name): collection, "%s/%s/{id}" % (PREFIX, name): one,
-             field: {"parameters": [ID, _param("field", "path", {"type": "string",
-                                                                "pattern": r"^[^/]+$"})]}}
     if name == "upstreams":
         one["delete"]["parameters"] = [_param("force", "query", {"enum": ["true", "false"]},
                                               "delete even when a route uses it")]
+    return one
+
+
+def _patches(name, schema, kind):
+    """PATCH on the collection, one object and one field of it: ``[collection, one, field]``."""
     if name == "stream_routes":  # APISIX: "not supported `PATCH` method for stream route"
         refused = {"summary": "Refused: stream routes take no PATCH (APISIX's 405)",
                    "responses": _refusal("405")}
-        collection["patch"] = one["patch"] = paths[field]["patch"] = refused
-        return paths
-    collection["patch"] = missing_id
-    one["patch"] = {"summary": "Merge a patch into a %s" % kind, "requestBody": _body(
-        ref("Patch")), "responses": _answers(item, "400", "404", "413", "503")}
-    paths[field]["patch"] = {"summary": "Replace one field of a %s" % kind,
-                             "requestBody": {"required": True, "content": _json({})},
-                             "responses": _answers(item, "400", "404", "413", "503")}
+        return [refused] * 3
+    item = ref(schema + "Item")
+    return [{"summary": "Refused: the %s id is missing (APISIX's 400)" % kind,
+             "responses": _refusal("400")},
+            _write("Merge a patch into a %s" % kind, ref("Patch"), item,
+                   "400", "404", "413", "503"),
+            _write("Replace one field of a %s" % kind, {}, item, "400", "404", "413", "503")]
+
+
+def resource_paths(name, schema, kind):
+    """APISIX 3.x's operations on one resource (admin/resource.lua)."""
+    base = "%s/%s" % (PREFIX, name)
+    paths = {base: _collection(name, schema, kind), base + "/{id}": _one(name, schema, kind),
+             base + "/{id}/{field}": {"parameters": [ID, _param(
+                 "field", "path", {"type": "string", "pattern": r"^[^/]+$"})]}}
+    for path, patch in zip(paths, _patches(name, schema, kind)):
+        paths[path]["patch"] = patch
     return paths
 
 
