@@ -2,14 +2,14 @@
 """The Admin API under idle and slowloris floods: latency, hub holds, log lines.
 
     .venv/bin/python scripts/http_flood.py            # 5,000 idle, 2,000 slowloris, ~1 min
-    .venv/bin/python scripts/http_flood.py --short    # 1,000 / 300, ~20 s
+    .venv/bin/python scripts/http_flood.py --short    # 1,000 / 300, ~15 s
     .venv/bin/python scripts/http_flood.py --json out.json
 
 Starts gproxy (``python -m gproxy``, its defaults for the HTTP listeners:
 ``gproxy.admin.max_connections`` 64, ``timeout`` 30 s, ``request_timeout``
 10 s) with the hub probe (``GPROXY_HUB_PROBE``), and on loopback measures a
 fresh Admin request (``GET /apisix/admin/stream_routes`` on a new connection,
-one at a time) in three phases:
+one at a time, 20 ms apart, for ``--seconds`` at least) in four phases:
 
 1. quiet: nothing else;
 2. idle: ``--idle`` connections that send nothing, opened once;
@@ -164,9 +164,14 @@ class Flood:
             sock.close()
 
 
-def phase(name, port, pid, probe, requests):
+def phase(name, port, pid, probe, requests, seconds):
+    """``requests`` Admin requests one after another, 20 ms apart, for ``seconds`` at least."""
     cpu, since = cpu_seconds(pid), time.time()
-    took = [admin_get(port) for _ in range(requests)]
+    took, until = [], time.monotonic() + seconds
+    while len(took) < requests or time.monotonic() < until:
+        took.append(admin_get(port))
+        time.sleep(0.02)
+    requests = len(took)
     ok = sorted(t * 1000 for t in took if t is not None)
     holds, passes = hubprobe.read(probe, since)
     worst = max(holds, key=lambda h: h[1], default=(0.0, 0.0))
@@ -199,21 +204,23 @@ def main(argv=None):
     parser.add_argument("--idle", type=int, default=5000)
     parser.add_argument("--slow", type=int, default=2000)
     parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--seconds", type=float, default=10.0, help="each phase, at least")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
     if args.short:
-        args.idle, args.slow, args.requests = 1000, 300, 50
+        args.idle, args.slow, args.requests, args.seconds = 1000, 300, 50, 3.0
     workdir = tempfile.mkdtemp(prefix="gproxy-http-flood-")
     proc, port, probe, log = start_gproxy(workdir)
     try:
-        rows = [phase("quiet", port, proc.pid, probe, args.requests)]
+        run = (port, proc.pid, probe, args.requests, args.seconds)
+        rows = [phase("quiet", *run)]
         with Flood(port, args.idle, reopen=False):
-            rows.append(phase("idle", port, proc.pid, probe, args.requests))
+            rows.append(phase("idle", *run))
         with Flood(port, args.idle) as idle:
-            rows.append(phase("idle, reopen", port, proc.pid, probe, args.requests))
+            rows.append(phase("idle, reopen", *run))
         with Flood(port, args.slow, b"GET /apisix/admin/stream_routes HTTP/1.1\r\n",
                    b"X") as slow:
-            rows.append(phase("slowloris", port, proc.pid, probe, args.requests))
+            rows.append(phase("slowloris", *run))
         time.sleep(1.2)  # the last summary line is written a second after its first close
         result = {"phases": rows, "idle_opened": idle.opened, "slow_opened": slow.opened,
                   "log": log_figures(log)}
