@@ -4,7 +4,8 @@ Signals (gunicorn's model: handlers only set flags, the main greenlet acts):
 SIGTERM or SIGINT drains (``Gproxy.stop``: stop accepting, end sessions
 cleanly within ``gproxy.shutdown.grace``); a second one forces.  SIGHUP
 re-reads the config file and applies it (``Gproxy.reload_config``); a file
-that does not load is logged and the running configuration kept.
+that does not load is logged and the running configuration kept.  SIGUSR1
+reopens the stream access log (logrotate's ``postrotate``), as nginx does.
 """
 
 import argparse
@@ -109,7 +110,8 @@ def main(argv=None):
     if os.environ.get("GPROXY_HUB_PROBE"):  # a diagnostic: how long the hub is held
         from gproxy import hubprobe
         hubprobe.start(os.environ["GPROXY_HUB_PROBE"])
-    serve(app, signals, lambda: reload(app, path, args.log_level))
+    serve(app, signals, lambda: reload(app, path, args.log_level), app.reopen_logs)
+    app.store.close()  # the file store folds its journal into the file
     return 0
 
 
@@ -143,7 +145,7 @@ def install_signals():
     import gevent.event
     import signal
     wake = gevent.event.Event()
-    flags = {"stop": 0, "reload": 0}
+    flags = {"stop": 0, "reload": 0, "reopen": 0}
 
     def flag(name):  # signal handlers only set flags; the main greenlet does the work
         def handler():
@@ -154,10 +156,11 @@ def install_signals():
     for sig in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(sig, flag("stop"))
     gevent.signal_handler(signal.SIGHUP, flag("reload"))
+    gevent.signal_handler(signal.SIGUSR1, flag("reopen"))
     return flags, wake
 
 
-def serve(app, signals, on_reload):
+def serve(app, signals, on_reload, on_reopen=lambda: None):
     """Run until SIGTERM/SIGINT has drained the app (a second one forces)."""
     import gevent
     flags, wake = signals
@@ -172,6 +175,9 @@ def serve(app, signals, on_reload):
         if flags["reload"] and drain is None:
             flags["reload"] = 0
             on_reload()
+        if flags["reopen"]:
+            flags["reopen"] = 0
+            on_reopen()
         if flags["stop"] and drain is None:
             log.warning("shutting down (a second SIGTERM or SIGINT forces)")
             drain = gevent.spawn(app.stop)

@@ -37,13 +37,16 @@ class NoUpstream(GproxyError):
 class Reject(GproxyError):
     """A session phase refuses the client: counted under ``reason``, logged at ``level``.
 
-    ``str(exc)`` is the log line (APISIX's wording where it has one).
+    ``str(exc)`` is the log line (APISIX's wording where it has one);
+    ``status`` the refusing plugin's code for the access log's ``$status``
+    (None: the access log's table by reason decides).
     """
 
-    def __init__(self, reason, level, message, *args):
+    def __init__(self, reason, level, message, *args, status=None):
         super().__init__(message % args if args else message)
         self.reason = reason
         self.level = level
+        self.status = status
 
 
 class StoreUnavailable(GproxyError, OSError):
@@ -52,6 +55,11 @@ class StoreUnavailable(GproxyError, OSError):
     An OSError, so a store that cannot load at start-up is reported like an
     unreadable file; the Admin API answers it with 503 ``{"error_msg": ...}``.
     """
+
+
+class NotApplied(GproxyError):
+    """A change is stored but a worker could not make it live (``--workers``); the
+    message names the worker.  The Admin API answers 503 with it."""
 
 
 class HandshakeError(GproxyError):

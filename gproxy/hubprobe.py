@@ -8,9 +8,10 @@ tick) and appends one line to ``path`` for every tick that came late:
     <unix time> hold <late ms> <cpu ms>
 
 ``late`` is how long past its time the tick ran, so how long something else
-held the loop; ``cpu`` is how much of that this process spent on a CPU (the
-rest it waited for a core, which a busy machine causes and gproxy does not),
-so a figure taken on a shared machine still means something.  Collections of
+held the loop; ``cpu`` is how much of that the hub's thread spent on a CPU
+(``thread_time``; the rest it waited for a core, which a busy machine causes
+and gproxy does not, or for the GIL), so a figure taken on a shared machine
+still means something.  Collections of
 Python's garbage collector (generation 1 and 2, which hold the hub too) are
 logged as ``<unix time> gc <generation> <ms>``.  ``read(path)`` parses the
 file back.  The CLI starts it when ``GPROXY_HUB_PROBE`` names a file
@@ -31,10 +32,10 @@ def start(path, interval=INTERVAL, report_over=REPORT_OVER):
     """Arm the probe on the current hub; returns a function that stops it."""
     out = open(path, "a", buffering=1)
     loop = gevent.get_hub().loop
-    due = [time.perf_counter() + interval, time.process_time()]
+    due = [time.perf_counter() + interval, time.thread_time()]
 
     def tick():
-        now, cpu = time.perf_counter(), time.process_time()
+        now, cpu = time.perf_counter(), time.thread_time()
         late = now - due[0]
         if late > report_over:
             out.write("%.4f hold %.3f %.3f\n" % (time.time(), late * 1000,

@@ -5,10 +5,11 @@ It builds a ``RouteTable`` from the store (attaching the health checkers'
 state to checked upstreams), serves every stream listener behind one accept
 gate (``gproxy.max_connections``), runs the Admin API, the control API and
 the metrics (``pywsgi``, capped) on the same hub, and polls the store for
-outside edits.  A store change builds a new table and swaps one reference
-(or, with workers, pushes the data to every worker and waits for their
-acks), so new connections see it by the time the Admin API answers and live
-sessions keep the route they matched.  ``stop(grace)`` drains (see
+outside edits.  A store change updates the table from what changed
+(``tables``) and swaps one reference (with workers, it also sends the
+changes to every worker and waits for their acks), so new connections see it
+by the time the Admin API answers and live sessions keep the route they
+matched.  ``stop(grace)`` drains (see
 ``drain``); ``reload_config(cfg)`` applies a new config file without
 dropping a session.  It patches nothing and installs no signal handlers
 (that is ``cli``'s job), so it can be embedded in a program that runs a
@@ -18,12 +19,12 @@ gevent hub.
 import logging
 
 import gevent
+from gevent.lock import Semaphore
 
 from gproxy.admin.tally import CloseTally
-from gproxy.model.routes import RouteTable
+from gproxy.model.loadaware import Shared
 from gproxy.proxy.accept.listener import Listener, bind_listener, listener_phases
 from gproxy.proxy.accept.overload import Gate
-from gproxy.proxy.accept.tlsctx import Certificates
 from gproxy.proxy.accept.workers import SessionGreenlets
 from gproxy.proxy.health import HealthCheckers
 from gproxy.proxy.session.phases import COMMON
@@ -33,9 +34,13 @@ from gproxy.proxy.sessions.registry import Registry
 from gproxy.proxy.settings import Settings
 from gproxy.runtime import services
 from gproxy.runtime.drain import drain
+from gproxy.runtime.optional import access_log, discovery
+from gproxy.runtime.tables import Tables, plain
+from gproxy.store.base import KINDS
 from gproxy.store.factory import open_store
 
 log = logging.getLogger("gproxy.server")
+DISCOVERY_PRIME = 3.0  # seconds start-up waits for the first DNS answers
 
 
 class Gproxy:
@@ -46,14 +51,20 @@ class Gproxy:
         self.store = store if store is not None else open_store(cfg)
         self.registry = registry if registry is not None else Registry()
         self.health = HealthCheckers()
+        self.balancing = Shared()  # least_conn counts and ewma latencies outlive table swaps
         self.gate = Gate(cfg["gproxy.max_connections"],
                          reject=lambda reason: self.registry.reject(reason))
+        self.tables = Tables(self)
+        self.discovery = discovery(cfg, self.on_discovered)
         data = self.store.snapshot()
-        self.proxy = Proxy(self.build_table(data), self.registry, Settings.from_config(cfg),
-                           certs=self.build_certs(data))
+        if self.discovery is not None:  # the nodes service discovery found, filled in
+            data = self.discovery.apply(data)
+        table, certs = self.tables.build(data)
+        self.proxy = Proxy(table, self.registry, Settings.from_config(cfg), certs=certs)
+        self.proxy.access_log = access_log(cfg)
         self.sessions = LiveSessions(self.registry, lambda: self.proxy.table,
                                      **self.evict_options)
-        self.store.subscribe(self.reload)
+        self.store.subscribe(self.on_change)
         self.greenlets = SessionGreenlets()
         self.listeners = []
         self.admin_server = None
@@ -63,6 +74,7 @@ class Gproxy:
         self.worker_index = None  # set in a forked worker
         self._watcher = None
         self._stopping = False
+        self._changing = Semaphore()  # one group of changes at a time, workers included
 
     @property
     def evict_options(self):
@@ -70,31 +82,26 @@ class Gproxy:
         return {"grace": self.cfg["gproxy.evict.grace"],
                 "server_reference": self.cfg["gproxy.evict.server_reference"]}
 
-    def build_table(self, data):
-        table = RouteTable(data["stream_routes"], data["upstreams"],
-                           self.cfg["gproxy.balancer.chash_ring"])
-        self.health.sync(table)  # checked upstreams keep their health across swaps
-        return table
+    def on_change(self, changes):
+        """Store callback: make what changed live (in every worker too, in order)."""
+        with self._changing:
+            changes = plain(changes, self.store)
+            if self.discovery is not None:  # dns upstreams get the nodes found for them
+                changes = self.discovery.fill_changes(changes)
+            self.tables.apply(changes)
+            if self.workers is not None:
+                self.workers.push_changes(changes)
 
-    def build_certs(self, data, previous=None):
-        """The ``ssls`` snapshot TLS listeners and ``scheme: tls`` upstreams use."""
-        return Certificates(data.get("ssls") or (),
-                            self.cfg["apisix.ssl.ssl_trusted_certificate"], previous)
+    def on_discovered(self):
+        """Discovery callback: a service's nodes changed; every upstream that names
+        one is applied again like an Admin write (what did not change is kept)."""
+        self.on_change([(kind, id_, self.store.get(kind, id_))
+                        for kind, id_ in self.discovery.users()])
 
-    def set_data(self, data):
-        """Swap in a route table built from ``{stream_routes, upstreams, ssls}``."""
-        self.proxy.table = self.build_table(data)
-        self.proxy.certs = self.build_certs(data, self.proxy.certs)
-        log.info("route table rebuilt: routes=%d upstreams=%d",
-                 len(self.proxy.table.routes), len(self.proxy.table.upstreams))
-
-    def reload(self):
-        """Store callback: make the store's current data live (in every worker)."""
-        data = self.store.snapshot()
-        if self.workers is not None:
-            self.workers.push_table(data)
-        else:
-            self.set_data(data)
+    def everything(self):
+        """Every stored object as a change, in load order (a worker's whole table)."""
+        items = [(kind, r.id, r.value) for kind in KINDS for r in self.store.list(kind)]
+        return items if self.discovery is None else self.discovery.fill_changes(items)
 
     def admin_app(self):
         """The Admin API (and the dashboard, when admin_ui is installed) as a WSGI app."""
@@ -123,6 +130,10 @@ class Gproxy:
     # -- starting ------------------------------------------------------------
     def start(self, workers=1):
         """Listen and serve (on the current hub); ``workers`` > 1 forks proxy processes."""
+        if self.proxy.access_log is not None:
+            self.proxy.access_log.check()  # a path it cannot open stops the start, as nginx
+        if self.discovery is not None:  # the first answers before the first session
+            self.discovery.prime(DISCOVERY_PRIME)
         if workers > 1:
             from gproxy.runtime.workers import fork_workers
             self.workers = fork_workers(self, workers)
@@ -133,6 +144,8 @@ class Gproxy:
             self._start_admin()
         self.http_servers = services.start_http(self)
         self._watcher = gevent.spawn(self._watch, self.cfg["gproxy.store.watch_interval"])
+        if self.discovery is not None:  # the parent's (after any fork: workers get tables)
+            self.discovery.start()
 
     def start_worker(self, index):
         """In a forked worker: a fresh registry and this worker's own listeners."""
@@ -201,6 +214,10 @@ class Gproxy:
             gevent.sleep(interval)
             try:
                 self.store.poll()
+                if self.workers is not None:
+                    self.workers.reap()
+                    with self._changing:
+                        self.workers.converge()
             except Exception:  # never let one bad poll stop future ones
                 log.exception("store: poll failed")
 
@@ -210,6 +227,13 @@ class Gproxy:
         return [listener.address for listener in self.listeners]
 
     # -- changing ------------------------------------------------------------
+    def reopen_logs(self):
+        """SIGUSR1: reopen the access log (in every worker), for logrotate."""
+        if self.workers is not None:
+            self.workers.reopen()
+        elif self.proxy.access_log is not None:
+            self.proxy.access_log.reopen()
+
     def reload_config(self, cfg, log_level=None):
         """Apply a new config (SIGHUP): listeners, log level, limits, timeouts.
 
@@ -229,6 +253,8 @@ class Gproxy:
         for listener in self.listeners:
             listener.close()
         self.health.stop()
+        if self.discovery is not None:
+            self.discovery.stop()
         for server in [self.admin_server] + self.http_servers:
             if server is not None:
                 server.close()
@@ -244,6 +270,8 @@ class Gproxy:
         drain(self.registry, grace, self.cfg["gproxy.shutdown.server_reference"])
         self.registry.close_where()
         self.proxy.relays.close_all()
+        if self.proxy.access_log is not None:
+            self.proxy.access_log.close()  # the lines of the sessions just ended
         self.greenlets.kill()
         for listener in self.listeners:
             listener.stop()
@@ -254,3 +282,4 @@ class Gproxy:
         self.admin_server = None
         self.http_servers = []
         self.listeners = []
+

@@ -3,15 +3,16 @@
 Applied at once, without dropping a live session (``LIVE``): stream
 listeners added and removed (a removed one stops accepting; its sessions go
 on), the log level, ``gproxy.max_connections``, the data path's timeouts and
-buffer size (for sessions that start from now on), the HTTP listeners' cap
-and timeouts, the eviction and shutdown settings.  With ``--workers`` the
-parent passes the new config to every worker.  Every other key needs new
-processes, listeners or a new store (the admin, control and metrics
-addresses and keys, the store and its etcd, the chash ring, a listener's
-TLS and PROXY protocol defaults, ...): it keeps its old value and is logged
-as needing a restart.  The list is of what *is* applied, so a key added
-later is reported as needing a restart until it is made live here.  The CLI
-has already checked the file: a bad one never gets here.
+buffer size (for sessions that start from now on), the stream access log's
+settings, the HTTP listeners' cap and timeouts, the eviction and shutdown
+settings.  With ``--workers`` the parent passes the new config to every
+worker.  Every other key needs new processes, listeners or a new store (the
+admin, control and metrics addresses and keys, the store and its etcd, the
+chash ring, DNS discovery, a listener's TLS and PROXY protocol defaults,
+...): it keeps its old value and is logged as needing a restart.  The list
+is of what *is* applied, so a key added later is reported as needing a
+restart until it is made live here.  The CLI has already checked the file:
+a bad one never gets here.
 """
 
 import logging
@@ -29,6 +30,9 @@ LIVE = frozenset((
     "gproxy.preread.timeout", "gproxy.preread.buffer_size", "gproxy.proxy.connect_timeout",
     "gproxy.proxy.timeout", "gproxy.max_connections", "gproxy.tls.handshake_timeout",
     "apisix.ssl.fallback_sni",
+    # the stream access log, reopened with its new settings (_access_log)
+    "nginx_config.stream.enable_access_log", "nginx_config.stream.access_log",
+    "nginx_config.stream.access_log_format", "nginx_config.stream.access_log_format_escape",
     # read when they are used
     "gproxy.shutdown.grace", "gproxy.shutdown.server_reference",
     "gproxy.evict.grace", "gproxy.evict.server_reference",
@@ -52,6 +56,7 @@ def apply_config(gp, cfg, log_level=None):
     gp.cfg = cfg
     logging.getLogger().setLevel(PY_LEVELS[log_level or cfg["nginx_config.error_log_level"]])
     gp.proxy.settings = Settings.from_config(cfg)
+    _access_log(gp, old, cfg)
     gp.gate.set_limit(cfg["gproxy.max_connections"])
     evictions = gp.workers if gp.workers is not None else gp.sessions
     evictions.grace = cfg["gproxy.evict.grace"]
@@ -62,6 +67,17 @@ def apply_config(gp, cfg, log_level=None):
     else:
         _listeners(gp, cfg["apisix.stream_proxy.tcp"], reuseport=gp.worker_index is not None)
     log.warning("reload: configuration from %s applied", cfg.path or "(defaults)")
+
+
+def _access_log(gp, old, cfg):
+    """A changed stream access log setting takes effect for sessions that end from now on."""
+    keys = [k for k in cfg.values if k.startswith("nginx_config.stream.")]
+    if all(old[k] == cfg[k] for k in keys):
+        return
+    from gproxy.runtime.optional import access_log
+    previous, gp.proxy.access_log = gp.proxy.access_log, access_log(cfg)
+    if previous is not None:
+        previous.close()
 
 
 def _listeners(gp, specs, reuseport):
