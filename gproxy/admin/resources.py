@@ -20,6 +20,7 @@ from gproxy import hub
 from gproxy.admin.filters import FilterError, ListFilter
 from gproxy.errors import SchemaError
 from gproxy.model import jsontext
+from gproxy.model.mqttproxy import split_upstream_ids
 from gproxy.model.resources import check_stream_route, check_upstream
 from gproxy.model.ssls import check_ssl, without_secrets
 
@@ -184,9 +185,11 @@ class Resource:
 
 
 def _first_user(routes, upstream_id):
-    """The first route whose ``upstream_id`` is ``upstream_id`` (pausing as it looks)."""
+    """The first route whose ``upstream_id`` is ``upstream_id``, or whose traffic split
+    names it (pausing as it looks)."""
     for n, record in enumerate(routes):
-        if str(record.value.get("upstream_id")) == upstream_id:
+        if (str(record.value.get("upstream_id")) == upstream_id
+                or upstream_id in split_upstream_ids(record.value)):
             return record.id
         if n % 256 == 255:
             hub.pause()
