@@ -168,7 +168,7 @@ class Checker:
 
     def _probe(self, node):
         active = self.checks.active
-        port = active.get("port") or node.port
+        port = int(active.get("port") or node.port)  # a JSON 80.0 passes "integer"
         timeout = active.get("timeout") or 1
         host = node.dial_host
         try:

@@ -315,3 +315,16 @@ def test_any_concurrency_the_schema_takes_makes_a_pool(concurrency, probes):
         active["concurrency"] = concurrency
     assert probes_at_once(active) == probes
     Pool(probes_at_once(active))
+
+
+def test_integral_floats_from_json_make_a_ring_and_a_probe_port():
+    """``2.0`` passes the schema's ``integer`` (Lua has one number type); the ring
+    and the socket need ints (found by fuzzing: a TypeError building the ring, and
+    one per health probe of ``active.port: 80.0``)."""
+    table = RouteTable([{"id": 1, "upstream": {
+        "type": "chash", "key": "mqtt_client_id",
+        "nodes": [{"host": "127.0.0.1", "port": 1000.0, "weight": 2.0, "priority": 0.0},
+                  {"host": "127.0.0.2", "port": 1000, "weight": 1}]}}], [])
+    (route,) = table.routes
+    nodes = route.upstream.balancer(None).nodes
+    assert [(type(n.port), type(n.weight)) for n in nodes] == [(int, int)] * 2
