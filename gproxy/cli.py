@@ -112,6 +112,9 @@ def main(argv=None):
         print("gproxy: %s" % exc, file=sys.stderr)
         return 1
     freeze_startup_objects()
+    if os.environ.get("GPROXY_HUB_PROBE"):  # a diagnostic: how long the hub is held
+        from gproxy import hubprobe
+        hubprobe.start(os.environ["GPROXY_HUB_PROBE"])
     serve(app, signals, lambda: reload(app, path, args.log_level), app.reopen_logs)
     app.store.close()  # the file store folds its journal into the file
     return 0
