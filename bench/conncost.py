@@ -2,7 +2,7 @@
 
     python -m bench.conncost [--connections 500] [--tool callgrind|strace|py-spy|none]
                              [--balancer chash|roundrobin|least_conn|ewma] [--access-log]
-                             [--target gproxy|haproxy]
+                             [--routing plain|vars|vars-1k] [--target gproxy|haproxy]
 
 Starts mosquitto and gproxy (one mqtt-proxy route, chash on the client id, one
 node) on loopback, or HAProxy with the benchmark's configuration (``--target
@@ -14,6 +14,12 @@ DISCONNECT, close) and reports what the proxy spent on them:
   instruction count (zeroed after the warm-up, dumped after the run).  The
   count is the same from run to run whatever else the machine is doing, so a
   change of a few percent is visible on a shared 2-core box where timing is not.
+  ``instructions_per_session`` is the larger of the dump's ``summary`` and
+  ``totals`` lines (the figure quoted since this tool exists);
+  ``program_totals_per_session`` is the ``summary`` alone (callgrind_annotate's
+  PROGRAM TOTALS).  ``totals`` also grows with the size of what was built before
+  the zeroing (a table of 1,000 routes adds about 190,000 a session to it and
+  nothing to ``summary``): compare route tables of different sizes by the latter.
 * ``strace``: system calls per session, by name (``strace -c -f``; two runs,
   of N and 2N sessions, and their difference, so start-up does not count).
 * ``py-spy``: gproxy's hot Python frames (attached after the warm-up).
@@ -25,6 +31,13 @@ unless ``CONNCOST_KEEP=1`` is set (e.g. for ``callgrind_annotate``).
 Every tool also reports the process's user and system CPU per session from
 /proc (under callgrind or strace: the tool's, so only the counts are
 meaningful there).
+
+``--routing`` picks the route table: ``plain`` (that one route), ``vars``
+(routes chosen by the CONNECT, docs/routing.md: a tenant by username, the
+sessions' own route by a client-id regex, a fallback; configs.gproxy_vars_routes)
+or ``vars-1k`` (the same with 1,000 username tenants, which the route table
+indexes).  The difference between ``plain`` and ``vars`` is what choosing the
+route by the CONNECT costs a session.
 
 Sessions run sequentially, so this measures cost, not concurrency.
 """
@@ -77,18 +90,25 @@ def _sessions(port, first, count):
         one_session(port, i)
 
 
-def _config(run_dir, port, broker, balancer="chash", access_log=False):
-    """One route to one node (``balancer``); ``access_log``: the stream access log on."""
+ROUTINGS = {"plain": None, "vars": 1, "vars-1k": 1000}  # username tenants beside the regex
+
+
+def _config(run_dir, port, broker, balancer="chash", access_log=False, routing="plain"):
+    """One route to one node (``balancer``), or ``routing``'s table of routes with
+    vars (chash); ``access_log``: the stream access log on."""
     with open(os.path.join(run_dir, "config.yaml"), "w") as fh:
         fh.write("apisix:\n  enable_admin: false\n  stream_proxy:\n    tcp: ['%s:%d']\n"
                  "nginx_config:\n  error_log_level: warn\n" % (HOST, port))
         if access_log:
             fh.write("  stream:\n    enable_access_log: true\n")
     with open(os.path.join(run_dir, "apisix.yaml"), "w") as fh:
-        fh.write("stream_routes:\n  - id: 1\n    plugins:\n      mqtt-proxy:\n"
-                 "        protocol_level: 4\n    upstream:\n      type: %s\n"
-                 "      key: mqtt_client_id\n      nodes:\n        '%s:%d': 1\n"
-                 "upstreams: []\n#END\n" % (balancer, HOST, broker))
+        if ROUTINGS[routing] is None:
+            fh.write("stream_routes:\n  - id: 1\n    plugins:\n      mqtt-proxy:\n"
+                     "        protocol_level: 4\n    upstream:\n      type: %s\n"
+                     "      key: mqtt_client_id\n      nodes:\n        '%s:%d': 1\n"
+                     "upstreams: []\n#END\n" % (balancer, HOST, broker))
+        else:  # the order route (port 1: never matched) is harmless here
+            fh.write(configs.gproxy_vars_routes(HOST, port, broker, 1, broker, ROUTINGS[routing]))
     return os.path.join(run_dir, "config.yaml")
 
 
@@ -124,6 +144,16 @@ def _callgrind_total(path):
     return total
 
 
+def _callgrind_summary(path):
+    """The ``summary:`` of the dump taken after the run (``<out>.1``): the instructions
+    between the zeroing and the dump, callgrind_annotate's PROGRAM TOTALS."""
+    with open(path + ".1") as fh:
+        for line in fh:
+            if line.startswith("summary:"):
+                return int(line.split()[1])
+    return 0
+
+
 def measure(tool, connections, warmup, python, clients=1, target="gproxy", **route):
     run_dir = tempfile.mkdtemp(prefix="gproxy-cost-")
     broker_port, port = free_port(), free_port()
@@ -139,7 +169,7 @@ def measure(tool, connections, warmup, python, clients=1, target="gproxy", **rou
                             start_new_session=True)
     try:
         _wait_listening(broker_port, mosq, 10)
-        _wait_listening(port, proc, 120)
+        _wait_listening(port, proc, 600 if route.get("routing") == "vars-1k" else 120)  # 1,000 routes
         for i in range(warmup):
             one_session(port, i)
         if tool == "callgrind":
@@ -176,6 +206,7 @@ def measure(tool, connections, warmup, python, clients=1, target="gproxy", **rou
               "system_us_per_session": (cpu1[1] - cpu0[1]) / connections * 1e6}
     if tool == "callgrind":
         result["instructions_per_session"] = _callgrind_total(out) / connections
+        result["program_totals_per_session"] = _callgrind_summary(out) / connections
     elif tool == "strace":
         result["syscalls"] = _strace_counts(out)
     elif tool == "strace-log":
@@ -240,6 +271,8 @@ def main(argv=None):
     parser.add_argument("--tool", choices=("callgrind", "strace", "strace-log", "py-spy", "none"),
                         default="callgrind")
     parser.add_argument("--target", choices=("gproxy", "haproxy"), default="gproxy")
+    parser.add_argument("--routing", choices=sorted(ROUTINGS), default="plain",
+                        help="the route table (see above)")
     parser.add_argument("--python", default=sys.executable,
                         help="the interpreter with gproxy installed (default: this one)")
     parser.add_argument("--balancer", default="chash",
@@ -249,7 +282,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.tool == "py-spy" and args.target != "gproxy":
         parser.error("--tool py-spy samples Python: gproxy only")
-    route = {"balancer": args.balancer, "access_log": args.access_log}
+    if args.routing != "plain" and args.target != "gproxy":
+        parser.error("--routing: gproxy only (HAProxy's config has the one route)")
+    route = {"balancer": args.balancer, "access_log": args.access_log, "routing": args.routing}
     result = measure(args.tool, args.connections, args.warmup, args.python, args.clients,
                      args.target, **route)
     if args.tool == "strace":

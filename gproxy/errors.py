@@ -57,6 +57,11 @@ class StoreUnavailable(GproxyError, OSError):
     """
 
 
+class NotApplied(GproxyError):
+    """A change is stored but a worker could not make it live (``--workers``); the
+    message names the worker.  The Admin API answers 503 with it."""
+
+
 class HandshakeError(GproxyError):
     """A WebSocket upgrade request gproxy refuses (RFC 6455 §4.2.1-4.2.2).
 
@@ -89,3 +94,9 @@ class FrameError(GproxyError):
 
 class MalformedHeader(GproxyError):
     """A PROXY protocol header (or a TLS ClientHello) gproxy cannot accept."""
+
+
+class ProxyStopped(GproxyError, RuntimeError):
+    """An embedded gproxy's handle can no longer reach it: stopped, its process
+    gone, or the handle was inherited by a forked child of the program that
+    started it.  ``str(exc)`` says which."""

@@ -167,7 +167,6 @@ def page_figures(get, repeat):
 def measure(args, setup):
     """The fleet run; ``setup`` is scale_setup (its processes, probes, Admin API, clients)."""
     import resource
-    import shutil
     import tempfile
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -177,7 +176,7 @@ def measure(args, setup):
         brokers = [setup.start_broker(workdir, "b%d" % i) for i in range(args.brokers)]
         procs += [p for p, _ in brokers]
         gp, stream, admin, probe = setup.start_gproxy(
-            workdir, [p for _, p in brokers], ["--workers", str(args.workers)])
+            workdir, [p for _, p in brokers], extra=["--workers", str(args.workers)])
         procs.append(gp)
         time.sleep(1.0)
         idle_rss = gproxy_rss(gp.pid)
@@ -218,12 +217,8 @@ def measure(args, setup):
     finally:
         if clients is not None:
             clients.close()
-        for proc in reversed(procs):
-            setup.stop(proc)
-        if args.keep:
-            print("kept %s (probe.log: time, ms late, ms of it on a CPU, pid)" % workdir)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        setup.finish(reversed(procs), workdir, args.keep,
+                     "probe.log: time, ms late, ms of it on a CPU, pid")
 
 
 def summary(r):

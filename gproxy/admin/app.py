@@ -13,7 +13,8 @@ from werkzeug.exceptions import HTTPException
 
 from gproxy import __version__
 from gproxy.admin import auth
-from gproxy.errors import StoreUnavailable
+from gproxy.errors import NotApplied, StoreUnavailable
+from gproxy.protocols.text import printable
 from gproxy.admin.extensions import extensions_blueprint
 from gproxy.admin.plugins import plugins_blueprint
 from gproxy.admin.resources import ApiError, json_response, make_resource_blueprint
@@ -30,15 +31,16 @@ CORS = {
 }
 
 
-def create_app(store, sessions, cfg, extra_blueprints=()):
-    """The admin Flask app. ``extra_blueprints`` lets the dashboard plug in."""
+def create_app(store, sessions, cfg, extra_blueprints=(), fleet=None):
+    """The admin Flask app. ``extra_blueprints`` lets the dashboard plug in; ``fleet``
+    answers ``fleet=true`` and ``/gproxy/instances`` (``gproxy.fleet``)."""
     app = Flask("gproxy.admin")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     app.register_blueprint(make_resource_blueprint("stream_routes", store, cfg.stream_enabled))
     app.register_blueprint(make_resource_blueprint("upstreams", store, True))
     app.register_blueprint(make_resource_blueprint("ssls", store, True))
     app.register_blueprint(plugins_blueprint(PREFIX))
-    app.register_blueprint(extensions_blueprint(PREFIX, sessions))
+    app.register_blueprint(extensions_blueprint(PREFIX, sessions, fleet))
     for bp in extra_blueprints:
         app.register_blueprint(bp)
 
@@ -70,7 +72,15 @@ def create_app(store, sessions, cfg, extra_blueprints=()):
     @app.errorhandler(StoreUnavailable)
     def store_unavailable(exc):
         # APISIX: 503 {"error_msg": <etcd client error>}, e.g. when etcd is down
-        app.logger.error("failed to %s %s in the store: %s", request.method, request.path, exc)
+        # the path is the client's (decoded: %0A is a newline), etcd's error text etcd's
+        app.logger.error("failed to %s %s in the store: %s", printable(request.method),
+                         printable(request.path), printable(str(exc)))
+        return json_response({"error_msg": str(exc)}, 503)
+
+    @app.errorhandler(NotApplied)
+    def not_applied(exc):
+        # stored, but a worker serves the previous table: never a silent 200
+        app.logger.error("%s %s: %s", request.method, request.path, exc)
         return json_response({"error_msg": str(exc)}, 503)
 
     @app.errorhandler(HTTPException)
@@ -80,6 +90,10 @@ def create_app(store, sessions, cfg, extra_blueprints=()):
             if segment and segment not in RESOURCES:
                 return json_response({"error_msg": "Unsupported resource type: %s" % segment},
                                      404)
-        return json_response({"error_msg": "%d %s" % (exc.code, exc.name)}, exc.code)
+        resp = json_response({"error_msg": "%d %s" % (exc.code, exc.name)}, exc.code)
+        allow = dict(exc.get_headers()).get("Allow")
+        if allow:  # a 405 names the methods the resource has (RFC 9110 §15.5.6)
+            resp.headers["Allow"] = allow
+        return resp
 
     return app

@@ -2,145 +2,34 @@
 
 ``RouteTable`` is built from the store's plain dicts (already validated by
 ``resources``) and never mutated: a change builds a new table and the server
-swaps one reference, so a live session keeps the route it matched.  Matching
+swaps one reference, so a live session keeps the route it matched.  A new
+table is made from the last one and the changes (``updated``): what did not
+change is the same object in both, and a changed upstream whose nodes and
+balancing did not change keeps its balancer (ring, round-robin position), so
+an update costs what changed, not what the table holds.  Matching
 follows APISIX's ip_port router (docs/apisix-behaviour.md §4.2): routes with
 ``sni`` only match TLS connections with that SNI; otherwise the first route,
-in load order, whose filters all pass wins.  Pure: no sockets, no DNS.
+in load order, whose filters all pass wins.  gproxy's routes with ``vars``
+(docs/routing.md) come before those, by ``priority``: ``match`` then gives
+the first candidate and ``refine`` the route, once the CONNECT is known; a
+table without ``vars`` never looks at them.  Pure: no sockets, no DNS.
 """
 
 import ipaddress
 import logging
-import re
-from dataclasses import dataclass
 
-from gproxy.model.balancer import Balancer, Node
 from gproxy.model.iprestriction import IpRestriction
+from gproxy.model.iprouter import IpPortRouter, sni_matches
+from gproxy.model.mqttproxy import MqttConf
 from gproxy.model.resources import ip_network
+from gproxy.model.upstream import Upstream, is_ip, parse_nodes  # noqa: F401 (re-exported)
+from gproxy.model.varsroutes import VarsRoutes
 
 log = logging.getLogger("gproxy.model.routes")
 
 #: nginx stream defaults when an upstream has no ``timeout`` (seconds).
 DEFAULT_CONNECT_TIMEOUT = 60.0
 DEFAULT_PROXY_TIMEOUT = 600.0
-
-
-def parse_nodes(nodes):
-    """APISIX's two node forms (map or array) as a list of Node."""
-    if isinstance(nodes, dict):
-        out = []
-        for addr, weight in nodes.items():
-            host, _, port = addr.rpartition(":")
-            if not host:  # "host" alone: APISIX defaults the port by scheme
-                host, port = addr, "80"
-            out.append(Node(host, int(port), weight))
-        return out
-    return [Node(n["host"], int(n.get("port", 80)), n["weight"], n.get("priority", 0))
-            for n in nodes or ()]
-
-
-def is_ip(host):
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-        return True
-    except ValueError:
-        return False
-
-
-class Upstream:
-    """One upstream: its nodes, balancer settings and (for IP nodes) its balancer."""
-
-    def __init__(self, conf, chash_ring="apisix", name=None, shared=None):
-        self.conf = conf
-        self.id = None if conf.get("id") is None else str(conf["id"])
-        self.type = conf.get("type", "roundrobin")
-        self.hash_on = conf.get("hash_on", "vars")
-        self.key = conf.get("key")
-        # stream: http (APISIX's default) is tcp at runtime; tls dials TLS (§5.1)
-        self.scheme = "tls" if conf.get("scheme") == "tls" else "tcp"
-        self.tls = conf.get("tls") or {}
-        self.nodes = parse_nodes(conf.get("nodes"))
-        # service discovery (gproxy.discovery fills ``nodes`` in before the table is built)
-        self.discovery_type = conf.get("discovery_type") if conf.get("service_name") else None
-        self.needs_dns = not all(is_ip(n.host) for n in self.nodes)
-        retries = conf.get("retries")
-        self.retries = retries if retries is not None and retries >= 0 else None
-        self.retry_timeout = conf.get("retry_timeout") or 0
-        timeout = conf.get("timeout") or {}
-        self.connect_timeout = timeout.get("connect")  # None: gproxy.proxy.connect_timeout
-        # The upstream's own send/read timeouts win over gproxy.proxy.timeout.
-        self.idle_timeout = (max(timeout["send"], timeout["read"])
-                             if "send" in timeout and "read" in timeout else None)
-        self.checks = conf.get("checks") or None
-        self.name = name  # APISIX's resource key: /apisix/upstreams/<id> or /apisix/stream_routes/<id>
-        self.health = None  # a model.health.HealthState, set when this upstream is checked
-        self._chash_ring = chash_ring
-        self._shared = shared  # least_conn counts and ewma latencies across tables
-        self._balancer = None if self.needs_dns else self._build(self.nodes)
-        self._dns_balancer = None  # rebuilt when a lookup gives other addresses
-
-    def _build(self, nodes):
-        return Balancer(nodes, self.type, self._chash_ring, self.name, self._shared)
-
-    def balancer(self, resolved=None):
-        """The balancer for ``resolved`` nodes (domain upstreams) or the static one."""
-        if resolved is None:
-            return self._balancer
-        if self._dns_balancer is None or self._dns_balancer.nodes != resolved:
-            self._dns_balancer = self._build(resolved)
-        return self._dns_balancer
-
-    @property
-    def last_balancer(self):
-        """The balancer in use now: the static one, or the last DNS answer's (None
-        before the first lookup)."""
-        return self._balancer if self._balancer is not None else self._dns_balancer
-
-    def hash_value(self, found):
-        """The chash key from nginx-style variables ``found`` (str or bytes), or
-        None when it is unset or empty: the caller then falls back to
-        ``remote_addr``, as APISIX does (docs/apisix-behaviour.md §5.3)."""
-        value = None
-        if self.hash_on == "vars":
-            value = found.get(self.key)
-        elif self.hash_on == "vars_combinations" and self.key:
-            value = re.sub(r"\$(\w+)", lambda m: _text(found.get(m.group(1), "")), self.key)
-        return None if value is None or value == "" else value
-
-    def no_nodes(self):
-        """Why a session finds no node here, in APISIX's words (set_by_route)."""
-        if self.discovery_type is not None and "nodes" not in self.conf:
-            return "failed to set upstream: discovery %s is uninitialized" % self.discovery_type
-        return "failed to set upstream: no valid upstream node"
-
-    def tries(self, nnodes):
-        """Dial attempts allowed: ``retries`` + 1, default one per node."""
-        return nnodes if self.retries is None else self.retries + 1
-
-
-@dataclass(frozen=True)
-class WebSocketConf:
-    """gproxy's ``websocket`` option of mqtt-proxy (docs/websocket.md)."""
-
-    enable: bool = True
-    path: str = None         # None: any path
-    origins: tuple = None    # lower-cased; None: any Origin
-    passthrough: bool = False  # pass the upgrade and frames to a WebSocket broker
-
-    @classmethod
-    def from_conf(cls, conf):
-        conf = conf or {}
-        origins = conf.get("allow_origins")
-        return cls(conf.get("enable", True), conf.get("path"),
-                   None if origins is None else tuple(o.lower() for o in origins),
-                   conf.get("mode") == "passthrough")
-
-
-@dataclass(frozen=True)
-class MqttConf:
-    protocol_name: str
-    protocol_level: int
-    websocket: WebSocketConf = WebSocketConf()
-    set_connect: tuple = ()  # ((field, "$var template"), ...): gproxy's CONNECT rewrite
 
 
 class Route:
@@ -163,15 +52,25 @@ class Route:
         plugin = plugins.get("mqtt-proxy")
         self.mqtt = None
         if plugin is not None:
-            self.mqtt = MqttConf(plugin.get("protocol_name", "MQTT"), plugin["protocol_level"],
-                                 WebSocketConf.from_conf(plugin.get("websocket")),
-                                 tuple(sorted((plugin.get("set_connect") or {}).items())))
+            self.mqtt = MqttConf.from_plugin(plugin)
+        # ``vars``: the route is one candidate among those its addresses match,
+        # chosen by the CONNECT (RouteTable.refine); None: it is a fallback.
+        self.vars = None if self.mqtt is None else self.mqtt.vars
+        self.priority = 0 if self.mqtt is None else self.mqtt.priority
+        self.split = None if self.mqtt is None else self.mqtt.split
         self.plugin_upstream = None
         old = (plugin or {}).get("upstream")  # deprecated (≤ 2.15), used only without another
         if isinstance(old, dict) and (old.get("host") or old.get("ip")) and old.get("port"):
             host = old.get("host") or old.get("ip")
             self.plugin_upstream = Upstream({"nodes": [{"host": host, "port": old["port"],
                                                         "weight": 1}]})
+
+    def reaches(self, server_ip, server_port, remote_ip, sni):
+        """Its filters pass, SNI included (a route with ``sni`` needs a TLS client
+        that sent a name it matches)."""
+        if self.sni and not (sni and sni_matches(self.sni, sni)):
+            return False
+        return self.matches(server_ip, server_port, remote_ip)
 
     def matches(self, server_ip, server_port, remote_ip):
         if self.server_port is not None and self.server_port != server_port:
@@ -181,10 +80,6 @@ class Route:
         if self.server_net is not None and not _contains(self.server_net, server_ip):
             return False
         return True
-
-
-def _text(value):
-    return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else value
 
 
 def _net(text):
@@ -204,43 +99,135 @@ def _contains(net, ip):
 class RouteTable:
     """An immutable snapshot of every stream route and upstream."""
 
-    def __init__(self, stream_routes=(), upstreams=(), chash_ring="apisix", shared=None):
+    def __init__(self, stream_routes=(), upstreams=(), chash_ring="apisix", pause=None,
+                 shared=None):
         """``shared``: a ``loadaware.Shared`` that least_conn and ewma keep across tables."""
+        self.chash_ring = chash_ring
+        self.shared = shared
         self.upstreams = {}
         for conf in upstreams:
-            up_id = None if conf.get("id") is None else str(conf["id"])
-            up = Upstream(conf, chash_ring, "/apisix/upstreams/%s" % up_id, shared)
+            up = self._upstream(conf, None, pause)
             self.upstreams[up.id] = up
-        self.routes = []
+        self._by_id = {}
         for conf in stream_routes:
-            if (conf.get("protocol") or {}).get("superior_id") is not None:
-                continue  # xRPC subordinate routes are never matched directly
-            inline = conf.get("upstream")
-            name = "/apisix/stream_routes/%s" % conf.get("id")
-            route = Route(conf, Upstream(inline, chash_ring, name, shared) if inline else None)
-            self.routes.append(route)
-        self._plain = [r for r in self.routes if not r.sni]
-        # ip_port.lua's radixtree on reversed SNIs: an exact name before any
-        # wildcard, a longer wildcard before a shorter one, "*" last; load order
-        # among routes with the same sni.
-        self._tls = sorted((r for r in self.routes if r.sni), key=_sni_rank)
+            route = self._route(conf, None, pause)
+            if route is not None:
+                self._by_id[route.id] = route
+        self.routes = list(self._by_id.values())
+        self._index()
 
-    def match(self, server_ip, server_port, remote_ip, sni=None):
-        """The first route whose filters pass, or None (APISIX: ``not hit any route``).
+    def _upstream(self, conf, previous, pause):
+        up_id = None if conf.get("id") is None else str(conf["id"])
+        return Upstream(conf, self.chash_ring, previous, pause, "/apisix/upstreams/%s" % up_id,
+                        self.shared)
 
-        ``sni`` is the TLS client's server name (None for plain TCP, which
-        never matches a route with ``sni``); a TLS connection whose name no
-        ``sni`` route takes falls through to the routes without one (§4.2).
+    def _route(self, conf, previous, pause):
+        """A Route for ``conf``, or None for an xRPC subordinate (never matched directly)."""
+        if (conf.get("protocol") or {}).get("superior_id") is not None:
+            return None
+        inline = conf.get("upstream")
+        old = previous.upstream if previous is not None else None
+        name = "/apisix/stream_routes/%s" % conf.get("id")
+        return Route(conf, Upstream(inline, self.chash_ring, old, pause, name, self.shared)
+                     if inline else None)
+
+    def _index(self, pause=None):
+        pause = pause or _none
+        # APISIX's ip_port router over the routes without vars, indexed by
+        # server port and exact server name (model/iprouter.py).
+        self._router = IpPortRouter([r for r in self.routes if r.vars is None])
+        pause()
+        # Routes with vars, in the order the CONNECT tries them (docs/routing.md);
+        # ``_first`` is their list for ``match``: empty without vars, one cheap loop.
+        self._refined = VarsRoutes(self.routes)
+        self._first = self._refined.ordered
+
+    def updated(self, changes, pause=None):
+        """A new table: this one with ``changes`` applied, sharing what did not change.
+
+        ``changes`` are ``(kind, id, value)`` (``value`` None: deleted) or
+        ``(kind, None, [id, ...])``: the kind's objects in a new load order.
+        A new route goes last, a changed one keeps its place (APISIX's order
+        for etcd: keys appended as they come, replaced in place).
         """
-        if sni:
-            for route in self._tls:
-                if _sni_matches(route.sni, sni) and route.matches(
-                        server_ip, server_port, remote_ip):
+        pause = pause or _none
+        new = object.__new__(RouteTable)
+        new.chash_ring = self.chash_ring
+        new.shared = self.shared
+        new.upstreams = dict(self.upstreams)
+        pause()  # each copy and pass is one step: about a millisecond at 10,000
+        new._by_id, routes, order = dict(self._by_id), list(self.routes), None
+        for kind, id_, value in changes:
+            pause()
+            if id_ is None:
+                order = value if kind == "stream_routes" else order
+            elif kind == "upstreams":
+                previous = new.upstreams.pop(id_, None)
+                if value is not None:
+                    new.upstreams[id_] = new._upstream(value, previous, pause)
+            elif kind == "stream_routes":
+                new._replace(routes, id_, value, pause)
+        if order is not None:
+            pause()
+            routes = [new._by_id[i] for i in order if i in new._by_id]
+        pause()
+        new.routes = routes
+        new._index(pause)
+        return new
+
+    def _replace(self, routes, id_, value, pause):
+        old = self._by_id.pop(id_, None)
+        route = None if value is None else self._route(value, old, pause)
+        if route is not None:
+            self._by_id[id_] = route
+        if old is not None and route is not None:
+            routes[routes.index(old)] = route
+        elif old is not None:
+            routes.remove(old)
+        elif route is not None:
+            routes.append(route)
+
+    def route_ids(self):
+        """Every route's id, in load order."""
+        return [route.id for route in self.routes]
+
+    def upstream_named(self, name):
+        """The upstream whose health checks are named ``name`` (``/apisix/upstreams/1``
+        or, for a route's inline upstream, ``/apisix/stream_routes/1``), or None."""
+        kind, _, id_ = name[len("/apisix/"):].partition("/")
+        if kind == "upstreams":
+            return self.upstreams.get(id_)
+        route = self._by_id.get(id_)
+        return route.upstream if route is not None else None
+
+    def match(self, server_ip, server_port, remote_ip, sni=None, fallback_only=False):
+        """The first route to try, from what is known before any byte is read;
+        None: ``not hit any route``.
+
+        Without ``vars`` anywhere this is APISIX's router (§4.2): the first
+        route whose filters pass.  ``sni`` is the TLS client's server name
+        (None for plain TCP, which never matches a route with ``sni``); a TLS
+        connection whose name no ``sni`` route takes falls through to the
+        routes without one.  A route with ``vars`` whose address filters pass
+        comes first, highest ``priority`` first: the answer then has ``vars``
+        and only ``refine`` can say, once the CONNECT is read, which route it
+        is.  ``fallback_only``: the routes without ``vars`` only.
+        """
+        if not fallback_only:  # inline, not a call: every connection runs this
+            for route in self._first:
+                if route.reaches(server_ip, server_port, remote_ip, sni):
                     return route
-        for route in self._plain:
-            if route.matches(server_ip, server_port, remote_ip):
+        return self._router.match(server_ip, server_port, remote_ip, sni)
+
+    def refine(self, server_ip, server_port, remote_ip, sni, values):
+        """The route for a connection whose CONNECT gave ``values`` (variable name
+        -> bytes, None when unset): the first route with ``vars``, highest
+        ``priority`` first and ties by id, whose filters and vars pass, else the
+        route without vars ``match`` would have taken; None: no route."""
+        for route in self._refined.candidates(values):
+            if route.reaches(server_ip, server_port, remote_ip, sni) and route.vars.eval(values):
                 return route
-        return None
+        return self.match(server_ip, server_port, remote_ip, sni, True)
 
     def checked_upstreams(self):
         """Upstreams with ``checks`` that a route can reach, by name (APISIX checks
@@ -269,17 +256,5 @@ class RouteTable:
                       "in Route or Service")
 
 
-def _sni_rank(route):
-    pattern = route.sni.lower()
-    if not pattern.startswith("*"):
-        return (0, 0)
-    return (1, -len(pattern))
-
-
-def _sni_matches(pattern, sni):
-    """``*.x.com`` matches any depth (``a.b.x.com``): routes, unlike certificates,
-    care only about the suffix (ip_port.lua); ``*`` matches every name."""
-    pattern, sni = pattern.lower(), sni.lower()
-    if pattern.startswith("*"):
-        return sni.endswith(pattern[1:]) and len(sni) > len(pattern) - 1
-    return pattern == sni
+def _none():
+    pass

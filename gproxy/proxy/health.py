@@ -90,6 +90,15 @@ def _outcome(result):
     return result
 
 
+#: Probes of one upstream in flight at most, whatever ``active.concurrency`` asks
+#: (APISIX's schema bounds it not at all; gevent's pool takes a C int).
+MAX_CONCURRENCY = 1024
+
+
+def probes_at_once(active):
+    return min(max(int(active.get("concurrency") or 1), 1), MAX_CONCURRENCY)
+
+
 #: The longest a checker sleeps: nodes added by a route edit (``follow``) get
 #: their first probe within this, whatever the others' intervals.
 LOOK_EVERY = 1.0
@@ -138,13 +147,13 @@ class Checker:
         up = self.upstream
         if not up.needs_dns:
             return up.nodes
-        nodes = netio.resolve_nodes(up.nodes)
+        nodes = netio.resolve_nodes(up.nodes, timeout=self.checks.active.get("timeout") or 1)
         self.state.set_nodes(nodes)
         return nodes
 
     def _run(self):
         active = self.checks.active
-        pool = Pool(max(int(active.get("concurrency") or 1), 1))
+        pool = Pool(probes_at_once(active))
         while True:
             now = time.monotonic()
             nodes = self._nodes()
@@ -159,7 +168,7 @@ class Checker:
 
     def _probe(self, node):
         active = self.checks.active
-        port = active.get("port") or node.port
+        port = int(active.get("port") or node.port)  # a JSON 80.0 passes "integer"
         timeout = active.get("timeout") or 1
         host = node.dial_host
         try:
@@ -194,23 +203,39 @@ class HealthCheckers:
             if checker.greenlet is None:
                 checker.start()
 
-    def sync(self, table):
-        """Attach health to ``table``'s checked upstreams (before it goes live)."""
-        wanted = table.checked_upstreams()
-        for name, checker in list(self.checkers.items()):
-            up = wanted.get(name)
-            if up is None or up.checks != checker.checks.conf:
-                checker.stop()
-                del self.checkers[name]
-        for name, up in wanted.items():
-            checker = self.checkers.get(name)
-            if checker is None:
-                checker = self.checkers[name] = Checker(up)
-                if self.running:
-                    checker.start()
-            else:
-                checker.follow(up)
-            up.health = checker.state
+    def sync(self, table, names=None):
+        """Attach health to ``table``'s checked upstreams (before it goes live).
+
+        ``names``: the only upstreams that may have changed (a table update);
+        None looks at every one (the first table).
+        """
+        if names is None:
+            wanted = table.checked_upstreams()
+            names = set(self.checkers) | set(wanted)
+        else:
+            wanted = {}
+            for name in names:
+                up = table.upstream_named(name)
+                if up is not None and up.checks and len(up.nodes) > 1:
+                    wanted[name] = up
+        for name in names:
+            self._follow(name, wanted.get(name))
+
+    def _follow(self, name, up):
+        checker = self.checkers.get(name)
+        if checker is not None and (up is None or up.checks != checker.checks.conf):
+            checker.stop()
+            del self.checkers[name]
+            checker = None
+        if up is None:
+            return
+        if checker is None:
+            checker = self.checkers[name] = Checker(up)
+            if self.running:
+                checker.start()
+        else:
+            checker.follow(up)
+        up.health = checker.state
 
     def report(self):
         """Every checker as APISIX's ``GET /v1/healthcheck`` lists them."""

@@ -55,7 +55,9 @@ def wait_quiet(proxy, timeout=20):
 
 
 def start_proxy(broker_port, store_dir):
-    """gproxy embedded here, one chash mqtt-proxy route to the broker: (proxy, port)."""
+    """gproxy embedded here (``mode="thread"``: not in a child process, or the
+    collection and the census below would find nothing of it), one chash
+    mqtt-proxy route to the broker: (proxy, port)."""
     with open(os.path.join(store_dir, "apisix.yaml"), "w") as fh:
         fh.write("stream_routes:\n  - id: 1\n    plugins:\n      mqtt-proxy:\n"
                  "        protocol_name: MQTT\n        protocol_level: 4\n    upstream:\n"
@@ -67,7 +69,8 @@ def start_proxy(broker_port, store_dir):
                           "plugin_attr": {"prometheus": {"enable_export_server": False}},
                           "deployment": {"admin": False},
                           "gproxy": {"store": {"path": os.path.join(store_dir, "apisix.yaml")},
-                                     "evict": {"grace": 2}}})
+                                     "evict": {"grace": 2}}},
+                         mode="thread")  # here, where this process's collector sees it
     return proxy, port
 
 
@@ -86,6 +89,8 @@ def main(broker_port, store_dir, count):
             if how in ("evict", "idle"):
                 held.append(sock)
         live = proxy.stats()["live_sessions"]
+        # the relays are this process's objects (else nothing below would be checked)
+        relays_seen = sum(type(o).__name__ == "RelayedSession" for o in gc.get_objects())
         time.sleep(2.5)  # keep alive 1 s: the idle timeout (1.5 s) ends those
         proxy.admin("DELETE", "/apisix/admin/gproxy/sessions", query={"client_id": "gc-"})
         left = wait_quiet(proxy)
@@ -97,6 +102,7 @@ def main(broker_port, store_dir, count):
         gc.set_debug(0)
         del gc.garbage[:]
         print(json.dumps({"sessions": count, "live_before_end": live, "left": left,
+                          "relays_seen": relays_seen,
                           "unreachable": unreachable, "kinds": kinds.most_common(12),
                           "total": proxy.stats()["sessions_total"]}))
     finally:

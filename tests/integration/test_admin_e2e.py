@@ -32,13 +32,13 @@ from math import gcd
 import pytest
 import yaml
 
-from tests import packets
+from tests import needs, packets
 from tests.integration.conftest import (HOST, MOSQUITTO, Broker, Gproxy, free_port, mqtt_route,
                                         node, stop_process, wait_listening, wait_until)
 from tests.integration.helpers import (CONNACK_OK, Paho, dial, expect_closed, http_call, local_port,
                                        recv_exact)
 
-pytest.importorskip("paho.mqtt.client")
+needs.module("paho.mqtt.client", "bash scripts/venv.sh test")
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -362,8 +362,8 @@ def mqtt_route_body(*targets, type_="roundrobin", **extra):
 
 @pytest.mark.parametrize("transport", ["http.client", "curl"])
 def test_plugin_doc_walkthrough(transport, seed_brokers, gproxy, tmp_path):
-    if transport == "curl" and shutil.which("curl") is None:
-        pytest.skip("curl is not installed")
+    if transport == "curl":
+        needs.require(shutil.which("curl") is not None, "needs curl (apt-get install curl)")
     b1, b2, port = seed_brokers
     gp = with_admin(gproxy([]))
     run = seed_runner(transport, gp.admin_port, str(tmp_path))
@@ -973,11 +973,16 @@ def test_an_admin_write_right_after_a_hand_edit_does_not_lose_the_edit(mosquitto
     status, _ = admin(gp.admin_port, "PUT", ADMIN + "/upstreams/1",
                       {"type": "roundrobin", "nodes": [node(a)]})
     assert status == 201
+    assert "hand" in listed_routes(gp)
+    # the write went to the journal; a second later it is folded into the file,
+    # which must then hold the edit and the write
+    deadline = time.monotonic() + 10
+    while os.path.exists(gp.routes_path + ".journal") and time.monotonic() < deadline:
+        time.sleep(0.1)
     with open(gp.routes_path, encoding="utf-8") as fh:
         doc = yaml.safe_load(fh.read())
     assert [str(r["id"]) for r in doc.get("stream_routes") or []] == ["hand"], doc
     assert [str(u["id"]) for u in doc.get("upstreams") or []] == ["1"]
-    assert "hand" in listed_routes(gp)
     sock = open_session(gp.port, "after-race")  # and it serves: no match fields, to a
     sock.close()
     a.wait_for_client("after-race")

@@ -35,6 +35,7 @@ def test_ended_sessions_leave_no_cyclic_garbage(mosquitto, tmp_path):
     for report in (few, many):
         # the evicted quarter at least was live (idle ones may have timed out already)
         assert report["left"] == 0 and report["live_before_end"] >= report["sessions"] // 4
+        assert report["relays_seen"] >= report["sessions"] // 4, report  # ours to collect
         assert not PER_SESSION & {kind for kind, _ in report["kinds"]}, report
     # what is left is the Admin API's one eviction request, whatever the number of sessions
     assert many["unreachable"] == few["unreachable"], (few, many)

@@ -1,29 +1,27 @@
-"""Embedding: ``gproxy.start(config)`` in a synchronous, never monkey-patched program.
+"""The handle ``gproxy.start`` returns, whichever way the proxy runs.
 
-``start`` builds a ``Gproxy`` on its own gevent hub in one background thread
-(``hubthread``) and returns an ``EmbeddedProxy`` handle once every listener
-is bound, or raises what went wrong (a bad config, a port in use, an
-unreachable store).  Every method of the handle is safe from any thread: it
-runs on the hub thread and the caller waits for the answer.
+``EmbeddedProxy`` owns what the thread and the process mode share: the
+Admin API calls (``routes``, ``upstreams``, ``admin``, ``sessions``,
+``stats``) turned into dicts or ``AdminError``; the bound addresses; one
+``stop`` from any thread, and one at the host's exit if it never called it;
+and what a forked child of the host may do with the handle it inherited
+(nothing: ``stop`` is a no-op there, every other call raises
+``ProxyStopped``; ``forks`` lets go of the descriptors).  A mode supplies
+``_launch``, ``_request``, ``_shutdown`` and ``_release_in_child``.
 
-Routes and upstreams go through the Admin API's own Flask app, called with
-its test client on the hub thread (no socket, no key: the caller is the
-process itself), so a body gets exactly the Admin API's checks, status codes
-and error bodies; a non-2xx answer raises ``AdminError`` carrying APISIX's
-``error_msg``.  ``stop(grace)`` drains as SIGTERM does and leaves no thread
-and no descriptor behind.  This module patches nothing and installs no
-signal handler.
+It imports no gevent and nothing of the data path: in process mode this and
+``inprocess`` are all the host loads.
 """
 
+import atexit
 import copy
-import ipaddress
 import json
 import os
 import threading
 
 from gproxy import config as config_mod
-from gproxy.hub import monkey_patched
-from gproxy.runtime.hubthread import HubThread
+from gproxy.errors import ProxyStopped
+from gproxy.runtime.embed import forks
 
 ADMIN = "/apisix/admin"
 
@@ -48,20 +46,6 @@ def load_config(config):
     if isinstance(config, dict):
         return config_mod.Config(copy.deepcopy(config))
     return config_mod.load(os.fspath(config))
-
-
-def start(config=None, workers=1):
-    """Start gproxy in a background thread; returns once its listeners are bound."""
-    if workers != 1:
-        raise ValueError("workers=%r: embedded gproxy runs in one process (forked workers "
-                         "would copy the host program); run the gproxy command with "
-                         "--workers for that" % (workers,))
-    if monkey_patched():
-        raise RuntimeError("gproxy.start() is for programs that are not monkey-patched; in a "
-                           "gevent program run gproxy.runtime.app.Gproxy on your own hub")
-    proxy = EmbeddedProxy(load_config(config))
-    proxy._start()
-    return proxy
 
 
 class Resource:
@@ -95,36 +79,25 @@ class Resource:
 class EmbeddedProxy:
     """The handle ``gproxy.start`` returns; a context manager that stops on exit."""
 
+    mode = None  # "thread" or "process"
+
     def __init__(self, cfg):
         self.cfg = cfg
         self.routes = Resource(self, "stream_routes")
         self.upstreams = Resource(self, "upstreams")
         self.addresses = []  # bound (host, port) of every stream listener
         self.admin_address = None  # (host, port) of the Admin API, when it is on
-        self._hub = HubThread("gproxy-hub")
-        self._app = None
-        self._client = None
+        self._owner = os.getpid()  # the process that started it, the only one that may call
         self._stop_lock = threading.Lock()
         self._stopped = False
 
     # -- life cycle --------------------------------------------------------
     def _start(self):
-        self._hub.start(self._setup)
-
-    def _setup(self):
-        """On the hub: build, bind, serve (Gproxy.start undoes itself on failure)."""
-        from gproxy.runtime.app import Gproxy
-        app = Gproxy(self.cfg)
-        try:
-            app.start()
-        except BaseException:
-            app.store.close()
-            raise
-        self._app = app
-        self._client = _admin_client(app, self.cfg)
-        self.addresses = list(app.addresses)
-        if app.admin_server is not None:
-            self.admin_address = (app.admin_server.server_host, app.admin_server.server_port)
+        """Run the proxy (``_launch`` raises what went wrong, leaving nothing behind)."""
+        self._launch()
+        forks.adopt(self)
+        atexit.register(self._at_exit)
+        return self
 
     @property
     def port(self):
@@ -132,25 +105,42 @@ class EmbeddedProxy:
         return self.addresses[0][1]
 
     def stop(self, grace=5.0):
-        """Stop accepting, drain live sessions for up to ``grace`` s, end the thread."""
+        """Stop accepting, drain live sessions for up to ``grace`` s, then end the
+        proxy's thread or process.  A second call does nothing, and so does a
+        call in a forked child (the proxy belongs to the process that started it)."""
+        if os.getpid() != self._owner:
+            return
         with self._stop_lock:
             if self._stopped:
                 return
             self._stopped = True
-        try:
-            self._hub.call(self._shutdown, grace)
-        finally:
-            self._hub.finish()
+        atexit.unregister(self._at_exit)
+        self._shutdown(grace)
 
-    def _shutdown(self, grace):
-        try:
-            self._app.stop(grace)
-        finally:
-            self._app.store.close()
+    def _at_exit(self):
+        """The host exits without having called ``stop``: drain as ``stop()`` does."""
+        self.stop()
+
+    def _check_owner(self):
+        if os.getpid() != self._owner:
+            raise ProxyStopped("this gproxy runs for process %d; a forked child cannot use "
+                               "its handle (call the Admin API over HTTP instead)" % self._owner)
+
+    def _forked(self):
+        """In a forked child, right after the fork: let go of what the child inherited
+        (nothing once stopped: the numbers may name the host's own files by now)."""
+        if not self._stopped:
+            self._release_in_child()
+
+    def __repr__(self):
+        return "<gproxy %s mode%s %s%s>" % (
+            self.mode, " pid %s" % self.pid if getattr(self, "pid", None) else "",
+            ", ".join("%s:%d" % a for a in self.addresses), " stopped" if self._stopped else "")
 
     def reopen_logs(self):
         """Reopen the stream access log (after logrotate renamed it), like SIGUSR1."""
-        self._hub.call(self._app.reopen_logs)
+        self._check_owner()
+        self._reopen_logs()
 
     def __enter__(self):
         return self
@@ -161,8 +151,11 @@ class EmbeddedProxy:
     # -- the Admin API -----------------------------------------------------
     def admin(self, method, path, body=None, query=None):
         """One Admin API request (``path`` from ``/apisix/admin``); the JSON answer."""
+        self._check_owner()
         data = body if body is None or isinstance(body, (str, bytes)) else json.dumps(body)
-        status, text = self._hub.call(self._request, method, path, data, query)
+        if isinstance(data, bytes):
+            data = data.decode("utf-8")
+        status, text = self._request(method, path, data, query)
         try:
             answer = json.loads(text) if text.strip() else {}
         except ValueError:
@@ -170,11 +163,6 @@ class EmbeddedProxy:
         if status >= 400:
             raise AdminError(status, answer)
         return answer
-
-    def _request(self, method, path, data, query):
-        resp = self._client.open(path, method=method, data=data, query_string=query,
-                                 content_type="application/json")
-        return resp.status_code, resp.get_data(as_text=True)
 
     def sessions(self):
         """Live sessions, as ``GET /apisix/admin/gproxy/sessions`` returns them."""
@@ -184,16 +172,19 @@ class EmbeddedProxy:
         """Totals, as ``GET /apisix/admin/gproxy/stats`` returns them."""
         return self.admin("GET", ADMIN + "/gproxy/stats")
 
+    # -- what a mode supplies ----------------------------------------------
+    def _launch(self):
+        raise NotImplementedError
 
-def _admin_client(app, cfg):
-    """The Admin API app for in-process calls: same checks, no key or address gate.
+    def _request(self, method, path, data, query):
+        """``(status, text)`` of one Admin API request."""
+        raise NotImplementedError
 
-    The caller is the program gproxy runs in, so the token and allowlist that
-    guard the HTTP listener do not apply; everything else is the same code.
-    """
-    from gproxy.admin.app import create_app
-    local = copy.copy(cfg)
-    local.values = dict(cfg.values)
-    local.values["deployment.admin.admin_key_required"] = False
-    local.values["deployment.admin.allow_admin"] = [ipaddress.ip_network("127.0.0.1/32")]
-    return create_app(app.store, app.sessions, local).test_client()
+    def _shutdown(self, grace):
+        raise NotImplementedError
+
+    def _reopen_logs(self):
+        raise NotImplementedError
+
+    def _release_in_child(self):
+        raise NotImplementedError
