@@ -16,7 +16,8 @@ READ, WRITE = 1, 2
 SPLICE = hasattr(os, "splice")
 PIPE_SIZE = 1024 * 1024
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-_RAW = _socket.socket
+#: A kernel socket as the relay holds it (not a TLS or WebSocket wrapper).
+RawEndpoint = _socket.socket
 
 
 def shutdown(sock, how):
@@ -24,6 +25,34 @@ def shutdown(sock, how):
         sock.shutdown(how)
     except OSError:
         pass  # already closed or reset: nothing left to tell the peer
+
+
+def forget_fd(loop, fd):
+    """Take ``fd`` out of the hub's epoll set before closing a descriptor that
+    another process still holds (a handed session).
+
+    epoll watches open file descriptions, not descriptor numbers: closing our
+    number while the other process keeps the socket open would leave it in
+    the set (libev never deletes, it waits for the close), so every byte for
+    that session would wake this hub.  A stopped watcher and an explicit
+    EPOLL_CTL_DEL through a duplicate of the loop's epoll descriptor fix it.
+    """
+    if getattr(loop, "backend", None) != "epoll":
+        return  # (libuv, or libev on another backend: nothing of ours to undo)
+    backend = loop.fileno()
+    dup = os.dup(backend)
+    try:
+        import select
+        poller = select.epoll.fromfd(dup)
+    except OSError:
+        os.close(dup)
+        return
+    try:
+        poller.unregister(fd)
+    except OSError:
+        pass  # never registered, or removed already
+    finally:
+        poller.close()
 
 
 def reason_of(exc):
@@ -53,7 +82,7 @@ class Direction:
         self.bye = None  # bytes to send dst at that boundary (a DISCONNECT)
         self.pending = getattr(src, "pending", None)  # TLS: bytes already decrypted
         # splice(2) needs kernel sockets on both sides (not TLS or WebSocket endpoints)
-        self.can_splice = SPLICE and type(src) is _RAW and type(dst) is _RAW
+        self.can_splice = SPLICE and type(src) is RawEndpoint and type(dst) is RawEndpoint
 
     def open_pipe(self):
         if self.pipe is not None:
@@ -68,6 +97,30 @@ class Direction:
             pass  # the default 64 KiB pipe still works
         self.pipe = (r, w)
         return True
+
+    # -- handover (relay.handoff packs these for the wire) -------------------
+    def export(self):
+        """This direction's state, the relay quiesced: backlog bytes, end, tracker."""
+        backlog = self.backlog
+        if isinstance(backlog, int):  # bytes spliced into the pipe, not written yet
+            backlog = self.read_pipe(backlog)
+        self.backlog = backlog  # bytes from here on: a restart sends them as such
+        self.splicing = False  # the pipe is empty: the next read decides again
+        return {"backlog": backlog, "done": self.done, "track": self.track}
+
+    def restore(self, backlog, done):
+        self.backlog = backlog or None
+        self.done = done
+
+    def read_pipe(self, n):
+        chunks = []
+        while n > 0:
+            chunk = os.read(self.pipe[0], n)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            n -= len(chunk)
+        return b"".join(chunks) or None
 
     def close_pipe(self):
         if self.pipe is not None:
