@@ -61,6 +61,11 @@ class Gproxy:
         self.worker_index = None  # set in a forked worker
         self._watcher = None
         self._stopping = False
+        # Listening sockets handed over by a live upgrade, by ("stream" | "http",
+        # addr text): used instead of binding (runtime.upgrade); what is left
+        # after start-up (a listener the new config dropped) is closed.
+        self.inherited = {}
+        self.giver = None  # a worker's handover to its successor, until the commit
 
     @property
     def evict_options(self):
@@ -119,11 +124,12 @@ class Gproxy:
         return self.health.report()
 
     # -- starting ------------------------------------------------------------
-    def start(self, workers=1):
-        """Listen and serve (on the current hub); ``workers`` > 1 forks proxy processes."""
+    def start(self, workers=1, handover=None):
+        """Listen and serve (on the current hub); ``workers`` > 1 forks proxy processes
+        (``handover``: a live upgrade's paths, where each waits for its old worker)."""
         if workers > 1:
             from gproxy.runtime.workers import fork_workers
-            self.workers = fork_workers(self, workers)
+            self.workers = fork_workers(self, workers, handover)
         else:
             self._listen(reuseport=False)
             self.health.start()
@@ -131,15 +137,32 @@ class Gproxy:
             self._start_admin()
         self.http_servers = services.start_http(self)
         self._watcher = gevent.spawn(self._watch, self.cfg["gproxy.store.watch_interval"])
+        self.close_inherited()
 
-    def start_worker(self, index):
-        """In a forked worker: a fresh registry and this worker's own listeners."""
+    def close_inherited(self):
+        for sock in self.inherited.values():
+            sock.close()  # a listener the new config does not have any more
+        self.inherited = {}
+
+    def start_worker(self, index, handover=None):
+        """In a forked worker: a fresh registry and this worker's own listeners
+        (or, in a live upgrade, its old worker's, taken at ``handover``)."""
         self.registry = Registry()
         self.proxy.registry = self.sessions.registry = self.registry
         self.worker_index = index
+        self.inherited = {}  # the parent's HTTP listeners are not ours
+        if handover is not None:
+            from gproxy.runtime.handover import take_at
+            take_at(self, handover)
+            return
+        self.start_listening()
+
+    def start_listening(self):
+        """A worker's own listeners (reuseport; handed ones first) and health checks."""
         self._listen(reuseport=True)
+        self.close_inherited()
         self.health.start()
-        log.info("worker %d serving", index)
+        log.info("worker %d serving", self.worker_index)
 
     def _listen(self, reuseport, specs=None):
         if specs is None and not self.cfg.stream_enabled:  # APISIX: no stream_proxy, or http
@@ -148,7 +171,9 @@ class Gproxy:
             return
         for spec in self.cfg["apisix.stream_proxy.tcp"] if specs is None else specs:
             try:
-                sock = bind_listener(spec.host, spec.port, reuseport=reuseport)
+                sock = self.inherited.pop(("stream", spec.addr), None)
+                if sock is None:
+                    sock = bind_listener(spec.host, spec.port, reuseport=reuseport)
             except OSError as exc:
                 if spec.optional:
                     log.info("listener %s skipped: %s", spec.addr, exc.strerror)
@@ -184,7 +209,8 @@ class Gproxy:
                 self.cfg.admin_file(mtls + "admin_ssl_ca_cert"))
             scheme = "https"
         self.admin_server = services.serve_http(self.cfg, (host, port), self.admin_app(),
-                                                "gproxy.admin", start=False, **ssl_args)
+                                                "gproxy.admin", start=False,
+                                                inherited=self.inherited, **ssl_args)
         try:
             self.admin_server.start()
         except OSError as exc:

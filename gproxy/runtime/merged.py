@@ -25,8 +25,11 @@ from gproxy.model.health import merge_reports
 from gproxy.protocols.mqttstream import USE_ANOTHER_SERVER
 from gproxy.proxy.sessions.evict import Evictions
 from gproxy.proxy.sessions.live import check_spec, dict_key, sort_order
+from gproxy.runtime.channel import ACK_TIMEOUT
+from gproxy.runtime.handover import STEP_TIMEOUT, HandoverError
 
 log = logging.getLogger("gproxy.workers")
+HANDOVER_TIMEOUT = 4 * STEP_TIMEOUT  # listeners, ready, sessions, prepared
 
 
 def merge_stats(replies, workers):
@@ -57,9 +60,9 @@ class WorkerSet:
         self.server_reference = server_reference
         self.evictions = Evictions(self.select, self.end_many)
 
-    def _one(self, ch, message):
+    def _one(self, ch, message, timeout=ACK_TIMEOUT):
         try:
-            reply = ch.call(message)
+            reply = ch.call(message, timeout)
         except (OSError, gevent.Timeout) as exc:
             log.error("worker %d did not answer %s: %s", ch.pid, message["op"], exc)
             return None
@@ -68,8 +71,9 @@ class WorkerSet:
             return None
         return reply
 
-    def _all(self, message, channels=None):
-        calls = [gevent.spawn(self._one, ch, message) for ch in channels or self.channels]
+    def _all(self, message, channels=None, timeout=ACK_TIMEOUT):
+        calls = [gevent.spawn(self._one, ch, message, timeout)
+                 for ch in channels or self.channels]
         gevent.joinall(calls)
         return [call.value for call in calls if call.value is not None]
 
@@ -109,13 +113,16 @@ class WorkerSet:
         return ids
 
     def end_many(self, ids, code=USE_ANOTHER_SERVER, grace=None, server_reference=None):
-        """End ``ids`` cleanly, each batch asked of the worker that holds it."""
+        """End ``ids`` cleanly, each batch asked of the worker that holds it (a
+        session handed over by a live upgrade keeps its id: every worker is asked)."""
         by_pid = {}
         for sid in ids:
             by_pid.setdefault(sid.partition("-")[0], []).append(sid)
+        mine = {str(ch.pid) for ch in self.channels}
+        moved = [sid for pid, sids in by_pid.items() if pid not in mine for sid in sids]
         ended = failed = 0
         for ch in self.channels:
-            sids = by_pid.get(str(ch.pid))
+            sids = by_pid.get(str(ch.pid), []) + moved
             if not sids:
                 continue
             reply = self._one(ch, {
@@ -128,6 +135,24 @@ class WorkerSet:
             else:
                 ended += reply["ended"]
         return {"ended": ended, "failed": failed}
+
+    # -- live upgrade (runtime.upgrade) -------------------------------------
+    def hand_over(self, paths):
+        """Each worker gives its listeners and sessions to the new worker at
+        ``paths[i]``, up to the commit; if one fails, all take theirs back."""
+        if len(paths) != len(self.channels):
+            raise HandoverError("the new process has %d workers, this one %d"
+                                % (len(paths), len(self.channels)))
+        calls = [gevent.spawn(self._one, ch, {"op": "handover", "path": path}, HANDOVER_TIMEOUT)
+                 for ch, path in zip(self.channels, paths)]
+        gevent.joinall(calls)
+        if any(call.value is None for call in calls):
+            self._all({"op": "handover_abort"}, timeout=HANDOVER_TIMEOUT)
+            raise HandoverError("a worker could not hand over (see its line above)")
+
+    def commit_handover(self):
+        replies = self._all({"op": "handover_commit"}, timeout=HANDOVER_TIMEOUT)
+        return sum(reply.get("moved", 0) for reply in replies)
 
     def __len__(self):
         return sum(r["live_sessions"] for r in self._all({"op": "stats"}))

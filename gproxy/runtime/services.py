@@ -16,6 +16,7 @@ from gproxy.admin.extensions import health_blueprint as _health_blueprint
 from gproxy.admin.server import AdminServer
 from gproxy.control.api import create_control_app
 from gproxy.control.metrics import PATH, GproxyCollector, create_metrics_app
+from gproxy.proxy.accept.listener import addr_text
 from gproxy.proxy.sessions.registry import DIAL_BUCKETS
 
 log = logging.getLogger("gproxy.server")
@@ -26,9 +27,11 @@ def health_blueprint(health):
     return _health_blueprint(ADMIN_PREFIX, health)
 
 
-def serve_http(cfg, address, app, logger, start=True, **ssl_args):
-    """An ``AdminServer`` for ``app`` on ``address`` (started unless ``start`` is False)."""
-    server = AdminServer(address, app, cfg["gproxy.admin.max_connections"],
+def serve_http(cfg, address, app, logger, start=True, inherited=None, **ssl_args):
+    """An ``AdminServer`` for ``app`` on ``address`` (started unless ``start`` is False);
+    on the socket a live upgrade handed over for that address, if there is one."""
+    sock = (inherited or {}).pop(("http", addr_text(*address)), None)
+    server = AdminServer(sock or address, app, cfg["gproxy.admin.max_connections"],
                          cfg["gproxy.admin.timeout"], log=None,
                          error_log=logging.getLogger(logger), **ssl_args)
     if start:
@@ -36,9 +39,9 @@ def serve_http(cfg, address, app, logger, start=True, **ssl_args):
     return server
 
 
-def _optional(cfg, address, app, what, url):
+def _optional(cfg, address, app, what, url, inherited=None):
     try:
-        server = serve_http(cfg, address, app, "gproxy.control")
+        server = serve_http(cfg, address, app, "gproxy.control", inherited=inherited)
     except OSError as exc:
         log.error("%s: cannot listen on %s:%d: %s; not served", what, address[0], address[1],
                   exc.strerror)
@@ -60,9 +63,10 @@ def start_http(gp):
     if cfg["apisix.enable_control"]:
         address = (cfg["apisix.control.ip"], cfg["apisix.control.port"])
         servers.append(_optional(cfg, address, create_control_app(gp.health_report),
-                                 "control API", "/v1/healthcheck"))
+                                 "control API", "/v1/healthcheck", gp.inherited))
     if cfg["plugin_attr.prometheus.enable_export_server"]:
         address = (cfg["plugin_attr.prometheus.export_addr.ip"],
                    cfg["plugin_attr.prometheus.export_addr.port"])
-        servers.append(_optional(cfg, address, metrics_app(gp), "prometheus metrics", PATH))
+        servers.append(_optional(cfg, address, metrics_app(gp), "prometheus metrics", PATH,
+                                 gp.inherited))
     return [server for server in servers if server is not None]

@@ -10,6 +10,9 @@ socketpair per worker (``channel``: JSON lines with request ids):
                       {"op": "query", "spec": {...}} / {"op": "select", "spec": {...}}
                       {"op": "end_many", "sids": [...], "code", "grace", "server_reference"}
                       {"op": "health"} / {"op": "reload", "raw": {...}, "path": ...}
+                      {"op": "handover", "path": ...}  (live upgrade: give to the new
+                      worker waiting there, up to the commit) / {"op": "handover_commit"}
+                      / {"op": "handover_abort"}
                       {"op": "stop", "timeout": grace}   (drain, then exit)
                       {"op": "stop", "timeout": 0}       (during a drain: force)
 
@@ -32,6 +35,7 @@ import gevent.socket
 from gproxy.hub import pause as sessions_pause
 from gproxy.runtime.channel import (ACK_TIMEOUT, Channel, LineReader, decode, encode,
                                     encode_large)
+from gproxy.runtime.handover import give
 from gproxy.runtime.merged import WorkerSet
 
 log = logging.getLogger("gproxy.workers")
@@ -51,6 +55,9 @@ def _handlers(app):
         "close": lambda m: {"closed": registry().close(m["sid"])},
         "health": lambda m: {"list": app.health.report()},
         "reload": lambda m: (_reload(app, m), {"ok": True})[1],
+        "handover": lambda m: give(app, m["path"]),
+        "handover_commit": lambda m: {"moved": app.giver.commit() if app.giver else 0},
+        "handover_abort": lambda m: (app.giver and app.giver.abort(), {"ok": True})[1],
     }
 
 
@@ -89,7 +96,7 @@ def serve_control(app, sock, reader=None):
         sock.sendall(encode_large(dict(reply, id=request_id), sessions_pause))
 
 
-def _run_worker(app, index, child_end):
+def _run_worker(app, index, child_end, handover=None):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent coordinates shutdown
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the parent reloads and tells us
@@ -97,7 +104,7 @@ def _run_worker(app, index, child_end):
     ctl = gevent.socket.socket(fileno=child_end.detach())
     try:
         try:
-            app.start_worker(index)
+            app.start_worker(index, handover)
         except OSError as exc:
             ctl.sendall(encode({"error": str(exc)}))
             raise
@@ -132,8 +139,12 @@ def _force_on_request(app, sock, reader, drain):
             return
 
 
-def fork_workers(app, count):
-    """Fork ``count`` workers running ``app``'s data path; returns the parent's WorkerSet."""
+def fork_workers(app, count, handover=None):
+    """Fork ``count`` workers running ``app``'s data path; returns the parent's WorkerSet.
+
+    ``handover`` (a live upgrade): one Unix socket path per worker, where it
+    waits for the old worker of the same index to give it its listeners and
+    sessions (``handover.take_at``)."""
     channels = []
     for index in range(count):
         parent_end, child_end = socket.socketpair()
@@ -142,7 +153,7 @@ def fork_workers(app, count):
             parent_end.close()
             for ch in channels:
                 ch.close()
-            _run_worker(app, index, child_end)
+            _run_worker(app, index, child_end, handover and handover[index])
         child_end.close()
         channel = Channel(pid, gevent.socket.socket(fileno=parent_end.detach()))
         channels.append(channel)

@@ -10,8 +10,12 @@ import errno
 import fcntl
 import os
 
+from gevent.monkey import get_original
+
 from gproxy.protocols.mqttstream import Boundaries
 
+#: select.epoll as the kernel has it (a monkey-patched ``select`` hides it).
+_EPOLL = get_original("select", "epoll")
 READ, WRITE = 1, 2
 SPLICE = hasattr(os, "splice")
 PIPE_SIZE = 1024 * 1024
@@ -42,8 +46,7 @@ def forget_fd(loop, fd):
     backend = loop.fileno()
     dup = os.dup(backend)
     try:
-        import select
-        poller = select.epoll.fromfd(dup)
+        poller = _EPOLL.fromfd(dup)
     except OSError:
         os.close(dup)
         return

@@ -1,0 +1,110 @@
+"""A relaying session handed to another process: out of this one, into that one.
+
+``export(session)`` adds what the session room owns to the relay's state
+(``relay.handoff``): the session record (``SessionInfo``, byte counts
+included), the listener it was accepted on (by its address text) and the
+``limit-conn`` slots it holds.  ``adopt(proxy, listeners, gate, state, fds)``
+builds the session again in the new process, and ``go`` runs it once the
+handover is committed: its record goes live in the registry without counting
+as a new session, its slots and its place in the accept gate are taken
+again, and its relay resumes (``drop`` forgets it if the handover fails).  ``let_go(session)``
+forgets a session the other process acknowledged: its slots and gate place
+are given back and its record leaves the registry, with no goodbye on the
+wire and no "session closed" line.
+
+A session that is not relaying (still in its phases), or whose relay cannot
+move (TLS, ending), is not exported: ``export`` returns None and the caller
+ends it as SIGTERM would.  Nothing here does I/O beyond what the relay's
+handoff does.
+"""
+
+import logging
+from dataclasses import fields
+
+from gproxy.proxy.relay import handoff
+from gproxy.proxy.session.limits import Slot
+from gproxy.proxy.session.session import Session
+from gproxy.proxy.sessions.registry import SessionInfo
+
+log = logging.getLogger("gproxy.session")
+
+_FIELDS = tuple(f.name for f in fields(SessionInfo))
+
+
+def export(session):
+    """Quiesce a relaying session; ``(state, fds)``, or None if it cannot move."""
+    relay = session.relay
+    if relay is None or session.info.state != "relaying":
+        return None
+    state = handoff.export(relay)
+    if state is None:
+        return None
+    info = session.info
+    record = {name: getattr(info, name) for name in _FIELDS}
+    record["hash_key"] = handoff.pack(info.hash_key)
+    return ({"info": record, "relay": state, "listener": session.listener.text,
+             "limits": [list(slot.key) for slot in session.cleanup if isinstance(slot, Slot)]},
+            handoff.descriptors(relay))
+
+
+def restart(session):
+    """The handover failed: this process runs the session again."""
+    handoff.restart(session.relay)
+
+
+def let_go(session):
+    """The other process runs the session now: forget it here without a word."""
+    handoff.release(session.relay)
+    session.registry.remove(session.info, moved=True)
+    session.ended()
+
+
+def adopt(proxy, listeners, gate, state, fds):
+    """The session of a received ``state`` and ``fds``, built but not running yet
+    (``go`` runs it, ``drop`` forgets it if the handover is called off)."""
+    record = dict(state["info"])
+    record["hash_key"] = handoff.unpack(record["hash_key"])
+    info = SessionInfo(**{name: record[name] for name in _FIELDS if name in record})
+    client, upstream = handoff.endpoints(fds, state["relay"], proxy.relays.loop)
+    listener = listeners.get(state["listener"]) or _Elsewhere(state["listener"], gate)
+    session = Session(proxy, listener, client, info)
+    session.action = "proxying connection"
+    try:
+        session.relay = handoff.resume(proxy.relays, client, upstream, info,
+                                       session._relay_done, state["relay"])
+    except Exception:
+        for sock in (getattr(client, "sock", client), upstream):
+            sock.detach()  # the caller closes the descriptors it received
+        raise
+    session.cleanup = [tuple(key) for key in state["limits"]]  # slots, taken by go()
+    return session
+
+
+def go(session):
+    """Run an adopted session: live in the registry, its slots taken, its relay moving."""
+    proxy = session.proxy
+    keys, session.cleanup = session.cleanup, [session.listener.gate.leave]
+    session.listener.gate.enter()
+    for key in keys:
+        proxy.limits.acquire(key)
+        session.cleanup.append(Slot(proxy.limits, key))
+    proxy.registry.adopt(session.info, session)
+    session.tracked = True
+    session.relay.start()
+
+
+def drop(session):
+    """Forget an adopted session that will not run here (no FIN: the giver keeps it)."""
+    session.cleanup = []
+    handoff.release(session.relay)
+
+
+class _Elsewhere:
+    """The listener of a handed session that this process does not listen on
+    (removed from the config meanwhile): its text for log lines, the gate."""
+
+    pipeline = ()
+
+    def __init__(self, text, gate):
+        self.text = text
+        self.gate = gate

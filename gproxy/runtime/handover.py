@@ -1,0 +1,350 @@
+"""One data path's listeners and live sessions, handed from an old process to a new one.
+
+Both ends talk over a connected Unix stream socket (``Wire``): each message
+is a 4-byte length and a JSON object, and the descriptors that go with it
+travel in the same ``sendmsg`` (SCM_RIGHTS); the object says how many.  The
+giver is the old process (or worker), the taker the new one:
+
+    giver -> taker  {"op": "listeners", "stream": [addr...], "http": [addr...]}  + fds
+    taker -> giver  {"op": "ready"}            the taker accepts on them now
+                    (the giver stops accepting: both did for a moment, none refused)
+    giver -> taker  {"op": "sessions", "items": [state...]}  + 2 fds a session, 120 a message
+                    ... until no session that can move is left (rounds, up to SETTLE s)
+    giver -> taker  {"op": "state", "totals": {...}, "health": {...}, "rates": [...]}
+    taker -> giver  {"op": "prepared", "refused": [session ids]}
+    giver -> taker  {"op": "commit"}           the point of no return
+    taker -> giver  {"op": "committed"}        the taker's relays run; the giver forgets them
+
+Until the commit every exported relay stays quiesced in the giver and the
+adopted ones are not started in the taker, so if anything fails (the taker
+exits or times out, a message is refused, ``abort``) the giver restarts
+every session where it stood and accepts again, and the taker drops what it
+adopted without a FIN.  A session's pause is therefore the handover's length
+(docs/upgrade.md has the figures).  The format of a session's state is
+``relay.handoff``'s ``FORMAT``; the process that receives another version
+refuses the handover before any session moves (``runtime.upgrade``).
+"""
+
+import json
+import logging
+import socket
+import struct
+import time
+
+import gevent
+import gevent.socket
+
+from gproxy.proxy.relay import handoff
+from gproxy.proxy.session import moved
+
+log = logging.getLogger("gproxy.upgrade")
+
+FORMAT = handoff.FORMAT
+BATCH = 120  # sessions a message: 240 descriptors, under the kernel's 253 (SCM_MAX_FD)
+MAX_FDS = 253
+STEP_TIMEOUT = 30.0  # seconds the other end may take for one step
+SETTLE = 2.0  # seconds to wait for sessions still in their phases to start relaying
+_LEN = struct.Struct("!I")
+
+
+class HandoverError(Exception):
+    """The handover cannot go on; the message says why (logged by the caller)."""
+
+
+class Wire:
+    """Length-prefixed JSON messages with descriptors, over a (gevent) Unix socket."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.buf = bytearray()
+        self.fds = []
+
+    def send(self, message, fds=()):
+        data = json.dumps(dict(message, fds=len(fds)), separators=(",", ":")).encode()
+        frame = _LEN.pack(len(data)) + data
+        try:
+            sent = socket.send_fds(self.sock, [frame], list(fds)) if fds else 0
+            self.sock.sendall(frame[sent:])
+        except OSError as exc:
+            raise HandoverError("the other process went away (%s)" % exc) from None
+
+    def recv(self, timeout=STEP_TIMEOUT, expect=None):
+        """The next message and its descriptors; HandoverError at EOF or timeout."""
+        try:
+            with gevent.Timeout(timeout):
+                while True:
+                    if len(self.buf) >= 4:
+                        size = _LEN.unpack_from(self.buf)[0]
+                        if len(self.buf) >= 4 + size:
+                            return self._message(size, expect)
+                    data, fds, flags, _ = socket.recv_fds(self.sock, 1 << 18, MAX_FDS)
+                    self.fds.extend(fds)
+                    if flags & socket.MSG_CTRUNC:
+                        raise HandoverError("descriptors were lost in transit (MSG_CTRUNC)")
+                    if not data:
+                        raise HandoverError("the other process went away")
+                    self.buf += data
+        except gevent.Timeout:
+            raise HandoverError("no answer within %.0fs" % timeout) from None
+        except OSError as exc:
+            raise HandoverError("the other process went away (%s)" % exc) from None
+
+    def _message(self, size, expect):
+        message = json.loads(bytes(self.buf[4:4 + size]))
+        del self.buf[:4 + size]
+        n = message.get("fds", 0)
+        fds, self.fds = self.fds[:n], self.fds[n:]
+        if expect is not None and message.get("op") != expect:
+            handoff.close_fds(fds)
+            raise HandoverError("expected %r, got %r" % (expect, message.get("op")))
+        return message, fds
+
+    def close(self):
+        handoff.close_fds(self.fds)
+        self.fds = []
+        self.sock.close()
+
+
+# -- what a data path holds besides sessions ------------------------------------------
+def process_state(app):
+    """Counters, health and rate-limit buckets: what the taker adds to its own."""
+    health = {name: {addr: [n.healthy, n.success, n.tcp_failure, n.timeout_failure]
+                     for addr, n in checker.state.nodes.items()}
+              for name, checker in app.health.checkers.items()}
+    rates = [[list(ident), [[k, e, t] for k, (e, t) in bucket.buckets.items()]]
+             for ident, bucket in app.proxy.limits.rates.items()]
+    return {"totals": app.registry.totals(), "health": health, "rates": rates}
+
+
+def carry_state(app, state):
+    app.registry.carry(state["totals"])
+    for name, nodes in state["health"].items():
+        checker = app.health.checkers.get(name)
+        for addr, (healthy, success, tcp, timeout) in nodes.items():
+            node = checker.state.nodes.get(addr) if checker is not None else None
+            if node is None:
+                continue  # the upstream or node is gone from the new table
+            node.healthy, node.success = healthy, success
+            node.tcp_failure, node.timeout_failure = tcp, timeout
+            (checker.state.unhealthy.discard if healthy else checker.state.unhealthy.add)(addr)
+    limits = app.proxy.limits
+    for (route, rate, burst), buckets in state["rates"]:
+        bucket = limits.bucket(route, {"rate": rate, "burst": burst})
+        for key, excess, last in buckets:
+            bucket.buckets[key] = (excess, last)
+
+
+def stream_listeners(app):
+    return [lst for lst in app.listeners if lst.server is not None and not lst.server.closed]
+
+
+# -- the old side -------------------------------------------------------------------------
+class Giver:
+    """The old process's (or worker's) end: listeners, then sessions, then commit."""
+
+    def __init__(self, app, wire, http=()):
+        self.app = app
+        self.wire = wire
+        self.http = list(http)  # (addr text, socket) of the parent's HTTP listeners
+        self.paused = []
+        self.exported = {}  # session id -> session, quiesced here
+        self.refused = []
+
+    def prepare(self, settle=SETTLE):
+        """Everything up to the commit; HandoverError (after ``abort``) if it fails."""
+        try:
+            listeners = stream_listeners(self.app)
+            self.wire.send({"op": "listeners", "stream": [lst.text for lst in listeners],
+                            "http": [text for text, _ in self.http]},
+                           [lst.sock.fileno() for lst in listeners]
+                           + [sock.fileno() for _, sock in self.http])
+            self.wire.recv(expect="ready")
+            self._pause(listeners)
+            self._sessions(time.monotonic() + settle)
+            self.wire.send(dict(process_state(self.app), op="state"))
+            reply, _ = self.wire.recv(expect="prepared")
+            self.refused = reply.get("refused") or []
+        except (HandoverError, ValueError) as exc:
+            self.abort()
+            raise HandoverError(str(exc)) from None
+        return len(self.exported) - len(self.refused)
+
+    def _pause(self, listeners):
+        gate = self.app.gate
+        for lst in listeners:
+            if lst.server in gate.servers:
+                gate.servers.remove(lst.server)  # a session ending must not resume it
+            lst.server.stop_accepting()
+            self.paused.append(lst)
+
+    def _sessions(self, deadline):
+        registry = self.app.registry
+        while True:
+            batch, fds, waiting = [], [], 0
+            for sid in registry.ids():
+                session = registry.handle(sid)
+                if sid in self.exported or session is None:
+                    continue
+                if session.info.state in ("preread", "connecting"):
+                    waiting += 1
+                    continue
+                out = moved.export(session) if hasattr(session, "relay") else None
+                if out is None:
+                    continue  # TLS, ending: it ends here as at SIGTERM after the commit
+                self.exported[sid] = session
+                batch.append(out[0])
+                fds.extend(out[1])
+                if len(batch) == BATCH:
+                    self.wire.send({"op": "sessions", "items": batch}, fds)
+                    batch, fds = [], []
+                    gevent.sleep(0)  # the Admin API answers meanwhile
+            if batch:
+                self.wire.send({"op": "sessions", "items": batch}, fds)
+            if not waiting or time.monotonic() >= deadline:
+                return
+            gevent.sleep(0.05)  # sessions still in their phases may start relaying
+
+    def commit(self):
+        """The point of no return: the taker runs every session it did not refuse."""
+        self.wire.send({"op": "commit"})
+        try:
+            self.wire.recv(expect="committed")
+        except HandoverError as exc:
+            log.error("upgrade: no answer to the commit (%s); the sessions are the new "
+                      "process's", exc)
+        refused = set(self.refused)
+        for sid, session in self.exported.items():
+            if sid in refused:
+                moved.restart(session)  # ours again: it ends with the others here
+            else:
+                moved.let_go(session)
+        for lst in self.paused:
+            lst.close()
+        self.wire.close()
+        return len(self.exported) - len(refused)
+
+    def abort(self):
+        """Keep (or take back) everything: sessions run here again, listeners accept."""
+        for session in self.exported.values():
+            moved.restart(session)
+        self.exported = {}
+        gate = self.app.gate
+        for lst in self.paused:
+            gate.servers.append(lst.server)
+            if not gate.paused:
+                lst.server.start_accepting()
+        self.paused = []
+        try:
+            self.wire.send({"op": "abort"})
+        except HandoverError:
+            pass
+        self.wire.close()
+
+
+# -- the new side ---------------------------------------------------------------------------
+class Taker:
+    """The new process's (or worker's) end: serve the listeners, adopt, run at commit."""
+
+    def __init__(self, app, wire):
+        self.app = app
+        self.wire = wire
+        self.adopted = []
+
+    def listeners(self):
+        """The handed listeners as ``{("stream" | "http", addr text): socket}``."""
+        message, fds = self.wire.recv(expect="listeners")
+        names = [("stream", a) for a in message["stream"]] + [("http", a) for a in message["http"]]
+        if len(names) != len(fds):
+            handoff.close_fds(fds)
+            raise HandoverError("%d listeners named, %d descriptors" % (len(names), len(fds)))
+        return {name: gevent.socket.socket(fileno=fd) for name, fd in zip(names, fds)}
+
+    def take(self):
+        """After ``listeners`` and the app serving them: adopt until the commit.
+
+        Returns the number of sessions now running here; HandoverError (having
+        dropped every adopted session) if the giver aborts or goes away."""
+        self.wire.send({"op": "ready"})
+        refused = []
+        try:
+            while True:
+                message, fds = self.wire.recv()
+                op = message.get("op")
+                if op == "sessions":
+                    refused.extend(self._adopt(message["items"], fds))
+                elif op == "state":
+                    carry_state(self.app, message)
+                    self.wire.send({"op": "prepared", "refused": refused})
+                elif op == "commit":
+                    break
+                else:
+                    raise HandoverError("the old process called the handover off (%s)" % op)
+        except HandoverError:
+            for session in self.adopted:
+                moved.drop(session)
+            self.adopted = []
+            self.wire.close()
+            raise
+        for session in self.adopted:
+            moved.go(session)
+        self.wire.send({"op": "committed"})
+        self.wire.close()
+        return len(self.adopted)
+
+    def _adopt(self, items, fds):
+        app, refused = self.app, []
+        listeners = {lst.text: lst for lst in app.listeners}
+        for i, state in enumerate(items):
+            pair = fds[2 * i:2 * i + 2]
+            try:
+                self.adopted.append(moved.adopt(app.proxy, listeners, app.gate, state, pair))
+            except Exception:  # a state this version cannot read: the giver keeps it
+                log.exception("upgrade: cannot adopt session %s", state.get("info", {}).get("id"))
+                handoff.close_fds(pair)
+                refused.append(state.get("info", {}).get("id"))
+        return refused
+
+
+
+# -- --workers: old worker i gives to new worker i over a Unix socket path ----------------
+def give(app, path):
+    """In an old worker: hand everything to the new worker waiting at ``path``,
+    up to the commit (``app.giver.commit()`` or ``.abort()`` follows)."""
+    sock = gevent.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except OSError as exc:
+        sock.close()
+        raise HandoverError("cannot reach the new worker at %s: %s" % (path, exc.strerror))
+    app.giver = Giver(app, Wire(sock))
+    try:
+        return {"prepared": app.giver.prepare()}
+    except HandoverError:
+        app.giver = None
+        raise
+
+
+def take_at(app, path, timeout=STEP_TIMEOUT * 2):
+    """In a new worker: wait at ``path`` for the old worker, serve its listeners,
+    adopt its sessions (in a greenlet: the worker answers its parent meanwhile).
+    If the old worker never comes or fails, bind our own listeners instead."""
+    server = gevent.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+
+    def run():
+        try:
+            with gevent.Timeout(timeout, HandoverError("no old worker came")):
+                conn, _ = server.accept()
+            taker = Taker(app, Wire(conn))
+            app.inherited = taker.listeners()
+            app.start_listening()
+            moved = taker.take()
+            log.warning("upgrade: worker %s took over %d sessions", app.worker_index, moved)
+        except HandoverError as exc:
+            log.error("upgrade: worker %s: %s", app.worker_index, exc)
+            if not app.listeners:
+                app.start_listening()
+        finally:
+            server.close()
+    gevent.spawn(run)

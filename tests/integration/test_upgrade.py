@@ -1,0 +1,243 @@
+"""Live upgrade (SIGUSR2) with real processes: paho clients with Wills publish QoS 1
+through gproxy, raw and over WebSocket, MQTT 3.1.1 and 5.0, while gproxy is
+replaced by a new process; nobody may notice.
+
+Each proxied client publishes a numbered stream up (checked by a subscriber on
+the broker itself) and receives a numbered stream down (published on the broker
+itself): every number must arrive exactly once and in order.  A Will watcher on
+the broker sees any Will; the broker's log shows any disconnection; a poller
+checks the Admin API and the dashboard answer all along.  A TLS-terminated
+session cannot move: it must end cleanly (MQTT 5 DISCONNECT 0x8B, no Will).
+"""
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from tests.integration.conftest import HOST, mqtt_route, node, wait_until
+from tests.integration.helpers import WAIT, Paho, http_call
+from tests.integration.test_lifecycle import assert_no_will, will_watcher
+from tests.integration.test_tls import Pki, SniContext  # noqa: F401  (the PKI of the TLS tests)
+
+mqtt = pytest.importorskip("paho.mqtt.client")
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
+
+KEY = {"X-API-KEY": "edd1c9f034335f136f87ad84b625c8f1"}
+RATE = 0.02  # seconds between two messages of one stream
+
+
+def routes(broker):
+    return lambda ports: [
+        mqtt_route([node(broker)], level=4, route_id=4, server_port=ports[0]),
+        mqtt_route([node(broker)], level=5, route_id=5, server_port=ports[1]),
+        mqtt_route([node(broker)], level=5, route_id="tls", server_port=ports[2]),
+    ]
+
+
+def listeners(ports):
+    return {"apisix": {"stream_proxy": {"tcp": [
+        "%s:%d" % (HOST, ports[0]), "%s:%d" % (HOST, ports[1]),
+        {"addr": "%s:%d" % (HOST, ports[2]), "tls": True}]}},
+        "gproxy": {"shutdown": {"grace": 4}}}
+
+
+class Stream:
+    """One proxied client: a numbered stream up and one down, with a Will."""
+
+    def __init__(self, name, port, protocol, transport="tcp"):
+        self.name = name
+        self.client = Paho(name, port, protocol, transport=transport)
+        self.client.client.will_set("gp/will/" + name, b"offline", qos=1)
+        self.sent_up = 0
+        self.got_down = []
+
+    def start(self):
+        self.client.connect()
+        self.client.subscribe("gp/down/" + self.name, 1)
+        return self
+
+    def publish(self, n):
+        self.client.client.publish("gp/up/" + self.name, str(n).encode(), 1)
+        self.sent_up = n + 1
+
+    def drain_down(self):
+        while not self.client.messages.empty():
+            self.got_down.append(int(self.client.messages.get().payload))
+
+
+class Traffic:
+    """Streams up from every client and down to every one, until stopped."""
+
+    def __init__(self, broker, streams):
+        self.streams = streams
+        self.up = {s.name: [] for s in streams}
+        self.sink = Paho("upgrade-sink", broker.port).connect()
+        self.sink.client.on_message = self._up
+        self.sink.subscribe("gp/up/#", 1)
+        self.source = Paho("upgrade-source", broker.port).connect()
+        self.sent_down = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _up(self, client, userdata, message):
+        self.up[message.topic.rpartition("/")[2]].append(int(message.payload))
+
+    def _run(self):
+        n = 0
+        while not self.stop.is_set() and n < 5000:
+            for s in self.streams:
+                s.publish(n)
+                self.source.client.publish("gp/down/" + s.name, str(n).encode(), 1)
+            self.sent_down = n + 1
+            n += 1
+            time.sleep(RATE)
+
+    def finish(self):
+        self.stop.set()
+        self.thread.join(10)
+
+        def complete():
+            for s in self.streams:
+                s.drain_down()
+            return all(len(self.up[s.name]) >= s.sent_up and len(s.got_down) >= self.sent_down
+                       for s in self.streams)
+        wait_until(complete, 20)
+        for s in self.streams:
+            assert self.up[s.name] == list(range(s.sent_up)), "%s: up stream %s..." % (
+                s.name, _gaps(self.up[s.name], s.sent_up))
+            assert s.got_down == list(range(self.sent_down)), "%s: down stream %s..." % (
+                s.name, _gaps(s.got_down, self.sent_down))
+
+
+def _gaps(got, want):
+    return "got %d of %d, first wrong at %s" % (
+        len(got), want, next((i for i, v in enumerate(got) if v != i), None))
+
+
+class Poller:
+    """The Admin API and the dashboard, asked every 50 ms; every failure is kept."""
+
+    def __init__(self, gp):
+        self.gp = gp
+        self.failures = []
+        self.answers = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.stop.is_set():
+            for path, headers in (("/apisix/admin/gproxy/sessions", KEY), ("/ui/", {})):
+                try:
+                    status, _ = http_call(self.gp.admin_port, "GET", path, headers=headers,
+                                          timeout=5)
+                except OSError as exc:
+                    self.failures.append("%s: %s" % (path, exc))
+                    continue
+                if status != 200:
+                    self.failures.append("%s: %d" % (path, status))
+                self.answers += 1
+            time.sleep(0.05)
+
+    def finish(self):
+        self.stop.set()
+        self.thread.join(10)
+        assert not self.failures, self.failures[:5]
+        assert self.answers > 20
+
+
+def new_pid(gp, mark, timeout=60):
+    line = gp.wait_for_log("upgrade: handed", timeout=timeout, since=mark)
+    return int(line.split("to pid ")[1].split()[0])
+
+
+def stop_pid(pid, timeout=15):
+    """Stop the process that took over (not our child: it was the old gproxy's)."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    assert wait_until(lambda: not os.path.exists("/proc/%d" % pid)
+                      or _zombie(pid), timeout), "pid %d did not stop" % pid
+
+
+def _zombie(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return Pki(str(tmp_path_factory.mktemp("pki")))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_upgrade_under_load_disconnects_nobody(mosquitto, gproxy, pki, workers):
+    broker = mosquitto()
+    gp = gproxy(routes(broker), listeners=3, workers=workers, config=listeners)
+    status, _ = gp.admin("PUT", "/ssls/1", pki.ssl_object(1, ["tenant-a.example"]))
+    assert status in (200, 201)
+    watcher = will_watcher(broker)
+    streams = [Stream("v3-raw", gp.ports[0], mqtt.MQTTv311),
+               Stream("v5-raw", gp.ports[1], mqtt.MQTTv5),
+               Stream("v3-ws", gp.ports[0], mqtt.MQTTv311, "websockets"),
+               Stream("v5-ws", gp.ports[1], mqtt.MQTTv5, "websockets")]
+    for s in streams:
+        s.start()
+    tls = Paho("v5-tls", gp.ports[2], mqtt.MQTTv5, tls_context=pki.client_context(
+        "tenant-a.example"))
+    tls.client.will_set("gp/will/v5-tls", b"offline", qos=1)
+    wait_until(lambda: _try_connect(tls), 10)
+    ids_before = {s["client_id"]: s["id"] for s in gp.admin("GET", "/gproxy/sessions")[1]["list"]}
+    traffic = Traffic(broker, streams)
+    poller = Poller(gp)
+    traffic.thread.start()
+    time.sleep(1.0)
+    mark, broker_mark = gp.mark(), broker.log.mark()
+    old = gp.proc.pid
+    gp.proc.send_signal(signal.SIGUSR2)
+    pid = new_pid(gp, mark)
+    try:
+        assert gp.proc.wait(timeout=20) == 0, "the old process did not exit cleanly"
+        time.sleep(1.0)  # traffic through the new process only
+        traffic.finish()
+        poller.finish()
+        for s in streams:
+            assert not s.client.disconnected.is_set(), "%s was disconnected" % s.name
+        # the TLS session could not move: it ended as at SIGTERM
+        assert tls.disconnected.wait(10)
+        assert tls.disconnect_reason.value == 0x8B, tls.disconnect_reason
+        broker.log.wait_for("Client v5-tls disconnected.", timeout=5, since=broker_mark)
+        dropped = [ln for ln in broker.log.lines(broker_mark) if "disconnected" in ln
+                   or "closed its connection" in ln or "exceeded timeout" in ln]
+        assert all("v5-tls" in ln for ln in dropped), dropped
+        assert_no_will(watcher)
+        listed = {s["client_id"]: s for s in gp.admin("GET", "/gproxy/sessions")[1]["list"]}
+        for s in streams:  # the same session (id, counters) in the sessions view
+            assert listed[s.name]["id"] == ids_before[s.name]
+            assert listed[s.name]["bytes_in"] > 0 and listed[s.name]["state"] == "relaying"
+        assert "v5-tls" not in listed
+        assert old != pid
+    finally:
+        for s in streams:
+            s.client.close()
+        tls.close()
+        watcher.close()
+        traffic.sink.close()
+        traffic.source.close()
+        stop_pid(pid)
+
+
+def _try_connect(client):
+    try:
+        client.connect()
+        return True
+    except (AssertionError, OSError):
+        return False
