@@ -5,7 +5,7 @@ The keys are APISIX's where APISIX has them (``apisix.*``, ``deployment.*``,
 """
 
 from gproxy.config.validate import (DEFAULT_ADMIN_KEY, LOG_LEVELS, admin_keys, boolean, choice,
-                                    cidrs, count, etcd_hosts, listeners, number, optional_str,
+                                    cidrs, command, count, etcd_hosts, listeners, number, optional_str,
                                     optional_text, port, typed)
 
 SETTINGS = [
@@ -81,6 +81,14 @@ SETTINGS = [
     ("gproxy.shutdown.server_reference", None, optional_text,
      "a peer gproxy (host:port) for MQTT 5 clients: set, shutdown sends 0x9C Use another "
      "server with this Server Reference instead of 0x8B Server shutting down"),
+    ("gproxy.upgrade.command", None, command,
+     "the command a live upgrade (SIGUSR2) starts, as a list of arguments; null: the "
+     "program this process runs (the one-file executable, or the venv's python -m "
+     "gproxy) with the same arguments, as it is on disk now"),
+    ("gproxy.upgrade.timeout", 60.0, number,
+     "seconds the new process of a live upgrade has to load its config and store and "
+     "say hello (the one-file executable unpacks itself first); past that the old "
+     "process keeps everything"),
     ("apisix.enable_control", True, boolean, "serve the control API (GET /v1/healthcheck)"),
     ("apisix.control.ip", "127.0.0.1", typed(str), "control API address"),
     ("apisix.control.port", 9090, port, "control API port"),

@@ -44,8 +44,6 @@ from gproxy.runtime.handover import FORMAT, STEP_TIMEOUT, Giver, HandoverError, 
 log = logging.getLogger("gproxy.upgrade")
 
 ENV = "GPROXY_UPGRADE_FD"
-#: Seconds the new process may take to say hello (the one-file build unpacks itself first).
-START_TIMEOUT = 60.0
 
 
 def command():
@@ -84,7 +82,7 @@ class Upgrader:
 
     def _run(self):
         started = time.monotonic()
-        argv = self.argv or command()
+        argv = self.argv or self.app.cfg["gproxy.upgrade.command"] or command()
         sdnotify.reloading()
         log.warning("upgrade: starting %s", " ".join(argv))
         proc = None
@@ -103,6 +101,7 @@ class Upgrader:
 
     def _spawn(self, argv):
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        os.set_blocking(theirs.fileno(), True)  # a plain descriptor for the new program
         env = dict(os.environ, **{ENV: str(theirs.fileno())})
         try:
             proc = gevent.subprocess.Popen(argv, env=env, pass_fds=(theirs.fileno(),),
@@ -116,7 +115,7 @@ class Upgrader:
 
     def hand_over(self, wire, proc):
         try:
-            hello, _ = wire.recv(START_TIMEOUT, expect="hello")
+            hello, _ = wire.recv(self.app.cfg["gproxy.upgrade.timeout"], expect="hello")
         except HandoverError as exc:
             raise HandoverError("the new process did not start the handover: %s%s"
                                 % (exc, _exit_note(proc))) from None
