@@ -241,3 +241,41 @@ def _try_connect(client):
         return True
     except (AssertionError, OSError):
         return False
+
+
+def test_systemd_follows_the_new_main_process(mosquitto, gproxy, tmp_path, monkeypatch):
+    """The notify socket protocol as a Type=notify, NotifyAccess=all unit sees it
+    (no systemd runs as PID 1 here): READY=1 at start; at USR2 RELOADING=1 from the
+    old process, then MAINPID=<new> and READY=1 from the new one before the old exits."""
+    import socket
+    path = str(tmp_path / "notify")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(path)
+    notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    notify.settimeout(30)
+    broker = mosquitto()  # (before NOTIFY_SOCKET: Debian's mosquitto speaks it too)
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    gp = gproxy([mqtt_route([node(broker)], level=4)])
+
+    def message():
+        data, anc, _, _ = notify.recvmsg(4096, socket.CMSG_SPACE(12))
+        pid = next(int.from_bytes(d[:4], "little") for level, kind, d in anc
+                   if kind == socket.SCM_CREDENTIALS)
+        return pid, dict(line.split("=", 1) for line in data.decode().splitlines())
+
+    assert message() == (gp.proc.pid, {"READY": "1"})
+    with Paho("notified", gp.port) as client:
+        gp.proc.send_signal(signal.SIGUSR2)
+        pid, fields = message()
+        assert pid == gp.proc.pid and fields["RELOADING"] == "1"
+        assert int(fields["MONOTONIC_USEC"]) <= time.monotonic() * 1e6
+        pid, fields = message()
+        try:
+            assert pid != gp.proc.pid and fields["MAINPID"] == str(pid)
+            assert fields["READY"] == "1"
+            assert gp.proc.wait(timeout=20) == 0  # the old one exits after it
+            client.publish("gp/x", b"still connected", 1)
+            assert not client.disconnected.is_set()
+        finally:
+            stop_pid(pid)
+    notify.close()
