@@ -135,13 +135,18 @@ def upgrade(workdir, proc, fleet, period):
     handed = re.search(r"handed (\d+) sessions to pid (\d+) in ([\d.]+)s", text)
     if not handed:
         raise RuntimeError("the upgrade did not hand over:\n" + text[-3000:])
+    paused = re.search(r"sessions paused for ([\d.]+)s at most \(exported in ([\d.]+)s, "
+                       r"adopted ([\d.]+)s later", text)
     seen = pauses(fleet.pings, signalled, exited)
     before = pauses(fleet.pings, signalled - 5.0, signalled - period)
     return {
         "sessions": len(fleet.sessions), "moved": int(handed.group(1)),
         "closed": sum(1 for s in fleet.sessions if s.closed is not None),
         "handover_s (gproxy's log)": float(handed.group(3)),
-        "signal_to_old_exit_s": exited - signalled,
+        "signal_to_old_exit_s": round(exited - signalled, 3),
+        "longest_pause_s (gproxy's log)": float(paused.group(1)) if paused else None,
+        "exported_s, adopted_s (gproxy's log)": paused and [float(paused.group(2)),
+                                                            float(paused.group(3))],
         "pause_ms": _dist(seen), "pause_before_ms": _dist(before),
         "sessions_pinged_during": len(seen),
         "memory_kib": _memory(sampler.samples, signalled),

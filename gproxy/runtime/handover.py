@@ -149,6 +149,9 @@ class Giver:
         self.paused = []
         self.exported = {}  # session id -> session, quiesced here
         self.refused = []
+        self.paused_at = None  # when accepting stopped and the first session was quiesced
+        self.pause = None  # from then until the new process ran them (the longest pause)
+        self.timing = None  # (seconds exporting, then until the taker had adopted them)
 
     def prepare(self, settle=SETTLE):
         """Everything up to the commit; HandoverError (after ``abort``) if it fails."""
@@ -160,10 +163,13 @@ class Giver:
                            + [sock.fileno() for _, sock in self.http])
             self.wire.recv(expect="ready")
             self._pause(listeners)
-            self._sessions(time.monotonic() + settle)
+            self.paused_at = time.monotonic()
+            self._sessions(self.paused_at + settle)
+            exported = time.monotonic()
             self.wire.send(dict(process_state(self.app), op="state"))
             reply, _ = self.wire.recv(expect="prepared")
             self.refused = reply.get("refused") or []
+            self.timing = (exported - self.paused_at, time.monotonic() - exported)
         except (HandoverError, ValueError) as exc:
             self.abort()
             raise HandoverError(str(exc)) from None
@@ -212,6 +218,7 @@ class Giver:
         except HandoverError as exc:
             log.error("upgrade: no answer to the commit (%s); the sessions are the new "
                       "process's", exc)
+        self.pause = time.monotonic() - self.paused_at
         refused = set(self.refused)
         for sid, session in self.exported.items():
             if sid in refused:

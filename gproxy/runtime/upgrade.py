@@ -128,7 +128,10 @@ class Upgrader:
         if self.app.workers is None:
             giver = Giver(self.app, wire, http)
             giver.prepare()
-            return giver.commit()
+            moved = giver.commit()
+            log.warning("upgrade: sessions paused for %.3fs at most (exported in %.3fs, "
+                        "adopted %.3fs later)", giver.pause, *giver.timing)
+            return moved
         return self._workers(wire, http)
 
     def _workers(self, wire, http):

@@ -41,21 +41,32 @@ def forget_fd(loop, fd):
     that session would wake this hub.  A stopped watcher and an explicit
     EPOLL_CTL_DEL through a duplicate of the loop's epoll descriptor fix it.
     """
-    if getattr(loop, "backend", None) != "epoll":
-        return  # (libuv, or libev on another backend: nothing of ours to undo)
-    backend = loop.fileno()
-    dup = os.dup(backend)
-    try:
-        poller = _EPOLL.fromfd(dup)
-    except OSError:
-        os.close(dup)
+    poller = _epoll_of(loop)
+    if poller is None:
         return
     try:
         poller.unregister(fd)
     except OSError:
         pass  # never registered, or removed already
-    finally:
-        poller.close()
+
+
+_POLLER = [None, None]  # (loop, epoll over a duplicate of its descriptor): one dup a process
+
+
+def _epoll_of(loop):
+    if getattr(loop, "backend", None) != "epoll":
+        return None  # (libuv, or libev on another backend: nothing of ours to undo)
+    if _POLLER[0] is not loop:
+        dup = os.dup(loop.fileno())
+        try:
+            poller = _EPOLL.fromfd(dup)
+        except OSError:
+            os.close(dup)
+            return None
+        if _POLLER[1] is not None:
+            _POLLER[1].close()
+        _POLLER[:] = [loop, poller]
+    return _POLLER[1]
 
 
 def reason_of(exc):

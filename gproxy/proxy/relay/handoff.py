@@ -41,11 +41,14 @@ from gproxy.proxy.relay.wsendpoint import WebSocketEndpoint
 
 #: The version of the handed state: a process refuses a handover in another one.
 FORMAT = 1
+_PLAIN = {bool, int, float, str}
 
 
 # -- values <-> JSON ----------------------------------------------------------
 def pack(value):
     """A slot value as JSON: bytes as base64, tuples kept apart from lists."""
+    if value is None or value.__class__ in _PLAIN:
+        return value
     if isinstance(value, (bytes, bytearray, memoryview)):
         kind = "ba" if isinstance(value, bytearray) else "b"
         return {kind: base64.b64encode(bytes(value)).decode("ascii")}
