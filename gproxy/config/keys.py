@@ -89,6 +89,17 @@ SETTINGS = [
      "seconds the new process of a live upgrade has to load its config and store and "
      "say hello (the one-file executable unpacks itself first); past that the old "
      "process keeps everything"),
+    ("gproxy.workers.rebalance.interval", 30.0,
+     typed((int, float), lambda v: v >= 0, "a number >= 0"),
+     "with --workers: seconds between two looks at the workers' live sessions (0: never "
+     "move sessions between workers)"),
+    ("gproxy.workers.rebalance.ratio", 1.5, typed((int, float), lambda v: v > 1, "a number > 1"),
+     "with --workers: move sessions when the busiest worker holds more than this times "
+     "the average..."),
+    ("gproxy.workers.rebalance.min_gap", 200, count,
+     "...and at least this many sessions more than the least busy one"),
+    ("gproxy.workers.rebalance.max_move", 1000, count,
+     "with --workers: sessions moved in one round at most (each pauses for the move)"),
     ("apisix.enable_control", True, boolean, "serve the control API (GET /v1/healthcheck)"),
     ("apisix.control.ip", "127.0.0.1", typed(str), "control API address"),
     ("apisix.control.port", 9090, port, "control API port"),

@@ -73,6 +73,13 @@ class Gproxy:
         return {"grace": self.cfg["gproxy.evict.grace"],
                 "server_reference": self.cfg["gproxy.evict.server_reference"]}
 
+    @property
+    def rebalance_options(self):
+        """When ``--workers`` move sessions between them (``gproxy.workers.rebalance.*``)."""
+        prefix = "gproxy.workers.rebalance."
+        return {name: self.cfg[prefix + name]
+                for name in ("interval", "ratio", "min_gap", "max_move")}
+
     def build_table(self, data):
         table = RouteTable(data["stream_routes"], data["upstreams"],
                            self.cfg["gproxy.balancer.chash_ring"])
@@ -128,8 +135,11 @@ class Gproxy:
         """Listen and serve (on the current hub); ``workers`` > 1 forks proxy processes
         (``handover``: a live upgrade's paths, where each waits for its old worker)."""
         if workers > 1:
+            from gproxy.runtime.rebalance import Rebalancer
             from gproxy.runtime.workers import fork_workers
             self.workers = fork_workers(self, workers, handover)
+            self.workers.rebalancer = Rebalancer(self.workers, self.workers.folder,
+                                                 **self.rebalance_options)
         else:
             self._listen(reuseport=False)
             self.health.start()

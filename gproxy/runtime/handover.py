@@ -117,6 +117,8 @@ def process_state(app):
 
 
 def carry_state(app, state):
+    if "totals" not in state:
+        return  # sessions between two workers of one process: their counters stay put
     app.registry.carry(state["totals"])
     for name, nodes in state["health"].items():
         checker = app.health.checkers.get(name)
@@ -153,10 +155,13 @@ class Giver:
         self.pause = None  # from then until the new process ran them (the longest pause)
         self.timing = None  # (seconds exporting, then until the taker had adopted them)
 
-    def prepare(self, settle=SETTLE):
-        """Everything up to the commit; HandoverError (after ``abort``) if it fails."""
+    def prepare(self, settle=SETTLE, share=None):
+        """Everything up to the commit; HandoverError (after ``abort``) if it fails.
+
+        ``share`` (rebalancing between workers): move at most that many
+        sessions and nothing else: no listener, counter, health or bucket."""
         try:
-            listeners = stream_listeners(self.app)
+            listeners = stream_listeners(self.app) if share is None else []
             self.wire.send({"op": "listeners", "stream": [lst.text for lst in listeners],
                             "http": [text for text, _ in self.http]},
                            [lst.sock.fileno() for lst in listeners]
@@ -164,9 +169,9 @@ class Giver:
             self.wire.recv(expect="ready")
             self._pause(listeners)
             self.paused_at = time.monotonic()
-            self._sessions(self.paused_at + settle)
+            self._sessions(self.paused_at + (settle if share is None else 0), share)
             exported = time.monotonic()
-            self.wire.send(dict(process_state(self.app), op="state"))
+            self.wire.send(dict(process_state(self.app) if share is None else {}, op="state"))
             reply, _ = self.wire.recv(expect="prepared")
             self.refused = reply.get("refused") or []
             self.timing = (exported - self.paused_at, time.monotonic() - exported)
@@ -183,11 +188,13 @@ class Giver:
             lst.server.stop_accepting()
             self.paused.append(lst)
 
-    def _sessions(self, deadline):
+    def _sessions(self, deadline, share=None):
         registry = self.app.registry
         while True:
             batch, fds, waiting = [], [], 0
             for sid in registry.ids():
+                if share is not None and len(self.exported) >= share:
+                    break
                 session = registry.handle(sid)
                 if sid in self.exported or session is None:
                     continue

@@ -15,6 +15,7 @@ import heapq
 import itertools
 import logging
 import os
+import shutil
 import signal
 import time
 from collections import Counter
@@ -54,8 +55,10 @@ def merge_stats(replies, workers):
 class WorkerSet:
     """The parent's view of its workers; quacks like a Registry for the Admin API."""
 
-    def __init__(self, channels, grace=5.0, server_reference=None):
+    def __init__(self, channels, grace=5.0, server_reference=None, folder=None):
         self.channels = channels
+        self.folder = folder  # the workers' import sockets (rebalancing); removed at stop
+        self.rebalancer = None
         self.grace = grace
         self.server_reference = server_reference
         self.evictions = Evictions(self.select, self.end_many)
@@ -113,25 +116,21 @@ class WorkerSet:
         return ids
 
     def end_many(self, ids, code=USE_ANOTHER_SERVER, grace=None, server_reference=None):
-        """End ``ids`` cleanly, each batch asked of the worker that holds it (a
-        session handed over by a live upgrade keeps its id: every worker is asked)."""
+        """End ``ids`` cleanly.  Every worker is asked about every id (it ends
+        those it holds): a session keeps its id when a live upgrade or a
+        rebalance moves it, so the pid in an id no longer says where it lives."""
         by_pid = {}
         for sid in ids:
             by_pid.setdefault(sid.partition("-")[0], []).append(sid)
-        mine = {str(ch.pid) for ch in self.channels}
-        moved = [sid for pid, sids in by_pid.items() if pid not in mine for sid in sids]
         ended = failed = 0
-        for ch in self.channels:
-            sids = by_pid.get(str(ch.pid), []) + moved
-            if not sids:
-                continue
+        for ch in self.channels if ids else ():
             reply = self._one(ch, {
-                "op": "end_many", "sids": sids, "code": code,
+                "op": "end_many", "sids": list(ids), "code": code,
                 "grace": self.grace if grace is None else grace,
                 "server_reference": (self.server_reference if server_reference is None
                                      else server_reference)})
             if reply is None:
-                failed += len(sids)
+                failed += len(by_pid.get(str(ch.pid), ()))
             else:
                 ended += reply["ended"]
         return {"ended": ended, "failed": failed}
@@ -149,6 +148,18 @@ class WorkerSet:
         if any(call.value is None for call in calls):
             self._all({"op": "handover_abort"}, timeout=HANDOVER_TIMEOUT)
             raise HandoverError("a worker could not hand over (see its line above)")
+
+    def live_counts(self):
+        """Live sessions per worker, in worker order; None if one did not answer."""
+        replies = [self._one(ch, {"op": "stats"}) for ch in self.channels]
+        if any(reply is None for reply in replies):
+            return None
+        return [reply["live_sessions"] for reply in replies]
+
+    def give_share(self, index, path, share):
+        """Worker ``index`` gives up to ``share`` sessions to the worker at ``path``."""
+        return self._one(self.channels[index], {"op": "rebalance_give", "path": path,
+                                                "share": share}, HANDOVER_TIMEOUT)
 
     def commit_handover(self):
         replies = self._all({"op": "handover_commit"}, timeout=HANDOVER_TIMEOUT)
@@ -169,6 +180,7 @@ class WorkerSet:
 
         Killed (by a second signal) while waiting, the caller calls ``force``.
         """
+        self._forget()
         for ch in self.channels:
             try:
                 ch.call({"op": "stop", "timeout": timeout}, timeout=5)
@@ -176,8 +188,15 @@ class WorkerSet:
                 pass
         self._reap(timeout + 5)
 
+    def _forget(self):
+        if self.rebalancer is not None:
+            self.rebalancer.stop()
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
     def force(self):
         """A drain is under way: have every worker close what is left, now."""
+        self._forget()
         for ch in self.channels:
             try:
                 ch.sock.sendall(b'\n{"op":"stop","timeout":0}\n')

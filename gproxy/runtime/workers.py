@@ -13,6 +13,7 @@ socketpair per worker (``channel``: JSON lines with request ids):
                       {"op": "handover", "path": ...}  (live upgrade: give to the new
                       worker waiting there, up to the commit) / {"op": "handover_commit"}
                       / {"op": "handover_abort"}
+                      {"op": "rebalance_give", "path", "share"}  (give sessions to a worker)
                       {"op": "stop", "timeout": grace}   (drain, then exit)
                       {"op": "stop", "timeout": 0}       (during a drain: force)
 
@@ -28,6 +29,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 
 import gevent
 import gevent.socket
@@ -37,6 +39,7 @@ from gproxy.runtime.channel import (ACK_TIMEOUT, Channel, LineReader, decode, en
                                     encode_large)
 from gproxy.runtime.handover import give
 from gproxy.runtime.merged import WorkerSet
+from gproxy.runtime.rebalance import give_share, serve_imports
 
 log = logging.getLogger("gproxy.workers")
 
@@ -58,6 +61,7 @@ def _handlers(app):
         "handover": lambda m: give(app, m["path"]),
         "handover_commit": lambda m: {"moved": app.giver.commit() if app.giver else 0},
         "handover_abort": lambda m: (app.giver and app.giver.abort(), {"ok": True})[1],
+        "rebalance_give": lambda m: give_share(app, m["path"], m["share"]),
     }
 
 
@@ -96,7 +100,7 @@ def serve_control(app, sock, reader=None):
         sock.sendall(encode_large(dict(reply, id=request_id), sessions_pause))
 
 
-def _run_worker(app, index, child_end, handover=None):
+def _run_worker(app, index, child_end, handover=None, imports=None):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent coordinates shutdown
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the parent reloads and tells us
@@ -105,6 +109,7 @@ def _run_worker(app, index, child_end, handover=None):
     try:
         try:
             app.start_worker(index, handover)
+            serve_imports(app, imports)  # sessions other workers give this one
         except OSError as exc:
             ctl.sendall(encode({"error": str(exc)}))
             raise
@@ -146,6 +151,7 @@ def fork_workers(app, count, handover=None):
     waits for the old worker of the same index to give it its listeners and
     sessions (``handover.take_at``)."""
     channels = []
+    folder = tempfile.mkdtemp(prefix="gproxy-workers-")  # each worker's import socket
     for index in range(count):
         parent_end, child_end = socket.socketpair()
         pid = os.fork()
@@ -153,13 +159,14 @@ def fork_workers(app, count, handover=None):
             parent_end.close()
             for ch in channels:
                 ch.close()
-            _run_worker(app, index, child_end, handover and handover[index])
+            _run_worker(app, index, child_end, handover and handover[index],
+                        os.path.join(folder, "worker-%d.sock" % index))
         child_end.close()
         channel = Channel(pid, gevent.socket.socket(fileno=parent_end.detach()))
         channels.append(channel)
         hello = channel.hello(ACK_TIMEOUT * 2)
         if hello is None or not hello.get("ready"):
-            WorkerSet(channels, **app.evict_options).stop(0)
+            WorkerSet(channels, folder=folder, **app.evict_options).stop(0)
             raise OSError("worker %d did not start: %s"
                           % (index, (hello or {}).get("error", "timed out")))
-    return WorkerSet(channels, **app.evict_options)
+    return WorkerSet(channels, folder=folder, **app.evict_options)
