@@ -11,7 +11,9 @@ its test client on the hub thread (no socket, no key: the caller is the
 process itself), so a body gets exactly the Admin API's checks, status codes
 and error bodies; a non-2xx answer raises ``AdminError`` carrying APISIX's
 ``error_msg``.  ``stop(grace)`` drains as SIGTERM does and leaves no thread
-and no descriptor behind.  This module patches nothing and installs no
+and no descriptor behind.  A live upgrade of the host program moves the
+proxy too: ``hand_over(path)`` in the old process, ``start(take_over=path)``
+in the new one (the host decides when; gproxy cannot replace its process).  This module patches nothing and installs no
 signal handler.
 """
 
@@ -50,8 +52,13 @@ def load_config(config):
     return config_mod.load(os.fspath(config))
 
 
-def start(config=None, workers=1):
-    """Start gproxy in a background thread; returns once its listeners are bound."""
+def start(config=None, workers=1, take_over=None, timeout=60.0):
+    """Start gproxy in a background thread; returns once its listeners are bound.
+
+    ``take_over``: a Unix socket path where this proxy waits (up to ``timeout``
+    seconds) for another embedded gproxy's ``hand_over(path)``, usually in the
+    host program's previous process, and takes its listeners and live sessions
+    instead of binding; it returns once they are all here (docs/embedding.md)."""
     if workers != 1:
         raise ValueError("workers=%r: embedded gproxy runs in one process (forked workers "
                          "would copy the host program); run the gproxy command with "
@@ -60,7 +67,7 @@ def start(config=None, workers=1):
         raise RuntimeError("gproxy.start() is for programs that are not monkey-patched; in a "
                            "gevent program run gproxy.runtime.app.Gproxy on your own hub")
     proxy = EmbeddedProxy(load_config(config))
-    proxy._start()
+    proxy._start(take_over, timeout)
     return proxy
 
 
@@ -108,15 +115,19 @@ class EmbeddedProxy:
         self._stopped = False
 
     # -- life cycle --------------------------------------------------------
-    def _start(self):
-        self._hub.start(self._setup)
+    def _start(self, take_over=None, timeout=60.0):
+        self._hub.start(lambda: self._setup(take_over, timeout))
 
-    def _setup(self):
+    def _setup(self, take_over=None, timeout=60.0):
         """On the hub: build, bind, serve (Gproxy.start undoes itself on failure)."""
         from gproxy.runtime.app import Gproxy
         app = Gproxy(self.cfg)
         try:
-            app.start()
+            if take_over is None:
+                app.start()
+            else:
+                from gproxy.runtime.handover import take_over_at
+                take_over_at(app, take_over, timeout)
         except BaseException:
             app.store.close()
             raise
@@ -141,6 +152,24 @@ class EmbeddedProxy:
             self._hub.call(self._shutdown, grace)
         finally:
             self._hub.finish()
+
+    def hand_over(self, path, grace=5.0):
+        """Live upgrade of the host program: give every listener and live session
+        to the gproxy started with ``take_over=path`` (in the host's new process),
+        then stop as ``stop(grace)`` does with what could not move (TLS sessions
+        end cleanly).  Returns how many sessions moved; raises ``HandoverError``
+        (everything still here, still served) if the other side is not there or
+        fails before the commit."""
+        with self._stop_lock:
+            if self._stopped:
+                raise RuntimeError("this gproxy was stopped")
+        moved = self._hub.call(self._give, path)
+        self.stop(grace)
+        return moved
+
+    def _give(self, path):
+        from gproxy.runtime.handover import give_all
+        return give_all(self._app, path)
 
     def _shutdown(self, grace):
         try:

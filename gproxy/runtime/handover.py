@@ -27,6 +27,7 @@ refuses the handover before any session moves (``runtime.upgrade``).
 
 import json
 import logging
+import os
 import socket
 import struct
 import time
@@ -232,6 +233,7 @@ class Giver:
                 moved.restart(session)  # ours again: it ends with the others here
             else:
                 moved.let_go(session)
+        handoff.released()
         for lst in self.paused:
             lst.close()
         self.wire.close()
@@ -296,6 +298,7 @@ class Taker:
         except HandoverError:
             for session in self.adopted:
                 moved.drop(session)
+            handoff.released()
             self.adopted = []
             self.wire.close()
             raise
@@ -362,3 +365,40 @@ def take_at(app, path, timeout=STEP_TIMEOUT * 2):
         finally:
             server.close()
     gevent.spawn(run)
+
+
+# -- an embedded gproxy: the host program's old process gives, its new one takes --------
+def give_all(app, path):
+    """Everything (listeners, HTTP listeners, sessions) to the gproxy waiting at ``path``."""
+    from gproxy.runtime.upgrade import http_listeners
+    sock = gevent.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except OSError as exc:
+        sock.close()
+        raise HandoverError("nothing takes over at %s: %s" % (path, exc.strerror))
+    giver = Giver(app, Wire(sock), http_listeners(app))
+    giver.prepare()
+    return giver.commit()
+
+
+def take_over_at(app, path, timeout):
+    """Wait at ``path`` for ``give_all``, start on its listeners, take its sessions."""
+    server = gevent.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+    try:
+        with gevent.Timeout(timeout, HandoverError("nothing was handed over at %s within "
+                                                   "%.0fs" % (path, timeout))):
+            conn, _ = server.accept()
+    finally:
+        server.close()
+        os.unlink(path)
+    taker = Taker(app, Wire(conn))
+    app.inherited = taker.listeners()
+    app.start()
+    try:
+        return taker.take()
+    except HandoverError:
+        app.stop(0)
+        raise

@@ -53,6 +53,13 @@ def forget_fd(loop, fd):
 _POLLER = [None, None]  # (loop, epoll over a duplicate of its descriptor): one dup a process
 
 
+def forget_done():
+    """No more descriptors to forget for now: close our duplicate of the epoll set."""
+    if _POLLER[1] is not None:
+        _POLLER[1].close()
+    _POLLER[:] = [None, None]
+
+
 def _epoll_of(loop):
     if getattr(loop, "backend", None) != "epoll":
         return None  # (libuv, or libev on another backend: nothing of ours to undo)
