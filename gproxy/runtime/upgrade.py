@@ -103,6 +103,10 @@ class Upgrader:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         os.set_blocking(theirs.fileno(), True)  # a plain descriptor for the new program
         env = dict(os.environ, **{ENV: str(theirs.fileno())})
+        if getattr(sys, "frozen", False):
+            # A one-file executable started from inside another would otherwise take
+            # the old one's unpacked bundle (gone once the old process exits) for its own.
+            env["PYINSTALLER_RESET_ENVIRONMENT"] = "1"
         try:
             proc = gevent.subprocess.Popen(argv, env=env, pass_fds=(theirs.fileno(),),
                                            stdin=subprocess_devnull())
