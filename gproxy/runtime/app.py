@@ -162,7 +162,7 @@ class Gproxy:
         self.worker_index = index
         self.inherited = {}  # the parent's HTTP listeners are not ours
         if handover is not None:
-            from gproxy.runtime.handover import take_at
+            from gproxy.runtime.transfer import take_at
             take_at(self, handover)
             return
         self.start_listening()

@@ -126,7 +126,7 @@ class EmbeddedProxy:
             if take_over is None:
                 app.start()
             else:
-                from gproxy.runtime.handover import take_over_at
+                from gproxy.runtime.transfer import take_over_at
                 take_over_at(app, take_over, timeout)
         except BaseException:
             app.store.close()
@@ -168,7 +168,7 @@ class EmbeddedProxy:
         return moved
 
     def _give(self, path):
-        from gproxy.runtime.handover import give_all
+        from gproxy.runtime.transfer import give_all
         return give_all(self._app, path)
 
     def _shutdown(self, grace):

@@ -1,9 +1,8 @@
 """One data path's listeners and live sessions, handed from an old process to a new one.
 
-Both ends talk over a connected Unix stream socket (``Wire``): each message
-is a 4-byte length and a JSON object, and the descriptors that go with it
-travel in the same ``sendmsg`` (SCM_RIGHTS); the object says how many.  The
-giver is the old process (or worker), the taker the new one:
+Both ends talk over a connected Unix stream socket (``wire.Wire``: JSON
+messages with descriptors).  The giver is the old process (or worker), the
+taker the new one:
 
     giver -> taker  {"op": "listeners", "stream": [addr...], "http": [addr...]}  + fds
     taker -> giver  {"op": "ready"}            the taker accepts on them now
@@ -25,11 +24,7 @@ adopted without a FIN.  A session's pause is therefore the handover's length
 refuses the handover before any session moves (``runtime.upgrade``).
 """
 
-import json
 import logging
-import os
-import socket
-import struct
 import time
 
 import gevent
@@ -37,73 +32,15 @@ import gevent.socket
 
 from gproxy.proxy.relay import handoff
 from gproxy.proxy.session import moved
+from gproxy.runtime.wire import HandoverError
+
+__all__ = ("FORMAT", "Giver", "HandoverError", "Taker")
 
 log = logging.getLogger("gproxy.upgrade")
 
 FORMAT = handoff.FORMAT
 BATCH = 120  # sessions a message: 240 descriptors, under the kernel's 253 (SCM_MAX_FD)
-MAX_FDS = 253
-STEP_TIMEOUT = 30.0  # seconds the other end may take for one step
 SETTLE = 2.0  # seconds to wait for sessions still in their phases to start relaying
-_LEN = struct.Struct("!I")
-
-
-class HandoverError(Exception):
-    """The handover cannot go on; the message says why (logged by the caller)."""
-
-
-class Wire:
-    """Length-prefixed JSON messages with descriptors, over a (gevent) Unix socket."""
-
-    def __init__(self, sock):
-        self.sock = sock
-        self.buf = bytearray()
-        self.fds = []
-
-    def send(self, message, fds=()):
-        data = json.dumps(dict(message, fds=len(fds)), separators=(",", ":")).encode()
-        frame = _LEN.pack(len(data)) + data
-        try:
-            sent = socket.send_fds(self.sock, [frame], list(fds)) if fds else 0
-            self.sock.sendall(frame[sent:])
-        except OSError as exc:
-            raise HandoverError("the other process went away (%s)" % exc) from None
-
-    def recv(self, timeout=STEP_TIMEOUT, expect=None):
-        """The next message and its descriptors; HandoverError at EOF or timeout."""
-        try:
-            with gevent.Timeout(timeout):
-                while True:
-                    if len(self.buf) >= 4:
-                        size = _LEN.unpack_from(self.buf)[0]
-                        if len(self.buf) >= 4 + size:
-                            return self._message(size, expect)
-                    data, fds, flags, _ = socket.recv_fds(self.sock, 1 << 18, MAX_FDS)
-                    self.fds.extend(fds)
-                    if flags & socket.MSG_CTRUNC:
-                        raise HandoverError("descriptors were lost in transit (MSG_CTRUNC)")
-                    if not data:
-                        raise HandoverError("the other process went away")
-                    self.buf += data
-        except gevent.Timeout:
-            raise HandoverError("no answer within %.0fs" % timeout) from None
-        except OSError as exc:
-            raise HandoverError("the other process went away (%s)" % exc) from None
-
-    def _message(self, size, expect):
-        message = json.loads(bytes(self.buf[4:4 + size]))
-        del self.buf[:4 + size]
-        n = message.get("fds", 0)
-        fds, self.fds = self.fds[:n], self.fds[n:]
-        if expect is not None and message.get("op") != expect:
-            handoff.close_fds(fds)
-            raise HandoverError("expected %r, got %r" % (expect, message.get("op")))
-        return message, fds
-
-    def close(self):
-        handoff.close_fds(self.fds)
-        self.fds = []
-        self.sock.close()
 
 
 # -- what a data path holds besides sessions ------------------------------------------
@@ -320,85 +257,3 @@ class Taker:
                 handoff.close_fds(pair)
                 refused.append(state.get("info", {}).get("id"))
         return refused
-
-
-
-# -- --workers: old worker i gives to new worker i over a Unix socket path ----------------
-def give(app, path):
-    """In an old worker: hand everything to the new worker waiting at ``path``,
-    up to the commit (``app.giver.commit()`` or ``.abort()`` follows)."""
-    sock = gevent.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(path)
-    except OSError as exc:
-        sock.close()
-        raise HandoverError("cannot reach the new worker at %s: %s" % (path, exc.strerror))
-    app.giver = Giver(app, Wire(sock))
-    try:
-        return {"prepared": app.giver.prepare()}
-    except HandoverError:
-        app.giver = None
-        raise
-
-
-def take_at(app, path, timeout=STEP_TIMEOUT * 2):
-    """In a new worker: wait at ``path`` for the old worker, serve its listeners,
-    adopt its sessions (in a greenlet: the worker answers its parent meanwhile).
-    If the old worker never comes or fails, bind our own listeners instead."""
-    server = gevent.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(path)
-    server.listen(1)
-
-    def run():
-        try:
-            with gevent.Timeout(timeout, HandoverError("no old worker came")):
-                conn, _ = server.accept()
-            taker = Taker(app, Wire(conn))
-            app.inherited = taker.listeners()
-            app.start_listening()
-            moved = taker.take()
-            log.warning("upgrade: worker %s took over %d sessions", app.worker_index, moved)
-        except HandoverError as exc:
-            log.error("upgrade: worker %s: %s", app.worker_index, exc)
-            if not app.listeners:
-                app.start_listening()
-        finally:
-            server.close()
-    gevent.spawn(run)
-
-
-# -- an embedded gproxy: the host program's old process gives, its new one takes --------
-def give_all(app, path):
-    """Everything (listeners, HTTP listeners, sessions) to the gproxy waiting at ``path``."""
-    from gproxy.runtime.upgrade import http_listeners
-    sock = gevent.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(path)
-    except OSError as exc:
-        sock.close()
-        raise HandoverError("nothing takes over at %s: %s" % (path, exc.strerror))
-    giver = Giver(app, Wire(sock), http_listeners(app))
-    giver.prepare()
-    return giver.commit()
-
-
-def take_over_at(app, path, timeout):
-    """Wait at ``path`` for ``give_all``, start on its listeners, take its sessions."""
-    server = gevent.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(path)
-    server.listen(1)
-    try:
-        with gevent.Timeout(timeout, HandoverError("nothing was handed over at %s within "
-                                                   "%.0fs" % (path, timeout))):
-            conn, _ = server.accept()
-    finally:
-        server.close()
-        os.unlink(path)
-    taker = Taker(app, Wire(conn))
-    app.inherited = taker.listeners()
-    app.start()
-    try:
-        return taker.take()
-    except HandoverError:
-        app.stop(0)
-        raise

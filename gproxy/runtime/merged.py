@@ -27,7 +27,7 @@ from gproxy.protocols.mqttstream import USE_ANOTHER_SERVER
 from gproxy.proxy.sessions.evict import Evictions
 from gproxy.proxy.sessions.live import check_spec, dict_key, sort_order
 from gproxy.runtime.channel import ACK_TIMEOUT
-from gproxy.runtime.handover import STEP_TIMEOUT, HandoverError
+from gproxy.runtime.wire import STEP_TIMEOUT, HandoverError
 
 log = logging.getLogger("gproxy.workers")
 HANDOVER_TIMEOUT = 4 * STEP_TIMEOUT  # listeners, ready, sessions, prepared

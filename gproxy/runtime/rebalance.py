@@ -19,12 +19,11 @@ nothing is simply logged.  docs/upgrade.md, "Rebalancing workers".
 
 import logging
 import os
-import socket
 
 import gevent
-import gevent.socket
 
-from gproxy.runtime.handover import Giver, HandoverError, Taker, Wire
+from gproxy.runtime.handover import Giver, Taker
+from gproxy.runtime.wire import HandoverError, Wire, connect, listen
 
 log = logging.getLogger("gproxy.workers")
 
@@ -46,9 +45,7 @@ def plan(counts, ratio=1.5, min_gap=200, max_move=1000):
 # -- in a worker -----------------------------------------------------------------------------
 def serve_imports(app, path):
     """Accept sessions other workers give this one, at ``path``, for the worker's life."""
-    server = gevent.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(path)
-    server.listen(4)
+    server = listen(path, 4)
 
     def one(conn):
         taker = Taker(app, Wire(conn))
@@ -69,13 +66,7 @@ def serve_imports(app, path):
 
 def give_share(app, path, share):
     """Give up to ``share`` live sessions to the worker listening at ``path``."""
-    sock = gevent.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(path)
-    except OSError as exc:
-        sock.close()
-        raise HandoverError("cannot reach the worker at %s: %s" % (path, exc.strerror))
-    giver = Giver(app, Wire(sock))
+    giver = Giver(app, connect(path, "the worker"))
     giver.prepare(share=share)
     moved = giver.commit()
     return {"moved": moved, "paused": round(giver.pause, 4)}

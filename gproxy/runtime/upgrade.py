@@ -39,7 +39,8 @@ import gevent.subprocess
 
 from gproxy import __version__
 from gproxy.runtime import sdnotify
-from gproxy.runtime.handover import FORMAT, STEP_TIMEOUT, Giver, HandoverError, Taker, Wire
+from gproxy.runtime.handover import FORMAT, Giver, HandoverError, Taker
+from gproxy.runtime.wire import STEP_TIMEOUT, Wire
 
 log = logging.getLogger("gproxy.upgrade")
 

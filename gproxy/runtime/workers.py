@@ -37,7 +37,7 @@ import gevent.socket
 from gproxy.hub import pause as sessions_pause
 from gproxy.runtime.channel import (ACK_TIMEOUT, Channel, LineReader, decode, encode,
                                     encode_large)
-from gproxy.runtime.handover import give
+from gproxy.runtime.transfer import give
 from gproxy.runtime.merged import WorkerSet
 from gproxy.runtime.rebalance import give_share, serve_imports
 

@@ -18,9 +18,9 @@ import time
 import pytest
 
 from tests.integration.conftest import HOST, mqtt_route, node, wait_until
-from tests.integration.helpers import WAIT, Paho, http_call
+from tests.integration.helpers import Paho, http_call
 from tests.integration.test_lifecycle import assert_no_will, will_watcher
-from tests.integration.test_tls import Pki, SniContext  # noqa: F401  (the PKI of the TLS tests)
+from tests.integration.test_tls import Pki  # the TLS tests' certificates
 
 mqtt = pytest.importorskip("paho.mqtt.client")
 
