@@ -47,7 +47,7 @@ from scale_setup import HOST, ROOT, free_port, start_broker, stop, wait_port  # 
 from upgrade_fleet import Fleet, pauses  # noqa: E402
 
 sys.path.insert(0, ROOT)
-from bench.procstat import tree_cpu_seconds, tree_rss_kib  # noqa: E402
+from bench.procstat import gone, tree_cpu_seconds, tree_rss_kib  # noqa: E402
 
 
 def pct(values, q):
@@ -186,8 +186,7 @@ def restart(workdir, pid, config, stream, workers, fleet, period):
     """SIGTERM the running gproxy, start it again; clients reconnect at once."""
     signalled = time.monotonic()
     os.kill(pid, signal.SIGTERM)
-    gone = lambda: not os.path.exists("/proc/%d" % pid) or _zombie(pid)  # noqa: E731
-    fleet.run(60, period, reconnect=True, until=gone)
+    fleet.run(60, period, reconnect=True, until=lambda: gone(pid))
     proc = launch(workdir, config, stream, workers)
     started = time.monotonic()
     fleet.run(120, period, reconnect=True, until=lambda: fleet.all_up)
@@ -196,14 +195,6 @@ def restart(workdir, pid, config, stream, workers, fleet, period):
     return {"sessions_ended": ended, "signal_to_all_back_s": round(back - signalled, 3),
             "down_s (signal to new process listening)": round(started - signalled, 3),
             "all_back": fleet.all_up}, proc
-
-
-def _zombie(pid):
-    try:
-        with open("/proc/%d/stat" % pid) as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 def main():
@@ -246,7 +237,7 @@ def main():
     finally:
         if fleet is not None:
             fleet.close()
-        if new_pid is not None and not _zombie(new_pid):
+        if new_pid is not None and not gone(new_pid):
             os.kill(new_pid, signal.SIGTERM)
         for p in (proc, broker):
             if p is not None:

@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+from bench.procstat import gone
 from tests.integration.conftest import HOST, mqtt_route, node, wait_until
 from tests.integration.helpers import Paho, http_call
 from tests.integration.test_lifecycle import assert_no_will, will_watcher
@@ -161,16 +162,7 @@ def stop_pid(pid, timeout=15):
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
-    assert wait_until(lambda: not os.path.exists("/proc/%d" % pid)
-                      or _zombie(pid), timeout), "pid %d did not stop" % pid
-
-
-def _zombie(pid):
-    try:
-        with open("/proc/%d/stat" % pid) as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
+    assert wait_until(lambda: gone(pid), timeout), "pid %d did not stop" % pid
 
 
 @pytest.fixture(scope="module")
