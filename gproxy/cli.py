@@ -117,8 +117,16 @@ def main(argv=None):
             return 1
         sdnotify.notify("READY=1")
     freeze_startup_objects()
-    serve(app, signals, lambda: reload(app, path, args.log_level), upgrade.Upgrader(app))
+    serve(app, signals, lambda: reload(app, path, args.log_level),
+          upgrade.Upgrader(app, command()))
     return 0
+
+
+def command():
+    """How this process was started, for a live upgrade to start the program on disk now."""
+    if getattr(sys, "frozen", False):  # the one-file executable
+        return [sys.executable] + sys.argv[1:]
+    return [sys.executable] + list(getattr(sys, "orig_argv", sys.argv)[1:])
 
 
 def take_over(app, wire, workers):

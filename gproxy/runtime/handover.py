@@ -170,7 +170,6 @@ class Giver:
                 moved.restart(session)  # ours again: it ends with the others here
             else:
                 moved.let_go(session)
-        handoff.released()
         for lst in self.paused:
             lst.close()
         self.wire.close()
@@ -235,7 +234,6 @@ class Taker:
         except HandoverError:
             for session in self.adopted:
                 moved.drop(session)
-            handoff.released()
             self.adopted = []
             self.wire.close()
             raise

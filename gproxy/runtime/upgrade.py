@@ -1,7 +1,8 @@
 """Live upgrade: SIGUSR2 starts the gproxy now on disk and hands it everything.
 
-The old process runs the new one with the same command (``command()``: the
-venv's python with the same arguments, or the one-file executable) and one
+The old process runs the new one with the same command (the CLI's
+``command()``: the venv's python with the same arguments, or the one-file
+executable; or ``gproxy.upgrade.command``) and one
 end of a Unix socketpair, named in ``$GPROXY_UPGRADE_FD``.  Over it
 (``handover.Wire``):
 
@@ -47,13 +48,6 @@ log = logging.getLogger("gproxy.upgrade")
 ENV = "GPROXY_UPGRADE_FD"
 
 
-def command():
-    """How this process was started: the same program, from what is on disk now."""
-    if getattr(sys, "frozen", False):  # the one-file executable
-        return [sys.executable] + sys.argv[1:]
-    return [sys.executable] + list(getattr(sys, "orig_argv", sys.argv)[1:])
-
-
 def http_listeners(app):
     """``(addr text, socket)`` of the Admin API, control API and metrics listeners."""
     from gproxy.proxy.accept.listener import addr_text
@@ -68,9 +62,9 @@ def http_listeners(app):
 class Upgrader:
     """The old process's side: one handover at a time."""
 
-    def __init__(self, app, argv=None):
+    def __init__(self, app, command):
         self.app = app
-        self.argv = argv
+        self.command = command  # how this process was started (the CLI knows)
         self.busy = False
 
     def request(self):
@@ -83,7 +77,7 @@ class Upgrader:
 
     def _run(self):
         started = time.monotonic()
-        argv = self.argv or self.app.cfg["gproxy.upgrade.command"] or command()
+        argv = self.app.cfg["gproxy.upgrade.command"] or self.command
         sdnotify.reloading()
         log.warning("upgrade: starting %s", " ".join(argv))
         proc = None

@@ -157,12 +157,23 @@ def test_a_relay_that_is_ending_or_ended_does_not_move(hubs):
     pair.close()
 
 
+def _watched(loop):
+    """Descriptor numbers in the loop's epoll set (/proc's fdinfo lists each as ``tfd:``)."""
+    with open("/proc/self/fdinfo/%d" % loop.fileno()) as fh:
+        return {int(line.split()[1]) for line in fh if line.startswith("tfd:")}
+
+
 def test_release_closes_no_connection_the_other_process_holds(hubs):
     old, _ = hubs
     pair = Pair(old)
-    fds = [os.dup(fd) for fd in handoff.descriptors(pair.relay)]
+    settle()
+    mine = handoff.descriptors(pair.relay)  # (the client's, the node's)
+    assert set(mine) <= _watched(old.loop)
+    fds = [os.dup(fd) for fd in mine]
     handoff.export(pair.relay)
     handoff.release(pair.relay)
+    # out of the epoll set, though the sockets live on in the other descriptors
+    assert not set(mine) & _watched(old.loop)
     pair.client.setblocking(False)
     pair.client.sendall(b"still here")
     settle()

@@ -6,16 +6,13 @@ between two kernel sockets (never for TLS or WebSocket endpoints).
 """
 
 import _socket
+import ctypes
 import errno
 import fcntl
 import os
 
-from gevent.monkey import get_original
-
 from gproxy.protocols.mqttstream import Boundaries
 
-#: select.epoll as the kernel has it (a monkey-patched ``select`` hides it).
-_EPOLL = get_original("select", "epoll")
 READ, WRITE = 1, 2
 SPLICE = hasattr(os, "splice")
 PIPE_SIZE = 1024 * 1024
@@ -39,41 +36,23 @@ def forget_fd(loop, fd):
     number while the other process keeps the socket open would leave it in
     the set (libev never deletes, it waits for the close), so every byte for
     that session would wake this hub.  A stopped watcher and an explicit
-    EPOLL_CTL_DEL through a duplicate of the loop's epoll descriptor fix it.
+    EPOLL_CTL_DEL on the loop's epoll descriptor fix it.
     """
-    poller = _epoll_of(loop)
-    if poller is None:
-        return
+    if _epoll_ctl is not None and getattr(loop, "backend", None) == "epoll":
+        _epoll_ctl(loop.fileno(), _EPOLL_CTL_DEL, fd, None)  # ENOENT: never there
+
+
+def _libc_epoll_ctl():
     try:
-        poller.unregister(fd)
-    except OSError:
-        pass  # never registered, or removed already
+        func = ctypes.CDLL(None, use_errno=True).epoll_ctl
+    except (OSError, AttributeError):
+        return None  # not Linux: libuv or another libev backend, nothing to undo
+    func.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p)
+    return func
 
 
-_POLLER = [None, None]  # (loop, epoll over a duplicate of its descriptor): one dup a process
-
-
-def forget_done():
-    """No more descriptors to forget for now: close our duplicate of the epoll set."""
-    if _POLLER[1] is not None:
-        _POLLER[1].close()
-    _POLLER[:] = [None, None]
-
-
-def _epoll_of(loop):
-    if getattr(loop, "backend", None) != "epoll":
-        return None  # (libuv, or libev on another backend: nothing of ours to undo)
-    if _POLLER[0] is not loop:
-        dup = os.dup(loop.fileno())
-        try:
-            poller = _EPOLL.fromfd(dup)
-        except OSError:
-            os.close(dup)
-            return None
-        if _POLLER[1] is not None:
-            _POLLER[1].close()
-        _POLLER[:] = [loop, poller]
-    return _POLLER[1]
+_EPOLL_CTL_DEL = 2
+_epoll_ctl = _libc_epoll_ctl()
 
 
 def reason_of(exc):

@@ -35,7 +35,7 @@ import base64
 import os
 
 from gproxy.protocols.wsframe import FrameParser
-from gproxy.proxy.relay.direction import RawEndpoint, forget_done, forget_fd
+from gproxy.proxy.relay.direction import RawEndpoint, forget_fd
 from gproxy.proxy.relay.relay import Relay
 from gproxy.proxy.relay.wsendpoint import WebSocketEndpoint
 
@@ -137,11 +137,6 @@ def release(relay):
         forget_fd(relay.hub.loop, relay.client.sock.fileno())
         relay.client.release()
     relay.release()
-
-
-def released():
-    """After a run of ``release``: let go of what releasing kept (an epoll duplicate)."""
-    forget_done()
 
 
 # -- the new process ------------------------------------------------------------
