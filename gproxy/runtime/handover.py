@@ -7,8 +7,10 @@ taker the new one:
     giver -> taker  {"op": "listeners", "stream": [addr...], "http": [addr...]}  + fds
     taker -> giver  {"op": "ready"}            the taker accepts on them now
                     (the giver stops accepting: both did for a moment, none refused)
-    giver -> taker  {"op": "sessions", "items": [state...]}  + 2 fds a session, 120 a message
-                    ... until no session that can move is left (rounds, up to SETTLE s)
+    giver -> taker  {"op": "stage", "items": [{"id"}...]}  + 2 fds a session, 120 a message:
+                    pre-copy, while the sessions still relay in the giver
+    giver -> taker  {"op": "sessions", "items": [state...]}  + 2 fds for each not staged:
+                    each quiesced, then sent; rounds until none waits (up to SETTLE s)
     giver -> taker  {"op": "state", "totals": {...}, "health": {...}, "rates": [...]}
     taker -> giver  {"op": "prepared", "refused": [session ids]}
     giver -> taker  {"op": "commit"}           the point of no return
@@ -18,7 +20,8 @@ Until the commit every exported relay stays quiesced in the giver and the
 adopted ones are not started in the taker, so if anything fails (the taker
 exits or times out, a message is refused, ``abort``) the giver restarts
 every session where it stood and accepts again, and the taker drops what it
-adopted without a FIN.  A session's pause is therefore the handover's length
+adopted without a FIN.  A session pauses from its export until the commit:
+its descriptors went ahead (``stage``), so the pause carries only the state
 (docs/upgrade.md has the figures).  The format of a session's state is
 ``relay.handoff``'s ``FORMAT``; the process that receives another version
 refuses the handover before any session moves (``runtime.upgrade``).
@@ -78,6 +81,26 @@ def stream_listeners(app):
     return [lst for lst in app.listeners if lst.server is not None and not lst.server.closed]
 
 
+class _Batches:
+    """Items (and their descriptors) sent ``BATCH`` to a message, yielding between two."""
+
+    def __init__(self, wire, op):
+        self.wire, self.op = wire, op
+        self.items, self.fds = [], []
+
+    def add(self, item, fds):
+        self.items.append(item)
+        self.fds.extend(fds)
+        if len(self.items) == BATCH:
+            self.flush()
+            gevent.sleep(0)  # the Admin API answers meanwhile
+
+    def flush(self):
+        if self.items:
+            self.wire.send({"op": self.op, "items": self.items}, self.fds)
+            self.items, self.fds = [], []
+
+
 # -- the old side -------------------------------------------------------------------------
 class Giver:
     """The old process's (or worker's) end: listeners, then sessions, then commit."""
@@ -87,9 +110,10 @@ class Giver:
         self.wire = wire
         self.http = list(http)  # (addr text, socket) of the parent's HTTP listeners
         self.paused = []
+        self.staged = set()  # ids whose descriptors went ahead (pre-copy)
         self.exported = {}  # session id -> session, quiesced here
         self.refused = []
-        self.paused_at = None  # when accepting stopped and the first session was quiesced
+        self.paused_at = None  # when the first session was quiesced
         self.pause = None  # from then until the new process ran them (the longest pause)
         self.timing = None  # (seconds exporting, then until the taker had adopted them)
 
@@ -106,7 +130,8 @@ class Giver:
                            + [sock.fileno() for _, sock in self.http])
             self.wire.recv(expect="ready")
             self._pause(listeners)
-            self.paused_at = time.monotonic()
+            self._stage(share)
+            self.paused_at = time.monotonic()  # from here on sessions stand still
             self._sessions(self.paused_at + (settle if share is None else 0), share)
             exported = time.monotonic()
             self.wire.send(dict(process_state(self.app) if share is None else {}, op="state"))
@@ -126,10 +151,24 @@ class Giver:
             lst.server.stop_accepting()
             self.paused.append(lst)
 
+    def _stage(self, share):
+        """Pre-copy: every relaying session's descriptors, sent while it still relays."""
+        batch = _Batches(self.wire, "stage")
+        for sid in self.app.registry.ids():
+            if share is not None and len(self.staged) >= share:
+                break
+            session = self.app.registry.handle(sid)
+            out = moved.stage(session) if hasattr(session, "relay") else None
+            if out is not None:
+                self.staged.add(sid)
+                batch.add(*out)
+        batch.flush()
+
     def _sessions(self, deadline, share=None):
+        """Quiesce and send each session that can move; rounds until none waits."""
         registry = self.app.registry
         while True:
-            batch, fds, waiting = [], [], 0
+            batch, waiting = _Batches(self.wire, "sessions"), 0
             for sid in registry.ids():
                 if share is not None and len(self.exported) >= share:
                     break
@@ -139,18 +178,13 @@ class Giver:
                 if session.info.state in ("preread", "connecting"):
                     waiting += 1
                     continue
-                out = moved.export(session) if hasattr(session, "relay") else None
+                out = (moved.export(session, sid in self.staged)
+                       if hasattr(session, "relay") else None)
                 if out is None:
                     continue  # TLS, ending: it ends here as at SIGTERM after the commit
                 self.exported[sid] = session
-                batch.append(out[0])
-                fds.extend(out[1])
-                if len(batch) == BATCH:
-                    self.wire.send({"op": "sessions", "items": batch}, fds)
-                    batch, fds = [], []
-                    gevent.sleep(0)  # the Admin API answers meanwhile
-            if batch:
-                self.wire.send({"op": "sessions", "items": batch}, fds)
+                batch.add(*out)
+            batch.flush()
             if not waiting or time.monotonic() >= deadline:
                 return
             gevent.sleep(0.05)  # sessions still in their phases may start relaying
@@ -201,6 +235,7 @@ class Taker:
         self.app = app
         self.wire = wire
         self.adopted = []
+        self.staged = {}  # session id -> its two sockets, sent ahead (pre-copy)
 
     def listeners(self):
         """The handed listeners as ``{("stream" | "http", addr text): socket}``."""
@@ -222,10 +257,13 @@ class Taker:
             while True:
                 message, fds = self.wire.recv()
                 op = message.get("op")
-                if op == "sessions":
+                if op == "stage":
+                    self._stage(message["items"], fds)
+                elif op == "sessions":
                     refused.extend(self._adopt(message["items"], fds))
                 elif op == "state":
                     carry_state(self.app, message)
+                    self._unstage()  # sessions that ended in the giver meanwhile
                     self.wire.send({"op": "prepared", "refused": refused})
                 elif op == "commit":
                     break
@@ -235,6 +273,7 @@ class Taker:
             for session in self.adopted:
                 moved.drop(session)
             self.adopted = []
+            self._unstage()
             self.wire.close()
             raise
         for session in self.adopted:
@@ -243,15 +282,33 @@ class Taker:
         self.wire.close()
         return len(self.adopted)
 
+    def _stage(self, items, fds):
+        for i, item in enumerate(items):
+            self.staged[item["id"]] = handoff.sockets(fds[2 * i:2 * i + 2])
+
+    def _unstage(self):
+        """Close what went ahead and was not adopted: the giver holds (or ended) it."""
+        for socks in self.staged.values():
+            for sock in socks:
+                sock.close()
+        self.staged = {}
+
     def _adopt(self, items, fds):
-        app, refused = self.app, []
+        app, refused, i = self.app, [], 0
         listeners = {lst.text: lst for lst in app.listeners}
-        for i, state in enumerate(items):
-            pair = fds[2 * i:2 * i + 2]
+        for state in items:
+            sid = state.get("info", {}).get("id")
+            if state.get("staged"):
+                socks = self.staged.pop(sid, None)
+            else:
+                socks, i = handoff.sockets(fds[i:i + 2]), i + 2
             try:
-                self.adopted.append(moved.adopt(app.proxy, listeners, app.gate, state, pair))
+                if socks is None:
+                    raise HandoverError("its descriptors never came")
+                self.adopted.append(moved.adopt(app.proxy, listeners, app.gate, state, socks))
             except Exception:  # a state this version cannot read: the giver keeps it
-                log.exception("upgrade: cannot adopt session %s", state.get("info", {}).get("id"))
-                handoff.close_fds(pair)
-                refused.append(state.get("info", {}).get("id"))
+                log.exception("upgrade: cannot adopt session %s", sid)
+                for sock in socks or ():
+                    sock.close()
+                refused.append(sid)
         return refused

@@ -6,8 +6,9 @@ code (length-prefixed JSON, descriptors by SCM_RIGHTS) and then misbehaves as
 ``argv[1]`` says:
 
     format        say hello with a handover format no gproxy writes (99)
-    die-mid-way   say hello, take the listeners, say ready, take one message of
-                  sessions, then die (exit 3) before the commit
+    die-mid-way   say hello, take the listeners, say ready, take the sessions'
+                  descriptors and then their state (quiesced in the old process),
+                  then die (exit 3) before the commit
     silent        say nothing (the old process times out waiting)
 """
 
@@ -51,10 +52,12 @@ def main(mode):
         return 0
     assert message["op"] == "listeners" and fds, message
     send(sock, {"op": "ready"})
-    message, fds = recv(sock)
-    with open(os.environ["FAKE_SUCCESSOR_LOG"], "a") as log:
-        log.write("got %s with %d descriptors; dying\n" % (message["op"], len(fds)))
-    os._exit(3)
+    while True:  # the descriptors go ahead ("stage"), then the quiesced sessions
+        message, fds = recv(sock)
+        with open(os.environ["FAKE_SUCCESSOR_LOG"], "a") as log:
+            log.write("got %s with %d descriptors\n" % (message["op"], len(fds)))
+        if message["op"] == "sessions":
+            os._exit(3)
 
 
 if __name__ == "__main__":

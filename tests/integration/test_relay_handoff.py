@@ -52,7 +52,7 @@ def move(relay, new_hub, done):
         b.close()
     state = json.loads(json.dumps(state))
     handoff.release(relay)  # the old process lets go before the new one moves a byte
-    client, upstream = handoff.endpoints(fds, state, new_hub.loop)
+    client, upstream = handoff.endpoints(handoff.sockets(fds), state, new_hub.loop)
     moved = handoff.resume(new_hub, client, upstream, relay.info, done.append, state)
     moved.start()
     return moved

@@ -140,11 +140,18 @@ def release(relay):
 
 
 # -- the new process ------------------------------------------------------------
-def endpoints(fds, state, loop=None):
-    """The relay's client and upstream endpoints for two received descriptors."""
-    client, upstream = (RawEndpoint(fileno=fd) for fd in fds)
-    for sock in (client, upstream):
+def sockets(fds):
+    """Kernel sockets for two received descriptors (the client's, the node's)."""
+    out = tuple(RawEndpoint(fileno=fd) for fd in fds)
+    for sock in out:
         sock.setblocking(False)
+    return out
+
+
+def endpoints(socks, state, loop=None):
+    """The relay's client and upstream endpoints: ``socks`` with the client's
+    WebSocket framing, if it had one, restored on top."""
+    client, upstream = socks
     ws = state.get("ws")
     if ws is not None:
         ws = dict(ws)

@@ -1,21 +1,24 @@
 """A relaying session handed to another process: out of this one, into that one.
 
-``export(session)`` adds what the session room owns to the relay's state
-(``relay.handoff``): the session record (``SessionInfo``, byte counts
-included), the listener it was accepted on (by its address text) and the
-``limit-conn`` slots it holds.  ``adopt(proxy, listeners, gate, state, fds)``
-builds the session again in the new process, and ``go`` runs it once the
-handover is committed: its record goes live in the registry without counting
-as a new session, its slots and its place in the accept gate are taken
-again, and its relay resumes (``drop`` forgets it if the handover fails).  ``let_go(session)``
-forgets a session the other process acknowledged: its slots and gate place
-are given back and its record leaves the registry, with no goodbye on the
-wire and no "session closed" line.
+``stage(session)`` sends a session's two descriptors ahead while it still
+relays here (pre-copy, as a live VM migration does), so that the pause
+carries only the state.  ``export(session)`` quiesces it and adds what the
+session room owns to the relay's state (``relay.handoff``): the session
+record (``SessionInfo``, byte counts included), the listener it was accepted
+on (by its address text) and the ``limit-conn`` slots it holds.
+
+In the new process ``adopt(proxy, listeners, gate, state, socks)`` builds
+the session again, and ``go`` runs it once the handover is committed: its
+record goes live in the registry without counting as a new session, its
+slots and its place in the accept gate are taken again, and its relay
+resumes (``drop`` forgets it if the handover fails).  Back in the old one,
+``let_go(session)`` forgets a session the other process runs now: slots and
+gate place given back, record out of the registry, no goodbye on the wire
+and no "session closed" line; ``restart`` runs it here again.
 
 A session that is not relaying (still in its phases), or whose relay cannot
 move (TLS, ending), is not exported: ``export`` returns None and the caller
-ends it as SIGTERM would.  Nothing here does I/O beyond what the relay's
-handoff does.
+ends it as SIGTERM would.  Nothing here does I/O beyond the relay's handoff.
 """
 
 import logging
@@ -31,8 +34,20 @@ log = logging.getLogger("gproxy.session")
 _FIELDS = tuple(f.name for f in fields(SessionInfo))
 
 
-def export(session):
-    """Quiesce a relaying session; ``(state, fds)``, or None if it cannot move."""
+def stage(session):
+    """Pre-copy, while the session still relays here: ``({"id"}, fds)``, or None.
+
+    The descriptors go ahead so that the freeze (``export``) carries only the
+    state; the other process builds what it can meanwhile (``runtime.handover``)."""
+    relay = session.relay
+    if relay is None or session.info.state != "relaying" or not handoff.movable(relay):
+        return None
+    return {"id": session.info.id}, handoff.descriptors(relay)
+
+
+def export(session, staged=False):
+    """Quiesce a relaying session; ``(state, fds)``, or None if it cannot move
+    (no fds when they went ahead with ``stage``)."""
     relay = session.relay
     if relay is None or session.info.state != "relaying":
         return None
@@ -42,9 +57,12 @@ def export(session):
     info = session.info
     record = {name: getattr(info, name) for name in _FIELDS}
     record["hash_key"] = handoff.pack(info.hash_key)
-    return ({"info": record, "relay": state, "listener": session.listener.text,
-             "limits": [list(slot.key) for slot in session.cleanup if isinstance(slot, Slot)]},
-            handoff.descriptors(relay))
+    item = {"info": record, "relay": state, "listener": session.listener.text,
+            "limits": [list(slot.key) for slot in session.cleanup if isinstance(slot, Slot)]}
+    if staged:
+        item["staged"] = True
+        return item, ()
+    return item, handoff.descriptors(relay)
 
 
 def restart(session):
@@ -59,23 +77,20 @@ def let_go(session):
     session.ended()
 
 
-def adopt(proxy, listeners, gate, state, fds):
-    """The session of a received ``state`` and ``fds``, built but not running yet
-    (``go`` runs it, ``drop`` forgets it if the handover is called off)."""
+def adopt(proxy, listeners, gate, state, socks):
+    """The session of a received ``state`` on its two kernel sockets
+    (``handoff.sockets``), built but not running yet (``go`` runs it, ``drop``
+    forgets it if the handover is called off).  On an error the caller still
+    owns ``socks``."""
     record = dict(state["info"])
     record["hash_key"] = handoff.unpack(record["hash_key"])
     info = SessionInfo(**{name: record[name] for name in _FIELDS if name in record})
-    client, upstream = handoff.endpoints(fds, state["relay"], proxy.relays.loop)
+    client, upstream = handoff.endpoints(socks, state["relay"], proxy.relays.loop)
     listener = listeners.get(state["listener"]) or _Elsewhere(state["listener"], gate)
     session = Session(proxy, listener, client, info)
     session.action = "proxying connection"
-    try:
-        session.relay = handoff.resume(proxy.relays, client, upstream, info,
-                                       session._relay_done, state["relay"])
-    except Exception:
-        for sock in (getattr(client, "sock", client), upstream):
-            sock.detach()  # the caller closes the descriptors it received
-        raise
+    session.relay = handoff.resume(proxy.relays, client, upstream, info, session._relay_done,
+                                   state["relay"])
     session.cleanup = [tuple(key) for key in state["limits"]]  # slots, taken by go()
     return session
 
