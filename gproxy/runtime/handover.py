@@ -9,6 +9,7 @@ taker the new one:
                     (the giver stops accepting: both did for a moment, none refused)
     giver -> taker  {"op": "stage", "items": [{"id"}...]}  + 2 fds a session, 120 a message:
                     pre-copy, while the sessions still relay in the giver
+    giver -> taker  {"op": "staged"}; taker -> giver {"op": "staged"}   all of it taken
     giver -> taker  {"op": "sessions", "items": [state...]}  + 2 fds for each not staged:
                     each quiesced, then sent; rounds until none waits (up to SETTLE s)
     giver -> taker  {"op": "state", "totals": {...}, "health": {...}, "rates": [...]}
@@ -131,6 +132,8 @@ class Giver:
             self.wire.recv(expect="ready")
             self._pause(listeners)
             self._stage(share)
+            self.wire.send({"op": "staged"})
+            self.wire.recv(expect="staged")  # the taker holds every pre-copied socket
             self.paused_at = time.monotonic()  # from here on sessions stand still
             self._sessions(self.paused_at + (settle if share is None else 0), share)
             exported = time.monotonic()
@@ -259,6 +262,8 @@ class Taker:
                 op = message.get("op")
                 if op == "stage":
                     self._stage(message["items"], fds)
+                elif op == "staged":
+                    self.wire.send({"op": "staged"})
                 elif op == "sessions":
                     refused.extend(self._adopt(message["items"], fds))
                 elif op == "state":

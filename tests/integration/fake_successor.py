@@ -56,6 +56,8 @@ def main(mode):
         message, fds = recv(sock)
         with open(os.environ["FAKE_SUCCESSOR_LOG"], "a") as log:
             log.write("got %s with %d descriptors\n" % (message["op"], len(fds)))
+        if message["op"] == "staged":
+            send(sock, {"op": "staged"})
         if message["op"] == "sessions":
             os._exit(3)
 

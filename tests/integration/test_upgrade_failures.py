@@ -76,7 +76,8 @@ def test_a_new_process_that_cannot_read_its_config_changes_nothing(setup):
     ("format", "reads handover format 99, this one writes 1", "started format"),
     # it really held the session's descriptors, and its state, when it died
     ("die-mid-way", "the other process went away",
-     "got stage with 2 descriptors\ngot sessions with 0 descriptors"),
+     "got stage with 2 descriptors\ngot staged with 0 descriptors\n"
+     "got sessions with 0 descriptors"),
 ])
 def test_a_successor_that_fails_leaves_everything_with_the_old_process(setup, mode, why,
                                                                       it_said):
