@@ -13,8 +13,8 @@ and error bodies; a non-2xx answer raises ``AdminError`` carrying APISIX's
 ``error_msg``.  ``stop(grace)`` drains as SIGTERM does and leaves no thread
 and no descriptor behind.  A live upgrade of the host program moves the
 proxy too: ``hand_over(path)`` in the old process, ``start(take_over=path)``
-in the new one (the host decides when; gproxy cannot replace its process).  This module patches nothing and installs no
-signal handler.
+in the new one (the host decides when; gproxy cannot replace its process).
+This module patches nothing and installs no signal handler.
 """
 
 import copy
