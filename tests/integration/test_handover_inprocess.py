@@ -3,7 +3,8 @@
 The sessions are real relays on socket pairs, registered as the session room
 registers them; the wire is a real Unix socketpair carrying real descriptors.
 What this adds to the process tests: sessions that change between the
-pre-copy and the freeze.  One ends in the giver after its descriptors went
+pre-copy and the freeze, and what a process hands over besides sessions
+(counters, health, limits), checked field by field.  One ends in the giver after its descriptors went
 ahead (the taker must close its copies, so the client sees the end), and one
 starts relaying after it (it must move with its descriptors in the freeze).
 """
@@ -14,6 +15,9 @@ import gevent
 import pytest
 
 from bench.dataplane import data_path, relaying
+from gproxy.model.health import TCP_FAILURE
+from gproxy.model.routes import RouteTable
+from gproxy.proxy.session.limits import Slot
 from gproxy.runtime import handover
 from gproxy.runtime.wire import Wire
 from tests import packets as P
@@ -67,3 +71,48 @@ def test_sessions_that_change_between_pre_copy_and_freeze(monkeypatch):
         broker.close()
     for app in (old, new):
         app.proxy.relays.close_all()
+
+
+def hand_over(old, new):
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    taker = handover.Taker(new, Wire(gevent.socket.socket(fileno=b.detach())))
+    giver = handover.Giver(old, Wire(gevent.socket.socket(fileno=a.detach())))
+    took = gevent.spawn(lambda: (taker.listeners(), taker.take())[1])
+    giver.prepare(settle=0)
+    giver.commit()
+    return took.get(timeout=10)
+
+
+def test_counters_health_and_limits_carry_over():
+    checks = {"active": {"type": "tcp"}}
+    nodes = {"10.0.0.1:1883": 1, "10.0.0.2:1883": 1}
+    old, new = data_path(), data_path()
+    for app in (old, new):
+        app.health.sync(RouteTable([{"id": 7, "upstream": {"nodes": nodes, "checks": checks}}]))
+    state = old.health.checkers["/apisix/stream_routes/7"].state
+    for _ in range(2):  # two TCP failures: unhealthy
+        state.report("10.0.0.2:1883", TCP_FAILURE)
+    old.registry.reject("limit_conn")
+    old.registry.dialled("10.0.0.1:1883", 0.003)
+    new.registry.reject("limit_conn")  # the taker's own count adds up with the giver's
+    old.proxy.limits.bucket("7", {"rate": 5, "burst": 1}).allow("10.9.9.9", 1000.0)
+    client, broker, session = relaying(old, "limited")
+    key = ("7", "10.9.9.9")
+    old.proxy.limits.acquire(key)
+    session.cleanup.append(Slot(old.proxy.limits, key))
+    before = old.registry.stats()
+    assert hand_over(old, new) == 1
+    after = new.registry.stats()
+    assert after["sessions_total"] == before["sessions_total"] == 1
+    assert after["rejected"] == {"limit_conn": 2}
+    assert after["dial_buckets"] == before["dial_buckets"]
+    assert after["started_at"] == before["started_at"]
+    assert not new.health.checkers["/apisix/stream_routes/7"].state.is_healthy("10.0.0.2:1883")
+    assert new.health.report() == old.health.report()
+    assert new.proxy.limits.conns == {key: 1} and old.proxy.limits.conns == {}
+    bucket = new.proxy.limits.rates[("7", 5, 1)]
+    assert bucket.buckets["10.9.9.9"] == (1.0, 1000.0)
+    for app in (old, new):
+        app.proxy.relays.close_all()
+    client.close()
+    broker.close()
