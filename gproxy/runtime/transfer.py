@@ -33,6 +33,18 @@ def give(app, path):
         raise
 
 
+def commit(app):
+    """In an old worker: the parent says every worker is prepared; commit ours."""
+    giver, app.giver = app.giver, None
+    if giver is None:
+        return {"moved": 0}
+    moved = giver.commit()
+    log.warning("upgrade: worker %s handed %d sessions; sessions paused for %.3fs at most "
+                "(exported in %.3fs, adopted %.3fs later)", app.worker_index, moved,
+                giver.pause, *giver.timing)
+    return {"moved": moved}
+
+
 def take_at(app, path, timeout=STEP_TIMEOUT * 2):
     """In a new worker: wait at ``path`` for the old worker, serve its listeners,
     adopt its sessions (in a greenlet: the worker answers its parent meanwhile).

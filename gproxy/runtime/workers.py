@@ -37,7 +37,7 @@ import gevent.socket
 from gproxy.hub import pause as sessions_pause
 from gproxy.runtime.channel import (ACK_TIMEOUT, Channel, LineReader, decode, encode,
                                     encode_large)
-from gproxy.runtime.transfer import give
+from gproxy.runtime.transfer import commit, give
 from gproxy.runtime.merged import WorkerSet
 from gproxy.runtime.rebalance import give_share, serve_imports
 
@@ -59,7 +59,7 @@ def _handlers(app):
         "health": lambda m: {"list": app.health.report()},
         "reload": lambda m: (_reload(app, m), {"ok": True})[1],
         "handover": lambda m: give(app, m["path"]),
-        "handover_commit": lambda m: {"moved": app.giver.commit() if app.giver else 0},
+        "handover_commit": lambda m: commit(app),
         "handover_abort": lambda m: (app.giver and app.giver.abort(), {"ok": True})[1],
         "rebalance_give": lambda m: give_share(app, m["path"], m["share"]),
     }
