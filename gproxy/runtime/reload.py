@@ -25,7 +25,9 @@ RESTART = ("deployment.admin.admin_listen.ip", "deployment.admin.admin_listen.po
            "plugin_attr.prometheus.enable_export_server",
            "plugin_attr.prometheus.export_addr.ip", "plugin_attr.prometheus.export_addr.port",
            "gproxy.store.backend", "gproxy.store.path", "gproxy.balancer.chash_ring",
-           "gproxy.admin.max_connections", "gproxy.admin.timeout")
+           "gproxy.admin.max_connections", "gproxy.admin.timeout",
+           "gproxy.workers.rebalance.interval", "gproxy.workers.rebalance.ratio",
+           "gproxy.workers.rebalance.min_gap", "gproxy.workers.rebalance.max_move")
 
 
 def apply_config(gp, cfg, log_level=None):
