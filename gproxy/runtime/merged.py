@@ -7,8 +7,11 @@
 logged and left out of that answer.  A page of sessions spans the workers:
 each returns its first ``offset + limit`` matches in the same order and the
 parent merges them (a heap merge, ties in worker order) and cuts the page;
-totals add up.  Evictions are paced here and each batch goes only to the
-worker whose pid prefixes the session ids.
+totals add up.  Evictions are paced here and each batch goes to every
+worker, which ends the sessions it holds: a session keeps its id when a live
+upgrade or a rebalance moves it, so an id's pid no longer names its worker.
+It also drives the workers' side of a live upgrade (``hand_over``,
+``commit_handover``) and of rebalancing (``live_counts``, ``give_share``).
 """
 
 import heapq
