@@ -73,11 +73,15 @@ def start_gproxy(workdir, broker, workers):
 
 
 def launch(workdir, config, stream, workers):
-    log = open(os.path.join(workdir, "gproxy.log"), "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "gproxy", "-c", config, "--workers",
-                             str(workers), "--log-level", "warn"], cwd=ROOT, stdout=log,
-                            stderr=log)
-    wait_port(stream, proc, timeout=60)
+    with open(os.path.join(workdir, "gproxy.log"), "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "gproxy", "-c", config, "--workers",
+                                 str(workers), "--log-level", "warn"], cwd=ROOT, stdout=log,
+                                stderr=log)
+    try:
+        wait_port(stream, proc, timeout=60)
+    except RuntimeError as exc:  # (a port another job took meanwhile: the log says)
+        stop(proc)
+        raise RuntimeError("gproxy did not start (%s):\n%s" % (exc, log_text(workdir)[-3000:]))
     return proc
 
 
@@ -217,8 +221,14 @@ def main():
     new_pid = None
     try:
         broker, broker_port = start_broker(workdir, "broker")
-        config, stream = start_gproxy(workdir, broker_port, args.workers)
-        proc = launch(workdir, config, stream, args.workers)
+        for attempt in range(3):  # free ports are picked, then bound: another job may win
+            config, stream = start_gproxy(workdir, broker_port, args.workers)
+            try:
+                proc = launch(workdir, config, stream, args.workers)
+                break
+            except RuntimeError as exc:
+                if attempt == 2 or "cannot listen" not in str(exc):
+                    raise
         fleet = Fleet(stream, args.sessions)
         fleet.run(3.0, args.period)  # every session pings before the upgrade
         live, new_pid = upgrade(workdir, proc, fleet, args.period)
