@@ -8,6 +8,8 @@ itself): every number must arrive exactly once and in order.  A Will watcher on
 the broker sees any Will; the broker's log shows any disconnection; a poller
 checks the Admin API and the dashboard answer all along.  A TLS-terminated
 session cannot move: it must end cleanly (MQTT 5 DISCONNECT 0x8B, no Will).
+Smaller tests: systemd's notify protocol across an upgrade, and PROXY protocol
+and non-MQTT sessions moving with their record and bytes.
 """
 
 import os
@@ -18,8 +20,9 @@ import time
 import pytest
 
 from bench.procstat import gone
+from tests import packets, wire
 from tests.integration.conftest import HOST, mqtt_route, node, wait_until
-from tests.integration.helpers import Paho, http_call
+from tests.integration.helpers import Paho, dial, http_call, recv_exact
 from tests.integration.test_lifecycle import assert_no_will, will_watcher
 from tests.integration.test_tls import Pki  # the TLS tests' certificates
 
@@ -271,3 +274,50 @@ def test_systemd_follows_the_new_main_process(mosquitto, gproxy, tmp_path, monke
         finally:
             stop_pid(pid)
     notify.close()
+
+
+def test_proxy_protocol_sessions_and_plain_tcp_routes_move_as_they_are(gproxy, sink):
+    """PROXY protocol both ways on an MQTT route, and a non-MQTT TCP route: after the
+    upgrade the record keeps the address from the header, the node got its header once
+    (before the CONNECT, never again), and bytes go on both ways from where they were."""
+    def config(ports):
+        return {"apisix": {"stream_proxy": {"tcp": [
+            {"addr": "%s:%d" % (HOST, ports[0]), "proxy_protocol": True,
+             "proxy_protocol_to_upstream": True}, "%s:%d" % (HOST, ports[1])]}}}
+    gp = gproxy(lambda ports: [
+        mqtt_route([node(sink)], type_="roundrobin", route_id=1, server_port=ports[0]),
+        {"id": 2, "server_port": ports[1],
+         "upstream": {"type": "roundrobin", "nodes": [node(sink)]}}],
+        listeners=2, config=config)
+    mqtt_client = dial(gp.ports[0])
+    header = wire.proxy_v1("192.0.2.50", "10.0.0.1", 6000, 8883)
+    connect = packets.connect_v311(b"pp-moved")
+    mqtt_client.sendall(header + connect + packets.publish("a", b"x" * 100)[:40])  # mid-packet
+    mqtt_conn = sink.wait_for_connection(0)
+    want = wire.proxy_v1("192.0.2.50", HOST, 6000, gp.ports[0])
+    mqtt_conn.wait_for_bytes(len(want) + len(connect) + 40)
+    tcp_client = dial(gp.ports[1])
+    tcp_client.sendall(b"before")
+    tcp_conn = sink.wait_for_connection(1)
+    tcp_conn.wait_for_bytes(6)
+    mark = gp.mark()
+    gp.proc.send_signal(signal.SIGUSR2)
+    pid = new_pid(gp, mark)
+    try:
+        assert gp.proc.wait(timeout=20) == 0
+        mqtt_client.sendall(packets.publish("a", b"x" * 100)[40:] + packets.pingreq())
+        mqtt_conn.send(b"\xd0\x00")
+        assert recv_exact(mqtt_client, 2) == b"\xd0\x00"
+        sent = want + connect + packets.publish("a", b"x" * 100) + packets.pingreq()
+        packets.assert_packet(mqtt_conn.wait_for_bytes(len(sent)), sent, "one header, no gap")
+        tcp_client.sendall(b" after")
+        assert tcp_conn.wait_for_bytes(12) == b"before after"
+        tcp_conn.send(b"back")
+        assert recv_exact(tcp_client, 4) == b"back"
+        listed = {s["route_id"]: s for s in gp.admin("GET", "/gproxy/sessions")[1]["list"]}
+        assert listed["1"]["client_addr"] == "192.0.2.50" and listed["1"]["client_port"] == 6000
+        assert listed["2"]["bytes_in"] == 12 and listed["2"]["bytes_out"] == 4
+    finally:
+        mqtt_client.close()
+        tcp_client.close()
+        stop_pid(pid)
