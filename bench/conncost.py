@@ -1,6 +1,7 @@
 """The cost of one short MQTT session in gproxy, counted rather than timed.
 
     python -m bench.conncost [--connections 500] [--tool callgrind|strace|none]
+                             [--balancer chash|roundrobin|least_conn|ewma] [--access-log]
 
 Starts mosquitto and gproxy (one mqtt-proxy route, chash on the client id, one
 node) on loopback, warms gproxy up, then runs ``--connections`` sessions one
@@ -64,15 +65,18 @@ def _sessions(port, first, count):
         one_session(port, i)
 
 
-def _config(run_dir, port, broker):
+def _config(run_dir, port, broker, balancer="chash", access_log=False):
+    """One route to one node (``balancer``); ``access_log``: the stream access log on."""
     with open(os.path.join(run_dir, "config.yaml"), "w") as fh:
         fh.write("apisix:\n  enable_admin: false\n  stream_proxy:\n    tcp: ['%s:%d']\n"
                  "nginx_config:\n  error_log_level: warn\n" % (HOST, port))
+        if access_log:
+            fh.write("  stream:\n    enable_access_log: true\n")
     with open(os.path.join(run_dir, "apisix.yaml"), "w") as fh:
         fh.write("stream_routes:\n  - id: 1\n    plugins:\n      mqtt-proxy:\n"
-                 "        protocol_level: 4\n    upstream:\n      type: chash\n"
+                 "        protocol_level: 4\n    upstream:\n      type: %s\n"
                  "      key: mqtt_client_id\n      nodes:\n        '%s:%d': 1\n"
-                 "upstreams: []\n#END\n" % (HOST, broker))
+                 "upstreams: []\n#END\n" % (balancer, HOST, broker))
     return os.path.join(run_dir, "config.yaml")
 
 
@@ -102,14 +106,14 @@ def _callgrind_total(path):
     return total
 
 
-def measure(tool, connections, warmup, python, clients=1):
+def measure(tool, connections, warmup, python, clients=1, **route):
     run_dir = tempfile.mkdtemp(prefix="gproxy-cost-")
     broker_port, port = free_port(), free_port()
     mosq = subprocess.Popen([find("mosquitto"), "-p", str(broker_port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     out = os.path.join(run_dir, "%s.out" % tool)
-    proc = subprocess.Popen(_command(tool, out, python, _config(run_dir, port, broker_port)),
+    proc = subprocess.Popen(_command(tool, out, python, _config(run_dir, port, broker_port, **route)),
                             cwd=run_dir, env=dict(os.environ, PYTHONHASHSEED="0"), stdout=subprocess.DEVNULL,
                             stderr=open(os.path.join(run_dir, "gproxy.log"), "w"),
                             start_new_session=True)
@@ -202,11 +206,17 @@ def main(argv=None):
                         default="callgrind")
     parser.add_argument("--python", default=sys.executable,
                         help="the interpreter with gproxy installed (default: this one)")
+    parser.add_argument("--balancer", default="chash",
+                        choices=("chash", "roundrobin", "least_conn", "ewma"))
+    parser.add_argument("--access-log", action="store_true",
+                        help="with the stream access log on (its writer thread counts too)")
     args = parser.parse_args(argv)
-    result = measure(args.tool, args.connections, args.warmup, args.python, args.clients)
+    route = {"balancer": args.balancer, "access_log": args.access_log}
+    result = measure(args.tool, args.connections, args.warmup, args.python, args.clients,
+                     **route)
     if args.tool == "strace":
         more = measure(args.tool, 2 * args.connections, args.warmup, args.python,
-                       args.clients)["syscalls"]
+                       args.clients, **route)["syscalls"]
         per = {name: (more.get(name, 0) - result["syscalls"].get(name, 0))
                / (args.connections * args.clients)
                for name in set(more) | set(result["syscalls"]) if name != "total"}

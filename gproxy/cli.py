@@ -4,9 +4,10 @@ Signals (gunicorn's model: handlers only set flags, the main greenlet acts):
 SIGTERM or SIGINT drains (``Gproxy.stop``: stop accepting, end sessions
 cleanly within ``gproxy.shutdown.grace``); a second one forces.  SIGHUP
 re-reads the config file and applies it (``Gproxy.reload_config``); a file
-that does not load is logged and the running configuration kept.  SIGUSR2
-is a live upgrade (``runtime.upgrade``): the gproxy now on disk takes every
-listener and session, and this process exits.
+that does not load is logged and the running configuration kept.  SIGUSR1
+reopens the stream access log (logrotate's ``postrotate``), as nginx does.
+SIGUSR2 is a live upgrade (``runtime.upgrade``): the gproxy now on disk
+takes every listener and session, and this process exits.
 """
 
 import argparse
@@ -117,7 +118,7 @@ def main(argv=None):
             return 1
         sdnotify.notify("READY=1")
     freeze_startup_objects()
-    serve(app, signals, lambda: reload(app, path, args.log_level),
+    serve(app, signals, lambda: reload(app, path, args.log_level), app.reopen_logs,
           upgrade.Upgrader(app, command()))
     return 0
 
@@ -177,7 +178,7 @@ def install_signals():
     import gevent.event
     import signal
     wake = gevent.event.Event()
-    flags = {"stop": 0, "reload": 0, "upgrade": 0}
+    flags = {"stop": 0, "reload": 0, "reopen": 0, "upgrade": 0}
 
     def flag(name):  # signal handlers only set flags; the main greenlet does the work
         def handler():
@@ -188,11 +189,12 @@ def install_signals():
     for sig in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(sig, flag("stop"))
     gevent.signal_handler(signal.SIGHUP, flag("reload"))
+    gevent.signal_handler(signal.SIGUSR1, flag("reopen"))
     gevent.signal_handler(signal.SIGUSR2, flag("upgrade"))  # nginx's binary upgrade signal
     return flags, wake
 
 
-def serve(app, signals, on_reload, upgrader=None):
+def serve(app, signals, on_reload, on_reopen=lambda: None, upgrader=None):
     """Run until SIGTERM/SIGINT has drained the app (a second one forces), or a
     live upgrade (SIGUSR2) handed everything over and what was left drained."""
     import gevent
@@ -214,6 +216,9 @@ def serve(app, signals, on_reload, upgrader=None):
         if flags["reload"] and drain is None:
             flags["reload"] = 0
             on_reload()
+        if flags["reopen"]:
+            flags["reopen"] = 0
+            on_reopen()
         if flags["upgrade"] and drain is None:
             flags["upgrade"] = 0
             run = upgrader.request() if upgrader is not None else None

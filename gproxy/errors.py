@@ -37,13 +37,16 @@ class NoUpstream(GproxyError):
 class Reject(GproxyError):
     """A session phase refuses the client: counted under ``reason``, logged at ``level``.
 
-    ``str(exc)`` is the log line (APISIX's wording where it has one).
+    ``str(exc)`` is the log line (APISIX's wording where it has one);
+    ``status`` the refusing plugin's code for the access log's ``$status``
+    (None: the access log's table by reason decides).
     """
 
-    def __init__(self, reason, level, message, *args):
+    def __init__(self, reason, level, message, *args, status=None):
         super().__init__(message % args if args else message)
         self.reason = reason
         self.level = level
+        self.status = status
 
 
 class StoreUnavailable(GproxyError, OSError):

@@ -84,6 +84,7 @@ class Config:
         self.stream_enabled = self["apisix.proxy_mode"] != "http" and (
             defaults_only or (raw.get("apisix") or {}).get("stream_proxy") is not None)
         self._check_https_admin()
+        self._check_discovery(raw)
 
     def __getitem__(self, key):
         return self.values[key]
@@ -112,6 +113,23 @@ class Config:
             raise ConfigError("deployment.admin.https_admin: missing ssl cert for https admin "
                               "(set deployment.admin.admin_api_mtls.admin_ssl_cert and "
                               "admin_ssl_cert_key)")
+
+    @property
+    def dns_discovery(self):
+        """True when ``discovery.dns`` names DNS servers (or a resolv.conf)."""
+        return bool(self["discovery.dns.servers"] or self["discovery.dns.resolv_conf"])
+
+    def _check_discovery(self, raw):
+        """APISIX's dns discovery schema: ``servers`` or ``resolv_conf``, one of them."""
+        dns = (raw.get("discovery") or {}).get("dns") if isinstance(raw.get("discovery"),
+                                                                   dict) else None
+        if dns is None:
+            return
+        given = [k for k in ("servers", "resolv_conf") if self["discovery.dns." + k]]
+        if len(given) != 1:
+            raise ConfigError("discovery.dns: invalid discovery dns configuration: value should "
+                              "match only one schema, but matches %s"
+                              % ("none" if not given else "both schemas 1 and 2"))
 
     def _check_admin_exposure(self):
         host = self["deployment.admin.admin_listen.ip"]

@@ -5,8 +5,9 @@ The keys are APISIX's where APISIX has them (``apisix.*``, ``deployment.*``,
 """
 
 from gproxy.config.validate import (DEFAULT_ADMIN_KEY, LOG_LEVELS, admin_keys, boolean, choice,
-                                    cidrs, command, count, etcd_hosts, listeners, number, optional_str,
-                                    optional_text, port, typed)
+                                    cidrs, command, count, dns_order, dns_servers, etcd_hosts,
+                                    listeners, log_format, number, optional_str, optional_text,
+                                    port, typed)
 
 SETTINGS = [
     ("apisix.stream_proxy.tcp", [9100], listeners,
@@ -46,6 +47,24 @@ SETTINGS = [
      "client CIDRs allowed to reach the Admin API"),
     ("deployment.admin.enable_admin_cors", True, boolean, "send CORS headers"),
     ("nginx_config.error_log_level", "warn", choice(*LOG_LEVELS), "log level"),
+    # -- service discovery over DNS (docs/discovery.md) --
+    ("discovery.dns.servers", None, dns_servers,
+     "DNS servers (\"ip[:port]\") that resolve upstreams' service_name (discovery_type: dns)"),
+    ("discovery.dns.resolv_conf", None, optional_str,
+     "a resolv.conf whose nameservers to use instead of discovery.dns.servers"),
+    ("discovery.dns.order", ["last", "SRV", "A", "AAAA", "CNAME"], dns_order,
+     "record types tried in turn; last: the type that answered last time"),
+    ("apisix.enable_ipv6", True, boolean, "false: dns discovery asks no AAAA records"),
+    # -- the stream access log (docs/operations.md) --
+    ("nginx_config.stream.enable_access_log", False, boolean,
+     "write one access log line per stream session"),
+    ("nginx_config.stream.access_log", "logs/access_stream.log", typed(str),
+     "access log file, relative to the config file's directory; reopened on SIGUSR1"),
+    ("nginx_config.stream.access_log_format",
+     "$remote_addr [$time_local] $protocol $status $bytes_sent $bytes_received $session_time",
+     log_format, "nginx log_format of stream variables (plus $mqtt_client_id, $route_id, ...)"),
+    ("nginx_config.stream.access_log_format_escape", "default", choice("default", "json", "none"),
+     "how variable values are escaped: nginx's default (\\xHH) or json"),
     ("gproxy.store.backend", "file", choice("file"), "where routes live"),
     ("deployment.role", "traditional", choice("traditional", "data_plane"),
      "APISIX's role; its config_provider picks the store"),

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 
 from gproxy.errors import ConfigError
+from gproxy.model.logformat import STREAM_VARIABLES, compile_format
 
 DEFAULT_ADMIN_KEY = "edd1c9f034335f136f87ad84b625c8f1"
 LOG_LEVELS = ("debug", "info", "notice", "warn", "error", "crit", "alert", "emerg")
@@ -108,6 +109,57 @@ def typed(kind, check=None, what=None):
 
 def choice(*allowed):
     return typed(str, lambda v: v in allowed, "one of " + ", ".join(allowed))
+
+
+def log_format(value, key):
+    """An nginx log_format naming only variables the stream access log has."""
+    typed(str)(value, key)
+    try:
+        compile_format(value, STREAM_VARIABLES)
+    except ValueError as exc:
+        raise ConfigError("%s: %s" % (key, exc)) from None
+    return value
+
+
+DNS_TYPES = ("last", "SRV", "A", "AAAA", "CNAME")
+
+
+def dns_servers(value, key):
+    """APISIX's ``discovery.dns.servers``: ``["ip", "ip:port", "[v6]:port"]`` (or null)."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        raise ConfigError("%s: expected a non-empty list of \"ip[:port]\"" % key)
+    for item in value:
+        host, port = _host_port(item)
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ConfigError("%s: %r is not an IP address with an optional port"
+                              % (key, item)) from None
+        if port is not None and not 0 < port < 65536:
+            raise ConfigError("%s: %r: port out of range" % (key, item))
+    return value
+
+
+def _host_port(item):
+    if not isinstance(item, str):
+        return repr(item), None
+    if item.startswith("["):
+        host, _, rest = item[1:].partition("]")
+        return host, int(rest[1:]) if rest[1:].isdigit() else (None if not rest else -1)
+    if item.count(":") == 1:
+        host, port = item.split(":")
+        return host, int(port) if port.isdigit() else -1
+    return item, None
+
+
+def dns_order(value, key):
+    """``discovery.dns.order``: 1-5 distinct record types (APISIX's schema)."""
+    if (not isinstance(value, list) or not 1 <= len(value) <= 5 or len(set(value)) != len(value)
+            or not all(v in DNS_TYPES for v in value)):
+        raise ConfigError("%s: expected 1 to 5 distinct items of %s" % (key, ", ".join(DNS_TYPES)))
+    return value
 
 
 def cidrs(value, key):

@@ -6,6 +6,7 @@
 * ``KetamaRing`` - uhashring's ketama ring, an opt-in alternative
   (``type: chash`` plus ``gproxy_ring: ketama`` on the upstream).
 * ``RoundRobin`` - nginx/resty.roundrobin weighted round robin with a random start.
+* ``least_conn`` and ``ewma`` - APISIX's load-aware pickers, in ``loadaware``.
 
 Every picker answers ``pick(key, tried)``: the node to dial next, skipping the
 nodes already tried on this session, or ``None`` when none is left.
@@ -18,6 +19,8 @@ import random
 import struct
 import zlib
 from dataclasses import dataclass, field
+
+from gproxy.model import loadaware
 
 #: resty.chash gives every node 160 points per unit of (gcd-reduced) weight.
 CHASH_POINTS_PER_WEIGHT = 160
@@ -139,26 +142,55 @@ class RoundRobin:
 
 
 PICKERS = {"roundrobin": RoundRobin, "chash": ChashRing}
+#: Every type APISIX has a balancer module for; any other is refused at dial.
+TYPES = ("roundrobin", "chash", "least_conn", "ewma")
+
+
+def _factory(kind, ring, name, shared):
+    """``make(nodes, priority)`` for one priority group's picker."""
+    if kind == "least_conn":
+        return lambda nodes, prio: loadaware.LeastConn(nodes, shared.least_conn_state(name, prio))
+    if kind == "ewma":
+        return lambda nodes, prio: loadaware.Ewma(nodes, shared.ewma, shared.rng)
+    if kind == "chash" and ring == "ketama":
+        return lambda nodes, prio: KetamaRing(nodes)
+    picker = PICKERS.get(kind, RoundRobin)
+    return lambda nodes, prio: picker(nodes)
 
 
 class Balancer:
     """The nodes of one upstream, grouped by priority, behind one picker each.
 
     Lives as long as the route table snapshot, so round-robin position is
-    shared by all sessions of that upstream, as in APISIX.
+    shared by all sessions of that upstream, as in APISIX.  ``name`` (the
+    upstream's resource key) and ``shared`` (a ``loadaware.Shared``) give
+    least_conn and ewma the state that outlives a table swap; without them
+    that state is private to this balancer.
     """
 
-    def __init__(self, nodes, kind="roundrobin", ring="apisix"):
+    def __init__(self, nodes, kind="roundrobin", ring="apisix", name=None, shared=None):
         self.nodes = list(nodes)
         self.kind = kind
-        if kind == "chash" and ring == "ketama":
-            factory = KetamaRing
-        else:
-            factory = PICKERS.get(kind, RoundRobin)
+        make = _factory(kind, ring, name, shared or loadaware.Shared())
         groups = {}
         for node in self.nodes:
             groups.setdefault(node.priority, []).append(node)
-        self._groups = [factory(groups[p]) for p in sorted(groups, reverse=True)]
+        self._groups = [make(groups[p], p) for p in sorted(groups, reverse=True)]
+        self._counting = {node: picker for picker in self._groups
+                          if getattr(picker, "counts", False) for node in picker.nodes}
+
+    def acquire(self, node):
+        """Count a session on ``node`` (least_conn); returns the release callable, or None."""
+        picker = self._counting.get(node)
+        if picker is None:
+            return None
+        picker.acquire(node)
+        return lambda: picker.release(node)
+
+    def observe(self, node, seconds):
+        """A dial to ``node`` connected after ``seconds``: ewma's latency sample."""
+        if self.kind == "ewma" and self._groups:
+            self._groups[0].table.observe(node.addr, seconds)
 
     def candidates(self, key, tries, unhealthy=()):
         """Yield up to ``tries`` distinct nodes in the order to dial them.
@@ -168,8 +200,8 @@ class Balancer:
         unhealthy: then all are candidates, as APISIX falls back to the
         whole node list rather than refuse.
         """
-        if len(self.nodes) == 1:  # APISIX bypasses the balancer for one node
-            yield self.nodes[0]
+        if len(self.nodes) == 1:  # APISIX bypasses the balancer for one node (dial
+            yield self.nodes[0]  # still counts a least_conn session: acquire())
             return
         skip = set()
         if unhealthy:

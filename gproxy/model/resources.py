@@ -6,11 +6,13 @@ the exact ``error_msg`` wording APISIX returns when it may not
 referenced ids instead of reaching into a store.
 """
 
-import ipaddress
 import json
 import re
 
 from gproxy.errors import SchemaError
+from gproxy.model.iprestriction import IP_DEF as _IP_DEF
+from gproxy.model.iprestriction import IP_RESTRICTION_SCHEMA, check_ips
+from gproxy.model.iprestriction import network as ip_network  # routes use it too
 from gproxy.model.limits import LIMIT_CONN_SCHEMA, LIMIT_RATE_SCHEMA
 from gproxy.model.schema import check, validate
 
@@ -30,13 +32,6 @@ _COMMON = {
     "create_time": _TIME,
     "update_time": _TIME,
 }
-_IP_DEF = {"anyOf": [
-    {"type": "string", "format": "ipv4",
-     "pattern": r"^(((\d{1,2})|(1\d{2})|(2[0-4]\d)|(25[0-5]))\.){3}((\d{1,2})|(1\d{2})|(2[0-4]\d)|(25[0-5]))$"},
-    {"type": "string", "pattern": r"^([12]?[0-9]{1,2}.){3}[12]?[0-9]{1,2}/([12]?[0-9]|3[0-2])$"},
-    {"type": "string", "pattern": r"^[0-9a-fA-F:.]*:[0-9a-fA-F:.]*(%.+)?$"},
-    {"type": "string", "pattern": r"^([a-fA-F0-9]{0,4}:){1,8}(:[a-fA-F0-9]{0,4}){0,8}([a-fA-F0-9]{0,4})?/[0-9]{1,3}$"},
-]}
 _NODES = {"anyOf": [
     {"type": "object", "patternProperties": {".*": {"type": "integer", "minimum": 0}}},
     {"type": "array", "items": {
@@ -173,7 +168,7 @@ MQTT_PROXY_SCHEMA = {
     "required": ["protocol_level"],
 }
 STREAM_PLUGINS = {"mqtt-proxy": MQTT_PROXY_SCHEMA, "limit-conn": LIMIT_CONN_SCHEMA,
-                  "gproxy-limit-rate": LIMIT_RATE_SCHEMA}
+                  "gproxy-limit-rate": LIMIT_RATE_SCHEMA, "ip-restriction": IP_RESTRICTION_SCHEMA}
 
 CHASH_VAR_KEY = re.compile(
     r"^((uri|server_name|server_addr|request_uri|remote_port|remote_addr|query_string"
@@ -181,11 +176,6 @@ CHASH_VAR_KEY = re.compile(
 #: gproxy's additions to APISIX's list (docs/tls.md); a key that is neither in
 #: the list nor here gets APISIX's message, whose pattern it fails too.
 GPROXY_VAR_KEYS = ("mqtt_username", "tls_client_cn")
-
-
-def ip_network(text):
-    """``ipaddress`` network for an APISIX IP-or-CIDR filter; ValueError if invalid."""
-    return ipaddress.ip_network(text.split("%")[0], strict=False)
 
 
 def check_plugins(plugins):
@@ -196,10 +186,14 @@ def check_plugins(plugins):
         if not isinstance(conf, dict):
             raise SchemaError("invalid plugin conf %s for plugin [%s]"
                               % (json.dumps(conf), name))
-        err = validate(schema, conf) or _conflicts(conf)
+        err = validate(schema, conf) or _EXTRA_CHECKS.get(name, _none)(conf)
         if err:
             raise SchemaError("failed to check the configuration of stream plugin [%s]: %s"
                               % (name, err))
+
+
+def _none(conf):
+    return None
 
 
 def _conflicts(conf):
@@ -209,6 +203,10 @@ def _conflicts(conf):
     if conf.get("set_connect") and ws.get("enable", True) and ws.get("mode") == "passthrough":
         return "set_connect cannot rewrite a CONNECT relayed in websocket passthrough mode"
     return None
+
+
+#: A plugin's ``check_schema`` beyond its JSON schema.
+_EXTRA_CHECKS = {"mqtt-proxy": _conflicts, "ip-restriction": check_ips}
 
 
 def check_stream_route(conf, upstream_exists=lambda _id: True):

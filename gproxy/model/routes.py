@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 
 from gproxy.model.balancer import Balancer, Node
+from gproxy.model.iprestriction import IpRestriction
 from gproxy.model.resources import ip_network
 
 log = logging.getLogger("gproxy.model.routes")
@@ -48,7 +49,7 @@ def is_ip(host):
 class Upstream:
     """One upstream: its nodes, balancer settings and (for IP nodes) its balancer."""
 
-    def __init__(self, conf, chash_ring="apisix"):
+    def __init__(self, conf, chash_ring="apisix", name=None, shared=None):
         self.conf = conf
         self.id = None if conf.get("id") is None else str(conf["id"])
         self.type = conf.get("type", "roundrobin")
@@ -58,6 +59,8 @@ class Upstream:
         self.scheme = "tls" if conf.get("scheme") == "tls" else "tcp"
         self.tls = conf.get("tls") or {}
         self.nodes = parse_nodes(conf.get("nodes"))
+        # service discovery (gproxy.discovery fills ``nodes`` in before the table is built)
+        self.discovery_type = conf.get("discovery_type") if conf.get("service_name") else None
         self.needs_dns = not all(is_ip(n.host) for n in self.nodes)
         retries = conf.get("retries")
         self.retries = retries if retries is not None and retries >= 0 else None
@@ -68,14 +71,15 @@ class Upstream:
         self.idle_timeout = (max(timeout["send"], timeout["read"])
                              if "send" in timeout and "read" in timeout else None)
         self.checks = conf.get("checks") or None
-        self.name = None  # APISIX's resource key: /apisix/upstreams/<id> or /apisix/stream_routes/<id>
+        self.name = name  # APISIX's resource key: /apisix/upstreams/<id> or /apisix/stream_routes/<id>
         self.health = None  # a model.health.HealthState, set when this upstream is checked
         self._chash_ring = chash_ring
+        self._shared = shared  # least_conn counts and ewma latencies across tables
         self._balancer = None if self.needs_dns else self._build(self.nodes)
         self._dns_balancer = None  # rebuilt when a lookup gives other addresses
 
     def _build(self, nodes):
-        return Balancer(nodes, self.type, self._chash_ring)
+        return Balancer(nodes, self.type, self._chash_ring, self.name, self._shared)
 
     def balancer(self, resolved=None):
         """The balancer for ``resolved`` nodes (domain upstreams) or the static one."""
@@ -101,6 +105,12 @@ class Upstream:
         elif self.hash_on == "vars_combinations" and self.key:
             value = re.sub(r"\$(\w+)", lambda m: _text(found.get(m.group(1), "")), self.key)
         return None if value is None or value == "" else value
+
+    def no_nodes(self):
+        """Why a session finds no node here, in APISIX's words (set_by_route)."""
+        if self.discovery_type is not None and "nodes" not in self.conf:
+            return "failed to set upstream: discovery %s is uninitialized" % self.discovery_type
+        return "failed to set upstream: no valid upstream node"
 
     def tries(self, nnodes):
         """Dial attempts allowed: ``retries`` + 1, default one per node."""
@@ -148,6 +158,8 @@ class Route:
         plugins = conf.get("plugins") or {}
         self.limit_conn = plugins.get("limit-conn")  # APISIX's stream limit-conn conf
         self.limit_rate = plugins.get("gproxy-limit-rate")  # gproxy's extension
+        restrict = plugins.get("ip-restriction")
+        self.ip_restriction = IpRestriction(restrict) if restrict is not None else None
         plugin = plugins.get("mqtt-proxy")
         self.mqtt = None
         if plugin is not None:
@@ -192,20 +204,20 @@ def _contains(net, ip):
 class RouteTable:
     """An immutable snapshot of every stream route and upstream."""
 
-    def __init__(self, stream_routes=(), upstreams=(), chash_ring="apisix"):
+    def __init__(self, stream_routes=(), upstreams=(), chash_ring="apisix", shared=None):
+        """``shared``: a ``loadaware.Shared`` that least_conn and ewma keep across tables."""
         self.upstreams = {}
         for conf in upstreams:
-            up = Upstream(conf, chash_ring)
-            up.name = "/apisix/upstreams/%s" % up.id
+            up_id = None if conf.get("id") is None else str(conf["id"])
+            up = Upstream(conf, chash_ring, "/apisix/upstreams/%s" % up_id, shared)
             self.upstreams[up.id] = up
         self.routes = []
         for conf in stream_routes:
             if (conf.get("protocol") or {}).get("superior_id") is not None:
                 continue  # xRPC subordinate routes are never matched directly
             inline = conf.get("upstream")
-            route = Route(conf, Upstream(inline, chash_ring) if inline else None)
-            if route.upstream is not None:
-                route.upstream.name = "/apisix/stream_routes/%s" % route.id
+            name = "/apisix/stream_routes/%s" % conf.get("id")
+            route = Route(conf, Upstream(inline, chash_ring, name, shared) if inline else None)
             self.routes.append(route)
         self._plain = [r for r in self.routes if not r.sni]
         # ip_port.lua's radixtree on reversed SNIs: an exact name before any

@@ -19,6 +19,7 @@ import logging
 
 import gevent
 
+from gproxy.model.loadaware import Shared
 from gproxy.model.routes import RouteTable
 from gproxy.proxy.accept.listener import Listener, bind_listener, listener_phases
 from gproxy.proxy.accept.overload import Gate
@@ -32,9 +33,11 @@ from gproxy.proxy.sessions.registry import Registry
 from gproxy.proxy.settings import Settings
 from gproxy.runtime import services
 from gproxy.runtime.drain import drain
+from gproxy.runtime.optional import access_log, discovery
 from gproxy.store.factory import open_store
 
 log = logging.getLogger("gproxy.server")
+DISCOVERY_PRIME = 3.0  # seconds start-up waits for the first DNS answers
 
 
 class Gproxy:
@@ -45,11 +48,14 @@ class Gproxy:
         self.store = store if store is not None else open_store(cfg)
         self.registry = registry if registry is not None else Registry()
         self.health = HealthCheckers()
+        self.balancing = Shared()  # least_conn counts and ewma latencies outlive table swaps
         self.gate = Gate(cfg["gproxy.max_connections"],
                          reject=lambda reason: self.registry.reject(reason))
-        data = self.store.snapshot()
+        self.discovery = discovery(cfg, self.reload)
+        data = self.current_data()
         self.proxy = Proxy(self.build_table(data), self.registry, Settings.from_config(cfg),
                            certs=self.build_certs(data))
+        self.proxy.access_log = access_log(cfg)
         self.sessions = LiveSessions(self.registry, lambda: self.proxy.table,
                                      **self.evict_options)
         self.store.subscribe(self.reload)
@@ -82,7 +88,7 @@ class Gproxy:
 
     def build_table(self, data):
         table = RouteTable(data["stream_routes"], data["upstreams"],
-                           self.cfg["gproxy.balancer.chash_ring"])
+                           self.cfg["gproxy.balancer.chash_ring"], self.balancing)
         self.health.sync(table)  # checked upstreams keep their health across swaps
         return table
 
@@ -98,9 +104,14 @@ class Gproxy:
         log.info("route table rebuilt: routes=%d upstreams=%d",
                  len(self.proxy.table.routes), len(self.proxy.table.upstreams))
 
-    def reload(self):
-        """Store callback: make the store's current data live (in every worker)."""
+    def current_data(self):
+        """The store's data, with the nodes service discovery found filled in."""
         data = self.store.snapshot()
+        return data if self.discovery is None else self.discovery.apply(data)
+
+    def reload(self):
+        """Store (and discovery) callback: make the current data live (in every worker)."""
+        data = self.current_data()
         if self.workers is not None:
             self.workers.push_table(data)
         else:
@@ -134,6 +145,10 @@ class Gproxy:
     def start(self, workers=1, handover=None):
         """Listen and serve (on the current hub); ``workers`` > 1 forks proxy processes
         (``handover``: a live upgrade's paths, where each waits for its old worker)."""
+        if self.proxy.access_log is not None:
+            self.proxy.access_log.check()  # a path it cannot open stops the start, as nginx
+        if self.discovery is not None:  # the first answers before the first session
+            self.discovery.prime(DISCOVERY_PRIME)
         if workers > 1:
             from gproxy.runtime.rebalance import Rebalancer
             from gproxy.runtime.workers import fork_workers
@@ -147,6 +162,8 @@ class Gproxy:
             self._start_admin()
         self.http_servers = services.start_http(self)
         self._watcher = gevent.spawn(self._watch, self.cfg["gproxy.store.watch_interval"])
+        if self.discovery is not None:  # the parent's (after any fork: workers get tables)
+            self.discovery.start()
         self.close_inherited()
 
     def close_inherited(self):
@@ -243,6 +260,13 @@ class Gproxy:
         return [listener.address for listener in self.listeners]
 
     # -- changing ------------------------------------------------------------
+    def reopen_logs(self):
+        """SIGUSR1: reopen the access log (in every worker), for logrotate."""
+        if self.workers is not None:
+            self.workers.reopen()
+        elif self.proxy.access_log is not None:
+            self.proxy.access_log.reopen()
+
     def reload_config(self, cfg, log_level=None):
         """Apply a new config (SIGHUP): listeners, log level, limits, timeouts.
 
@@ -262,6 +286,8 @@ class Gproxy:
         for listener in self.listeners:
             listener.close()
         self.health.stop()
+        if self.discovery is not None:
+            self.discovery.stop()
         for server in [self.admin_server] + self.http_servers:
             if server is not None:
                 server.close()
@@ -277,6 +303,8 @@ class Gproxy:
         drain(self.registry, grace, self.cfg["gproxy.shutdown.server_reference"])
         self.registry.close_where()
         self.proxy.relays.close_all()
+        if self.proxy.access_log is not None:
+            self.proxy.access_log.close()  # the lines of the sessions just ended
         self.greenlets.kill()
         for listener in self.listeners:
             listener.stop()
@@ -287,3 +315,4 @@ class Gproxy:
         self.admin_server = None
         self.http_servers = []
         self.listeners = []
+

@@ -177,6 +177,10 @@ class EmbeddedProxy:
         finally:
             self._app.store.close()
 
+    def reopen_logs(self):
+        """Reopen the stream access log (after logrotate renamed it), like SIGUSR1."""
+        self._hub.call(self._app.reopen_logs)
+
     def __enter__(self):
         return self
 

@@ -175,6 +175,10 @@ class WorkerSet:
         """Every worker's health checkers, merged (``model.health.merge_reports``)."""
         return merge_reports([reply["list"] for reply in self._all({"op": "health"})])
 
+    def reopen(self):
+        """Every worker reopens its access log (SIGUSR1)."""
+        self._all({"op": "reopen"})
+
     def reload(self, cfg, log_level=None):
         self._all({"op": "reload", "raw": cfg.raw, "path": cfg.path, "log_level": log_level})
 

@@ -3,7 +3,8 @@
 Applied at once, without dropping a live session: stream listeners added
 and removed (a removed one stops accepting; its sessions go on), the log
 level, ``gproxy.max_connections``, and the data path's timeouts and buffer
-size (for sessions that start from now on).  With ``--workers`` the parent
+size (for sessions that start from now on), the stream access log's
+settings.  With ``--workers`` the parent
 passes the new config to every worker.  Settings that would need new
 processes or new HTTP listeners (admin, control and metrics addresses, the
 store, the chash ring) keep their old value and are logged as needing a
@@ -26,6 +27,8 @@ RESTART = ("deployment.admin.admin_listen.ip", "deployment.admin.admin_listen.po
            "plugin_attr.prometheus.export_addr.ip", "plugin_attr.prometheus.export_addr.port",
            "gproxy.store.backend", "gproxy.store.path", "gproxy.balancer.chash_ring",
            "gproxy.admin.max_connections", "gproxy.admin.timeout",
+           "discovery.dns.servers", "discovery.dns.resolv_conf", "discovery.dns.order",
+           "apisix.enable_ipv6",
            "gproxy.workers.rebalance.interval", "gproxy.workers.rebalance.ratio",
            "gproxy.workers.rebalance.min_gap", "gproxy.workers.rebalance.max_move")
 
@@ -40,12 +43,24 @@ def apply_config(gp, cfg, log_level=None):
     gp.cfg = cfg
     logging.getLogger().setLevel(PY_LEVELS[log_level or cfg["nginx_config.error_log_level"]])
     gp.proxy.settings = Settings.from_config(cfg)
+    _access_log(gp, old, cfg)
     gp.gate.set_limit(cfg["gproxy.max_connections"])
     if gp.workers is not None:
         gp.workers.reload(cfg, log_level)
     else:
         _listeners(gp, cfg["apisix.stream_proxy.tcp"], reuseport=gp.worker_index is not None)
     log.warning("reload: configuration from %s applied", cfg.path or "(defaults)")
+
+
+def _access_log(gp, old, cfg):
+    """A changed stream access log setting takes effect for sessions that end from now on."""
+    keys = [k for k in cfg.values if k.startswith("nginx_config.stream.")]
+    if all(old[k] == cfg[k] for k in keys):
+        return
+    from gproxy.runtime.optional import access_log
+    previous, gp.proxy.access_log = gp.proxy.access_log, access_log(cfg)
+    if previous is not None:
+        previous.close()
 
 
 def _listeners(gp, specs, reuseport):

@@ -10,6 +10,7 @@ socketpair per worker (``channel``: JSON lines with request ids):
                       {"op": "query", "spec": {...}} / {"op": "select", "spec": {...}}
                       {"op": "end_many", "sids": [...], "code", "grace", "server_reference"}
                       {"op": "health"} / {"op": "reload", "raw": {...}, "path": ...}
+                      {"op": "reopen"}   (SIGUSR1: reopen the access log)
                       {"op": "handover", "path": ...}  (live upgrade: give to the new
                       worker waiting there, up to the commit) / {"op": "handover_commit"}
                       / {"op": "handover_abort"}
@@ -58,6 +59,7 @@ def _handlers(app):
         "close": lambda m: {"closed": registry().close(m["sid"])},
         "health": lambda m: {"list": app.health.report()},
         "reload": lambda m: (_reload(app, m), {"ok": True})[1],
+        "reopen": lambda m: (app.reopen_logs(), {"ok": True})[1],
         "handover": lambda m: give(app, m["path"]),
         "handover_commit": lambda m: commit(app),
         "handover_abort": lambda m: (app.giver and app.giver.abort(), {"ok": True})[1],
@@ -104,6 +106,7 @@ def _run_worker(app, index, child_end, handover=None, imports=None):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent coordinates shutdown
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the parent reloads and tells us
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # likewise for reopening logs
     code = 0
     ctl = gevent.socket.socket(fileno=child_end.detach())
     try:

@@ -128,3 +128,36 @@ def test_a_monkey_patched_program_is_told_to_use_its_own_hub():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                          text=True, timeout=60)
     assert "not monkey-patched" in out.stdout, out.stderr
+
+
+def test_an_embedded_proxy_writes_the_access_log_and_reopens_it(mosquitto, tmp_path):
+    from tests import packets
+    from tests.integration.conftest import wait_until
+    from tests.integration.helpers import CONNACK_OK, recv_exact
+    broker = mosquitto()
+    port = free_port()
+    path = tmp_path / "access.log"
+    conf = _conf(tmp_path, port, nginx_config={"stream": {
+        "enable_access_log": True, "access_log": str(path),
+        "access_log_format": "$mqtt_client_id $status $upstream_addr"}})
+
+    def session(client_id):
+        with socket.create_connection((HOST, port), timeout=5) as sock:
+            sock.sendall(packets.connect_v311(client_id))
+            assert recv_exact(sock, 4) == CONNACK_OK
+            sock.sendall(packets.disconnect())
+            assert sock.recv(1) == b""
+
+    def lines(at):
+        return at.exists() and at.read_text().splitlines()
+    with gproxy.start(conf) as proxy:
+        proxy.routes.put("1", {"plugins": {"mqtt-proxy": {"protocol_level": 4}},
+                               "upstream": {"nodes": {broker.addr: 1}}})
+        session("emb-1")
+        assert wait_until(lambda: lines(path), 5) == ["emb-1 200 %s" % broker.addr]
+        path.rename(tmp_path / "access.log.1")
+        proxy.reopen_logs()
+        assert wait_until(path.exists, 5)
+        session("emb-2")
+        assert wait_until(lambda: lines(path), 5) == ["emb-2 200 %s" % broker.addr]
+    assert not _gproxy_threads()

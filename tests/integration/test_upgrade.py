@@ -283,7 +283,10 @@ def test_proxy_protocol_sessions_and_plain_tcp_routes_move_as_they_are(gproxy, s
     def config(ports):
         return {"apisix": {"stream_proxy": {"tcp": [
             {"addr": "%s:%d" % (HOST, ports[0]), "proxy_protocol": True,
-             "proxy_protocol_to_upstream": True}, "%s:%d" % (HOST, ports[1])]}}}
+             "proxy_protocol_to_upstream": True}, "%s:%d" % (HOST, ports[1])]}},
+            "nginx_config": {"stream": {
+                "enable_access_log": True, "access_log": "logs/stream.log",
+                "access_log_format": "$pid $session_id $upstream_addr $bytes_received"}}}
     gp = gproxy(lambda ports: [
         mqtt_route([node(sink)], type_="roundrobin", route_id=1, server_port=ports[0]),
         {"id": 2, "server_port": ports[1],
@@ -317,6 +320,10 @@ def test_proxy_protocol_sessions_and_plain_tcp_routes_move_as_they_are(gproxy, s
         listed = {s["route_id"]: s for s in gp.admin("GET", "/gproxy/sessions")[1]["list"]}
         assert listed["1"]["client_addr"] == "192.0.2.50" and listed["1"]["client_port"] == 6000
         assert listed["2"]["bytes_in"] == 12 and listed["2"]["bytes_out"] == 4
+        tcp_client.close()  # one access log line, from the process it ended in, whole
+        path = os.path.join(gp.dir, "logs", "stream.log")
+        assert wait_until(lambda: os.path.exists(path) and open(path).read(), 10)
+        assert open(path).read().split() == [str(pid), listed["2"]["id"], sink.addr, "12"]
     finally:
         mqtt_client.close()
         tcp_client.close()

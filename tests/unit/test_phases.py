@@ -356,3 +356,58 @@ def test_a_failed_replay_is_a_rejection_and_closes_the_upstream(dialler, monkeyp
     assert broken.closed  # never handed off: the session's greenlet closed it
     assert logs(logging.ERROR)[-1].startswith(
         "*1 failed to replay the CONNECT upstream: Broken pipe while proxying connection")
+
+
+# -- least_conn and ewma at dial (docs/apisix-behaviour.md §5.4) ------------------------
+
+def balanced_session(dialler, monkeypatch, kind, *outcomes):
+    s = make_session(packets.connect_v311("lc-1"),
+                     routes=[route(upstream={"type": kind, "nodes": {NODE_A: 1, NODE_B: 1}})])
+    fake = dialler(*outcomes)
+    return s, fake, run_until_hand_off(s, monkeypatch)
+
+
+def counts(s):
+    return dict(s.upstream.last_balancer._groups[0].state.conns)
+
+
+def test_least_conn_counts_from_the_pick_and_gives_a_failed_dial_back(dialler, monkeypatch):
+    refused = ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
+    seen = []
+    real = dialing._attempt
+
+    def attempt(s, upstream, balancer, node, timeout, health):
+        seen.append(counts(s))  # what the next session's pick would see meanwhile
+        return real(s, upstream, balancer, node, timeout, health)
+    monkeypatch.setattr(dialing, "_attempt", attempt)
+    s, fake, handed = balanced_session(dialler, monkeypatch, "least_conn", refused)
+    first, second = fake.tried
+    assert seen == [{first: 1}, {second: 1}]  # the refused node was released first
+    assert len(handed) == 1
+    assert counts(s) == {}  # never handed off here: the session's end released it
+
+
+def test_least_conn_session_holds_its_node_until_it_ends(dialler, monkeypatch):
+    s = make_session(packets.connect_v311("lc-2"),
+                     routes=[route(upstream={"type": "least_conn",
+                                             "nodes": {NODE_A: 1, NODE_B: 1}})])
+    dialler()
+    for phase in phases.COMMON:
+        phase(s)
+    assert counts(s) == {s.info.node: 1}
+    s.ended()
+    assert counts(s) == {}
+
+
+def test_ewma_dials_and_learns_the_connect_time(dialler, monkeypatch):
+    s, fake, handed = balanced_session(dialler, monkeypatch, "ewma")
+    assert len(handed) == 1 and fake.tried == [s.info.node]
+    assert s.upstream.last_balancer._groups[0].table._entries.keys() == {s.info.node}
+
+
+def test_a_type_apisix_does_not_know_is_refused_at_dial(dialler, monkeypatch, logs):
+    s, fake, handed = balanced_session(dialler, monkeypatch, "random")
+    assert handed == [] and fake.tried == []
+    assert s.registry.rejected == {"upstream_unavailable": 1}
+    assert logs(logging.ERROR)[-1].startswith(
+        "*1 failed to pick server: invalid balancer type: random while connecting")

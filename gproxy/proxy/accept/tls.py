@@ -35,6 +35,8 @@ UPSTREAM_HANDSHAKING = "SSL handshaking to upstream"
 NO_SNI = ("failed to find SNI: please check if the client requests via IP or uses an "
           "outdated protocol. If you need to report an issue, provide a packet capture "
           "file of the TLS handshake.")
+#: nginx finalizes a stream session whose handshake failed (timeouts too) with 500.
+HANDSHAKE_FAILED = 500
 _FULL_RECORD = 16384  # a read this big suggests more records are waiting
 _TIMEOUT = socket.timeout("timed out")
 _EOF = (ssl.SSLZeroReturnError, ssl.SSLEOFError)
@@ -160,7 +162,7 @@ def tls_handshake(s):
     try:
         handshake(endpoint, deadline)
     except socket.timeout:
-        raise Reject("timeout", logging.INFO, "client timed out") from None
+        raise Reject("timeout", logging.INFO, "client timed out", status=HANDSHAKE_FAILED) from None
     except ssl.SSLError as exc:
         raise Reject("tls_handshake", logging.INFO, _ssl_error(exc)) from None
     s.sni = s.info.sni = sni
@@ -180,11 +182,12 @@ def _client_hello(s, deadline):
             want = tlshello.wanted(buf)
             buf = netio.peek(s.sock, want, deadline)
             if len(buf) < want:
-                raise Reject("closed", logging.INFO, "peer closed connection in SSL handshake")
+                raise Reject("closed", logging.INFO, "peer closed connection in SSL handshake",
+                             status=HANDSHAKE_FAILED)
     except MalformedHeader as exc:
         raise Reject("tls_handshake", logging.INFO, _ssl_error(exc)) from None
     except socket.timeout:
-        raise Reject("timeout", logging.INFO, "client timed out") from None
+        raise Reject("timeout", logging.INFO, "client timed out", status=HANDSHAKE_FAILED) from None
 
 
 def _refuse(s):

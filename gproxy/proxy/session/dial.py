@@ -9,7 +9,10 @@ checker marks unhealthy are skipped (all are tried when none is healthy), and
 every dial's outcome is reported to it (passive checks) and to the registry
 (connect failures per node, dial latency).  A dial that fails because this
 process is out of descriptors is not the node's fault: the client is refused
-at once (``fd_limit``) and accepting pauses.
+at once (``fd_limit``) and accepting pauses.  A least_conn upstream counts
+the session on a node from the moment it is picked (a failed dial gives it
+back before the next pick) until the session ends; an ewma upstream learns
+each successful dial's connect time.
 """
 
 import logging
@@ -17,14 +20,13 @@ import socket
 import time
 
 from gproxy.errors import NoUpstream, Reject
+from gproxy.model.balancer import TYPES as BALANCER_TYPES
 from gproxy.model.health import SUCCESS, TCP_FAILURE, TIMEOUT
 from gproxy.model.routes import DEFAULT_CONNECT_TIMEOUT
 from gproxy.proxy import netio
 from gproxy.proxy.accept import tls
 from gproxy.proxy.accept.overload import out_of_fds
 from gproxy.proxy.health import passive
-
-BALANCER_TYPES = ("roundrobin", "chash")
 
 
 def session_vars(s):
@@ -69,6 +71,8 @@ def resolve(s, upstream):
 def dial(s):
     """Connect to the first candidate that answers; sets ``s.upstream_sock``."""
     upstream = s.upstream
+    if not upstream.nodes:  # a discovered service with no answer, or none at all
+        raise NoUpstream(upstream.no_nodes())
     key = s.info.hash_key = hash_key(s, upstream)
     balancer = upstream.balancer(resolve(s, upstream))
     if upstream.type not in BALANCER_TYPES and len(balancer.nodes) > 1:
@@ -77,7 +81,7 @@ def dial(s):
                or DEFAULT_CONNECT_TIMEOUT)
     deadline = time.monotonic() + upstream.retry_timeout if upstream.retry_timeout else None
     s.set_state("connecting")
-    tried = []
+    tried = s.tried
     health = upstream.health
     unhealthy = health.unhealthy if health is not None else ()
     tries = upstream.tries(len(balancer.nodes))
@@ -85,26 +89,43 @@ def dial(s):
         if deadline and tried and time.monotonic() > deadline:
             break
         tried.append(node.addr)
-        s.peer = node.addr
-        s.log(logging.INFO, "proxy request to %s", node.addr)
-        started = time.monotonic()
-        conn = netio.connect(node.dial_host, node.port, timeout)
-        if (s.preamble or upstream.scheme == "tls") and not isinstance(conn, OSError):
-            conn = _prepare(s, upstream, node, conn, timeout)
-        if isinstance(conn, tls.UpstreamTlsError):
-            continue  # logged by the TLS handshake
-        if isinstance(conn, OSError):
-            _failed(s, node, conn, health)
+        release = balancer.acquire(node)  # least_conn: counted from the pick on
+        try:
+            conn = _attempt(s, upstream, balancer, node, timeout, health)
+        finally:
+            if release is not None and s.upstream_sock is None:
+                release()  # this dial failed (or raised): the next pick must not see it
+        if conn is None:
             continue
-        s.registry.dialled(node.addr, time.monotonic() - started)
-        if health is not None:
-            passive(health, node.addr, SUCCESS)
-        s.upstream_sock = conn
-        s.registry.set_node(s.info, node.addr)
+        if release is not None:
+            s.cleanup.append(release)
         return
     if not tried:
         raise NoUpstream("failed to pick server: no node available")
     raise NoUpstream("all upstream servers tried: %s" % ", ".join(tried))
+
+
+def _attempt(s, upstream, balancer, node, timeout, health):
+    """Dial ``node``; on success set ``s.upstream_sock`` and return it, else None."""
+    s.peer = node.addr
+    s.log(logging.INFO, "proxy request to %s", node.addr)
+    started = time.monotonic()
+    conn = netio.connect(node.dial_host, node.port, timeout)
+    if (s.preamble or upstream.scheme == "tls") and not isinstance(conn, OSError):
+        conn = _prepare(s, upstream, node, conn, timeout)
+    if isinstance(conn, tls.UpstreamTlsError):
+        return None  # logged by the TLS handshake
+    if isinstance(conn, OSError):
+        _failed(s, node, conn, health)
+        return None
+    elapsed = time.monotonic() - started
+    s.registry.dialled(node.addr, elapsed)
+    balancer.observe(node, elapsed)
+    if health is not None:
+        passive(health, node.addr, SUCCESS)
+    s.upstream_sock = conn
+    s.registry.set_node(s.info, node.addr)
+    return conn
 
 
 def _failed(s, node, exc, health):

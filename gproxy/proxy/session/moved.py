@@ -58,7 +58,8 @@ def export(session, staged=False):
     record = {name: getattr(info, name) for name in _FIELDS}
     record["hash_key"] = handoff.pack(info.hash_key)
     item = {"info": record, "relay": state, "listener": session.listener.text,
-            "limits": [list(slot.key) for slot in session.cleanup if isinstance(slot, Slot)]}
+            "limits": [list(slot.key) for slot in session.cleanup if isinstance(slot, Slot)],
+            "tried": list(session.tried), "sni": session.sni}  # (its access log line)
     if staged:
         item["staged"] = True
         return item, ()
@@ -71,10 +72,13 @@ def restart(session):
 
 
 def let_go(session):
-    """The other process runs the session now: forget it here without a word."""
+    """The other process runs the session now: forget it here without a word
+    (its slots and gate place given back, and no access log line: it did not end)."""
     handoff.release(session.relay)
     session.registry.remove(session.info, moved=True)
-    session.ended()
+    cleanup, session.cleanup = session.cleanup, None  # ended() now does nothing
+    for release in cleanup or ():
+        release()
 
 
 def adopt(proxy, listeners, gate, state, socks):
@@ -89,6 +93,7 @@ def adopt(proxy, listeners, gate, state, socks):
     listener = listeners.get(state["listener"]) or _Elsewhere(state["listener"], gate)
     session = Session(proxy, listener, client, info)
     session.action = "proxying connection"
+    session.tried, session.sni = list(state.get("tried", ())), state.get("sni")
     session.relay = handoff.resume(proxy.relays, client, upstream, info, session._relay_done,
                                    state["relay"])
     session.cleanup = [tuple(key) for key in state["limits"]]  # slots, taken by go()

@@ -7,7 +7,8 @@ function in a listener's list, not a branch here.  MQTT over WebSocket rides
 on the mqtt-proxy preread (the first byte tells, ``wspreread``); in its
 passthrough mode the broker's upgrade comes before the replay.
 
-    match_route -> find_upstream -> limits -> preread -> dial -> replay   (then the relay)
+    match_route -> find_upstream -> ip_restriction -> limits -> preread -> dial -> replay
+                                                                     (then the relay)
 """
 
 import logging
@@ -17,6 +18,7 @@ from gproxy.proxy import netio
 from gproxy.proxy.session import dial as dialing
 from gproxy.proxy.session.limits import limits
 from gproxy.proxy.session.preread import preread_mqtt
+from gproxy.proxy.session.restrict import ip_restriction
 from gproxy.proxy.session.wspreread import preread_websocket, upgrade_upstream
 
 PREREAD = "prereading client data"  # nginx's log actions
@@ -83,4 +85,4 @@ def replay(s):
     s.info.bytes_in += len(s.replay)
 
 
-COMMON = (match_route, find_upstream, limits, preread, dial, replay)
+COMMON = (match_route, find_upstream, ip_restriction, limits, preread, dial, replay)

@@ -62,6 +62,7 @@ def read_connect(s, conf, recv, on_http=None):
             if on_http is not None and not buf and chunk[0] == HTTP_GET:
                 return on_http(chunk)
             buf += chunk
+            s.replay = buf  # so far: a refusal's access log line counts what was read
             packet = mqtt.parse_connect(buf, max_packet)
         mqtt.check_protocol(packet, conf.protocol_name, conf.protocol_level)
     except socket.timeout:
@@ -119,7 +120,7 @@ def _text(value):
 def plugin_exit(s, reason, line):
     """The plugin's error line, then APISIX's exit line; the session ends."""
     s.log(logging.ERROR, "%s", line)
-    raise Reject(reason, logging.WARNING, PLUGIN_EXIT)
+    raise Reject(reason, logging.WARNING, PLUGIN_EXIT, status=503)
 
 
 def _short_read(s, buf, why):

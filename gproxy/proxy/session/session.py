@@ -41,6 +41,7 @@ class Proxy:
         self.registry = registry if registry is not None else Registry()  # empty is falsy
         self.settings = settings if settings is not None else Settings()
         self.relays = relays if relays is not None else RelayHub()
+        self.access_log = None  # an accesslog.AccessLog when the stream access log is on
 
     def handle(self, listener, sock, addr):
         """One accepted client on ``listener`` (the StreamServer handler)."""
@@ -70,7 +71,7 @@ class Session:
 
     __slots__ = ("proxy", "settings", "registry", "table", "listener", "sock", "info", "route",
                  "upstream", "replay", "vars", "preamble", "upstream_sock", "sni", "ws", "peer",
-                 "action", "relay", "tracked", "keep_alive", "cleanup")
+                 "action", "relay", "tracked", "keep_alive", "cleanup", "tried", "refusal")
 
     def __init__(self, proxy, listener, sock, info):
         self.proxy = proxy
@@ -94,6 +95,8 @@ class Session:
         self.tracked = False
         self.keep_alive = None  # seconds, from the CONNECT (MQTT routes)
         self.cleanup = []  # called once when the session ends (limits, accept gate)
+        self.tried = []  # every node address dialled, in order (nginx's $upstream_addr)
+        self.refusal = None  # the Reject (or OSError) that ended it before the relay
 
     # -- logging -----------------------------------------------------------
     def log(self, level, msg, *args):
@@ -117,9 +120,11 @@ class Session:
                 phase(self)
             self.hand_off()
         except Reject as exc:
+            self.refusal = exc
             self.registry.reject(exc.reason)
             self.log(exc.level, "%s", exc)
         except OSError as exc:  # a socket error mid-phase ends this session only
+            self.refusal = exc
             self.log(logging.ERROR, "%s", exc.strerror or exc)
         finally:
             if self.relay is None:  # never handed off: this greenlet cleans up
@@ -131,10 +136,15 @@ class Session:
                 self.ended()
 
     def ended(self):
-        """Run the cleanup callbacks (once): the session holds nothing any more."""
-        cleanup, self.cleanup = self.cleanup, []
+        """Run the cleanup callbacks (once): the session holds nothing any more;
+        then its access log line."""
+        cleanup, self.cleanup = self.cleanup, None
+        if cleanup is None:
+            return
         for release in cleanup:
             release()
+        if self.proxy.access_log is not None:
+            self.proxy.access_log.session(self)
 
     def track(self):
         """Show the session as live (from the route match on); the registry
