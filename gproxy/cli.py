@@ -120,6 +120,7 @@ def main(argv=None):
     freeze_startup_objects()
     serve(app, signals, lambda: reload(app, path, args.log_level), app.reopen_logs,
           upgrade.Upgrader(app, command()))
+    app.store.close()  # the file store folds its journal into the file
     return 0
 
 

@@ -57,6 +57,11 @@ class StoreUnavailable(GproxyError, OSError):
     """
 
 
+class NotApplied(GproxyError):
+    """A change is stored but a worker could not make it live (``--workers``); the
+    message names the worker.  The Admin API answers 503 with it."""
+
+
 class HandshakeError(GproxyError):
     """A WebSocket upgrade request gproxy refuses (RFC 6455 §4.2.1-4.2.2).
 

@@ -28,14 +28,13 @@ busy machine from a busy hub (that is what the on-CPU column is for).
 import argparse
 import os
 import resource
-import shutil
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from scale_setup import (gc_passes, open_idle, probe_holds, start_broker,  # noqa: E402
-                         start_gproxy, stop)
+from scale_setup import (finish, gc_passes, open_idle, probe_holds,  # noqa: E402
+                         start_broker, start_gproxy)
 from bench.procstat import cpu_seconds  # noqa: E402  (scale_setup put the repo on the path)
 
 
@@ -119,12 +118,7 @@ def main(argv=None):
     finally:
         for sock in quiet + dying:
             sock.close()
-        for proc in procs:
-            stop(proc)
-        if args.keep:
-            print("kept %s (probe.log: wall time, ms late, ms of it on a CPU)" % workdir)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        finish(procs, workdir, args.keep, "probe.log: wall time, ms late, ms of it on a CPU")
 
 
 if __name__ == "__main__":

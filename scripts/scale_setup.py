@@ -3,9 +3,10 @@ mosquitto brokers, idle MQTT sessions and paced new clients.
 
 Run as a script (``scale_setup.py CONFIG PROBE``) it is the gproxy child:
 gproxy's CLI in this process plus a probe greenlet that sleeps 1 ms in a loop
-and logs every overshoot above 0.5 ms with how much of it the process spent
-on a CPU.  Everything else here runs in scale.py's own (plain, unpatched)
-process.
+and logs every overshoot above 0.5 ms with how much of it the hub's thread
+spent on a CPU (``thread_time``: the threadpool's and the etcd watch thread's
+CPU is not the hub's).  Everything else here runs in scale.py's own (plain,
+unpatched) process.
 """
 
 import gc
@@ -37,11 +38,11 @@ def serve(config, probe_path):
     def probe():
         with open(probe_path, "a", buffering=1) as fh:
             while True:
-                start, cpu = time.perf_counter(), time.process_time()
+                start, cpu = time.perf_counter(), time.thread_time()
                 gevent.sleep(PROBE_MS / 1000)
                 late = (time.perf_counter() - start) * 1000 - PROBE_MS
                 if late > 0.5:  # and how much of it this process ran (vs. waited for a core)
-                    ran = (time.process_time() - cpu) * 1000
+                    ran = (time.thread_time() - cpu) * 1000
                     fh.write("%.4f %.3f %.3f\n" % (time.time(), late, min(late, ran)))
 
     gc_log = open(probe_path + ".gc", "a", buffering=1)
@@ -121,26 +122,35 @@ def start_broker(workdir, name):
     return proc, port
 
 
-def start_gproxy(workdir, brokers):
+def fleet_route(brokers):
+    """The route every idle session takes: chash on the client id over ``brokers``."""
+    return {"id": "fleet", "plugins": {"mqtt-proxy": {"protocol_name": "MQTT",
+                                                       "protocol_level": 4}},
+            "upstream": {"type": "chash", "key": "mqtt_client_id", "nodes": [
+                {"host": HOST, "port": p, "weight": 1} for p in brokers]}}
+
+
+def start_gproxy(workdir, brokers, deployment=None, env=None):
+    """gproxy with the probe, the fleet route in its store file (``deployment``: more
+    ``deployment`` keys, e.g. an etcd store; ``env``: more environment)."""
     stream, admin = free_port(), free_port()
-    route = {"id": "fleet", "plugins": {"mqtt-proxy": {"protocol_name": "MQTT",
-                                                        "protocol_level": 4}},
-             "upstream": {"type": "chash", "key": "mqtt_client_id", "nodes": [
-                 {"host": HOST, "port": p, "weight": 1} for p in brokers]}}
     with open(os.path.join(workdir, "apisix.yaml"), "w") as fh:
-        fh.write("stream_routes:\n  - %s\nupstreams: []\n#END\n" % json.dumps(route))
+        fh.write("stream_routes:\n  - %s\nupstreams: []\n#END\n"
+                 % json.dumps(fleet_route(brokers)))
     config = os.path.join(workdir, "config.yaml")
     with open(config, "w") as fh:
         json.dump({"apisix": {"stream_proxy": {"tcp": ["%s:%d" % (HOST, stream)]}},
-                   "deployment": {"admin": {"admin_listen": {"ip": HOST, "port": admin},
-                                            "admin_key": [{"name": "admin", "key": KEY,
-                                                           "role": "admin"}]}},
+                   "deployment": dict({"admin": {
+                       "admin_listen": {"ip": HOST, "port": admin},
+                       "admin_key": [{"name": "admin", "key": KEY, "role": "admin"}]}},
+                       **(deployment or {})),
                    "gproxy": {"max_connections": 20000}}, fh)
     probe = os.path.join(workdir, "probe.log")
     open(probe, "w").close()
     log = open(os.path.join(workdir, "gproxy.log"), "wb")
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), config, probe],
-                            cwd=workdir, stdout=log, stderr=log)
+                            cwd=workdir, stdout=log, stderr=log,
+                            env=dict(os.environ, **(env or {})))
     try:
         wait_port(admin, proc)
         wait_port(stream, proc)
@@ -149,6 +159,16 @@ def start_gproxy(workdir, brokers):
         with open(log.name, errors="replace") as fh:
             raise RuntimeError("gproxy did not start (%s):\n%s" % (exc, fh.read()[-3000:]))
     return proc, stream, admin, probe
+
+
+def finish(procs, workdir, keep, note):
+    """Stop what a script started and drop (or keep, saying what is in it) its work dir."""
+    for proc in procs:
+        stop(proc)
+    if keep:
+        print("kept %s (%s)" % (workdir, note))
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def stop(proc):

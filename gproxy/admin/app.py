@@ -13,7 +13,7 @@ from werkzeug.exceptions import HTTPException
 
 from gproxy import __version__
 from gproxy.admin import auth
-from gproxy.errors import StoreUnavailable
+from gproxy.errors import NotApplied, StoreUnavailable
 from gproxy.admin.extensions import extensions_blueprint
 from gproxy.admin.plugins import plugins_blueprint
 from gproxy.admin.resources import ApiError, json_response, make_resource_blueprint
@@ -71,6 +71,12 @@ def create_app(store, sessions, cfg, extra_blueprints=()):
     def store_unavailable(exc):
         # APISIX: 503 {"error_msg": <etcd client error>}, e.g. when etcd is down
         app.logger.error("failed to %s %s in the store: %s", request.method, request.path, exc)
+        return json_response({"error_msg": str(exc)}, 503)
+
+    @app.errorhandler(NotApplied)
+    def not_applied(exc):
+        # stored, but a worker serves the previous table: never a silent 200
+        app.logger.error("%s %s: %s", request.method, request.path, exc)
         return json_response({"error_msg": str(exc)}, 503)
 
     @app.errorhandler(HTTPException)

@@ -20,8 +20,8 @@ def plugins_blueprint(prefix):
                                   % request.args.get("subsystem", "http")}, 404)
         schema = dict(STREAM_PLUGINS[name])
         if name == "mqtt-proxy":
-            schema["properties"] = dict(schema["properties"], protocol_name={
-                "type": "string", "default": "MQTT"})
+            schema["properties"] = dict(schema["properties"], protocol_name=dict(
+                schema["properties"]["protocol_name"], default="MQTT"))
         return json_response(schema)
 
     return bp

@@ -98,13 +98,38 @@ class DnsDiscovery:
         self.errors = {}  # service_name -> the last failure, while it lasts
         self._ttl = {}  # service_name -> seconds its last answer lives
         self._watchers = {}
+        self._users = {}  # (kind, id) -> the service_name it looks up
         self._running = False
         self._change = None
 
     def apply(self, data):
-        """``data`` with the dns upstreams' nodes filled in; follows the wanted names."""
-        self.want(model.service_names(data))
+        """``data`` (the store's whole ``{kind: [value, ...]}``) with the dns upstreams'
+        nodes filled in; follows the names they want."""
+        self._users = {}
+        self.fill_changes([(kind, str(value.get("id")), value)
+                           for kind in ("upstreams", "stream_routes")
+                           for value in data.get(kind) or ()])
         return model.with_nodes(data, self.found)
+
+    def fill_changes(self, changes):
+        """Store changes ``(kind, id, value)`` with the dns upstreams' nodes filled in;
+        follows the names the changed objects want now."""
+        out = []
+        for kind, id_, value in changes:
+            if id_ is not None and kind in ("upstreams", "stream_routes"):
+                name = None if value is None else model.item_service(kind, value)
+                if name is None:
+                    self._users.pop((kind, id_), None)
+                else:
+                    self._users[(kind, id_)] = name
+                    value = model.fill_item(kind, value, self.found)
+            out.append((kind, id_, value))
+        self.want(set(self._users.values()))
+        return out
+
+    def users(self):
+        """``(kind, id)`` of every stored object whose nodes come from DNS."""
+        return list(self._users)
 
     def want(self, names):
         for name in set(self._watchers) - names:

@@ -97,15 +97,29 @@ def with_nodes(data, found):
     shares everything but the upstreams it fills in (copies), so the store's
     objects are never changed.  A name with no answer yet gets no nodes.
     """
-    def fill(up):
-        if up.get("discovery_type") != "dns" or not up.get("service_name"):
-            return up
-        return dict(up, nodes=found.get(up["service_name"]) or [])
+    return dict(data, stream_routes=[fill_item("stream_routes", r, found)
+                                     for r in data.get("stream_routes") or ()],
+                upstreams=[fill_item("upstreams", up, found) for up in data.get("upstreams") or ()])
 
-    routes = [dict(r, upstream=fill(r["upstream"])) if isinstance(r.get("upstream"), dict)
-              else r for r in data.get("stream_routes") or ()]
-    return dict(data, stream_routes=routes,
-                upstreams=[fill(up) for up in data.get("upstreams") or ()])
+
+def item_service(kind, value):
+    """The ``service_name`` a stored upstream or route (its inline upstream) looks
+    up over DNS, or None."""
+    up = value if kind == "upstreams" else value.get("upstream")
+    if isinstance(up, dict) and up.get("discovery_type") == "dns":
+        return up.get("service_name") or None
+    return None
+
+
+def fill_item(kind, value, found):
+    """A stored upstream or route with its dns upstream given ``found[service_name]``
+    as its ``nodes`` (a copy; anything else comes back as it is)."""
+    name = item_service(kind, value)
+    if name is None:
+        return value
+    if kind == "upstreams":
+        return dict(value, nodes=found.get(name) or [])
+    return dict(value, upstream=dict(value["upstream"], nodes=found.get(name) or []))
 
 
 def _upstreams(data):

@@ -12,15 +12,16 @@ length, so a list of thousands costs a few set lookups per client.  Pure.
 
 import ipaddress
 
-#: APISIX's ``core.schema.ip_def``: an IPv4 or IPv6 address or CIDR.
-IP_DEF = {"anyOf": [
+#: APISIX's ``core.schema.ip_def``: an IPv4 or IPv6 address or CIDR (gproxy bounds
+#: its length: the patterns run on RE2, in linear time, see ``model.schema``).
+IP_DEF = {"maxLength": 128, "anyOf": [
     {"type": "string", "format": "ipv4",
      "pattern": r"^(((\d{1,2})|(1\d{2})|(2[0-4]\d)|(25[0-5]))\.){3}((\d{1,2})|(1\d{2})|(2[0-4]\d)|(25[0-5]))$"},
     {"type": "string", "pattern": r"^([12]?[0-9]{1,2}.){3}[12]?[0-9]{1,2}/([12]?[0-9]|3[0-2])$"},
     {"type": "string", "pattern": r"^[0-9a-fA-F:.]*:[0-9a-fA-F:.]*(%.+)?$"},
     {"type": "string", "pattern": r"^([a-fA-F0-9]{0,4}:){1,8}(:[a-fA-F0-9]{0,4}){0,8}([a-fA-F0-9]{0,4})?/[0-9]{1,3}$"},
 ]}
-_LIST = {"type": "array", "items": IP_DEF, "minItems": 1}
+_LIST = {"type": "array", "items": IP_DEF, "minItems": 1, "maxItems": 10000}
 IP_RESTRICTION_SCHEMA = {
     "type": "object",
     "properties": {

@@ -4,44 +4,56 @@ Owns what a stored ``stream_routes`` or ``upstreams`` object may look like and
 the exact ``error_msg`` wording APISIX returns when it may not
 (docs/apisix-behaviour.md §3, §4.1, §5.1).  Pure: it is handed a lookup for
 referenced ids instead of reaching into a store.
+
+Where APISIX's schemas set no bound, gproxy's add one (``maxLength``,
+``maxItems``, ``maxProperties``, ``propertyNames``), far beyond any real
+value, declared in the schema objects themselves so the checks and the
+OpenAPI document say the same: one request's checks, its table update and
+its storage then stay within a few milliseconds of the hub.  A chash ring is
+bounded too (``MAX_RING_POINTS``).  Every pattern runs on RE2 (``schema``).
 """
 
 import json
-import re
 
 from gproxy.errors import SchemaError
 from gproxy.model.iprestriction import IP_DEF as _IP_DEF
 from gproxy.model.iprestriction import IP_RESTRICTION_SCHEMA, check_ips
 from gproxy.model.iprestriction import network as ip_network  # routes use it too
+from gproxy.model.balancer import CHASH_POINTS_PER_WEIGHT, MAX_RING_POINTS, ring_points
 from gproxy.model.limits import LIMIT_CONN_SCHEMA, LIMIT_RATE_SCHEMA
-from gproxy.model.schema import check, validate
+from gproxy.model.schema import check, matches, validate
 
 ID_SCHEMA = {"anyOf": [
     {"type": "string", "minLength": 1, "maxLength": 64, "pattern": r"^[a-zA-Z0-9-_.]+$"},
     {"type": "integer", "minimum": 1},
 ]}
 HOST_PATTERN = r"^\*?[0-9a-zA-Z-._\[\]:]+$"
-_LABELS = {"type": "object", "patternProperties": {
-    ".*": {"type": "string", "pattern": r"^\S+$", "minLength": 1, "maxLength": 256}}}
+#: APISIX's labels: values ``^\S+$`` of 1-256 characters (gproxy: at most 256
+#: labels, keys of at most 256 characters).
+LABELS = {"type": "object", "maxProperties": 256, "propertyNames": {"maxLength": 256},
+          "patternProperties": {
+              ".*": {"type": "string", "pattern": r"^\S+$", "minLength": 1, "maxLength": 256}}}
+HOST = {"type": "string", "pattern": HOST_PATTERN, "maxLength": 256}
 _TIME = {"type": "integer"}
 _COMMON = {
     "id": ID_SCHEMA,
     "name": {"type": "string", "minLength": 1, "maxLength": 256},
     "desc": {"type": "string", "maxLength": 256},
-    "labels": _LABELS,
+    "labels": LABELS,
     "create_time": _TIME,
     "update_time": _TIME,
 }
 _NODES = {"anyOf": [
-    {"type": "object", "patternProperties": {".*": {"type": "integer", "minimum": 0}}},
-    {"type": "array", "items": {
+    {"type": "object", "maxProperties": 1000, "propertyNames": {"maxLength": 320},
+     "patternProperties": {".*": {"type": "integer", "minimum": 0}}},
+    {"type": "array", "maxItems": 1000, "items": {
         "type": "object",
         "properties": {
-            "host": {"type": "string", "pattern": r"^\*$|" + HOST_PATTERN},
+            "host": {"type": "string", "pattern": r"^\*$|" + HOST_PATTERN, "maxLength": 256},
             "port": {"type": "integer", "minimum": 1, "maximum": 65535},
             "weight": {"type": "integer", "minimum": 0},
             "priority": {"type": "integer"},
-            "metadata": {"type": "object"},
+            "metadata": {"type": "object", "maxProperties": 256},
         },
         "required": ["host", "weight"],
     }},
@@ -61,11 +73,12 @@ CHECKS_SCHEMA = {
             "type": {"type": "string", "enum": ["http", "https", "tcp", "mqtt"]},
             "timeout": {"type": "number"},
             "concurrency": {"type": "integer"},
-            "host": {"type": "string", "pattern": HOST_PATTERN},
+            "host": HOST,
             "port": {"type": "integer", "minimum": 1, "maximum": 65535},
-            "http_path": {"type": "string"},
+            "http_path": {"type": "string", "maxLength": 4096},
             "https_verify_certificate": {"type": "boolean"},
-            "req_headers": {"type": "array", "minItems": 1, "items": {"type": "string"}},
+            "req_headers": {"type": "array", "minItems": 1, "maxItems": 64,
+                            "items": {"type": "string", "maxLength": 4096}},
             "healthy": {"type": "object", "properties": {
                 "interval": _INTERVAL, "http_statuses": _STATUSES, "successes": _COUNT}},
             "unhealthy": {"type": "object", "properties": {
@@ -74,8 +87,8 @@ CHECKS_SCHEMA = {
             "mqtt": {"type": "object", "properties": {
                 "protocol_level": {"type": "integer", "enum": [3, 4, 5]},
                 "client_id": {"type": "string", "maxLength": 256},
-                "username": {"type": "string"},
-                "password": {"type": "string"}},
+                "username": {"type": "string", "maxLength": 65535},
+                "password": {"type": "string", "maxLength": 65535}},
                 "additionalProperties": False},
         }},
         "passive": {"type": "object", "properties": {
@@ -99,24 +112,24 @@ UPSTREAM_SCHEMA = {
         "timeout": {"type": "object", "properties": {
             "connect": _POSITIVE, "send": _POSITIVE, "read": _POSITIVE},
             "required": ["connect", "send", "read"]},
-        "type": {"type": "string"},
+        "type": {"type": "string", "maxLength": 64},
         "checks": CHECKS_SCHEMA,
         "hash_on": {"type": "string", "enum": [
             "vars", "header", "cookie", "consumer", "vars_combinations"]},
-        "key": {"type": "string"},
+        "key": {"type": "string", "maxLength": 1024},
         "scheme": {"type": "string", "enum": [
             "grpc", "grpcs", "http", "https", "tcp", "tls", "udp", "kafka"]},
-        "discovery_type": {"type": "string"},
-        "discovery_args": {"type": "object"},
+        "discovery_type": {"type": "string", "maxLength": 256},
+        "discovery_args": {"type": "object", "maxProperties": 64},
         "pass_host": {"type": "string", "enum": ["pass", "node", "rewrite"]},
-        "upstream_host": {"type": "string", "pattern": HOST_PATTERN},
+        "upstream_host": HOST,
         "service_name": {"type": "string", "minLength": 1, "maxLength": 256},
         "tls": {"type": "object", "properties": {
             "client_cert_id": ID_SCHEMA,
             "client_cert": {"type": "string", "minLength": 128, "maxLength": 64 * 1024},
             "client_key": {"type": "string", "minLength": 64, "maxLength": 64 * 1024},
             "verify": {"type": "boolean"}}},
-        "keepalive_pool": {"type": "object"},
+        "keepalive_pool": {"type": "object", "maxProperties": 16},
     }),
     "oneOf": [{"required": ["nodes"]}, {"required": ["service_name", "discovery_type"]}],
     "additionalProperties": False,
@@ -127,12 +140,14 @@ STREAM_ROUTE_SCHEMA = {
         "remote_addr": _IP_DEF,
         "server_addr": _IP_DEF,
         "server_port": {"type": "integer", "minimum": 1, "maximum": 65535},
-        "sni": {"type": "string", "pattern": r"^\*$|^\*?[0-9a-zA-Z-._\[\]:]+$"},
+        "sni": {"type": "string", "pattern": r"^\*$|^\*?[0-9a-zA-Z-._\[\]:]+$",
+                "maxLength": 256},
         "upstream": UPSTREAM_SCHEMA,
         "upstream_id": ID_SCHEMA,
         "service_id": ID_SCHEMA,
-        "plugins": {"type": "object"},
-        "protocol": {"type": "object", "properties": {"name": {"type": "string"}},
+        "plugins": {"type": "object", "maxProperties": 64},
+        "protocol": {"type": "object", "properties": {"name": {"type": "string",
+                                                                "maxLength": 256}},
                      "required": ["name"]},
     }),
     "additionalProperties": False,
@@ -145,7 +160,8 @@ WEBSOCKET_SCHEMA = {
     "properties": {
         "enable": {"type": "boolean"},
         "path": {"type": "string", "pattern": "^/", "maxLength": 4096},
-        "allow_origins": {"type": "array", "items": {"type": "string", "minLength": 1}},
+        "allow_origins": {"type": "array", "maxItems": 256,
+                          "items": {"type": "string", "minLength": 1, "maxLength": 4096}},
         "mode": {"type": "string", "enum": ["terminate", "passthrough"]},
     },
     "additionalProperties": False,
@@ -161,7 +177,7 @@ SET_CONNECT_SCHEMA = {
 #: mqtt-proxy's schema: no additionalProperties, so the deprecated ``upstream`` is accepted.
 MQTT_PROXY_SCHEMA = {
     "type": "object",
-    "properties": {"protocol_name": {"type": "string"},
+    "properties": {"protocol_name": {"type": "string", "maxLength": 256},
                    "protocol_level": {"type": "integer"},
                    "websocket": WEBSOCKET_SCHEMA,
                    "set_connect": SET_CONNECT_SCHEMA},
@@ -170,7 +186,7 @@ MQTT_PROXY_SCHEMA = {
 STREAM_PLUGINS = {"mqtt-proxy": MQTT_PROXY_SCHEMA, "limit-conn": LIMIT_CONN_SCHEMA,
                   "gproxy-limit-rate": LIMIT_RATE_SCHEMA, "ip-restriction": IP_RESTRICTION_SCHEMA}
 
-CHASH_VAR_KEY = re.compile(
+CHASH_VAR_KEY = (
     r"^((uri|server_name|server_addr|request_uri|remote_port|remote_addr|query_string"
     r"|host|hostname|mqtt_client_id)|arg_[0-9a-zA-z_-]+)$")
 #: gproxy's additions to APISIX's list (docs/tls.md); a key that is neither in
@@ -209,9 +225,36 @@ def _conflicts(conf):
 _EXTRA_CHECKS = {"mqtt-proxy": _conflicts, "ip-restriction": check_ips}
 
 
-def check_stream_route(conf, upstream_exists=lambda _id: True):
-    """Raise SchemaError with APISIX's message unless ``conf`` is a valid stream route."""
-    check(STREAM_ROUTE_SCHEMA, conf)
+def _weight_groups(nodes):
+    """The node weights of each priority group, from either node form."""
+    if isinstance(nodes, dict):
+        return [list(nodes.values())]
+    groups = {}
+    for node in nodes or ():
+        groups.setdefault(node.get("priority", 0), []).append(node["weight"])
+    return list(groups.values())
+
+
+def check_ring(conf, prefix="invalid configuration: "):
+    """gproxy's bound on a ``chash`` upstream's ring (a schema-checked ``conf``)."""
+    if conf.get("type") != "chash":
+        return
+    points = ring_points(_weight_groups(conf.get("nodes")))
+    if points > MAX_RING_POINTS:
+        raise SchemaError(
+            '%sproperty "nodes" validation failed: the weights make a chash ring of %d '
+            "points, expected at most %d (%d points per unit of weight, once the weights "
+            "are divided by their greatest common divisor)"
+            % (prefix, points, MAX_RING_POINTS, CHASH_POINTS_PER_WEIGHT))
+
+
+def check_stream_route(conf, upstream_exists=lambda _id: True, pause=None):
+    """Raise SchemaError with APISIX's message unless ``conf`` is a valid stream route
+    (``pause``: called now and then over long arrays, see ``schema.validate``)."""
+    check(STREAM_ROUTE_SCHEMA, conf, pause=pause)
+    if isinstance(conf.get("upstream"), dict):
+        check_ring(conf["upstream"], 'invalid configuration: property "upstream" validation '
+                                     "failed: ")
     for field in ("remote_addr", "server_addr"):
         if field in conf:
             try:
@@ -230,9 +273,10 @@ def check_stream_route(conf, upstream_exists=lambda _id: True):
         raise SchemaError("unknown protocol [%s]" % conf["protocol"]["name"])
 
 
-def check_upstream(conf):
+def check_upstream(conf, pause=None):
     """``check_upstream_conf`` as APISIX runs it for ``/upstreams`` (not for stream routes)."""
-    check(UPSTREAM_SCHEMA, conf)
+    check(UPSTREAM_SCHEMA, conf, pause=pause)
+    check_ring(conf)
     nodes = conf.get("nodes")
     if isinstance(nodes, dict):
         for addr in nodes:
@@ -256,7 +300,7 @@ def check_upstream(conf):
         key = conf.get("key")
         if not key:
             raise SchemaError("missing key")
-        if (conf.get("hash_on", "vars") == "vars" and not CHASH_VAR_KEY.search(key)
+        if (conf.get("hash_on", "vars") == "vars" and not matches(CHASH_VAR_KEY, key)
                 and key not in GPROXY_VAR_KEYS):
             raise SchemaError('invalid configuration: failed to match pattern "%s" with "%s"'
-                              % (CHASH_VAR_KEY.pattern, key))
+                              % (CHASH_VAR_KEY, key))

@@ -2,7 +2,11 @@
 
 ``RouteTable`` is built from the store's plain dicts (already validated by
 ``resources``) and never mutated: a change builds a new table and the server
-swaps one reference, so a live session keeps the route it matched.  Matching
+swaps one reference, so a live session keeps the route it matched.  A new
+table is made from the last one and the changes (``updated``): what did not
+change is the same object in both, and a changed upstream whose nodes and
+balancing did not change keeps its balancer (ring, round-robin position), so
+an update costs what changed, not what the table holds.  Matching
 follows APISIX's ip_port router (docs/apisix-behaviour.md §4.2): routes with
 ``sni`` only match TLS connections with that SNI; otherwise the first route,
 in load order, whose filters all pass wins.  Pure: no sockets, no DNS.
@@ -10,111 +14,17 @@ in load order, whose filters all pass wins.  Pure: no sockets, no DNS.
 
 import ipaddress
 import logging
-import re
 from dataclasses import dataclass
 
-from gproxy.model.balancer import Balancer, Node
 from gproxy.model.iprestriction import IpRestriction
 from gproxy.model.resources import ip_network
+from gproxy.model.upstream import Upstream, is_ip, parse_nodes  # noqa: F401 (re-exported)
 
 log = logging.getLogger("gproxy.model.routes")
 
 #: nginx stream defaults when an upstream has no ``timeout`` (seconds).
 DEFAULT_CONNECT_TIMEOUT = 60.0
 DEFAULT_PROXY_TIMEOUT = 600.0
-
-
-def parse_nodes(nodes):
-    """APISIX's two node forms (map or array) as a list of Node."""
-    if isinstance(nodes, dict):
-        out = []
-        for addr, weight in nodes.items():
-            host, _, port = addr.rpartition(":")
-            if not host:  # "host" alone: APISIX defaults the port by scheme
-                host, port = addr, "80"
-            out.append(Node(host, int(port), weight))
-        return out
-    return [Node(n["host"], int(n.get("port", 80)), n["weight"], n.get("priority", 0))
-            for n in nodes or ()]
-
-
-def is_ip(host):
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-        return True
-    except ValueError:
-        return False
-
-
-class Upstream:
-    """One upstream: its nodes, balancer settings and (for IP nodes) its balancer."""
-
-    def __init__(self, conf, chash_ring="apisix", name=None, shared=None):
-        self.conf = conf
-        self.id = None if conf.get("id") is None else str(conf["id"])
-        self.type = conf.get("type", "roundrobin")
-        self.hash_on = conf.get("hash_on", "vars")
-        self.key = conf.get("key")
-        # stream: http (APISIX's default) is tcp at runtime; tls dials TLS (§5.1)
-        self.scheme = "tls" if conf.get("scheme") == "tls" else "tcp"
-        self.tls = conf.get("tls") or {}
-        self.nodes = parse_nodes(conf.get("nodes"))
-        # service discovery (gproxy.discovery fills ``nodes`` in before the table is built)
-        self.discovery_type = conf.get("discovery_type") if conf.get("service_name") else None
-        self.needs_dns = not all(is_ip(n.host) for n in self.nodes)
-        retries = conf.get("retries")
-        self.retries = retries if retries is not None and retries >= 0 else None
-        self.retry_timeout = conf.get("retry_timeout") or 0
-        timeout = conf.get("timeout") or {}
-        self.connect_timeout = timeout.get("connect")  # None: gproxy.proxy.connect_timeout
-        # The upstream's own send/read timeouts win over gproxy.proxy.timeout.
-        self.idle_timeout = (max(timeout["send"], timeout["read"])
-                             if "send" in timeout and "read" in timeout else None)
-        self.checks = conf.get("checks") or None
-        self.name = name  # APISIX's resource key: /apisix/upstreams/<id> or /apisix/stream_routes/<id>
-        self.health = None  # a model.health.HealthState, set when this upstream is checked
-        self._chash_ring = chash_ring
-        self._shared = shared  # least_conn counts and ewma latencies across tables
-        self._balancer = None if self.needs_dns else self._build(self.nodes)
-        self._dns_balancer = None  # rebuilt when a lookup gives other addresses
-
-    def _build(self, nodes):
-        return Balancer(nodes, self.type, self._chash_ring, self.name, self._shared)
-
-    def balancer(self, resolved=None):
-        """The balancer for ``resolved`` nodes (domain upstreams) or the static one."""
-        if resolved is None:
-            return self._balancer
-        if self._dns_balancer is None or self._dns_balancer.nodes != resolved:
-            self._dns_balancer = self._build(resolved)
-        return self._dns_balancer
-
-    @property
-    def last_balancer(self):
-        """The balancer in use now: the static one, or the last DNS answer's (None
-        before the first lookup)."""
-        return self._balancer if self._balancer is not None else self._dns_balancer
-
-    def hash_value(self, found):
-        """The chash key from nginx-style variables ``found`` (str or bytes), or
-        None when it is unset or empty: the caller then falls back to
-        ``remote_addr``, as APISIX does (docs/apisix-behaviour.md §5.3)."""
-        value = None
-        if self.hash_on == "vars":
-            value = found.get(self.key)
-        elif self.hash_on == "vars_combinations" and self.key:
-            value = re.sub(r"\$(\w+)", lambda m: _text(found.get(m.group(1), "")), self.key)
-        return None if value is None or value == "" else value
-
-    def no_nodes(self):
-        """Why a session finds no node here, in APISIX's words (set_by_route)."""
-        if self.discovery_type is not None and "nodes" not in self.conf:
-            return "failed to set upstream: discovery %s is uninitialized" % self.discovery_type
-        return "failed to set upstream: no valid upstream node"
-
-    def tries(self, nnodes):
-        """Dial attempts allowed: ``retries`` + 1, default one per node."""
-        return nnodes if self.retries is None else self.retries + 1
 
 
 @dataclass(frozen=True)
@@ -183,10 +93,6 @@ class Route:
         return True
 
 
-def _text(value):
-    return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else value
-
-
 def _net(text):
     return None if text is None else ip_network(text)
 
@@ -204,26 +110,102 @@ def _contains(net, ip):
 class RouteTable:
     """An immutable snapshot of every stream route and upstream."""
 
-    def __init__(self, stream_routes=(), upstreams=(), chash_ring="apisix", shared=None):
+    def __init__(self, stream_routes=(), upstreams=(), chash_ring="apisix", pause=None,
+                 shared=None):
         """``shared``: a ``loadaware.Shared`` that least_conn and ewma keep across tables."""
+        self.chash_ring = chash_ring
+        self.shared = shared
         self.upstreams = {}
         for conf in upstreams:
-            up_id = None if conf.get("id") is None else str(conf["id"])
-            up = Upstream(conf, chash_ring, "/apisix/upstreams/%s" % up_id, shared)
+            up = self._upstream(conf, None, pause)
             self.upstreams[up.id] = up
-        self.routes = []
+        self._by_id = {}
         for conf in stream_routes:
-            if (conf.get("protocol") or {}).get("superior_id") is not None:
-                continue  # xRPC subordinate routes are never matched directly
-            inline = conf.get("upstream")
-            name = "/apisix/stream_routes/%s" % conf.get("id")
-            route = Route(conf, Upstream(inline, chash_ring, name, shared) if inline else None)
-            self.routes.append(route)
+            route = self._route(conf, None, pause)
+            if route is not None:
+                self._by_id[route.id] = route
+        self.routes = list(self._by_id.values())
+        self._index()
+
+    def _upstream(self, conf, previous, pause):
+        up_id = None if conf.get("id") is None else str(conf["id"])
+        return Upstream(conf, self.chash_ring, previous, pause, "/apisix/upstreams/%s" % up_id,
+                        self.shared)
+
+    def _route(self, conf, previous, pause):
+        """A Route for ``conf``, or None for an xRPC subordinate (never matched directly)."""
+        if (conf.get("protocol") or {}).get("superior_id") is not None:
+            return None
+        inline = conf.get("upstream")
+        old = previous.upstream if previous is not None else None
+        name = "/apisix/stream_routes/%s" % conf.get("id")
+        return Route(conf, Upstream(inline, self.chash_ring, old, pause, name, self.shared)
+                     if inline else None)
+
+    def _index(self):
         self._plain = [r for r in self.routes if not r.sni]
         # ip_port.lua's radixtree on reversed SNIs: an exact name before any
         # wildcard, a longer wildcard before a shorter one, "*" last; load order
         # among routes with the same sni.
         self._tls = sorted((r for r in self.routes if r.sni), key=_sni_rank)
+
+    def updated(self, changes, pause=None):
+        """A new table: this one with ``changes`` applied, sharing what did not change.
+
+        ``changes`` are ``(kind, id, value)`` (``value`` None: deleted) or
+        ``(kind, None, [id, ...])``: the kind's objects in a new load order.
+        A new route goes last, a changed one keeps its place (APISIX's order
+        for etcd: keys appended as they come, replaced in place).
+        """
+        pause = pause or _none
+        new = object.__new__(RouteTable)
+        new.chash_ring = self.chash_ring
+        new.shared = self.shared
+        new.upstreams = dict(self.upstreams)
+        pause()  # each copy and pass is one step: about a millisecond at 10,000
+        new._by_id, routes, order = dict(self._by_id), list(self.routes), None
+        for kind, id_, value in changes:
+            pause()
+            if id_ is None:
+                order = value if kind == "stream_routes" else order
+            elif kind == "upstreams":
+                previous = new.upstreams.pop(id_, None)
+                if value is not None:
+                    new.upstreams[id_] = new._upstream(value, previous, pause)
+            elif kind == "stream_routes":
+                new._replace(routes, id_, value, pause)
+        if order is not None:
+            pause()
+            routes = [new._by_id[i] for i in order if i in new._by_id]
+        pause()
+        new.routes = routes
+        new._index()
+        return new
+
+    def _replace(self, routes, id_, value, pause):
+        old = self._by_id.pop(id_, None)
+        route = None if value is None else self._route(value, old, pause)
+        if route is not None:
+            self._by_id[id_] = route
+        if old is not None and route is not None:
+            routes[routes.index(old)] = route
+        elif old is not None:
+            routes.remove(old)
+        elif route is not None:
+            routes.append(route)
+
+    def route_ids(self):
+        """Every route's id, in load order."""
+        return [route.id for route in self.routes]
+
+    def upstream_named(self, name):
+        """The upstream whose health checks are named ``name`` (``/apisix/upstreams/1``
+        or, for a route's inline upstream, ``/apisix/stream_routes/1``), or None."""
+        kind, _, id_ = name[len("/apisix/"):].partition("/")
+        if kind == "upstreams":
+            return self.upstreams.get(id_)
+        route = self._by_id.get(id_)
+        return route.upstream if route is not None else None
 
     def match(self, server_ip, server_port, remote_ip, sni=None):
         """The first route whose filters pass, or None (APISIX: ``not hit any route``).
@@ -267,6 +249,10 @@ class RouteTable:
             return route.plugin_upstream, None
         return None, ("failed to set upstream: missing upstream configuration "
                       "in Route or Service")
+
+
+def _none():
+    pass
 
 
 def _sni_rank(route):

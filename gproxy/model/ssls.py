@@ -12,37 +12,35 @@ longest wildcard, where ``*.x.com`` covers one label only (``a.x.com``, not
 
 import base64
 import binascii
-import re
 
 from gproxy.errors import SchemaError
-from gproxy.model.resources import HOST_PATTERN, ID_SCHEMA
+from gproxy.model.resources import HOST_PATTERN, ID_SCHEMA, LABELS
 from gproxy.model.schema import check
 
-_LABELS = {"type": "object", "patternProperties": {
-    ".*": {"type": "string", "pattern": r"^\S+$", "minLength": 1, "maxLength": 256}}}
 CERT = {"type": "string", "minLength": 128, "maxLength": 64 * 1024}
 KEY = {"type": "string", "minLength": 64, "maxLength": 64 * 1024}
-_SNI = {"type": "string", "pattern": r"^\*$|" + HOST_PATTERN}
+_SNI = {"type": "string", "pattern": r"^\*$|" + HOST_PATTERN, "maxLength": 256}
 SSL_SCHEMA = {
     "type": "object",
     "properties": {
         "id": ID_SCHEMA,
         "desc": {"type": "string", "maxLength": 256},
-        "labels": _LABELS,
+        "labels": LABELS,
         "create_time": {"type": "integer"},
         "update_time": {"type": "integer"},
         "type": {"type": "string", "enum": ["server", "client"]},
         "cert": CERT,
         "key": KEY,
         "sni": _SNI,
-        "snis": {"type": "array", "items": _SNI, "minItems": 1},
-        "certs": {"type": "array", "items": CERT},
-        "keys": {"type": "array", "items": KEY},
+        "snis": {"type": "array", "items": _SNI, "minItems": 1, "maxItems": 1024},
+        "certs": {"type": "array", "items": CERT, "maxItems": 16},
+        "keys": {"type": "array", "items": KEY, "maxItems": 16},
         "client": {"type": "object", "properties": {
             "ca": CERT,
             "depth": {"type": "integer", "minimum": 0},
-            "skip_mtls_uri_regex": {"type": "array", "minItems": 1, "uniqueItems": True,
-                                    "items": {"type": "string"}},
+            "skip_mtls_uri_regex": {"type": "array", "minItems": 1, "maxItems": 64,
+                                    "uniqueItems": True,
+                                    "items": {"type": "string", "maxLength": 4096}},
         }, "required": ["ca"]},
         "status": {"type": "integer", "enum": [1, 0]},
         "ssl_protocols": {"type": "array", "maxItems": 3, "uniqueItems": True,
@@ -53,14 +51,56 @@ SSL_SCHEMA = {
 #: Fields that hold private keys: never in an Admin API answer or a log line.
 SECRET_FIELDS = ("key", "keys")
 
-_PEM = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----\s*([A-Za-z0-9+/=\s]*?)\s*-----END \1-----")
+_BEGIN, _DASHES = "-----BEGIN ", "-----"
+_LABEL_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 ")
+#: What a PEM body may hold between its markers: base64 and white space.
+_NOT_BODY = str.maketrans(dict.fromkeys(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="))
 _KEY_LABELS = ("PRIVATE KEY", "RSA PRIVATE KEY", "EC PRIVATE KEY", "ENCRYPTED PRIVATE KEY")
+
+
+def _label_end(text, start):
+    """Where the label that starts at ``start`` ends (its ``-----`` begins), or -1."""
+    end = text.find(_DASHES, start)
+    if end <= start or not _LABEL_CHARS.issuperset(text[start:end]):
+        return -1
+    return end
+
+
+def pem_sections(text):
+    """``(label, body)`` for each ``-----BEGIN L----- ... -----END L-----`` in ``text``.
+
+    A hand parser, linear in ``text`` (a backtracking pattern for the same
+    shape took seconds on a ``cert`` of 2,000 spaces): the body runs from the
+    BEGIN line to the next ``-`` and must be base64 and white space only; a
+    section whose END does not follow, or names another label, is skipped.
+    """
+    out, pos = [], 0
+    while True:
+        begin = text.find(_BEGIN, pos)
+        if begin < 0:
+            return out
+        pos = begin + 1
+        label_at = begin + len(_BEGIN)
+        label_end = _label_end(text, label_at)
+        if label_end < 0:
+            continue
+        label = text[label_at:label_end]
+        body_at = label_end + len(_DASHES)
+        body_end = text.find("-", body_at)
+        body = text[body_at:body_end] if body_end >= 0 else ""
+        end_marker = "-----END %s-----" % label
+        if body_end < 0 or body.translate(_NOT_BODY).strip() or \
+                not text.startswith(end_marker, body_end):
+            continue
+        out.append((label, body))
+        pos = body_end + len(end_marker)
 
 
 def pem_blocks(text, labels):
     """The DER bytes of each PEM block of ``text`` whose label is in ``labels``."""
     out = []
-    for label, body in _PEM.findall(text):
+    for label, body in pem_sections(text):
         if label not in labels:
             continue
         try:
@@ -81,9 +121,9 @@ def _validate(cert, key=None):
     return None
 
 
-def check_ssl(conf):
+def check_ssl(conf, pause=None):
     """Raise SchemaError with APISIX's message unless ``conf`` is a valid ssl object."""
-    check(SSL_SCHEMA, conf)
+    check(SSL_SCHEMA, conf, pause=pause)
     if conf.get("type", "server") == "server":
         if sum(all(k in conf for k in req) for req in (("sni", "key", "cert"),
                                                        ("snis", "key", "cert"))) != 1:

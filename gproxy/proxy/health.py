@@ -194,23 +194,39 @@ class HealthCheckers:
             if checker.greenlet is None:
                 checker.start()
 
-    def sync(self, table):
-        """Attach health to ``table``'s checked upstreams (before it goes live)."""
-        wanted = table.checked_upstreams()
-        for name, checker in list(self.checkers.items()):
-            up = wanted.get(name)
-            if up is None or up.checks != checker.checks.conf:
-                checker.stop()
-                del self.checkers[name]
-        for name, up in wanted.items():
-            checker = self.checkers.get(name)
-            if checker is None:
-                checker = self.checkers[name] = Checker(up)
-                if self.running:
-                    checker.start()
-            else:
-                checker.follow(up)
-            up.health = checker.state
+    def sync(self, table, names=None):
+        """Attach health to ``table``'s checked upstreams (before it goes live).
+
+        ``names``: the only upstreams that may have changed (a table update);
+        None looks at every one (the first table).
+        """
+        if names is None:
+            wanted = table.checked_upstreams()
+            names = set(self.checkers) | set(wanted)
+        else:
+            wanted = {}
+            for name in names:
+                up = table.upstream_named(name)
+                if up is not None and up.checks and len(up.nodes) > 1:
+                    wanted[name] = up
+        for name in names:
+            self._follow(name, wanted.get(name))
+
+    def _follow(self, name, up):
+        checker = self.checkers.get(name)
+        if checker is not None and (up is None or up.checks != checker.checks.conf):
+            checker.stop()
+            del self.checkers[name]
+            checker = None
+        if up is None:
+            return
+        if checker is None:
+            checker = self.checkers[name] = Checker(up)
+            if self.running:
+                checker.start()
+        else:
+            checker.follow(up)
+        up.health = checker.state
 
     def report(self):
         """Every checker as APISIX's ``GET /v1/healthcheck`` lists them."""

@@ -5,10 +5,11 @@ It builds a ``RouteTable`` from the store (attaching the health checkers'
 state to checked upstreams), serves every stream listener behind one accept
 gate (``gproxy.max_connections``), runs the Admin API, the control API and
 the metrics (``pywsgi``, capped) on the same hub, and polls the store for
-outside edits.  A store change builds a new table and swaps one reference
-(or, with workers, pushes the data to every worker and waits for their
-acks), so new connections see it by the time the Admin API answers and live
-sessions keep the route they matched.  ``stop(grace)`` drains (see
+outside edits.  A store change updates the table from what changed
+(``tables``) and swaps one reference (with workers, it also sends the
+changes to every worker and waits for their acks), so new connections see it
+by the time the Admin API answers and live sessions keep the route they
+matched.  ``stop(grace)`` drains (see
 ``drain``); ``reload_config(cfg)`` applies a new config file without
 dropping a session.  It patches nothing and installs no signal handlers
 (that is ``cli``'s job), so it can be embedded in a program that runs a
@@ -18,12 +19,11 @@ gevent hub.
 import logging
 
 import gevent
+from gevent.lock import Semaphore
 
 from gproxy.model.loadaware import Shared
-from gproxy.model.routes import RouteTable
 from gproxy.proxy.accept.listener import Listener, bind_listener, listener_phases
 from gproxy.proxy.accept.overload import Gate
-from gproxy.proxy.accept.tlsctx import Certificates
 from gproxy.proxy.accept.workers import SessionGreenlets
 from gproxy.proxy.health import HealthCheckers
 from gproxy.proxy.session.phases import COMMON
@@ -34,6 +34,8 @@ from gproxy.proxy.settings import Settings
 from gproxy.runtime import services
 from gproxy.runtime.drain import drain
 from gproxy.runtime.optional import access_log, discovery
+from gproxy.runtime.tables import Tables, plain
+from gproxy.store.base import KINDS
 from gproxy.store.factory import open_store
 
 log = logging.getLogger("gproxy.server")
@@ -51,14 +53,17 @@ class Gproxy:
         self.balancing = Shared()  # least_conn counts and ewma latencies outlive table swaps
         self.gate = Gate(cfg["gproxy.max_connections"],
                          reject=lambda reason: self.registry.reject(reason))
-        self.discovery = discovery(cfg, self.reload)
-        data = self.current_data()
-        self.proxy = Proxy(self.build_table(data), self.registry, Settings.from_config(cfg),
-                           certs=self.build_certs(data))
+        self.tables = Tables(self)
+        self.discovery = discovery(cfg, self.on_discovered)
+        data = self.store.snapshot()
+        if self.discovery is not None:  # the nodes service discovery found, filled in
+            data = self.discovery.apply(data)
+        table, certs = self.tables.build(data)
+        self.proxy = Proxy(table, self.registry, Settings.from_config(cfg), certs=certs)
         self.proxy.access_log = access_log(cfg)
         self.sessions = LiveSessions(self.registry, lambda: self.proxy.table,
                                      **self.evict_options)
-        self.store.subscribe(self.reload)
+        self.store.subscribe(self.on_change)
         self.greenlets = SessionGreenlets()
         self.listeners = []
         self.admin_server = None
@@ -72,6 +77,7 @@ class Gproxy:
         # after start-up (a listener the new config dropped) is closed.
         self.inherited = {}
         self.giver = None  # a worker's handover to its successor, until the commit
+        self._changing = Semaphore()  # one group of changes at a time, workers included
 
     @property
     def evict_options(self):
@@ -86,36 +92,26 @@ class Gproxy:
         return {name: self.cfg[prefix + name]
                 for name in ("interval", "ratio", "min_gap", "max_move")}
 
-    def build_table(self, data):
-        table = RouteTable(data["stream_routes"], data["upstreams"],
-                           self.cfg["gproxy.balancer.chash_ring"], self.balancing)
-        self.health.sync(table)  # checked upstreams keep their health across swaps
-        return table
+    def on_change(self, changes):
+        """Store callback: make what changed live (in every worker too, in order)."""
+        with self._changing:
+            changes = plain(changes, self.store)
+            if self.discovery is not None:  # dns upstreams get the nodes found for them
+                changes = self.discovery.fill_changes(changes)
+            self.tables.apply(changes)
+            if self.workers is not None:
+                self.workers.push_changes(changes)
 
-    def build_certs(self, data, previous=None):
-        """The ``ssls`` snapshot TLS listeners and ``scheme: tls`` upstreams use."""
-        return Certificates(data.get("ssls") or (),
-                            self.cfg["apisix.ssl.ssl_trusted_certificate"], previous)
+    def on_discovered(self):
+        """Discovery callback: a service's nodes changed; every upstream that names
+        one is applied again like an Admin write (what did not change is kept)."""
+        self.on_change([(kind, id_, self.store.get(kind, id_))
+                        for kind, id_ in self.discovery.users()])
 
-    def set_data(self, data):
-        """Swap in a route table built from ``{stream_routes, upstreams, ssls}``."""
-        self.proxy.table = self.build_table(data)
-        self.proxy.certs = self.build_certs(data, self.proxy.certs)
-        log.info("route table rebuilt: routes=%d upstreams=%d",
-                 len(self.proxy.table.routes), len(self.proxy.table.upstreams))
-
-    def current_data(self):
-        """The store's data, with the nodes service discovery found filled in."""
-        data = self.store.snapshot()
-        return data if self.discovery is None else self.discovery.apply(data)
-
-    def reload(self):
-        """Store (and discovery) callback: make the current data live (in every worker)."""
-        data = self.current_data()
-        if self.workers is not None:
-            self.workers.push_table(data)
-        else:
-            self.set_data(data)
+    def everything(self):
+        """Every stored object as a change, in load order (a worker's whole table)."""
+        items = [(kind, r.id, r.value) for kind in KINDS for r in self.store.list(kind)]
+        return items if self.discovery is None else self.discovery.fill_changes(items)
 
     def admin_app(self):
         """The Admin API (and the dashboard, when admin_ui is installed) as a WSGI app."""
@@ -251,6 +247,10 @@ class Gproxy:
             gevent.sleep(interval)
             try:
                 self.store.poll()
+                if self.workers is not None:
+                    self.workers.reap()
+                    with self._changing:
+                        self.workers.converge()
             except Exception:  # never let one bad poll stop future ones
                 log.exception("store: poll failed")
 

@@ -5,7 +5,9 @@ arrives after its caller timed out is recognised and dropped instead of
 answering the next request.  Every message starts with a newline: a message
 cut short by a timeout then ends up on a line of its own, which the reader
 logs and drops, and the next message starts clean.  Lines are split from our
-own buffer, so an interrupted read never loses bytes.
+own buffer, so an interrupted read never loses bytes, and each byte is
+looked at once while a long line arrives (a rescan of the whole buffer per
+chunk made a table of many thousands of routes cost its square).
 """
 
 import itertools
@@ -14,6 +16,8 @@ import logging
 
 import gevent
 from gevent.lock import Semaphore
+
+from gproxy.model import jsontext
 
 log = logging.getLogger("gproxy.workers")
 
@@ -27,20 +31,24 @@ class LineReader:
     def __init__(self, sock):
         self.sock = sock
         self.buf = bytearray()
+        self.scanned = 0  # bytes of buf known to hold no newline
 
     def readline(self):
         """The next non-empty line without its newline; ``b""`` at EOF."""
         while True:
-            end = self.buf.find(b"\n")
+            end = self.buf.find(b"\n", self.scanned)
             if end >= 0:
                 line = bytes(self.buf[:end])
                 del self.buf[:end + 1]
+                self.scanned = 0
                 if line.strip():
                     return line
                 continue
+            self.scanned = len(self.buf)
             if len(self.buf) > MAX_LINE:
                 log.error("control channel: dropped a line longer than %d bytes", MAX_LINE)
                 self.buf.clear()
+                self.scanned = 0
             chunk = self.sock.recv(65536)
             if not chunk:
                 return b""
@@ -55,19 +63,8 @@ def encode_large(message, pause, every=128):
     """``encode`` for a reply with a long ``list`` (a deep page of sessions):
     the items are serialised ``every`` at a time with ``pause()`` in between,
     so a worker's hub is never held for the whole list."""
-    items = message.get("list")
-    if not isinstance(items, list) or len(items) <= every:
-        return encode(message)
-    head = json.dumps({k: v for k, v in message.items() if k != "list"},
-                      separators=(",", ":"))
-    parts = [head[:-1], "," if len(head) > 2 else "", '"list":[']
-    for start in range(0, len(items), every):
-        if start:
-            parts.append(",")
-            pause()
-        parts.append(json.dumps(items[start:start + every], separators=(",", ":"))[1:-1])
-    parts.append("]}")
-    return b"\n" + "".join(parts).encode() + b"\n"
+    text = jsontext.dumps_long(message, pause, every=every, separators=(",", ":"))
+    return b"\n" + text.encode() + b"\n"
 
 
 def decode(line):

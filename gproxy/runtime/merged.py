@@ -1,4 +1,4 @@
-"""The parent's merged view of its workers' sessions (``--workers N``).
+"""The parent's view of its workers (``--workers N``): sessions, and the table they serve.
 
 ``WorkerSet`` offers what the Admin API reads from one process's
 ``LiveSessions`` (``query``, ``select``, ``stats``, ``close``, ``end_many``,
@@ -12,6 +12,14 @@ worker, which ends the sessions it holds: a session keeps its id when a live
 upgrade or a rebalance moves it, so an id's pid no longer names its worker.
 It also drives the workers' side of a live upgrade (``hand_over``,
 ``commit_handover``) and of rebalancing (``live_counts``, ``give_share``).
+
+Store changes reach the workers as they are, in chunks (``push_changes``),
+never as the whole table.  A worker that cannot apply them (an error, or no
+answer) is sent the whole table at once (``resync``); if that fails too it
+is marked stale, ``NotApplied`` names it (the Admin API answers 503: the
+change is stored, that worker serves the previous table), and ``converge``
+(the runtime's store loop) keeps trying until it takes.  ``reap`` notices a
+worker that exited, says how, and leaves it out from then on.
 """
 
 import heapq
@@ -25,6 +33,7 @@ from collections import Counter
 
 import gevent
 
+from gproxy.errors import NotApplied
 from gproxy.model.health import merge_reports
 from gproxy.protocols.mqttstream import USE_ANOTHER_SERVER
 from gproxy.proxy.sessions.evict import Evictions
@@ -34,6 +43,7 @@ from gproxy.runtime.wire import STEP_TIMEOUT, HandoverError
 
 log = logging.getLogger("gproxy.workers")
 HANDOVER_TIMEOUT = 4 * STEP_TIMEOUT  # listeners, ready, sessions, prepared
+CHUNK = 256  # changes per control message
 
 
 def merge_stats(replies, workers):
@@ -58,12 +68,16 @@ def merge_stats(replies, workers):
 class WorkerSet:
     """The parent's view of its workers; quacks like a Registry for the Admin API."""
 
-    def __init__(self, channels, grace=5.0, server_reference=None, folder=None):
+    def __init__(self, channels, grace=5.0, server_reference=None, everything=list,
+                 folder=None):
         self.channels = channels
+        self.index = {ch.pid: i for i, ch in enumerate(channels)}  # pid -> worker index
         self.folder = folder  # the workers' import sockets (rebalancing); removed at stop
         self.rebalancer = None
         self.grace = grace
         self.server_reference = server_reference
+        self.everything = everything  # () -> every stored object as a change, in load order
+        self.stale = {}  # pid -> why its table is behind
         self.evictions = Evictions(self.select, self.end_many)
 
     def _one(self, ch, message, timeout=ACK_TIMEOUT):
@@ -83,8 +97,71 @@ class WorkerSet:
         gevent.joinall(calls)
         return [call.value for call in calls if call.value is not None]
 
-    def push_table(self, data):
-        self._all({"op": "table", "data": data})
+    def _failures(self, message, channels):
+        """``{channel: reason}`` for the channels that did not apply ``message``."""
+        calls = {ch: gevent.spawn(_apply, ch, message) for ch in channels}
+        gevent.joinall(list(calls.values()))
+        return {ch: call.value for ch, call in calls.items() if call.value is not None}
+
+    def push_changes(self, changes):
+        """Make ``changes`` live in every worker, or raise NotApplied naming who has not."""
+        failed = {}
+        for start in range(0, len(changes), CHUNK):
+            ok = [ch for ch in self.channels if ch not in failed]
+            failed.update(self._failures({"op": "changes",
+                                          "changes": changes[start:start + CHUNK]}, ok))
+        for ch, reason in failed.items():
+            log.error("worker %d failed to apply %d change(s): %s; sending it the whole "
+                      "table", ch.pid, len(changes), reason)
+        self.resync([ch for ch in self.channels if ch in failed or ch.pid in self.stale])
+        if self.stale:
+            raise NotApplied("the change is stored, but %s; %s" % (
+                "; ".join("worker %d failed to apply it: %s" % item
+                          for item in self.stale.items()),
+                "it serves the previous route table until it takes the whole table"))
+
+    def resync(self, channels):
+        """Send ``channels`` the whole table; they are stale until one takes it."""
+        if not channels:
+            return
+        items = self.everything()
+        chunks = [items[i:i + CHUNK] for i in range(0, len(items), CHUNK)] or [[]]
+        failed = {}
+        for n, chunk in enumerate(chunks):
+            ok = [ch for ch in channels if ch not in failed]
+            failed.update(self._failures({"op": "resync", "changes": chunk, "first": n == 0,
+                                          "last": n == len(chunks) - 1}, ok))
+        for ch in channels:
+            if ch in failed:
+                if ch.pid not in self.stale:
+                    log.error("worker %d failed to take the whole table: %s; it serves the "
+                              "previous route table", ch.pid, failed[ch])
+                self.stale[ch.pid] = failed[ch]
+            elif self.stale.pop(ch.pid, None) is not None:
+                log.warning("worker %d took the whole table: it serves the current routes "
+                            "again", ch.pid)
+
+    def converge(self):
+        """Retry the stale workers (called now and then by the runtime)."""
+        self.resync([ch for ch in self.channels if ch.pid in self.stale])
+
+    def reap(self):
+        """Notice workers that exited: log how, and leave them out from now on."""
+        for ch in list(self.channels):
+            try:
+                pid, status = os.waitpid(ch.pid, os.WNOHANG)
+            except ChildProcessError:
+                pid, status = ch.pid, None
+            if not pid:
+                continue
+            how = ("killed by signal %d" % os.WTERMSIG(status) if status is not None
+                   and os.WIFSIGNALED(status) else "exited with status %s"
+                   % (os.WEXITSTATUS(status) if status is not None else "unknown"))
+            self.channels.remove(ch)
+            self.stale.pop(ch.pid, None)
+            ch.close()
+            log.error("worker %d %s; %d worker(s) left serving", ch.pid, how,
+                      len(self.channels))
 
     def stats(self):
         return merge_stats(self._all({"op": "stats"}), len(self.channels))
@@ -142,11 +219,12 @@ class WorkerSet:
     def hand_over(self, paths):
         """Each worker gives its listeners and sessions to the new worker at
         ``paths[i]``, up to the commit; if one fails, all take theirs back."""
-        if len(paths) != len(self.channels):
+        if len(paths) != len(self.index):  # (a worker that died keeps its index)
             raise HandoverError("the new process has %d workers, this one %d"
-                                % (len(paths), len(self.channels)))
-        calls = [gevent.spawn(self._one, ch, {"op": "handover", "path": path}, HANDOVER_TIMEOUT)
-                 for ch, path in zip(self.channels, paths)]
+                                % (len(paths), len(self.index)))
+        calls = [gevent.spawn(self._one, ch, {"op": "handover",
+                                              "path": paths[self.index[ch.pid]]},
+                              HANDOVER_TIMEOUT) for ch in self.channels]
         gevent.joinall(calls)
         if any(call.value is None for call in calls):
             self._all({"op": "handover_abort"}, timeout=HANDOVER_TIMEOUT)
@@ -231,3 +309,12 @@ class WorkerSet:
             elif waiting:
                 gevent.sleep(0.05)
         self.channels = []
+
+
+def _apply(ch, message):
+    """None once the worker has applied ``message``, else why not."""
+    try:
+        reply = ch.call(message)
+    except (OSError, gevent.Timeout) as exc:
+        return "no answer: %s" % (exc,)
+    return reply.get("error") if "error" in reply else None

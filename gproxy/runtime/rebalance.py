@@ -78,8 +78,7 @@ class Rebalancer:
 
     def __init__(self, workers, folder, interval=30.0, ratio=1.5, min_gap=200, max_move=1000):
         self.workers = workers
-        self.paths = [os.path.join(folder, "worker-%d.sock" % i)
-                      for i in range(len(workers.channels))]
+        self.folder = folder  # worker i listens at worker-<i>.sock there
         self.interval = interval
         self.options = {"ratio": ratio, "min_gap": min_gap, "max_move": max_move}
         self.greenlet = gevent.spawn(self._run) if interval else None
@@ -102,7 +101,9 @@ class Rebalancer:
         source, target, share = step
         log.warning("rebalance: worker %d holds %d sessions, worker %d %d: moving %d",
                     source, counts[source], target, counts[target], share)
-        reply = self.workers.give_share(source, self.paths[target], share)
+        target_index = self.workers.index[self.workers.channels[target].pid]
+        path = os.path.join(self.folder, "worker-%d.sock" % target_index)
+        reply = self.workers.give_share(source, path, share)
         if reply is not None:
             log.warning("rebalance: moved %d sessions from worker %d to worker %d, each "
                         "paused %.3fs at most", reply["moved"], source, target, reply["paused"])

@@ -5,7 +5,8 @@ binds the stream listeners itself with SO_REUSEPORT (the kernel spreads new
 connections across them) and runs the data path.  They talk over one Unix
 socketpair per worker (``channel``: JSON lines with request ids):
 
-    parent -> worker  {"op": "table", "data": {...}}   worker -> {"ok": true}
+    parent -> worker  {"op": "changes", "changes": [[kind, id, value], ...]}  -> {"ok": true}
+                      {"op": "resync", "changes": [...], "first", "last"}  (the whole table)
                       {"op": "sessions"} / {"op": "stats"} / {"op": "close", "sid": ...}
                       {"op": "query", "spec": {...}} / {"op": "select", "spec": {...}}
                       {"op": "end_many", "sids": [...], "code", "grace", "server_reference"}
@@ -18,11 +19,14 @@ socketpair per worker (``channel``: JSON lines with request ids):
                       {"op": "stop", "timeout": grace}   (drain, then exit)
                       {"op": "stop", "timeout": 0}       (during a drain: force)
 
-A store write pushes the new data to every worker and waits for each ack
-before the Admin API answers, so "in effect when the response is sent" holds
-across processes.  A worker whose parent dies sees EOF, drains and exits; a
-malformed message is logged and dropped, never fatal.  A worker keeps
-reading its channel while it drains, so the parent can still force it.
+A store write sends what changed to every worker (``merged``) and waits for
+each ack before the Admin API answers, so "in effect when the response is
+sent" holds across processes; a worker that cannot apply it is sent the
+whole table, and the Admin API says so if that fails too.  A worker whose
+parent dies sees EOF, drains and exits; a malformed message is logged and
+dropped, never fatal; a worker that fails says why in the log before it
+exits.  A worker keeps reading its channel while it drains, so the parent
+can still force it.
 """
 
 import logging
@@ -53,7 +57,9 @@ def _handlers(app):
         "select": lambda m: {"ids": sessions().select(m["spec"])},
         "end_many": lambda m: sessions().end_many(m["sids"], m["code"], m["grace"],
                                                   m.get("server_reference")),
-        "table": lambda m: (app.set_data(m["data"]), {"ok": True})[1],
+        "changes": lambda m: (app.tables.apply(m["changes"]), {"ok": True})[1],
+        "resync": lambda m: (app.tables.take(m["changes"], m["first"], m["last"]),
+                             {"ok": True})[1],
         "sessions": lambda m: {"list": registry().snapshot()},
         "stats": lambda m: registry().stats(),
         "close": lambda m: {"closed": registry().close(m["sid"])},
@@ -111,10 +117,14 @@ def _run_worker(app, index, child_end, handover=None, imports=None):
     ctl = gevent.socket.socket(fileno=child_end.detach())
     try:
         try:
-            app.start_worker(index, handover)
-            serve_imports(app, imports)  # sessions other workers give this one
-        except OSError as exc:
-            ctl.sendall(encode({"error": str(exc)}))
+            if handover is None:
+                app.start_worker(index)
+            else:  # a live upgrade: take the old worker's listeners and sessions
+                app.start_worker(index, handover)
+            if imports is not None:
+                serve_imports(app, imports)  # sessions other workers give this one
+        except Exception as exc:  # the parent's start-up error names the reason
+            ctl.sendall(encode({"error": str(exc) or type(exc).__name__}))
             raise
         ctl.sendall(encode({"ready": True}))
         reader = LineReader(ctl)
@@ -122,8 +132,11 @@ def _run_worker(app, index, child_end, handover=None, imports=None):
         gevent.spawn(_force_on_request, app, ctl, reader, drain)
         drain.join()
         if not drain.successful():
+            log.error("worker %d (pid %d): stopping failed", index, os.getpid(),
+                      exc_info=drain.exc_info)
             code = 1
-    except BaseException:
+    except BaseException:  # whatever it was, the log says it before the worker goes
+        log.exception("worker %d (pid %d) failed; exiting", index, os.getpid())
         code = 1
     finally:
         sys.stdout.flush()
@@ -172,4 +185,5 @@ def fork_workers(app, count, handover=None):
             WorkerSet(channels, folder=folder, **app.evict_options).stop(0)
             raise OSError("worker %d did not start: %s"
                           % (index, (hello or {}).get("error", "timed out")))
-    return WorkerSet(channels, folder=folder, **app.evict_options)
+    return WorkerSet(channels, everything=app.everything, folder=folder,
+                     **app.evict_options)

@@ -3,7 +3,11 @@
 A backend keeps stream routes, upstreams and ssls as plain dicts under string ids,
 with etcd-like ``createdIndex``/``modifiedIndex`` revisions, and calls its
 subscribers after every change, whoever made it (an Admin write, a hand edit,
-another instance through etcd).  Nothing here does I/O.
+another instance through etcd), with what changed: a list of
+``(kind, id, record)`` (``record`` None: deleted; ``(kind, None, None)``: the
+kind's objects are in a new order, ``list(kind)`` has it), so a subscriber
+updates what it built from the store instead of rebuilding it all.
+Nothing here does I/O.
 """
 
 import copy
@@ -64,12 +68,12 @@ class Store:
         raise NotImplementedError
 
     def subscribe(self, callback):
-        """Call ``callback()`` after every change, whoever made it."""
+        """Call ``callback(changes)`` after every change, whoever made it."""
         self._callbacks.append(callback)
 
-    def _notify(self):
+    def _notify(self, changes):
         for callback in self._callbacks:
-            callback()
+            callback(changes)
 
     def poll(self):
         """Pick up changes made outside this process; True if something changed."""
@@ -79,18 +83,43 @@ class Store:
         """Release what the backend holds (watches, connections)."""
 
     def snapshot(self):
-        """``{kind: [value, ...]}`` in load order, for building a route table."""
+        """``{kind: [value, ...]}`` in load order, for building a route table
+        (at start: it copies every value)."""
         return {kind: [copy.deepcopy(r.value) for r in self.list(kind)] for kind in KINDS}
 
 
-def check_item(kind, value):
+def diff(kind, old, fresh, pause=None):
+    """The changes that turn ``old`` into ``fresh`` (``{id: Record}`` of one kind).
+
+    A record whose value did not change is no change (a subscriber keeps what
+    it built from it); ``pause()`` is called now and then over many records.
+    """
+    changes = []
+    for n, (key, record) in enumerate(fresh.items()):
+        prev = old.get(key)
+        if prev is None or (prev is not record and prev.value != record.value):
+            changes.append((kind, key, record))
+        if pause is not None and n % 256 == 255:
+            pause()
+    if pause is not None:
+        pause()
+    changes.extend((kind, key, None) for key in old if key not in fresh)
+    kept = [key for key in old if key in fresh]
+    if pause is not None:
+        pause()
+    if kept + [key for key in fresh if key not in old] != list(fresh):
+        changes.append((kind, None, None))  # not the order "kept, then new ones last"
+    return changes
+
+
+def check_item(kind, value, pause=None):
     """The Admin API's checks, less referential ones: like APISIX standalone, a
     route naming a missing upstream loads and fails per connection instead."""
     if not isinstance(value, dict) or value.get("id") is None:
         raise SchemaError("missing id")
     if kind == "upstreams":
-        check_upstream(value)
+        check_upstream(value, pause)
     elif kind == "ssls":
-        check_ssl(value)
+        check_ssl(value, pause)
     else:
-        check_stream_route(value)
+        check_stream_route(value, pause=pause)

@@ -13,7 +13,10 @@ changes.  A watch thread keeps the copy current with every other writer: it
 resumes from the revision after the last event it saw, reloads everything
 when that revision was compacted, and retries while etcd is down, so an
 outage leaves the last known routes serving.  Events reach the hub through
-an async watcher (thread-safe), and are applied there, newest revision wins.
+an async watcher (thread-safe), and are applied there by one greenlet,
+newest revision wins, pausing between events (each is decoded within
+``jsontext``'s bounds and checked), so a burst of thousands of events or a
+full reload never holds the hub; subscribers hear only what changed.
 Invalid values are logged in APISIX's words and skipped (a key keeps its
 last valid value), as APISIX's config_etcd does.
 """
@@ -28,8 +31,10 @@ from dataclasses import dataclass
 import gevent
 
 from gproxy.errors import SchemaError, StoreUnavailable
+from gproxy.model import jsontext
 from gproxy.model.ssls import without_secrets
-from gproxy.store.base import KINDS, Record, Store, check_item
+from gproxy import hub
+from gproxy.store.base import KINDS, Record, Store, check_item, diff
 from gproxy.store.etcdclient import Cluster, Compacted, WatchStream, blocking, unb64
 
 log = logging.getLogger("gproxy.store")
@@ -52,8 +57,9 @@ class EtcdStore(Store):
     """The shared store: etcd, with a watched in-memory copy."""
 
     def __init__(self, hosts, prefix="/apisix", timeout=30, watch_timeout=50,
-                 health_check_timeout=10):
+                 health_check_timeout=10, pause=hub.pause):
         super().__init__()
+        self._pause = pause
         self.prefix = prefix.rstrip("/")
         self.cluster = Cluster(hosts, timeout, health_check_timeout)
         self.watch_timeout = watch_timeout
@@ -62,6 +68,7 @@ class EtcdStore(Store):
         self.range = (self.prefix + "/ssls/", self.prefix + "/upstreams0")
         self._tombs = {}  # (kind, id) -> revision of a delete applied here
         self._inbox = collections.deque()  # watch thread -> hub
+        self._draining = False
         self._stop = threading.Event()
         self._thread = self._stream = self._wake = None
         body = blocking(self.cluster.range, *self.range)  # raises if etcd is down
@@ -80,8 +87,8 @@ class EtcdStore(Store):
     def _decode(self, kind, id_, raw):
         """The checked value of an etcd value, or None (logged as APISIX does)."""
         try:
-            value = json.loads(raw)
-        except ValueError:
+            value = jsontext.loads(raw)  # bounded: a watch event is admin input too
+        except jsontext.JsonError:
             value = None
         if not isinstance(value, dict):
             log.error("invalid item data of [%s/%s/%s], val: %s, it should be an object",
@@ -89,7 +96,7 @@ class EtcdStore(Store):
             return None
         value["id"] = id_  # APISIX: the key names the object
         try:
-            check_item(kind, value)
+            check_item(kind, value, self._pause)
         except SchemaError as exc:
             shown = without_secrets(value)  # no private keys, whatever the kind (as the file codec)
             log.error("failed to check item data of [%s/%s] err:%s ,val: %s",
@@ -106,8 +113,8 @@ class EtcdStore(Store):
         prev = body.get("prev_kv")
         created = int(prev["create_revision"]) if prev else revision
         record = EtcdRecord(kind, id_, value, created, revision, self.prefix)
-        self._set(record)
-        self._notify()
+        if self._set(record):
+            self._notify([(kind, id_, record)])
         return record, prev is None
 
     def delete(self, kind, id_):
@@ -118,13 +125,14 @@ class EtcdStore(Store):
         self._tombs[(kind, id_)] = revision
         if not int(body.get("deleted") or 0):
             if old is not None:  # already gone in etcd; our copy was behind
-                self._notify()
+                self._notify([(kind, id_, None)])
             return None
         if old is None:
             prev = body["prev_kvs"][0]
             old = EtcdRecord(kind, id_, {}, int(prev["create_revision"]),
                              int(prev["mod_revision"]), self.prefix)
-        self._notify()
+        else:
+            self._notify([(kind, id_, None)])
         return old
 
     def new_id(self):
@@ -169,26 +177,30 @@ class EtcdStore(Store):
         return True
 
     def _apply_events(self, events):
-        changed = False
+        """Apply watch events in order (pausing between them); returns the changes."""
+        changes = []
         for kind, id_, deleted, raw, created, revision in events:
+            self._pause()
             if deleted:
                 current = self._data[kind].get(id_)
                 if current is not None and current.modified_index < revision:
                     del self._data[kind][id_]
                     self._tombs[(kind, id_)] = revision
-                    changed = True
+                    changes.append((kind, id_, None))
                 continue
             value = self._decode(kind, id_, raw)
-            if value is not None:
-                changed |= self._set(EtcdRecord(kind, id_, value, created, revision,
-                                                self.prefix))
-        return changed
+            record = None if value is None else EtcdRecord(kind, id_, value, created,
+                                                           revision, self.prefix)
+            if record is not None and self._set(record):
+                changes.append((kind, id_, record))
+        return changes
 
     def _apply_reload(self, body):
         """Replace the copy with a full range read (keeping newer local writes)."""
         revision = int(body["header"]["revision"])
         fresh = {kind: {} for kind in KINDS}
         for kv in body.get("kvs") or ():
+            self._pause()
             parsed = self._split(_text(kv["key"]))
             if parsed is None:
                 continue
@@ -201,26 +213,36 @@ class EtcdStore(Store):
                 continue
             fresh[kind][id_] = EtcdRecord(kind, id_, value, int(kv["create_revision"]),
                                           int(kv["mod_revision"]), self.prefix)
+        changes = []
         for kind in KINDS:  # written here after the range was read: keep them
             for id_, record in self._data[kind].items():
                 if record.modified_index > revision:
                     fresh[kind][id_] = record
-        changed = fresh != self._data
+            changes += diff(kind, self._data[kind], fresh[kind], self._pause)
         self._data = fresh
         self._tombs = {k: r for k, r in self._tombs.items() if r > revision}
-        return changed
+        return changes
 
     def _drain(self):
-        changed = False
-        while self._inbox:
-            op, payload = self._inbox.popleft()
-            if op == "reload":
-                changed |= self._apply_reload(payload)
-                log.warning("store: reloaded every route and upstream from etcd")
-            else:
-                changed |= self._apply_events(payload)
-        if changed:
-            self._notify()
+        """Apply what the watch delivered, in order: one drain at a time (it pauses
+        between events, and another wake must not overtake it)."""
+        if self._draining:
+            return
+        self._draining = True
+        try:
+            while self._inbox:
+                changes = []
+                while self._inbox:
+                    op, payload = self._inbox.popleft()
+                    if op == "reload":
+                        changes += self._apply_reload(payload)
+                        log.warning("store: reloaded every route and upstream from etcd")
+                    else:
+                        changes += self._apply_events(payload)
+                if changes:
+                    self._notify(changes)
+        finally:
+            self._draining = False
 
     # -- the watch (its own thread; a greenlet in a monkey-patched process) ----
     def _start_watch(self):

@@ -973,11 +973,16 @@ def test_an_admin_write_right_after_a_hand_edit_does_not_lose_the_edit(mosquitto
     status, _ = admin(gp.admin_port, "PUT", ADMIN + "/upstreams/1",
                       {"type": "roundrobin", "nodes": [node(a)]})
     assert status == 201
+    assert "hand" in listed_routes(gp)
+    # the write went to the journal; a second later it is folded into the file,
+    # which must then hold the edit and the write
+    deadline = time.monotonic() + 10
+    while os.path.exists(gp.routes_path + ".journal") and time.monotonic() < deadline:
+        time.sleep(0.1)
     with open(gp.routes_path, encoding="utf-8") as fh:
         doc = yaml.safe_load(fh.read())
     assert [str(r["id"]) for r in doc.get("stream_routes") or []] == ["hand"], doc
     assert [str(u["id"]) for u in doc.get("upstreams") or []] == ["1"]
-    assert "hand" in listed_routes(gp)
     sock = open_session(gp.port, "after-race")  # and it serves: no match fields, to a
     sock.close()
     a.wait_for_client("after-race")

@@ -149,7 +149,7 @@ def test_two_tenants_by_sni_reach_two_brokers(gproxy, mosquitto, pki):
     mark = proxy.mark()
     proxy.rewrite_routes(routes, ssls=[pki.ssl_object(
         1, ["tenant-a.example", "*.tenant-b.example"])])
-    proxy.wait_for_log("route table rebuilt", timeout=10, since=mark)
+    proxy.wait_for_log("route table updated", timeout=10, since=mark)
     raw_mqtt(proxy.port, pki.client_context("tenant-a.example"), "dev-a").close()
     raw_mqtt(proxy.port, pki.client_context("eu.tenant-b.example"), "dev-b").close()
     a.wait_for_client("dev-a")
@@ -264,7 +264,7 @@ def test_client_certificate_to_a_broker_that_requires_one(gproxy, tmp_path, pki,
             broker.wait_for_client("with-client-cert")
         mark = proxy.mark()
         proxy.rewrite_routes([dict(route, upstream=dict(upstream, tls={}))])
-        proxy.wait_for_log("route table rebuilt", timeout=10, since=mark)
+        proxy.wait_for_log("route table updated", timeout=10, since=mark)
         sock = socket.create_connection((HOST, proxy.port), timeout=WAIT)
         sock.sendall(packets.connect_v311(b"without-cert"))
         expect_closed(sock)  # the broker refused the handshake or closed

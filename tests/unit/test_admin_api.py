@@ -453,6 +453,22 @@ def test_invalid_json_body(seeded, raw):
     assert got["req_body"] == raw
 
 
+@pytest.mark.parametrize("raw, msg", [
+    ("[" + ",".join(["{}"] * 300000) + "]", "Found too many values (more than 16384)"),
+    ('{"a":' * 5000 + "1" + "}" * 5000, "Found too many nested data structures (more than 64)"),
+    ('{"a":' * 65 + "1" + "}" * 65, "Found too many nested data structures (more than 64)"),
+    ('{"server_port": %s}' % ("9" * 5000),
+     "Exceeds the limit (4300 digits) for integer string conversion: value has 5000 digits"),
+])
+def test_bodies_too_big_to_decode_on_the_hub_are_400s(seeded, raw, msg):
+    """A body of 300,000 values took 50 ms of the hub to decode, deep nesting or a
+    5,000-digit number ended in a 500; now each is a 400 and changes nothing."""
+    with seeded.unchanged():
+        resp = seeded.put(SR + "/1", raw)
+    assert resp.status_code == 400
+    assert body(resp) == {"error_msg": "invalid request body: " + msg, "req_body": raw}
+
+
 def test_unknown_resource(api):
     for url in ("/apisix/admin/foo", "/apisix/admin/foo/1"):
         rejected(api, "GET", url, None, 404, error("Unsupported resource type: foo"))
@@ -742,7 +758,7 @@ def test_allow_admin_configured(tmp_path):
 
 def test_store_change_callback_runs_before_the_response(api):
     seen = []
-    api.store.subscribe(lambda: seen.append(sorted(r.id for r in api.store.list("stream_routes"))))
+    api.store.subscribe(lambda changes: seen.append(sorted(r.id for r in api.store.list("stream_routes"))))
     assert api.put(SR + "/1", {"plugins": MQTT4}).status_code == 201
     assert seen == [["1"]]
     assert api.delete(SR + "/1").status_code == 200
@@ -751,7 +767,7 @@ def test_store_change_callback_runs_before_the_response(api):
 
 def test_rejected_request_does_not_notify(seeded):
     seen = []
-    seeded.store.subscribe(lambda: seen.append(1))
+    seeded.store.subscribe(lambda changes: seen.append(1))
     seeded.put(SR + "/1", {"foo": 1})
     seeded.delete(UP + "/1")
     seeded.put(SR + "/1", {}, headers={})
@@ -900,3 +916,22 @@ def test_plugin_schema_not_found(api):
     resp = api.get("/apisix/admin/plugins/foo?subsystem=stream")
     assert resp.status_code == 404
     assert body(resp) == error("plugin not found in subsystem stream")
+
+
+def test_a_change_a_worker_could_not_apply_is_a_503_not_a_200(api):
+    """With --workers, a change stored but not live in every worker is said so
+    (before: the parent logged it and the Admin API answered 200)."""
+    from gproxy.errors import NotApplied
+
+    def worker_fails(changes):
+        raise NotApplied("the change is stored, but worker 7 failed to apply it: out of "
+                         "memory; it serves the previous route table until it takes the "
+                         "whole table")
+
+    api.store.subscribe(worker_fails)
+    resp = api.put(UP + "/1", UPSTREAM)
+    assert resp.status_code == 503
+    assert body(resp) == error("the change is stored, but worker 7 failed to apply it: out "
+                               "of memory; it serves the previous route table until it takes "
+                               "the whole table")
+    assert api.store.get("upstreams", "1") is not None  # stored: a retry re-applies it

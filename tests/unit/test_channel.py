@@ -29,17 +29,24 @@ def pair():
     worker.close()
 
 
+class FakeTables:
+    """A worker's Tables: what it was asked to apply."""
+
+    def __init__(self):
+        self.applied = []
+
+    def apply(self, changes):
+        if changes == "boom":
+            raise ValueError("bad table")
+        self.applied.append(changes)
+
+
 class FakeApp:
-    """What serve_control asks of the worker's Gproxy: set_data and a registry."""
+    """What serve_control asks of the worker's Gproxy: its tables and a registry."""
 
     def __init__(self):
         self.registry = Registry(worker=3)
-        self.tables = []
-
-    def set_data(self, data):
-        if data == "boom":
-            raise ValueError("bad table")
-        self.tables.append(data)
+        self.tables = FakeTables()
 
 
 @pytest.fixture
@@ -65,11 +72,11 @@ def lines_from(sock):
 
 def test_every_reply_carries_its_request_id(worker):
     channel, app, _ = worker
-    first = channel.call({"op": "table", "data": {"stream_routes": [], "upstreams": []}})
+    first = channel.call({"op": "changes", "changes": [["upstreams", "1", None]]})
     second = channel.call({"op": "stats"})
     assert first == {"ok": True, "id": 1}
     assert second["id"] == 2 and second["live_sessions"] == 0
-    assert app.tables == [{"stream_routes": [], "upstreams": []}]
+    assert app.tables.applied == [[["upstreams", "1", None]]]
 
 
 def test_a_late_reply_is_dropped_and_the_next_call_gets_its_own(pair, caplog):
@@ -113,7 +120,7 @@ def test_a_malformed_line_is_logged_and_dropped_and_the_loop_goes_on(worker, cap
 def test_a_failing_request_gets_an_error_reply_and_the_loop_goes_on(worker, caplog):
     channel, app, loop = worker
     with caplog.at_level(logging.ERROR, logger="gproxy.workers"):
-        failed = channel.call({"op": "table", "data": "boom"})
+        failed = channel.call({"op": "changes", "changes": "boom"})
         unknown = channel.call({"op": "reboot"})
         missing = channel.call({"op": "close"})  # no "sid": a KeyError in the handler
         fine = channel.call({"op": "close", "sid": "3-1"})
@@ -167,3 +174,37 @@ def test_the_reader_keeps_bytes_across_reads(pair):
         parent.sendall(message[i:i + 1])
         gevent.sleep(0)
     assert decode(reader.readline()) == {"op": "x", "id": 7}
+
+
+class CountingBuffer(bytearray):
+    """A reader's buffer that counts the bytes its newline searches look at."""
+
+    scanned = 0
+
+    def find(self, sub, start=0, *rest):
+        CountingBuffer.scanned += len(self) - start
+        return bytearray.find(self, sub, start, *rest)
+
+
+class Chunks:
+    """A socket whose recv hands out ``data`` 64 KiB at a time."""
+
+    def __init__(self, data):
+        self.data, self.pos = data, 0
+
+    def recv(self, n):
+        chunk = self.data[self.pos:self.pos + min(n, 65536)]
+        self.pos += len(chunk)
+        return chunk
+
+
+def test_a_long_line_is_scanned_once():
+    """A 16 MiB message in 64 KiB chunks: each byte is searched for the newline
+    once (a rescan of the whole buffer per chunk looked at 2 GiB)."""
+    line = b'{"op":"changes","changes":"' + b"x" * (16 << 20) + b'"}'
+    reader = LineReader(Chunks(b"\n" + line + b"\n" + encode({"op": "stats"})))
+    reader.buf = CountingBuffer()
+    CountingBuffer.scanned = 0
+    assert reader.readline() == line
+    assert decode(reader.readline()) == {"op": "stats"}
+    assert CountingBuffer.scanned < 2 * len(line)

@@ -128,6 +128,8 @@ def test_admin_ssls_never_return_private_keys(api, pem):
     assert store.get("ssls", "1").value["key"] == pem["key"]   # kept, only never shown
     status, body = call(client, "POST", "/ssls", ssl_conf(pem, sni="c.example"))
     assert status == 201 and len(body["value"]["id"]) == 20 and "key" not in body["value"]
+    assert stat.S_IMODE(os.stat(str(path) + ".journal").st_mode) & 0o077 == 0  # owner-only
+    store.fold()
     assert stat.S_IMODE(os.stat(path).st_mode) & 0o077 == 0    # keys: owner-only file
     assert "ssls:" in path.read_text()
     status, body = call(client, "DELETE", "/ssls/1")

@@ -16,6 +16,7 @@ processes can each report theirs and a parent can merge them.  No I/O.
 """
 
 import bisect
+import heapq
 import itertools
 import operator
 import os
@@ -28,6 +29,7 @@ STATES = ("preread", "connecting", "relaying", "closing")
 DIAL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                 2.5, 5.0, 10.0, 30.0, 60.0)
 QUERY_CHUNK = 256
+SORT_RUN = 1024  # records sorted in one step (about 0.3 ms)
 _BYTES_IN = operator.attrgetter("bytes_in")
 _BYTES_OUT = operator.attrgetter("bytes_out")  # records filtered between two pauses (well under a millisecond)
 
@@ -229,7 +231,10 @@ class Registry:
         The records are walked in chunks of ``every`` with ``pause()`` called
         between chunks, so a caller on a gevent hub passes a yield and the data
         path keeps running while 10,000 sessions are filtered; sessions that end
-        meanwhile are left out of ``first``.  Pure: ``pause`` is the caller's.
+        meanwhile are left out of ``first``.  Sorting too: runs of ``SORT_RUN``
+        are sorted on their own, a pause between runs, and merged lazily
+        (stable: ties keep start order) only as far as ``first`` needs, so no
+        step sorts every matched session at once.  Pure: ``pause`` is the caller's.
         """
         infos = list(self._live.values())
         matched = []
@@ -243,10 +248,17 @@ class Registry:
                 counts.update(map(tally, chunk))
             if pause is not None and start + every < len(infos):
                 pause()
+        ordered = iter(matched)
         if key is not None:
-            matched.sort(key=key, reverse=reverse)  # stable: ties keep start order
-        live = (info for info in matched if info.state != "closed")
-        first = list(itertools.islice(live, limit))
+            ordered = _sorted_lazily(matched, key, reverse, pause)
+        first = []
+        for info in ordered:
+            if limit is not None and len(first) >= limit:
+                break
+            if info.state != "closed":
+                first.append(info)
+                if pause is not None and len(first) % (4 * SORT_RUN) == 0:
+                    pause()  # a cheap step per record: a pause now and then
         return len(matched), first, counts
 
     def snapshot(self):
@@ -310,3 +322,16 @@ def _move(counter, old, new):
             counter.pop(old, None)
     if new is not None:
         counter[new] = counter.get(new, 0) + 1
+
+
+def _sorted_lazily(items, key, reverse, pause):
+    """``items`` in ``key`` order, as a stable lazy merge of runs sorted one by one."""
+    runs = []
+    for start in range(0, len(items), SORT_RUN):
+        run = items[start:start + SORT_RUN]
+        run.sort(key=key, reverse=reverse)  # stable, as is the merge: ties keep start order
+        runs.append(run)
+        if pause is not None and start + SORT_RUN < len(items):
+            pause()
+    return heapq.merge(*runs, key=key, reverse=reverse) if len(runs) > 1 else iter(
+        runs[0] if runs else ())
