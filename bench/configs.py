@@ -117,22 +117,25 @@ gproxy:
 """ % {"host": host, "port": port, "admin": admin_port, "order": order_port}
 
 
-def gproxy_route(route_id, server_port, host, node_port):
-    """One store-file stream route: mqtt-proxy on ``server_port``, chash on the client id."""
-    return """  - id: %d
+def gproxy_route(route_id, server_port, host, node_port, extra=""):
+    """One store-file stream route: mqtt-proxy on ``server_port``, chash on the client id.
+
+    ``extra``: more lines of the mqtt-proxy conf (``vars``, ``priority``), indented.
+    """
+    return """  - id: %s
     server_port: %d
     plugins:
       mqtt-proxy:
         protocol_name: MQTT
         protocol_level: 4
-    upstream:
+%s    upstream:
       type: chash
       key: mqtt_client_id
       nodes:
         - host: %s
           port: %d
           weight: 1
-""" % (route_id, server_port, host, node_port)
+""" % (route_id, server_port, extra, host, node_port)
 
 
 def gproxy_routes(host, port, broker_port, order_port, sink_port):
@@ -142,3 +145,22 @@ def gproxy_routes(host, port, broker_port, order_port, sink_port):
     """
     return "stream_routes:\n" + gproxy_route(1, port, host, broker_port) + \
         gproxy_route(2, order_port, host, sink_port) + "#END\n"
+
+
+#: The load's client ids all start with "c" (run.py, conncost.py): a client-id regex
+#: route takes them, so every CONNECT is routed by a rule evaluated on it.
+BENCH_CLIENTS = '[["mqtt_client_id", "~~", "^c"]]'
+
+
+def gproxy_vars_routes(host, port, broker_port, order_port, sink_port, tenants=1):
+    """The store file for routes chosen by the CONNECT (docs/routing.md), on ``port``:
+    ``tenants`` routes by username (``tenant-<n>``, indexed, priority 10, none of them
+    the load's), the load's route by a client-id regex, and a fallback without vars."""
+    routes = "".join(gproxy_route('"tenant-%d"' % n, port, host, broker_port,
+                                  '        vars: [["mqtt_username", "==", "tenant-%d"]]\n'
+                                  '        priority: 10\n' % n) for n in range(tenants))
+    routes += gproxy_route('"bench"', port, host, broker_port,
+                           "        vars: %s\n" % BENCH_CLIENTS)
+    routes += gproxy_route('"fallback"', port, host, broker_port)
+    return "stream_routes:\n" + routes + gproxy_route(2, order_port, host, sink_port) + \
+        "#END\n"

@@ -2,6 +2,7 @@
 
     python -m bench.conncost [--connections 500] [--tool callgrind|strace|none]
                              [--balancer chash|roundrobin|least_conn|ewma] [--access-log]
+                             [--routing plain|vars|vars-1k]
 
 Starts mosquitto and gproxy (one mqtt-proxy route, chash on the client id, one
 node) on loopback, warms gproxy up, then runs ``--connections`` sessions one
@@ -12,9 +13,22 @@ gproxy spent on them:
   instruction count (zeroed after the warm-up, dumped after the run).  The
   count is the same from run to run whatever else the machine is doing, so a
   change of a few percent is visible on a shared 2-core box where timing is not.
+  ``instructions_per_session`` is the larger of the dump's ``summary`` and
+  ``totals`` lines (the figure quoted since this tool exists);
+  ``program_totals_per_session`` is the ``summary`` alone (callgrind_annotate's
+  PROGRAM TOTALS).  ``totals`` also grows with the size of what was built before
+  the zeroing (a table of 1,000 routes adds about 190,000 a session to it and
+  nothing to ``summary``): compare route tables of different sizes by the latter.
 * ``strace``: system calls per session, by name (``strace -c -f``; two runs,
   of N and 2N sessions, and their difference, so start-up does not count).
 * ``none``: wall and CPU time, for reference only.
+
+``--routing`` picks the route table: ``plain`` (that one route), ``vars``
+(routes chosen by the CONNECT, docs/routing.md: a tenant by username, the
+sessions' own route by a client-id regex, a fallback; configs.gproxy_vars_routes)
+or ``vars-1k`` (the same with 1,000 username tenants, which the route table
+indexes).  The difference between ``plain`` and ``vars`` is what choosing the
+route by the CONNECT costs a session.
 
 Sessions run sequentially, so this measures cost, not concurrency.
 """
@@ -30,6 +44,7 @@ import sys
 import tempfile
 import time
 
+from bench.configs import gproxy_vars_routes
 from bench.mqttwire import connect as connect_packet
 from bench.targets import HOST, find, free_port, listening
 
@@ -65,18 +80,25 @@ def _sessions(port, first, count):
         one_session(port, i)
 
 
-def _config(run_dir, port, broker, balancer="chash", access_log=False):
-    """One route to one node (``balancer``); ``access_log``: the stream access log on."""
+ROUTINGS = {"plain": None, "vars": 1, "vars-1k": 1000}  # username tenants beside the regex
+
+
+def _config(run_dir, port, broker, balancer="chash", access_log=False, routing="plain"):
+    """One route to one node (``balancer``), or ``routing``'s table of routes with
+    vars (chash); ``access_log``: the stream access log on."""
     with open(os.path.join(run_dir, "config.yaml"), "w") as fh:
         fh.write("apisix:\n  enable_admin: false\n  stream_proxy:\n    tcp: ['%s:%d']\n"
                  "nginx_config:\n  error_log_level: warn\n" % (HOST, port))
         if access_log:
             fh.write("  stream:\n    enable_access_log: true\n")
     with open(os.path.join(run_dir, "apisix.yaml"), "w") as fh:
-        fh.write("stream_routes:\n  - id: 1\n    plugins:\n      mqtt-proxy:\n"
-                 "        protocol_level: 4\n    upstream:\n      type: %s\n"
-                 "      key: mqtt_client_id\n      nodes:\n        '%s:%d': 1\n"
-                 "upstreams: []\n#END\n" % (balancer, HOST, broker))
+        if ROUTINGS[routing] is None:
+            fh.write("stream_routes:\n  - id: 1\n    plugins:\n      mqtt-proxy:\n"
+                     "        protocol_level: 4\n    upstream:\n      type: %s\n"
+                     "      key: mqtt_client_id\n      nodes:\n        '%s:%d': 1\n"
+                     "upstreams: []\n#END\n" % (balancer, HOST, broker))
+        else:  # the order route (port 1: never matched) is harmless here
+            fh.write(gproxy_vars_routes(HOST, port, broker, 1, broker, ROUTINGS[routing]))
     return os.path.join(run_dir, "config.yaml")
 
 
@@ -106,6 +128,16 @@ def _callgrind_total(path):
     return total
 
 
+def _callgrind_summary(path):
+    """The ``summary:`` of the dump taken after the run (``<out>.1``): the instructions
+    between the zeroing and the dump, callgrind_annotate's PROGRAM TOTALS."""
+    with open(path + ".1") as fh:
+        for line in fh:
+            if line.startswith("summary:"):
+                return int(line.split()[1])
+    return 0
+
+
 def measure(tool, connections, warmup, python, clients=1, **route):
     run_dir = tempfile.mkdtemp(prefix="gproxy-cost-")
     broker_port, port = free_port(), free_port()
@@ -113,13 +145,14 @@ def measure(tool, connections, warmup, python, clients=1, **route):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     out = os.path.join(run_dir, "%s.out" % tool)
-    proc = subprocess.Popen(_command(tool, out, python, _config(run_dir, port, broker_port, **route)),
+    conf = _config(run_dir, port, broker_port, **route)
+    proc = subprocess.Popen(_command(tool, out, python, conf),
                             cwd=run_dir, env=dict(os.environ, PYTHONHASHSEED="0"), stdout=subprocess.DEVNULL,
                             stderr=open(os.path.join(run_dir, "gproxy.log"), "w"),
                             start_new_session=True)
     try:
         _wait_listening(broker_port, mosq, 10)
-        _wait_listening(port, proc, 120)
+        _wait_listening(port, proc, 600 if route.get("routing") == "vars-1k" else 120)  # 1,000 routes
         for i in range(warmup):
             one_session(port, i)
         if tool == "callgrind":
@@ -152,6 +185,7 @@ def measure(tool, connections, warmup, python, clients=1, **route):
               "system_us_per_session": (cpu1[1] - cpu0[1]) / connections * 1e6}
     if tool == "callgrind":
         result["instructions_per_session"] = _callgrind_total(out) / connections
+        result["program_totals_per_session"] = _callgrind_summary(out) / connections
     elif tool == "strace":
         result["syscalls"] = _strace_counts(out)
     elif tool == "strace-log":
@@ -204,6 +238,8 @@ def main(argv=None):
                         help="client processes, each running --connections sessions")
     parser.add_argument("--tool", choices=("callgrind", "strace", "strace-log", "py-spy", "none"),
                         default="callgrind")
+    parser.add_argument("--routing", choices=sorted(ROUTINGS), default="plain",
+                        help="the route table (see above)")
     parser.add_argument("--python", default=sys.executable,
                         help="the interpreter with gproxy installed (default: this one)")
     parser.add_argument("--balancer", default="chash",
@@ -211,7 +247,7 @@ def main(argv=None):
     parser.add_argument("--access-log", action="store_true",
                         help="with the stream access log on (its writer thread counts too)")
     args = parser.parse_args(argv)
-    route = {"balancer": args.balancer, "access_log": args.access_log}
+    route = {"balancer": args.balancer, "access_log": args.access_log, "routing": args.routing}
     result = measure(args.tool, args.connections, args.warmup, args.python, args.clients,
                      **route)
     if args.tool == "strace":

@@ -31,8 +31,8 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="CI mode: 1 round, short runs, "
                    "2000 idle conns, no 64 B per-core run (about 3 minutes)")
     p.add_argument("--targets", default=None, help="comma list from direct,haproxy,nginx,"
-                   "gproxy,gproxy-wN,gproxy-embedded (default: all available but "
-                   "gproxy-embedded)")
+                   "gproxy,gproxy-vars,gproxy-wN,gproxy-embedded (default: all available "
+                   "but gproxy-embedded)")
     p.add_argument("--workloads", default=None,
                    help="comma list from %s (default: all; quick: all but core-tput64)"
                    % ",".join(ALL_WORKLOADS))

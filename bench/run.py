@@ -61,6 +61,9 @@ def build_targets(args, run_dir, broker, binaries, nofile, notes):
     if want("gproxy"):
         out.append(tg.Gproxy(run_dir, "gproxy", args.python, broker.port, sink, extra,
                              own_python=args.own_python))
+    if want("gproxy-vars"):
+        out.append(tg.GproxyVars(run_dir, args.python, broker.port, sink, extra,
+                                 own_python=args.own_python))
     if wanted is not None and "gproxy-embedded" in wanted:  # opt-in: gproxy.start()
         out.append(tg.GproxyEmbedded(run_dir, args.python, broker.port, sink,
                                      own_python=args.own_python))
@@ -118,6 +121,8 @@ def run_block(target, broker, args, rnd, index, samples, notes):
     target.start()
     try:
         for position, w in enumerate(args.workloads):
+            if target.workloads is not None and w not in target.workloads:
+                continue  # not measured for this target: n/a in the table
             offset = target.log_size()
             prefix = b"c%s%d%d%s" % (args.token, rnd % 10, index, b"abcdefghijklmnopqrstuvwxyz"[
                 position:position + 1])

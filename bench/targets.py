@@ -47,6 +47,7 @@ class Service:
     workers = 1  # processes that carry sessions (the per-core mode gives each a CPU)
     cwd = None  # the run dir
     order_port = None  # the listener that leads to the order probe's sink
+    workloads = None  # the only workloads that apply (None: all)
     pki = None  # tlsbench.Pki: also listen with TLS on ``tls_port`` (the TLS workloads)
     tls_port = None
 
@@ -149,6 +150,7 @@ class Direct:
     name = "direct"
     pid = None
     workers = 0
+    workloads = None
     note = "no proxy; clients connect to mosquitto (the order probe: to its sink)"
 
     def __init__(self, broker, sink_port):
@@ -265,22 +267,47 @@ class Gproxy(Service):
             self.extra_args
 
 
+class GproxyVars(Gproxy):
+    """gproxy with routes chosen by the CONNECT: the cost of ``vars`` routing.
+
+    Its listener has three routes with the same upstream (configs.gproxy_vars_routes):
+    a tenant by username (priority 10), the load's by a client-id regex, a fallback.
+    Every session is read under the candidates' terms and refined by its CONNECT;
+    compare its rows with the ``gproxy`` target's.  Only the workloads where the route
+    is chosen run (``workloads``): a relaying session costs the same either way.
+    """
+
+    workloads = ("conn", "wsconn", "core-conn")
+
+    def __init__(self, run_dir, python, broker_port, sink_port, extra_args=(), own_python=True):
+        super().__init__(run_dir, "gproxy-vars", python, broker_port, sink_port, extra_args,
+                         own_python=own_python)
+        self.note = "as gproxy, routes chosen by the CONNECT: a username tenant, the " \
+            "load's client-id regex route, a fallback; only %s" % ", ".join(self.workloads)
+
+    def write_config(self):
+        super().write_config()
+        with open(os.path.join(self.dir, "apisix.yaml"), "w") as fh:
+            fh.write(configs.gproxy_vars_routes(HOST, self.port, self.broker_port,
+                                                self.order_port, self.sink_port))
+
+
 class GproxyEmbedded(Gproxy):
     """gproxy started by ``gproxy.start()`` in an unpatched program (bench/embedded.py)."""
 
     def __init__(self, run_dir, python, broker_port, sink_port, own_python=True):
         super().__init__(run_dir, "gproxy-embedded", python, broker_port, sink_port,
                          own_python=own_python)
-        self.note = "mqtt-proxy route, chash on mqtt_client_id, gproxy.start() in a thread" + (
-            "" if own_python else ", interpreter %s" % python)
+        self.note = "mqtt-proxy route, chash on mqtt_client_id, gproxy.start(mode='thread')" \
+            + ("" if own_python else ", interpreter %s" % python)
 
     def command(self):
         if self.cwd == ROOT:
-            return [self.python, "-m", "bench.embedded", self.conf]
+            return [self.python, "-m", "bench.embedded", self.conf, "--mode", "thread"]
         # Another interpreter runs outside this checkout (see Gproxy): hand it the
         # program's text, so it imports its own gproxy and nothing from here.
         with open(os.path.join(ROOT, "bench", "embedded.py")) as fh:
-            return [self.python, "-c", fh.read(), self.conf]
+            return [self.python, "-c", fh.read(), self.conf, "--mode", "thread"]
 
 
 def gproxy_has_workers(python, cwd):

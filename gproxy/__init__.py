@@ -2,13 +2,14 @@
 
 Importing the package patches nothing and starts nothing; ``gproxy.cli`` is
 the only module that monkey-patches.  In a synchronous program,
-``gproxy.start(config)`` runs gproxy in a background thread on its own gevent
-hub (``gproxy.runtime.embed``, imported on first use so ``import gproxy``
-stays cheap); a gevent program can run ``gproxy.runtime.app.Gproxy`` itself.
+``gproxy.start(config)`` runs gproxy in a child process the handle owns, or
+with ``mode="thread"`` in a background thread on its own gevent hub
+(``gproxy.runtime.embed``, imported on first use so ``import gproxy`` stays
+cheap); a gevent program can also run ``gproxy.runtime.app.Gproxy`` itself.
 """
 
 __version__ = "0.1.0"
-_LAZY = ("start", "AdminError", "EmbeddedProxy")
+_LAZY = ("start", "AdminError", "EmbeddedProxy", "ProxyStopped")
 
 
 def __getattr__(name):

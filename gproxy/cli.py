@@ -63,6 +63,9 @@ def parse_args(argv):
     parser.add_argument("--check", action="store_true",
                         help="validate the config and store, then exit")
     parser.add_argument("--version", action="version", version="gproxy " + __version__)
+    # The child behind gproxy.start(mode="process"): not for the command line.
+    parser.add_argument("--embedded-by", type=int, metavar="PID", help=argparse.SUPPRESS)
+    parser.add_argument("--channel-fd", type=int, metavar="FD", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -80,6 +83,8 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from gevent import monkey
     monkey.patch_all()  # gunicorn-style: this process is a gevent program end to end
+    if args.embedded_by is not None:
+        return embedded(args)
 
     from gproxy import config
     from gproxy.errors import ConfigError, SchemaError
@@ -147,6 +152,19 @@ def take_over(app, wire, workers):
     log.warning("upgrade: took over from the old process%s",
                 "" if moved is None else ": %d sessions" % moved)
     return True
+
+
+def embedded(args):
+    """The process behind ``gproxy.start(mode="process")`` (runtime.embed.child):
+    the host's signals stay the host's; it stops us over the channel."""
+    import signal
+    from gproxy.runtime.embed import child
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the host, which stops us
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    if not child.die_with(args.embedded_by):
+        return 1  # the host is already gone
+    raise_fd_limit()
+    return child.run(args.channel_fd, args.embedded_by, freeze_startup_objects)
 
 
 def freeze_startup_objects():

@@ -94,3 +94,9 @@ class FrameError(GproxyError):
 
 class MalformedHeader(GproxyError):
     """A PROXY protocol header (or a TLS ClientHello) gproxy cannot accept."""
+
+
+class ProxyStopped(GproxyError, RuntimeError):
+    """An embedded gproxy's handle can no longer reach it: stopped, its process
+    gone, or the handle was inherited by a forked child of the program that
+    started it.  ``str(exc)`` says which."""

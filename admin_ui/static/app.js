@@ -6,6 +6,7 @@ import {$, $$, h, clear} from "./dom.js";
 import {createRoutesList, createRouteEditor} from "./routes.js";
 import {createUpstreamsList, createUpstreamEditor} from "./upstreams.js";
 import {createConnections} from "./connections.js";
+import {createInstances} from "./instances.js";
 
 const VERSION = (document.querySelector("meta[name=gproxy-version]") || {}).content || "";
 const banner = $("#banner");
@@ -62,6 +63,7 @@ const pages = {
   upstreams: createUpstreamsList($("#view-upstreams"), ctx),
   "upstream-form": createUpstreamEditor($("#view-upstream-form"), ctx),
   connections: createConnections($("#view-connections"), ctx),
+  instances: createInstances($("#view-instances"), ctx),
 };
 
 // "#/routes" | "#/routes/new" | "#/routes/<id>" | "#/routes/<id>/json" | ... | "#/signin"
@@ -73,12 +75,12 @@ function parseHash() {
     if (id === undefined || id === "") return {view: section};
     return {view, id: id === "new" ? null : id, mode};
   }
-  if (section === "connections" || section === "signin") return {view: section};
+  if (section === "connections" || section === "instances" || section === "signin") return {view: section};
   return {view: "routes"};
 }
 
 const TABS = {"routes": "routes", "route-form": "routes", "upstreams": "upstreams",
-  "upstream-form": "upstreams", "connections": "connections"};
+  "upstream-form": "upstreams", "connections": "connections", "instances": "instances"};
 
 function showView(name) {
   for (const el of $$("main > .view")) el.hidden = el.id !== `view-${name}`;
@@ -95,6 +97,7 @@ function showView(name) {
 async function render() {
   const route = parseHash();
   if (route.view !== "connections") pages.connections.hide();
+  if (route.view !== "instances") pages.instances.hide();
   if (!session.signedIn || route.view === "signin") {
     if (session.signedIn) { location.hash = "#/routes"; return; }
     if (location.hash && route.view !== "signin") sessionStorage.setItem("gproxy.wanted", location.hash);
@@ -160,6 +163,7 @@ async function signIn(key) {
 function signOut(note) {
   session.clear();
   pages.connections.hide();
+  pages.instances.hide();
   $("#instance").textContent = "";
   for (const form of $$("main form")) form.reset();
   ctx.clearError();

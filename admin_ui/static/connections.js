@@ -3,18 +3,17 @@
 // page, page_size, filters and sort done by gproxy), polled every second while
 // the page is open.  Rows are keyed by session id and updated in place, so a
 // poll touches only the text that changed and never renders more than a page.
+// "Whole fleet" asks with fleet=true: every instance's sessions (each row names
+// its instance), the fleet's sessions per node (/gproxy/instances), and drains,
+// moves and disconnects that reach every instance.
 
 import {api, enc, listValues} from "./api.js";
 import {$, $$, h, setText, setOptions} from "./dom.js";
-import {ago, bytes, count, dateTime, duration, hostPort, mqttVersion} from "./format.js";
+import {ago, bytes, count, dateTime, duration, hostPort, mqttVersion, naturalCompare as compare} from "./format.js";
 import {createNodes, healthByNode} from "./nodes.js";
 
 const POLL_MS = 1000;
 const CONFIG_EVERY = 5;  // re-read routes/upstreams and what would move every 5 polls
-
-function compare(a, b) {
-  return String(a).localeCompare(String(b), "en", {numeric: true});
-}
 
 export function createConnections(section, ctx) {
   const table = $("#sessions-table", section);
@@ -33,7 +32,9 @@ export function createConnections(section, ctx) {
   const reasons = $("[data-role=reasons]", section);
   const bulkRoute = $("#bulk-route", section);
   const bulkButton = $("#bulk-disconnect", section);
-  const nodes = createNodes($(".chart-card", section), ctx, (now) => { if (now) polls = 0; poll(); });
+  const fleetBox = $("#fleet-wide", section);
+  const nodes = createNodes($(".chart-card", section), ctx, (now) => { if (now) polls = 0; poll(); },
+    () => fleetBox.checked);
 
   const rows = new Map();  // session id -> <tr>, reused so clicks never hit a vanished button
   const cellsOf = new WeakMap();  // <tr> -> {column name: <td>}
@@ -49,6 +50,8 @@ export function createConnections(section, ctx) {
   let inflight = false;
   let bulkPicked = false;
   let again = false;
+  let selfId = null;  // this instance's id in the fleet (rows of others end through the fleet)
+  let unreachable = [];
 
   for (const th of $$("th[data-sort]", table)) {
     $("button", th).addEventListener("click", () => {
@@ -60,6 +63,11 @@ export function createConnections(section, ctx) {
   }
   const refilter = () => { page = 1; poll(); };
   filterBox.addEventListener("input", refilter);
+  fleetBox.addEventListener("change", () => {
+    table.classList.toggle("fleet", fleetBox.checked);
+    polls = 0;
+    refilter();
+  });
   for (const sel of [nodeSel, routeSel, stateSel, sizeSel]) sel.addEventListener("change", refilter);
   prev.addEventListener("click", () => { if (page > 1) { page -= 1; poll(); } });
   next.addEventListener("click", () => { if (page < pages()) { page += 1; poll(); } });
@@ -69,8 +77,11 @@ export function createConnections(section, ctx) {
   function pageSize() { return Number(sizeSel.value) || 50; }
   function pages() { return Math.max(1, Math.ceil(total / pageSize())); }
 
+  const fleetArg = () => (fleetBox.checked ? "&fleet=true" : "");
+
   function query() {
     const q = [`page=${page}`, `page_size=${pageSize()}`, `sort=${sort.dir < 0 ? "-" : ""}${sort.key}`];
+    if (fleetBox.checked) q.push("fleet=true");
     const needle = filterBox.value.trim();
     if (needle) q.push(`client_id=${enc(needle)}`);
     if (nodeSel.value) q.push(`node=${enc(nodeSel.value)}`);
@@ -82,7 +93,7 @@ export function createConnections(section, ctx) {
   async function loadConfig() {
     try {
       const [routes, upstreams, moving] = await Promise.all([listValues("stream_routes"),
-        listValues("upstreams"), api("GET", "/gproxy/sessions?misplaced=true&page_size=10")]);
+        listValues("upstreams"), api("GET", `/gproxy/sessions?misplaced=true&page_size=10${fleetArg()}`)]);
       routeIds = routes.map((r) => String(r.id));
       nodes.setConfig({routes, upstreams});
       nodes.setMisplaced(moving.data || {});
@@ -98,10 +109,16 @@ export function createConnections(section, ctx) {
     try {
       if (polls % CONFIG_EVERY === 0) await loadConfig();
       polls += 1;
-      const [list, stats, health] = await Promise.all([api("GET", `/gproxy/sessions?${query()}`),
-        api("GET", "/gproxy/stats"), api("GET", "/gproxy/health")]);
+      const [list, stats, health, fleet] = await Promise.all([api("GET", `/gproxy/sessions?${query()}`),
+        api("GET", "/gproxy/stats"), api("GET", "/gproxy/health"),
+        fleetBox.checked ? api("GET", "/gproxy/instances") : null]);
       if (!running) return;
-      const st = stats.data || {};
+      const st = Object.assign({}, stats.data || {});
+      if (fleet) {  // the fleet's totals; the other cards stay this instance's
+        selfId = fleet.data.self ?? null;
+        st.per_node = fleet.data.per_node || {};
+        st.live_sessions = (fleet.data.list || []).reduce((n, i) => n + (i.live_sessions || 0), 0);
+      }
       perRoute = st.per_route || {};
       renderStats(st);
       nodes.render(st.per_node, healthByNode(health.data && health.data.list));
@@ -179,6 +196,7 @@ export function createConnections(section, ctx) {
   function renderTable(data) {
     const list = data.list || [];
     total = data.total || 0;
+    unreachable = (data.unreachable || []).map((u) => u.id);
     if (page > pages() && total) { page = pages(); poll(); return; }
     const keep = new Set(list.map((s) => s.id));
     for (const [id, tr] of rows) {
@@ -199,15 +217,17 @@ export function createConnections(section, ctx) {
     const filtered = filterBox.value.trim() || nodeSel.value || routeSel.value || stateSel.value;
     setText(empty, filtered ? "No session matches the filter." : "No live sessions.");
     const first = (page - 1) * pageSize();
-    setText(countLabel, `${count(total)} ${filtered ? "matching" : "live"}`);
+    setText(countLabel, `${count(total)} ${filtered ? "matching" : "live"}` +
+      (data.note ? ` · ${data.note}` : "") +
+      (unreachable.length ? ` · not answering: ${unreachable.join(", ")}` : ""));
     setText(pageLabel, total ? `${count(first + 1)}–${count(first + list.length)} of ${count(total)} · page ${page} of ${pages()}` : "");
     prev.disabled = page <= 1;
     next.disabled = page >= pages();
   }
 
-  const FIELDS = ["id", "client", "client_id", "username", "tls_client_cn", "protocol_level",
+  const FIELDS = ["id", "instance", "client", "client_id", "username", "tls_client_cn", "protocol_level",
     "transport", "route_id", "node", "state", "bytes_in", "bytes_out", "connected_at"];
-  const MONO = ["id", "client", "client_id", "username", "tls_client_cn", "node", "route_id"];
+  const MONO = ["id", "instance", "client", "client_id", "username", "tls_client_cn", "node", "route_id"];
 
   function newRow(s) {
     const cells = FIELDS.map((name) => h("td", {"data-col": name,
@@ -225,6 +245,8 @@ export function createConnections(section, ctx) {
     tr.dataset.node = s.node ?? "";
     tr.dataset.route = s.route_id ?? "";
     setText(c.id, s.id);
+    setText(c.instance, s.instance ?? "");
+    tr.dataset.instance = s.instance ?? "";
     setText(c.client, hostPort(s.client_addr, s.client_port));
     setText(c.client_id, s.client_id === null || s.client_id === undefined ? "–" : s.client_id === "" ? "(empty)" : s.client_id);
     c.client_id.classList.toggle("muted", !s.client_id);
@@ -257,7 +279,9 @@ export function createConnections(section, ctx) {
     const button = tr.querySelector("[data-action=disconnect]");
     button.disabled = true;
     try {
-      await api("DELETE", `/gproxy/sessions/${enc(id)}`);
+      const other = tr.dataset.instance && tr.dataset.instance !== String(selfId);
+      if (other) await api("DELETE", `/gproxy/sessions?ids=${enc(id)}&fleet=true`);  // ended cleanly where it lives
+      else await api("DELETE", `/gproxy/sessions/${enc(id)}`);
       ctx.toast(`Session ${id} disconnected.`);
     } catch (err) {
       tr.classList.remove("closing");
@@ -275,7 +299,7 @@ export function createConnections(section, ctx) {
       `so no Will is published). MQTT clients usually reconnect.`, "Disconnect all");
     if (!ok) return;
     try {
-      const {data} = await api("DELETE", `/gproxy/sessions?route_id=${enc(routeId)}`);
+      const {data} = await api("DELETE", `/gproxy/sessions?route_id=${enc(routeId)}${fleetArg()}`);
       ctx.toast(`Closing ${data.total} session${data.total === 1 ? "" : "s"} of route ${routeId}.`);
     } catch (err) {
       ctx.error(`Could not disconnect route ${routeId}: ${err.message}`);

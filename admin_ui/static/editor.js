@@ -119,6 +119,8 @@ export class UpstreamEditor {
 
 // Which form field an Admin API error is about, if it names one.
 function fieldOf(message) {
+  if (/'vars' expression/.test(message)) return "vars";
+  if (/traffic_split/.test(message)) return "traffic_split";
   let m = /property "([\w-]+)"/.exec(message);
   if (m) return m[1];
   m = /^invalid (remote_addr|server_addr)/.exec(message);

@@ -73,3 +73,8 @@ export function nodeList(nodes) {
 export function nodeAddr(node) {
   return node.port === undefined || node.port === null ? String(node.host) : hostPort(node.host, node.port);
 }
+
+// Natural order for ids and addresses ("route-2" before "route-10").
+export function naturalCompare(a, b) {
+  return String(a).localeCompare(String(b), "en", {numeric: true});
+}

@@ -79,7 +79,7 @@ export function healthByNode(checkers) {
   return out;
 }
 
-export function createNodes(card, ctx, refresh) {
+export function createNodes(card, ctx, refresh, fleetWide = () => false) {
   const bars = $("#node-bars", card);
   const barsEmpty = $("[data-role=bars-empty]", card);
   const misplacedText = $("[data-role=misplaced]", card);
@@ -100,12 +100,12 @@ export function createNodes(card, ctx, refresh) {
 
   function evictQuery(extra) {
     const r = rate();
-    return `/gproxy/sessions?${extra}${r ? `&rate=${r}` : ""}`;
+    return `/gproxy/sessions?${extra}${r ? `&rate=${r}` : ""}${fleetWide() ? "&fleet=true" : ""}`;
   }
 
   async function evict(extra, label) {
     const {data} = await api("DELETE", evictQuery(extra));
-    follow(data, label);
+    follow(data, data.fleet ? `${label} (whole fleet)` : label);
     return data;
   }
 

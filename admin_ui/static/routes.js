@@ -4,6 +4,7 @@ import {api, enc, listValues} from "./api.js";
 import {$, h, clear} from "./dom.js";
 import {ago, dateTime, mqttVersion, nodeList, nodeAddr} from "./format.js";
 import {ResourceEditor, UpstreamEditor, fillUpstreamSelect, setField, numberOrText} from "./editor.js";
+import {SplitEditor, VarsEditor, varsText} from "./vars.js";
 
 const MQTT = "mqtt-proxy";
 
@@ -13,6 +14,11 @@ export function matchText(route) {
   if (route.server_port !== undefined) parts.push(`port ${route.server_port}`);
   if (route.remote_addr !== undefined) parts.push(`from ${route.remote_addr}`);
   if (route.sni !== undefined) parts.push(`sni ${route.sni}`);
+  const conf = route.plugins && route.plugins[MQTT];
+  if (conf && conf.vars !== undefined && !(Array.isArray(conf.vars) && !conf.vars.length)) {
+    parts.push(varsText(conf.vars));
+    if (conf.priority) parts.push(`priority ${conf.priority}`);
+  }
   return parts.length ? parts.join(" · ") : "any";
 }
 
@@ -95,6 +101,9 @@ export function createRouteEditor(section, ctx) {
   const refBox = $("[data-role=upstream-ref]", section);
   const inlineBox = $("[data-role=upstream-inline]", section);
   const mqttFields = $("[data-role=mqtt-fields]", section);
+  const mqttExtra = $("[data-role=mqtt-extra]", section);
+  const vars = new VarsEditor(mqttExtra);
+  const split = new SplitEditor(mqttExtra);
   let upstreams = [];
 
   function syncMode() {
@@ -104,8 +113,10 @@ export function createRouteEditor(section, ctx) {
   }
   function syncMqtt() {
     const on = f("mqtt_enabled").checked;
-    for (const el of mqttFields.querySelectorAll("input, select")) el.disabled = !on;
-    mqttFields.classList.toggle("disabled", !on);
+    for (const box of [mqttFields, mqttExtra]) {
+      for (const el of box.querySelectorAll("input, select, textarea, button")) el.disabled = !on;
+      box.classList.toggle("disabled", !on);
+    }
   }
   for (const radio of form.querySelectorAll("input[name=upstream_mode]")) {
     radio.addEventListener("change", syncMode);
@@ -126,6 +137,8 @@ export function createRouteEditor(section, ctx) {
       select.appendChild(h("option", {value: level}, `${level} — custom`));
     }
     select.value = level;
+    vars.fill(conf || {});
+    split.fill(conf || {}, upstreams);
     const ref = route.upstream_id !== undefined && route.upstream_id !== null;
     form.querySelector(`input[name=upstream_mode][value=${ref ? "ref" : "inline"}]`).checked = true;
     fillUpstreamSelect(f("upstream_id"), upstreams, ref ? route.upstream_id : undefined);
@@ -146,7 +159,7 @@ export function createRouteEditor(section, ctx) {
       const conf = Object.assign({}, plugins[MQTT] || {});
       setField(conf, "protocol_name", f("protocol_name").value);
       conf.protocol_level = numberOrText(f("protocol_level").value);
-      plugins[MQTT] = conf;
+      plugins[MQTT] = split.read(vars.read(conf));
     } else {
       delete plugins[MQTT];
     }

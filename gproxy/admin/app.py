@@ -30,15 +30,16 @@ CORS = {
 }
 
 
-def create_app(store, sessions, cfg, extra_blueprints=()):
-    """The admin Flask app. ``extra_blueprints`` lets the dashboard plug in."""
+def create_app(store, sessions, cfg, extra_blueprints=(), fleet=None):
+    """The admin Flask app. ``extra_blueprints`` lets the dashboard plug in; ``fleet``
+    answers ``fleet=true`` and ``/gproxy/instances`` (``gproxy.fleet``)."""
     app = Flask("gproxy.admin")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     app.register_blueprint(make_resource_blueprint("stream_routes", store, cfg.stream_enabled))
     app.register_blueprint(make_resource_blueprint("upstreams", store, True))
     app.register_blueprint(make_resource_blueprint("ssls", store, True))
     app.register_blueprint(plugins_blueprint(PREFIX))
-    app.register_blueprint(extensions_blueprint(PREFIX, sessions))
+    app.register_blueprint(extensions_blueprint(PREFIX, sessions, fleet))
     for bp in extra_blueprints:
         app.register_blueprint(bp)
 

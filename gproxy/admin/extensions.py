@@ -9,18 +9,31 @@ the ``sessions`` object the runtime hands over (one process's
 ``get(id)`` / ``cancel(id)``; a bad filter raises ValueError.  Paging takes
 APISIX's ``page`` and ``page_size`` with the same bounds and plain-text 400
 (docs/apisix-behaviour.md §6).  Key-protected like the rest of the Admin API.
+
+``fleet=true`` (and ``/gproxy/instances``) go to the ``fleet`` object
+instead (``gproxy.fleet``: ``instances(token)``, ``query(spec, token)``,
+``evict(spec, rate)``, ``eviction(id)``, ``evictions()``, ``cancel(id)``),
+which asks the other instances with the caller's own key.  Without one
+(an app built without the runtime) such a request is answered for this
+instance, with a note.
 """
 
 import time
 
 from flask import Blueprint, request
 
+from gproxy.admin.auth import request_token
 from gproxy.admin.resources import ApiError, json_response, page_size_refused
 
 DEFAULT_PAGE_SIZE = 100
 FILTERS = ("route_id", "node", "client_id", "client_addr", "state")
 SELECT_HINT = ("give a filter (route_id, node, client_id, client_addr, state, "
                "misplaced=true), ids=<id,id,...> or all=true")
+NO_FLEET = "no fleet here: this answer covers this instance only"
+
+
+def _fleet_wide():
+    return request.args.get("fleet") == "true"
 
 
 def _int(name, default):
@@ -53,7 +66,7 @@ def _rate():
     return rate
 
 
-def extensions_blueprint(prefix, sessions):
+def extensions_blueprint(prefix, sessions, fleet=None):
     bp = Blueprint("gproxy_ext", __name__, url_prefix=prefix + "/gproxy")
 
     def run(call, *args):
@@ -70,8 +83,23 @@ def extensions_blueprint(prefix, sessions):
             return refused
         spec = dict(_spec(), sort=request.args.get("sort") or "connected_at",
                     offset=(page - 1) * size, limit=size)
-        found = run(sessions.query, spec)
+        if not _fleet_wide():
+            found = run(sessions.query, spec)
+        elif fleet is None:
+            found = dict(run(sessions.query, spec), note=NO_FLEET)
+        else:
+            found = run(fleet.query, spec, request_token())
         return json_response(dict(found, page=page, page_size=size, now=time.time()))
+
+    @bp.get("/instances")
+    def instances():
+        if fleet is None:
+            stats = sessions.stats()
+            me = {"id": None, "self": True, "live_sessions": stats.get("live_sessions", 0),
+                  "per_node": stats.get("per_node") or {}}
+            return json_response({"list": [me], "total": 1, "per_node": me["per_node"],
+                                  "unreachable": [], "note": NO_FLEET})
+        return json_response(fleet.instances(request_token()))
 
     @bp.get("/stats")
     def stats():
@@ -89,27 +117,35 @@ def extensions_blueprint(prefix, sessions):
         if not spec and request.args.get("all") != "true":
             raise ApiError(SELECT_HINT)
         rate = _rate()
-        job = run(sessions.evictions.start, spec, rate)
-        return json_response(job.as_dict())
+        if _fleet_wide() and fleet is not None:
+            return json_response(run(fleet.evict, spec, rate))
+        job = run(sessions.evictions.start, spec, rate).as_dict()
+        return json_response(dict(job, note=NO_FLEET) if _fleet_wide() else job)
 
     @bp.get("/evictions")
     def list_evictions():
         jobs = [job.as_dict() for job in sessions.evictions.jobs.values()]
+        jobs += fleet.evictions() if fleet is not None else []
         return json_response({"list": jobs, "total": len(jobs)})
+
+    def local_or_fleet(job_id, local, fleet_call):
+        job = local(job_id)
+        if job is not None:
+            return json_response(job.as_dict())
+        found = fleet_call(job_id) if fleet is not None else None
+        if found is None:
+            return json_response({"message": "Key not found"}, 404)
+        return json_response(found)
 
     @bp.get("/evictions/<job_id>")
     def get_eviction(job_id):
-        job = sessions.evictions.get(job_id)
-        if job is None:
-            return json_response({"message": "Key not found"}, 404)
-        return json_response(job.as_dict())
+        return local_or_fleet(job_id, sessions.evictions.get,
+                              fleet.eviction if fleet is not None else None)
 
     @bp.delete("/evictions/<job_id>")
     def cancel_eviction(job_id):
-        job = sessions.evictions.cancel(job_id)
-        if job is None:
-            return json_response({"message": "Key not found"}, 404)
-        return json_response(job.as_dict())
+        return local_or_fleet(job_id, sessions.evictions.cancel,
+                              fleet.cancel if fleet is not None else None)
 
     return bp
 

@@ -20,6 +20,7 @@ from gproxy import hub
 from gproxy.admin.filters import FilterError, ListFilter
 from gproxy.errors import SchemaError
 from gproxy.model import jsontext
+from gproxy.model.mqttproxy import split_upstream_ids
 from gproxy.model.resources import check_stream_route, check_upstream
 from gproxy.model.ssls import check_ssl, without_secrets
 
@@ -111,6 +112,8 @@ class Resource:
             if not allow_time:
                 _forbid_timestamps(conf)
         try:
+            if isinstance(conf, dict):  # APISIX decrypts a key given encrypted to check it
+                conf.update(self.store.open(self.name, conf))
             if self.name == "upstreams":
                 check_upstream(conf, hub.pause)
             elif self.name == "ssls":
@@ -184,9 +187,11 @@ class Resource:
 
 
 def _first_user(routes, upstream_id):
-    """The first route whose ``upstream_id`` is ``upstream_id`` (pausing as it looks)."""
+    """The first route whose ``upstream_id`` is ``upstream_id``, or whose traffic split
+    names it (pausing as it looks)."""
     for n, record in enumerate(routes):
-        if str(record.value.get("upstream_id")) == upstream_id:
+        if (str(record.value.get("upstream_id")) == upstream_id
+                or upstream_id in split_upstream_ids(record.value)):
             return record.id
         if n % 256 == 255:
             hub.pause()

@@ -102,7 +102,10 @@ class Config:
 
     def admin_file(self, key):
         """An Admin TLS file path from ``key``, relative to the config file; None if unset."""
-        value = self[key]
+        return self.file_path(self[key])
+
+    def file_path(self, value):
+        """A path from the config, relative to the config file's directory; None if unset."""
         return os.path.join(self.base_dir, value) if value else None
 
     def _check_https_admin(self):

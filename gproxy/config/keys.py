@@ -4,10 +4,10 @@ The keys are APISIX's where APISIX has them (``apisix.*``, ``deployment.*``,
 ``nginx_config.*``, ``plugin_attr.*``) and ``gproxy.*`` for gproxy's own.
 """
 
-from gproxy.config.validate import (DEFAULT_ADMIN_KEY, LOG_LEVELS, admin_keys, boolean, choice,
-                                    cidrs, command, count, dns_order, dns_servers, etcd_hosts,
-                                    listeners, log_format, number, optional_str, optional_text,
-                                    port, typed)
+from gproxy.config.validate import (DEFAULT_ADMIN_KEY, DEFAULT_KEYRING, LOG_LEVELS, admin_keys,
+                                    boolean, choice, cidrs, command, count, dns_order,
+                                    dns_servers, etcd_hosts, keyring, listeners, log_format,
+                                    number, optional_str, optional_text, port, typed)
 
 SETTINGS = [
     ("apisix.stream_proxy.tcp", [9100], listeners,
@@ -81,6 +81,29 @@ SETTINGS = [
      "seconds an idle watch waits before it is re-opened from its revision"),
     ("deployment.etcd.health_check_timeout", 10, number,
      "seconds an etcd endpoint that failed 3 times is skipped"),
+    ("deployment.etcd.user", None, optional_text, "etcd user (etcd auth enabled)"),
+    ("deployment.etcd.password", None, optional_text, "that user's password (never logged)"),
+    ("deployment.etcd.tls.verify", True, boolean,
+     "https:// endpoints: verify etcd's certificate against apisix.ssl.ssl_trusted_certificate"),
+    ("deployment.etcd.tls.cert", None, optional_text,
+     "client certificate (PEM file) for etcd, relative to the config file"),
+    ("deployment.etcd.tls.key", None, optional_text, "its private key (PEM file)"),
+    ("deployment.etcd.tls.sni", None, optional_text,
+     "server name sent to etcd and checked in its certificate (default: the URL's host)"),
+    ("apisix.data_encryption.keyring", list(DEFAULT_KEYRING), keyring,
+     "keys (16 or 32 characters) ssl private keys are encrypted with in etcd, the first "
+     "to encrypt, each to decrypt (AES-CBC, as APISIX); null stores keys as given"),
+    ("apisix.id", None, optional_text,
+     "this instance's id in the fleet registry (default: conf/apisix.uid, made once)"),
+    ("plugin_attr.server-info.report_ttl", 60, typed(int, lambda v: 3 <= v <= 86400,
+                                                     "an integer 3-86400"),
+     "seconds an instance stays registered on etcd without renewing (its lease TTL)"),
+    ("gproxy.fleet.enable", True, boolean,
+     "with the etcd store: register in the fleet and take part in fleet-wide jobs"),
+    ("gproxy.fleet.admin_url", None, optional_text,
+     "how other instances reach this one's Admin API (default: from admin_listen)"),
+    ("gproxy.fleet.timeout", 3.0, number,
+     "seconds a fleet-wide query waits for each instance's answer"),
     ("gproxy.store.path", "apisix.yaml", typed(str),
      "store file, relative to the config file's directory"),
     ("gproxy.store.watch_interval", 1.0, number, "seconds between checks for hand edits"),

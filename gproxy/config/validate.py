@@ -14,6 +14,8 @@ from gproxy.errors import ConfigError
 from gproxy.model.logformat import STREAM_VARIABLES, compile_format
 
 DEFAULT_ADMIN_KEY = "edd1c9f034335f136f87ad84b625c8f1"
+#: APISIX 3.x's ``apisix.data_encryption.keyring`` default (config-default.yaml).
+DEFAULT_KEYRING = ("qeddd145sfvddff3", "edd1c9f0985e76a2")
 LOG_LEVELS = ("debug", "info", "notice", "warn", "error", "crit", "alert", "emerg")
 #: nginx level names -> logging levels
 PY_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "notice": logging.INFO,
@@ -206,6 +208,19 @@ def etcd_hosts(value, key):
             isinstance(v, str) and re.match(r"^https?://[^/]+$", v.rstrip("/")) for v in value)):
         raise ConfigError("%s: expected a list of http(s)://host:port URLs, got %r" % (key, value))
     return [v.rstrip("/") for v in value]
+
+
+def keyring(value, key):
+    """APISIX's schema: a key or a non-empty list of keys, each 16 (AES-128) or 32
+    (AES-256, APISIX 3.18+) characters; null: no encryption."""
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items or not all(
+            isinstance(v, str) and len(v.encode()) in (16, 32) for v in items):
+        raise ConfigError("%s: expected null, or a key or non-empty list of keys of 16 or 32 "
+                          "characters" % key)
+    return items
 
 
 number = typed((int, float), lambda v: v > 0, "a number > 0")

@@ -10,7 +10,12 @@ dialled with) and nothing else; ``move_to`` is the node a chash client will
 land on when it reconnects, None when the balancer decides at random
 (roundrobin).  Sessions whose route is gone, whose upstream cannot be found,
 or that have no node yet are never misplaced: there is nothing to compare.
+A route with a traffic split first asks which side the session's key
+belongs on now, so moving a canary from 10% to 20% makes the devices it
+moves misplaced (on the old side's nodes), and rebalancing sends just them over.
 """
+
+from gproxy.model.split import split_upstream
 
 #: nginx-style variables a chash ``key`` may name, from a session record (the same
 #: names as ``proxy.dial.session_vars`` offers a dial, as text).
@@ -76,6 +81,27 @@ def _eligible(nodes):
     return weighted or {node.addr for node in group}
 
 
+class _SplitTarget:
+    """A route with a traffic split: the side the record's key belongs on now
+    (model.split, health included), then that side's answer."""
+
+    def __init__(self, table, route):
+        self.table = table
+        self.route = route
+        self.sides = {}  # id(upstream) -> _Target
+
+    def check(self, info):
+        value = _RecordVars(info).get(self.route.split.key) or info.client_addr
+        upstream, _, _ = split_upstream(self.table, self.route, value.encode(
+            "utf-8", "surrogateescape"))
+        if upstream is None or not upstream.nodes:
+            return False, None
+        target = self.sides.get(id(upstream))
+        if target is None:
+            target = self.sides[id(upstream)] = _Target(upstream)
+        return target.check(info)
+
+
 class Placement:
     """Misplacement checks against one route table snapshot."""
 
@@ -89,7 +115,9 @@ class Placement:
             return self._targets[route_id]
         route = self._routes.get(route_id)
         target = None
-        if route is not None:
+        if route is not None and route.split is not None:
+            target = _SplitTarget(self.table, route)
+        elif route is not None:
             upstream, _ = self.table.upstream_for(route)
             if upstream is not None and upstream.nodes:
                 target = _Target(upstream)

@@ -21,6 +21,7 @@ from gproxy.model.iprestriction import IP_RESTRICTION_SCHEMA, check_ips
 from gproxy.model.iprestriction import network as ip_network  # routes use it too
 from gproxy.model.balancer import CHASH_POINTS_PER_WEIGHT, MAX_RING_POINTS, ring_points
 from gproxy.model.limits import LIMIT_CONN_SCHEMA, LIMIT_RATE_SCHEMA
+from gproxy.model.mqttproxy import check_mqtt_proxy, split_upstream_ids
 from gproxy.model.schema import check, matches, validate
 
 ID_SCHEMA = {"anyOf": [
@@ -174,13 +175,38 @@ SET_CONNECT_SCHEMA = {
                    "username": {"type": "string", "minLength": 1, "maxLength": 1024}},
     "additionalProperties": False,
 }
-#: mqtt-proxy's schema: no additionalProperties, so the deprecated ``upstream`` is accepted.
+#: gproxy's extension (docs/routing.md): a sticky split of a route's clients
+#: between upstreams by a hash of their client id, shaped like APISIX's
+#: traffic-split ``weighted_upstreams`` (an entry without ``upstream_id`` is the
+#: route's own upstream).
+TRAFFIC_SPLIT_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "key": {"type": "string", "enum": ["mqtt_client_id", "mqtt_username", "tls_client_cn",
+                                           "remote_addr"]},
+        "salt": {"type": "string", "maxLength": 256},
+        "weighted_upstreams": {"type": "array", "minItems": 1, "maxItems": 64, "items": {
+            "type": "object",
+            "properties": {"upstream_id": ID_SCHEMA,
+                           "upstream": {"type": "object"},
+                           "weight": {"type": "integer", "minimum": 0}},
+        }},
+    },
+    "required": ["weighted_upstreams"],
+    "additionalProperties": False,
+}
+#: mqtt-proxy's schema: no additionalProperties, so the deprecated ``upstream`` is
+#: accepted, and APISIX loads a route with gproxy's extensions (it ignores them):
+#: ``vars`` + ``priority`` choose among routes by the CONNECT (docs/routing.md).
 MQTT_PROXY_SCHEMA = {
     "type": "object",
     "properties": {"protocol_name": {"type": "string", "maxLength": 256},
                    "protocol_level": {"type": "integer"},
                    "websocket": WEBSOCKET_SCHEMA,
-                   "set_connect": SET_CONNECT_SCHEMA},
+                   "set_connect": SET_CONNECT_SCHEMA,
+                   "vars": {"type": "array", "maxItems": 256},
+                   "priority": {"type": "integer"},
+                   "traffic_split": TRAFFIC_SPLIT_SCHEMA},
     "required": ["protocol_level"],
 }
 STREAM_PLUGINS = {"mqtt-proxy": MQTT_PROXY_SCHEMA, "limit-conn": LIMIT_CONN_SCHEMA,
@@ -212,17 +238,8 @@ def _none(conf):
     return None
 
 
-def _conflicts(conf):
-    """A rewrite that could not apply is refused, not silently skipped: in
-    WebSocket passthrough the client's frames are replayed as they came."""
-    ws = conf.get("websocket") or {}
-    if conf.get("set_connect") and ws.get("enable", True) and ws.get("mode") == "passthrough":
-        return "set_connect cannot rewrite a CONNECT relayed in websocket passthrough mode"
-    return None
-
-
-#: A plugin's ``check_schema`` beyond its JSON schema.
-_EXTRA_CHECKS = {"mqtt-proxy": _conflicts, "ip-restriction": check_ips}
+#: A plugin's ``check_schema`` beyond its JSON schema (mqtt-proxy's: model.mqttproxy).
+_EXTRA_CHECKS = {"mqtt-proxy": check_mqtt_proxy, "ip-restriction": check_ips}
 
 
 def _weight_groups(nodes):
@@ -268,6 +285,11 @@ def check_stream_route(conf, upstream_exists=lambda _id: True, pause=None):
         raise SchemaError("failed to fetch service info by service id [%s], "
                           "response code: 404" % conf["service_id"])
     check_plugins(conf.get("plugins") or {})
+    for upstream_id in split_upstream_ids(conf):
+        if not upstream_exists(upstream_id):
+            raise SchemaError("failed to check the configuration of stream plugin [mqtt-proxy]: "
+                              "failed to fetch upstream info by upstream id [%s], "
+                              "response code: 404" % upstream_id)
     if isinstance(conf.get("protocol"), dict):
         # APISIX's xrpc.check_schema: no xRPC protocol is registered in gproxy
         raise SchemaError("unknown protocol [%s]" % conf["protocol"]["name"])

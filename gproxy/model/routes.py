@@ -9,48 +9,27 @@ balancing did not change keeps its balancer (ring, round-robin position), so
 an update costs what changed, not what the table holds.  Matching
 follows APISIX's ip_port router (docs/apisix-behaviour.md §4.2): routes with
 ``sni`` only match TLS connections with that SNI; otherwise the first route,
-in load order, whose filters all pass wins.  Pure: no sockets, no DNS.
+in load order, whose filters all pass wins.  gproxy's routes with ``vars``
+(docs/routing.md) come before those, by ``priority``: ``match`` then gives
+the first candidate and ``refine`` the route, once the CONNECT is known; a
+table without ``vars`` never looks at them.  Pure: no sockets, no DNS.
 """
 
 import ipaddress
 import logging
-from dataclasses import dataclass
 
 from gproxy.model.iprestriction import IpRestriction
+from gproxy.model.iprouter import IpPortRouter, sni_matches
+from gproxy.model.mqttproxy import MqttConf
 from gproxy.model.resources import ip_network
 from gproxy.model.upstream import Upstream, is_ip, parse_nodes  # noqa: F401 (re-exported)
+from gproxy.model.varsroutes import VarsRoutes
 
 log = logging.getLogger("gproxy.model.routes")
 
 #: nginx stream defaults when an upstream has no ``timeout`` (seconds).
 DEFAULT_CONNECT_TIMEOUT = 60.0
 DEFAULT_PROXY_TIMEOUT = 600.0
-
-
-@dataclass(frozen=True)
-class WebSocketConf:
-    """gproxy's ``websocket`` option of mqtt-proxy (docs/websocket.md)."""
-
-    enable: bool = True
-    path: str = None         # None: any path
-    origins: tuple = None    # lower-cased; None: any Origin
-    passthrough: bool = False  # pass the upgrade and frames to a WebSocket broker
-
-    @classmethod
-    def from_conf(cls, conf):
-        conf = conf or {}
-        origins = conf.get("allow_origins")
-        return cls(conf.get("enable", True), conf.get("path"),
-                   None if origins is None else tuple(o.lower() for o in origins),
-                   conf.get("mode") == "passthrough")
-
-
-@dataclass(frozen=True)
-class MqttConf:
-    protocol_name: str
-    protocol_level: int
-    websocket: WebSocketConf = WebSocketConf()
-    set_connect: tuple = ()  # ((field, "$var template"), ...): gproxy's CONNECT rewrite
 
 
 class Route:
@@ -73,15 +52,25 @@ class Route:
         plugin = plugins.get("mqtt-proxy")
         self.mqtt = None
         if plugin is not None:
-            self.mqtt = MqttConf(plugin.get("protocol_name", "MQTT"), plugin["protocol_level"],
-                                 WebSocketConf.from_conf(plugin.get("websocket")),
-                                 tuple(sorted((plugin.get("set_connect") or {}).items())))
+            self.mqtt = MqttConf.from_plugin(plugin)
+        # ``vars``: the route is one candidate among those its addresses match,
+        # chosen by the CONNECT (RouteTable.refine); None: it is a fallback.
+        self.vars = None if self.mqtt is None else self.mqtt.vars
+        self.priority = 0 if self.mqtt is None else self.mqtt.priority
+        self.split = None if self.mqtt is None else self.mqtt.split
         self.plugin_upstream = None
         old = (plugin or {}).get("upstream")  # deprecated (≤ 2.15), used only without another
         if isinstance(old, dict) and (old.get("host") or old.get("ip")) and old.get("port"):
             host = old.get("host") or old.get("ip")
             self.plugin_upstream = Upstream({"nodes": [{"host": host, "port": old["port"],
                                                         "weight": 1}]})
+
+    def reaches(self, server_ip, server_port, remote_ip, sni):
+        """Its filters pass, SNI included (a route with ``sni`` needs a TLS client
+        that sent a name it matches)."""
+        if self.sni and not (sni and sni_matches(self.sni, sni)):
+            return False
+        return self.matches(server_ip, server_port, remote_ip)
 
     def matches(self, server_ip, server_port, remote_ip):
         if self.server_port is not None and self.server_port != server_port:
@@ -142,12 +131,16 @@ class RouteTable:
         return Route(conf, Upstream(inline, self.chash_ring, old, pause, name, self.shared)
                      if inline else None)
 
-    def _index(self):
-        self._plain = [r for r in self.routes if not r.sni]
-        # ip_port.lua's radixtree on reversed SNIs: an exact name before any
-        # wildcard, a longer wildcard before a shorter one, "*" last; load order
-        # among routes with the same sni.
-        self._tls = sorted((r for r in self.routes if r.sni), key=_sni_rank)
+    def _index(self, pause=None):
+        pause = pause or _none
+        # APISIX's ip_port router over the routes without vars, indexed by
+        # server port and exact server name (model/iprouter.py).
+        self._router = IpPortRouter([r for r in self.routes if r.vars is None])
+        pause()
+        # Routes with vars, in the order the CONNECT tries them (docs/routing.md);
+        # ``_first`` is their list for ``match``: empty without vars, one cheap loop.
+        self._refined = VarsRoutes(self.routes)
+        self._first = self._refined.ordered
 
     def updated(self, changes, pause=None):
         """A new table: this one with ``changes`` applied, sharing what did not change.
@@ -179,7 +172,7 @@ class RouteTable:
             routes = [new._by_id[i] for i in order if i in new._by_id]
         pause()
         new.routes = routes
-        new._index()
+        new._index(pause)
         return new
 
     def _replace(self, routes, id_, value, pause):
@@ -207,22 +200,34 @@ class RouteTable:
         route = self._by_id.get(id_)
         return route.upstream if route is not None else None
 
-    def match(self, server_ip, server_port, remote_ip, sni=None):
-        """The first route whose filters pass, or None (APISIX: ``not hit any route``).
+    def match(self, server_ip, server_port, remote_ip, sni=None, fallback_only=False):
+        """The first route to try, from what is known before any byte is read;
+        None: ``not hit any route``.
 
-        ``sni`` is the TLS client's server name (None for plain TCP, which
-        never matches a route with ``sni``); a TLS connection whose name no
-        ``sni`` route takes falls through to the routes without one (§4.2).
+        Without ``vars`` anywhere this is APISIX's router (§4.2): the first
+        route whose filters pass.  ``sni`` is the TLS client's server name
+        (None for plain TCP, which never matches a route with ``sni``); a TLS
+        connection whose name no ``sni`` route takes falls through to the
+        routes without one.  A route with ``vars`` whose address filters pass
+        comes first, highest ``priority`` first: the answer then has ``vars``
+        and only ``refine`` can say, once the CONNECT is read, which route it
+        is.  ``fallback_only``: the routes without ``vars`` only.
         """
-        if sni:
-            for route in self._tls:
-                if _sni_matches(route.sni, sni) and route.matches(
-                        server_ip, server_port, remote_ip):
+        if not fallback_only:  # inline, not a call: every connection runs this
+            for route in self._first:
+                if route.reaches(server_ip, server_port, remote_ip, sni):
                     return route
-        for route in self._plain:
-            if route.matches(server_ip, server_port, remote_ip):
+        return self._router.match(server_ip, server_port, remote_ip, sni)
+
+    def refine(self, server_ip, server_port, remote_ip, sni, values):
+        """The route for a connection whose CONNECT gave ``values`` (variable name
+        -> bytes, None when unset): the first route with ``vars``, highest
+        ``priority`` first and ties by id, whose filters and vars pass, else the
+        route without vars ``match`` would have taken; None: no route."""
+        for route in self._refined.candidates(values):
+            if route.reaches(server_ip, server_port, remote_ip, sni) and route.vars.eval(values):
                 return route
-        return None
+        return self.match(server_ip, server_port, remote_ip, sni, True)
 
     def checked_upstreams(self):
         """Upstreams with ``checks`` that a route can reach, by name (APISIX checks
@@ -253,19 +258,3 @@ class RouteTable:
 
 def _none():
     pass
-
-
-def _sni_rank(route):
-    pattern = route.sni.lower()
-    if not pattern.startswith("*"):
-        return (0, 0)
-    return (1, -len(pattern))
-
-
-def _sni_matches(pattern, sni):
-    """``*.x.com`` matches any depth (``a.b.x.com``): routes, unlike certificates,
-    care only about the suffix (ip_port.lua); ``*`` matches every name."""
-    pattern, sni = pattern.lower(), sni.lower()
-    if pattern.startswith("*"):
-        return sni.endswith(pattern[1:]) and len(sni) > len(pattern) - 1
-    return pattern == sni

@@ -153,6 +153,22 @@ def without_secrets(value):
     return {k: v for k, v in value.items() if k not in SECRET_FIELDS}
 
 
+def _no_client_key(upstream):
+    tls = upstream.get("tls")
+    if not isinstance(tls, dict) or "client_key" not in tls:
+        return upstream
+    return dict(upstream, tls={k: v for k, v in tls.items() if k != "client_key"})
+
+
+def redacted(value):
+    """Any stored object fit for a log line: no ``key``/``keys``, and no upstream
+    ``tls.client_key`` (its own or a route's inline upstream's)."""
+    out = _no_client_key(without_secrets(value))
+    if isinstance(out.get("upstream"), dict):
+        out = dict(out, upstream=_no_client_key(out["upstream"]))
+    return out
+
+
 def normal_sni(name):
     """Lower case, no trailing dot: how APISIX compares server names."""
     name = name.lower()

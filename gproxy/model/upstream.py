@@ -99,6 +99,11 @@ class Upstream:
             self._dns_balancer = self._build(resolved, pause)
         return self._dns_balancer
 
+    def healthy(self):
+        """False only when its health checks mark every node unhealthy."""
+        health = self.health
+        return health is None or any(n.addr not in health.unhealthy for n in self.nodes)
+
     @property
     def last_balancer(self):
         """The balancer in use now: the static one, or the last DNS answer's (None

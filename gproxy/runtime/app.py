@@ -69,6 +69,7 @@ class Gproxy:
         self.admin_server = None
         self.http_servers = []  # the control API and metrics listeners
         self.workers = None  # the parent's WorkerSet when running with --workers
+        self.fleet = None  # gproxy.fleet's Fleet (etcd) or SoloFleet, built by start()
         self.worker_index = None  # set in a forked worker
         self._watcher = None
         self._stopping = False
@@ -123,9 +124,12 @@ class Gproxy:
             log.info("admin_ui not installed: serving the Admin API without the dashboard")
         else:
             blueprints.append(create_blueprint())
-        sessions = self.workers if self.workers is not None else self.sessions
         blueprints.append(services.health_blueprint(self.health_report))
-        return create_app(self.store, sessions, self.cfg, blueprints)
+        return create_app(self.store, self.live(), self.cfg, blueprints, self.fleet)
+
+    def live(self):
+        """The sessions view: this process's, or the workers' merged."""
+        return self.workers if self.workers is not None else self.sessions
 
     # -- what the control API, metrics and dashboard read --------------------
     def stats(self):
@@ -154,9 +158,11 @@ class Gproxy:
         else:
             self._listen(reuseport=False)
             self.health.start()
+        self.fleet = services.fleet_for(self)
         if self.cfg["apisix.enable_admin"]:
             self._start_admin()
         self.http_servers = services.start_http(self)
+        self.fleet.start()
         self._watcher = gevent.spawn(self._watch, self.cfg["gproxy.store.watch_interval"])
         if self.discovery is not None:  # the parent's (after any fork: workers get tables)
             self.discovery.start()
@@ -285,6 +291,8 @@ class Gproxy:
             grace = self.cfg["gproxy.shutdown.grace"]
         for listener in self.listeners:
             listener.close()
+        if self.fleet is not None and not self._stopping:
+            self.fleet.stop()  # the fleet hears "draining" before the sessions end
         self.health.stop()
         if self.discovery is not None:
             self.discovery.stop()
@@ -312,6 +320,9 @@ class Gproxy:
         for server in [self.admin_server] + self.http_servers:
             if server is not None:
                 server.stop(timeout=1)
+        if self.fleet is not None:
+            self.fleet.leave()
+            self.fleet = None
         self.admin_server = None
         self.http_servers = []
         self.listeners = []

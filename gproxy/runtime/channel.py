@@ -18,41 +18,11 @@ import gevent
 from gevent.lock import Semaphore
 
 from gproxy.model import jsontext
+from gproxy.runtime.lines import MAX_LINE, LineReader  # noqa: F401 (the channel's framing)
 
 log = logging.getLogger("gproxy.workers")
 
 ACK_TIMEOUT = 5.0
-MAX_LINE = 64 * 1024 * 1024  # a route table of many thousands of routes still fits
-
-
-class LineReader:
-    """Newline-framed messages from a (gevent) socket, kept across interruptions."""
-
-    def __init__(self, sock):
-        self.sock = sock
-        self.buf = bytearray()
-        self.scanned = 0  # bytes of buf known to hold no newline
-
-    def readline(self):
-        """The next non-empty line without its newline; ``b""`` at EOF."""
-        while True:
-            end = self.buf.find(b"\n", self.scanned)
-            if end >= 0:
-                line = bytes(self.buf[:end])
-                del self.buf[:end + 1]
-                self.scanned = 0
-                if line.strip():
-                    return line
-                continue
-            self.scanned = len(self.buf)
-            if len(self.buf) > MAX_LINE:
-                log.error("control channel: dropped a line longer than %d bytes", MAX_LINE)
-                self.buf.clear()
-                self.scanned = 0
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                return b""
-            self.buf += chunk
 
 
 def encode(message):

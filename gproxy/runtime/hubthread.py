@@ -18,10 +18,12 @@ import time
 import gevent
 import gevent.event
 
+from gproxy.errors import ProxyStopped
+
 THREADS_GONE_TIMEOUT = 5.0
 
 
-class HubStopped(RuntimeError):
+class HubStopped(ProxyStopped):
     """The hub thread has finished; nothing more can run on it."""
 
 
@@ -109,6 +111,13 @@ class HubThread:
             self._pending.add(future)
             self._loop.run_callback_threadsafe(gevent.spawn, run)
         return future.result(timeout)
+
+    def loop_fileno(self):
+        """The descriptor the hub's loop waits on (its epoll), or None."""
+        try:
+            return self._loop.fileno() if self._loop is not None else None
+        except Exception:  # a loop without a backend descriptor
+            return None
 
     def finish(self):
         """End the hub and wait until its thread and threadpool threads are gone."""

@@ -22,8 +22,6 @@ change is stored, that worker serves the previous table), and ``converge``
 worker that exited, says how, and leaves it out from then on.
 """
 
-import heapq
-import itertools
 import logging
 import os
 import shutil
@@ -37,7 +35,7 @@ from gproxy.errors import NotApplied
 from gproxy.model.health import merge_reports
 from gproxy.protocols.mqttstream import USE_ANOTHER_SERVER
 from gproxy.proxy.sessions.evict import Evictions
-from gproxy.proxy.sessions.live import check_spec, dict_key, sort_order
+from gproxy.proxy.sessions.live import check_spec, merge_pages
 from gproxy.runtime.channel import ACK_TIMEOUT
 from gproxy.runtime.wire import STEP_TIMEOUT, HandoverError
 
@@ -172,21 +170,9 @@ class WorkerSet:
     def query(self, spec):
         """One page over every worker's sessions (see the module docstring)."""
         check_spec(spec)
-        field, reverse = sort_order(spec.get("sort"))
         offset, limit = spec.get("offset", 0), spec.get("limit")
         ask = dict(spec, offset=0, limit=None if limit is None else offset + limit)
-        replies = self._all({"op": "query", "spec": ask})
-        merged = heapq.merge(*(r["list"] for r in replies), key=dict_key(field),
-                             reverse=reverse)
-        stop = None if limit is None else offset + limit
-        out = {"total": sum(r["total"] for r in replies),
-               "list": list(itertools.islice(merged, offset, stop))}
-        if spec.get("misplaced"):
-            per_node = Counter()
-            for reply in replies:
-                per_node.update(reply.get("per_node") or {})
-            out["per_node"] = dict(per_node)
-        return out
+        return merge_pages(self._all({"op": "query", "spec": ask}), spec)
 
     def select(self, spec):
         check_spec(spec)

@@ -30,7 +30,12 @@ RESTART = ("deployment.admin.admin_listen.ip", "deployment.admin.admin_listen.po
            "discovery.dns.servers", "discovery.dns.resolv_conf", "discovery.dns.order",
            "apisix.enable_ipv6",
            "gproxy.workers.rebalance.interval", "gproxy.workers.rebalance.ratio",
-           "gproxy.workers.rebalance.min_gap", "gproxy.workers.rebalance.max_move")
+           "gproxy.workers.rebalance.min_gap", "gproxy.workers.rebalance.max_move",
+           # the etcd connection, the keyring its keys were read with, the fleet
+           "deployment.etcd.user", "deployment.etcd.password", "deployment.etcd.tls.verify",
+           "deployment.etcd.tls.cert", "deployment.etcd.tls.key", "deployment.etcd.tls.sni",
+           "apisix.data_encryption.keyring", "apisix.id", "plugin_attr.server-info.report_ttl",
+           "gproxy.fleet.enable", "gproxy.fleet.admin_url", "gproxy.fleet.timeout")
 
 
 def apply_config(gp, cfg, log_level=None):

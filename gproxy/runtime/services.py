@@ -56,6 +56,21 @@ def metrics_app(gp):
     return create_metrics_app(collector, [ProcessCollector(registry=None)])
 
 
+NO_ETCD = ("fleet=true needs the etcd store (deployment.role_traditional.config_provider: "
+           "etcd): this answer covers this instance only")
+FLEET_OFF = "gproxy.fleet.enable is false: this answer covers this instance only"
+
+
+def fleet_for(gp):
+    """The fleet this instance takes part in: on etcd, unless turned off."""
+    from gproxy.fleet import Fleet, SoloFleet
+    if not hasattr(gp.store, "watch_keys"):
+        return SoloFleet(gp.live, NO_ETCD)
+    if not gp.cfg["gproxy.fleet.enable"]:
+        return SoloFleet(gp.live, FLEET_OFF)
+    return Fleet(gp.store, gp.cfg, gp.live)
+
+
 def start_http(gp):
     """Start the control API and metrics listeners the config asks for."""
     cfg = gp.cfg

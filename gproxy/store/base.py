@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from gproxy.errors import SchemaError
 from gproxy.model.resources import check_stream_route, check_upstream
 from gproxy.model.ssls import check_ssl
+from gproxy.store.keyring import Keyring
 
 KINDS = ("upstreams", "stream_routes", "ssls")  # load order: routes may refer to upstreams
 
@@ -45,9 +46,10 @@ class Store:
     holding the hub).
     """
 
-    def __init__(self):
+    def __init__(self, keyring=None):
         self._data = {kind: {} for kind in KINDS}
         self._callbacks = []
+        self.keyring = keyring if keyring is not None else Keyring(None)
 
     def list(self, kind):
         return list(self._data[kind].values())
@@ -66,6 +68,11 @@ class Store:
     def new_id(self):
         """A fresh id for POST: a revision zero-padded to 20 digits, like APISIX."""
         raise NotImplementedError
+
+    def open(self, kind, value):
+        """``value`` with private keys given encrypted (APISIX's keyring) decrypted, so
+        the Admin API checks what will be served; SchemaError if one cannot be."""
+        return self.keyring.open(kind, value)
 
     def subscribe(self, callback):
         """Call ``callback(changes)`` after every change, whoever made it."""

@@ -25,7 +25,7 @@ import re
 import yaml
 
 from gproxy.errors import SchemaError
-from gproxy.model.ssls import without_secrets
+from gproxy.model.ssls import redacted
 from gproxy.store.base import KINDS, check_item
 
 END_FLAG = "#END"
@@ -153,9 +153,11 @@ def _none():
     pass
 
 
-def check_items(items, pause=None):
+def check_items(items, pause=None, keyring=None):
     """The items that pass APISIX's checks, and a line in APISIX's words for each
-    that does not: ``({kind: [value, ...]}, [error line, ...])``."""
+    that does not: ``({kind: [value, ...]}, [error line, ...])``.  Private keys
+    given encrypted with APISIX's ``keyring`` are decrypted first, as APISIX
+    standalone reads them."""
     pause = pause or _none
     out, errors = {}, []
     for kind in KINDS:
@@ -164,9 +166,11 @@ def check_items(items, pause=None):
             if n % EVERY == 0:
                 pause()
             try:
+                if keyring is not None:
+                    value = keyring.open(kind, value)
                 check_item(kind, value, pause)
             except SchemaError as exc:
-                shown = without_secrets(value) if isinstance(value, dict) else value
+                shown = redacted(value) if isinstance(value, dict) else value
                 errors.append("failed to check item data of [%s] err:%s ,val: %s"
                               % (kind, exc, json.dumps(shown, default=str)))
                 continue
@@ -174,7 +178,7 @@ def check_items(items, pause=None):
     return out, errors
 
 
-def parse(text, path, require_end=True):
+def parse(text, path, require_end=True, keyring=None):
     """Parse and check a store file's text (blocking: no pauses).
 
     Returns ``({kind: [value, ...]}, [error line, ...], revision)``; raises
@@ -183,5 +187,5 @@ def parse(text, path, require_end=True):
     if require_end and not has_end_flag(text):
         raise SchemaError("missing valid end flag in file %s" % path)
     items, revision = json_layout(text) or yaml_layout(text, path)
-    out, errors = check_items(items)
+    out, errors = check_items(items, keyring=keyring)
     return out, errors, revision

@@ -18,28 +18,32 @@ newest revision wins, pausing between events (each is decoded within
 ``jsontext``'s bounds and checked), so a burst of thousands of events or a
 full reload never holds the hub; subscribers hear only what changed.
 Invalid values are logged in APISIX's words and skipped (a key keeps its
-last valid value), as APISIX's config_etcd does.
+last valid value), as APISIX's config_etcd does.  Private keys are written
+encrypted with APISIX's keyring and read back through it (``keyring``); the
+copy holds them as given.
+
+The watch covers the whole prefix (``etcdwatch``), as APISIX's does; changes
+to keys that are not routes, upstreams or ssls (the fleet's instances and
+eviction jobs) go, in revision order, to whoever asked with ``watch_keys``,
+after every route change that came before them has been applied.
 """
 
 import collections
 import json
 import logging
-import threading
-import time
 from dataclasses import dataclass
 
 import gevent
 
-from gproxy.errors import SchemaError, StoreUnavailable
+from gproxy.errors import SchemaError
 from gproxy.model import jsontext
-from gproxy.model.ssls import without_secrets
+from gproxy.model.ssls import redacted
 from gproxy import hub
 from gproxy.store.base import KINDS, Record, Store, check_item, diff
-from gproxy.store.etcdclient import Cluster, Compacted, WatchStream, blocking, unb64
+from gproxy.store.etcdclient import Cluster, blocking
+from gproxy.store.etcdwatch import PrefixWatch, text
 
 log = logging.getLogger("gproxy.store")
-RETRY_MAX = 5.0  # seconds between watch attempts while etcd is down
-STOP_TIMEOUT = 5.0
 
 
 @dataclass
@@ -57,23 +61,24 @@ class EtcdStore(Store):
     """The shared store: etcd, with a watched in-memory copy."""
 
     def __init__(self, hosts, prefix="/apisix", timeout=30, watch_timeout=50,
-                 health_check_timeout=10, pause=hub.pause):
-        super().__init__()
+                 health_check_timeout=10, pause=hub.pause, access=None, keyring=None):
+        super().__init__(keyring)
         self._pause = pause
         self.prefix = prefix.rstrip("/")
-        self.cluster = Cluster(hosts, timeout, health_check_timeout)
-        self.watch_timeout = watch_timeout
-        # ssls < stream_routes < upstreams: one range (and one watch) covers the
-        # three kinds; other APISIX keys inside it (system_config) are skipped
+        self.cluster = Cluster(hosts, timeout, health_check_timeout, access)
+        # ssls < stream_routes < upstreams: one range covers the three kinds;
+        # other APISIX keys inside it (system_config) are skipped
         self.range = (self.prefix + "/ssls/", self.prefix + "/upstreams0")
         self._tombs = {}  # (kind, id) -> revision of a delete applied here
         self._inbox = collections.deque()  # watch thread -> hub
+        self._handlers = []  # (key prefix, callback) from watch_keys
         self._draining = False
-        self._stop = threading.Event()
-        self._thread = self._stream = self._wake = None
+        self._wake = None
         body = blocking(self.cluster.range, *self.range)  # raises if etcd is down
         self._apply_reload(body)
-        self._watch_revision = int(body["header"]["revision"])
+        self.revision = int(body["header"]["revision"])
+        self._watch = PrefixWatch(self.cluster, self.prefix, self.revision, watch_timeout,
+                                  self._deliver, self.range)
 
     # -- keys and values -----------------------------------------------------
     def _key(self, kind, id_):
@@ -96,9 +101,10 @@ class EtcdStore(Store):
             return None
         value["id"] = id_  # APISIX: the key names the object
         try:
+            value = self.keyring.open(kind, value)
             check_item(kind, value, self._pause)
         except SchemaError as exc:
-            shown = without_secrets(value)  # no private keys, whatever the kind (as the file codec)
+            shown = redacted(value)  # no private keys, whatever the kind (as the file codec)
             log.error("failed to check item data of [%s/%s] err:%s ,val: %s",
                       self.prefix, kind, exc, json.dumps(shown)[:500])
             return None
@@ -107,8 +113,9 @@ class EtcdStore(Store):
     # -- the interface -------------------------------------------------------
     def put(self, kind, id_, value):
         id_ = str(id_)
-        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-        body = blocking(self.cluster.put, self._key(kind, id_), text)
+        stored = json.dumps(self.keyring.seal(kind, value), ensure_ascii=False,
+                            separators=(",", ":"))
+        body = blocking(self.cluster.put, self._key(kind, id_), stored)
         revision = int(body["header"]["revision"])
         prev = body.get("prev_kv")
         created = int(prev["create_revision"]) if prev else revision
@@ -145,20 +152,22 @@ class EtcdStore(Store):
         Started here rather than in ``__init__`` so it runs only in the process
         that serves the store (with ``--workers``, the parent, after the fork).
         """
-        if self._thread is None or not self._thread.is_alive():
-            if not self._stop.is_set():
-                self._start_watch()
+        if not self._watch.alive():
+            if self._wake is None:
+                self._wake = gevent.get_hub().loop.async_()
+                # a greenlet, not the callback itself: subscribers may wait (workers' acks)
+                self._wake.start(lambda: gevent.spawn(self._drain))
+            self._watch.start()
         return False
 
+    def watch_keys(self, subprefix, callback):
+        """Call ``callback(key, value or None, revision)`` on the hub for every change
+        under ``<prefix><subprefix>`` (``None``: deleted), in revision order with
+        the route changes."""
+        self._handlers.append((self.prefix + subprefix, callback))
+
     def close(self):
-        self._stop.set()
-        stream = self._stream
-        if stream is not None:
-            stream.interrupt()
-        deadline = time.monotonic() + STOP_TIMEOUT
-        while self._thread is not None and self._thread.is_alive() \
-                and time.monotonic() < deadline:
-            gevent.sleep(0.02)
+        self._watch.stop(gevent.sleep)
         if self._wake is not None:
             self._wake.close()
             self._wake = None
@@ -176,24 +185,20 @@ class EtcdStore(Store):
         self._tombs.pop((record.kind, record.id), None)
         return True
 
-    def _apply_events(self, events):
-        """Apply watch events in order (pausing between them); returns the changes."""
-        changes = []
-        for kind, id_, deleted, raw, created, revision in events:
-            self._pause()
-            if deleted:
-                current = self._data[kind].get(id_)
-                if current is not None and current.modified_index < revision:
-                    del self._data[kind][id_]
-                    self._tombs[(kind, id_)] = revision
-                    changes.append((kind, id_, None))
-                continue
-            value = self._decode(kind, id_, raw)
-            record = None if value is None else EtcdRecord(kind, id_, value, created,
-                                                           revision, self.prefix)
-            if record is not None and self._set(record):
-                changes.append((kind, id_, record))
-        return changes
+    def _apply_event(self, event):
+        """Apply one change of a route, upstream or ssl; the changes it makes."""
+        kind, id_ = self._split(event.key)
+        if event.deleted:
+            current = self._data[kind].get(id_)
+            if current is None or current.modified_index >= event.revision:
+                return []
+            del self._data[kind][id_]
+            self._tombs[(kind, id_)] = event.revision
+            return [(kind, id_, None)]
+        value = self._decode(kind, id_, event.value)
+        record = None if value is None else EtcdRecord(kind, id_, value, event.created,
+                                                       event.revision, self.prefix)
+        return [(kind, id_, record)] if record is not None and self._set(record) else []
 
     def _apply_reload(self, body):
         """Replace the copy with a full range read (keeping newer local writes)."""
@@ -201,11 +206,11 @@ class EtcdStore(Store):
         fresh = {kind: {} for kind in KINDS}
         for kv in body.get("kvs") or ():
             self._pause()
-            parsed = self._split(_text(kv["key"]))
+            parsed = self._split(text(kv["key"]))
             if parsed is None:
                 continue
             kind, id_ = parsed
-            value = self._decode(kind, id_, _text(kv.get("value")))
+            value = self._decode(kind, id_, text(kv.get("value")))
             old = self._data[kind].get(id_)
             if value is None:
                 if old is not None:  # keep serving the last valid value
@@ -223,6 +228,14 @@ class EtcdStore(Store):
         self._tombs = {k: r for k, r in self._tombs.items() if r > revision}
         return changes
 
+    # -- the watch's deliveries, applied on the hub in order -------------------
+    def _deliver(self, op, payload):
+        """Watch thread: queue ``payload`` and wake the hub (thread-safe)."""
+        self._inbox.append((op, payload))
+        wake = self._wake
+        if wake is not None:
+            wake.send()
+
     def _drain(self):
         """Apply what the watch delivered, in order: one drain at a time (it pauses
         between events, and another wake must not overtake it)."""
@@ -238,95 +251,33 @@ class EtcdStore(Store):
                         changes += self._apply_reload(payload)
                         log.warning("store: reloaded every route and upstream from etcd")
                     else:
-                        changes += self._apply_events(payload)
+                        changes = self._apply_events(payload, changes)
                 if changes:
                     self._notify(changes)
         finally:
             self._draining = False
 
-    # -- the watch (its own thread; a greenlet in a monkey-patched process) ----
-    def _start_watch(self):
-        if self._wake is None:
-            self._wake = gevent.get_hub().loop.async_()
-            # a greenlet, not the callback itself: subscribers may wait (workers' acks)
-            self._wake.start(lambda: gevent.spawn(self._drain))
-        self._thread = threading.Thread(target=self._watch_forever, name="gproxy-etcd-watch",
-                                        daemon=True)
-        self._thread.start()
+    def _apply_events(self, events, changes):
+        """Apply watch events in order (pausing between them); the route changes not
+        told yet.  A key of the fleet's goes to its handlers once what came
+        before it is live."""
+        for event in events:
+            self._pause()
+            self.revision = max(self.revision, event.revision)
+            if self._split(event.key) is not None:
+                changes += self._apply_event(event)
+                continue
+            handlers = [cb for sub, cb in self._handlers if event.key.startswith(sub)]
+            if handlers and changes:
+                self._notify(changes)
+                changes = []
+            for callback in handlers:
+                self._call(callback, event)
+        return changes
 
-    def _deliver(self, op, payload):
-        self._inbox.append((op, payload))
-        wake = self._wake
-        if wake is not None:
-            wake.send()
-
-    def _watch_forever(self):
-        reload_first, delay, down = False, 0.5, None
-        while not self._stop.is_set():
-            try:
-                if reload_first:
-                    body = self.cluster.range(*self.range)
-                    self._watch_revision = int(body["header"]["revision"])
-                    self._deliver("reload", body)
-                    reload_first = False
-                down = self._watch_once(down)
-                delay = 0.5
-            except Compacted as exc:
-                log.warning("store: etcd compacted revision %s; reloading", exc)
-                reload_first = True
-            except (StoreUnavailable, OSError, ValueError) as exc:
-                if down is None:
-                    log.error("store: etcd watch failed: %s; serving the last known "
-                              "routes and retrying", exc)
-                down = down or time.monotonic()
-                self._stop.wait(delay)
-                delay = min(delay * 2, RETRY_MAX)
-            except Exception:  # never let the watch die: log and retry
-                log.exception("store: etcd watch failed")
-                self._stop.wait(RETRY_MAX)
-
-    def _watch_once(self, down):
-        """Open a watch after the last seen revision and follow it until it ends."""
-        stream = WatchStream(self.cluster, *self.range, self._watch_revision + 1,
-                             self.watch_timeout)
-        self._stream = stream
+    def _call(self, callback, event):
         try:
-            if self._stop.is_set():
-                return down
-            for result in stream.messages():
-                if result.get("created") and down is not None:
-                    log.warning("store: etcd watch resumed from revision %d after %.1fs",
-                                self._watch_revision + 1, time.monotonic() - down)
-                    down = None
-                if result.get("compact_revision") or result.get("canceled"):
-                    raise Compacted(result.get("compact_revision"))
-                events = [self._event(e) for e in result.get("events") or ()]
-                events = [e for e in events if e is not None]
-                if result.get("events"):
-                    self._watch_revision = max(int(e["kv"]["mod_revision"])
-                                               for e in result["events"])
-                if events:
-                    self._deliver("events", events)
-        except Exception as exc:
-            if self._stop.is_set():
-                return down
-            if "Read timed out" in str(exc):  # an idle watch: reopen from the revision
-                return down
-            raise
-        finally:
-            self._stream = None
-            stream.close()
-        return down
-
-    def _event(self, event):
-        kv = event["kv"]
-        parsed = self._split(_text(kv["key"]))
-        if parsed is None:
-            return None
-        deleted = event.get("type") == "DELETE"
-        return (parsed[0], parsed[1], deleted, "" if deleted else _text(kv.get("value")),
-                int(kv.get("create_revision") or 0), int(kv["mod_revision"]))
-
-
-def _text(b64text):
-    return unb64(b64text).decode("utf-8", "replace")
+            callback(event.key[len(self.prefix):], None if event.deleted else event.value,
+                     event.revision)
+        except Exception:  # one handler's bug must not stop the store's updates
+            log.exception("store: a handler of %s failed", event.key)

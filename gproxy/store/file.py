@@ -57,8 +57,8 @@ class _Write:
 class FileStore(Store):
     """The embedded durable store: one YAML file and its journal."""
 
-    def __init__(self, path, pause=hub.pause):
-        super().__init__()
+    def __init__(self, path, pause=hub.pause, keyring=None):
+        super().__init__(keyring)
         self.path = os.path.abspath(path)
         self.journal = journal.Journal(self.path + ".journal")
         self._pause = pause
@@ -81,7 +81,8 @@ class FileStore(Store):
             self._signature, text = self._stat(), self._read_text()
             if text.strip() and not codec.has_end_flag(text):
                 log.warning("store: %s has no #END line; loading it anyway", self.path)
-            values, errors, revision = codec.parse(text, self.path, require_end=False)
+            values, errors, revision = codec.parse(text, self.path, require_end=False,
+                                                   keyring=self.keyring)
             for err in errors:
                 log.error("%s", err)
         else:
@@ -173,7 +174,7 @@ class FileStore(Store):
                 raise SchemaError("missing valid end flag in file %s" % self.path)
             items = codec.json_layout(data, self._pause) or in_threadpool(
                 _yaml_layout, data, self.path)
-            values, errors = codec.check_items(items[0], self._pause)
+            values, errors = codec.check_items(items[0], self._pause, self.keyring)
             if errors:
                 raise SchemaError("; ".join(errors))
         except (OSError, SchemaError) as exc:

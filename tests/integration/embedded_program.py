@@ -1,6 +1,6 @@
 """A plain threaded program that embeds gproxy (run by test_embedded.py as a child).
 
-    python embedded_program.py BROKER_PORT STORE_DIR {admin|no-admin}
+    python embedded_program.py BROKER_PORT STORE_DIR {admin|no-admin} {process|thread}
 
 Its own threads do blocking I/O the whole time (urllib against a local
 http.server, time.sleep, a blocking socket echo server and its client) while
@@ -47,6 +47,24 @@ def fd_count():
     return len(os.listdir("/proc/self/fd"))
 
 
+def socket_inodes(pid="self"):
+    """The inodes of the sockets process ``pid`` holds."""
+    found = set()
+    for fd in os.listdir("/proc/%s/fd" % pid):
+        try:
+            target = os.readlink("/proc/%s/fd/%s" % (pid, fd))
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            found.add(target[8:-1])
+    return found
+
+
+def process_gone(pid):
+    """True once ``pid`` is neither running nor a zombie waiting to be reaped."""
+    return pid is None or not os.path.exists("/proc/%d" % pid)
+
+
 class Quiet(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args):
         pass
@@ -65,6 +83,9 @@ class Background:
         self.errors = []
         self.http = http.server.ThreadingHTTPServer((HOST, 0), Quiet)
         self.echo = socket.create_server((HOST, 0))
+        # Inheritable, as gunicorn's listeners and systemd's passed sockets are: the
+        # proxy's child process must still not get it.
+        os.set_inheritable(self.echo.fileno(), True)
         self.threads = [threading.Thread(target=f, daemon=True) for f in (
             self.http.serve_forever, self._echo_server, self._urllib, self._sleep, self._echo)]
 
@@ -146,7 +167,7 @@ def relay(port, tag):
         return sub.expect_message().payload.decode()
 
 
-def main(broker_port, store_dir, mode):
+def main(broker_port, store_dir, mode, embed_mode):
     report = {"before_import": stdlib_state()}
     import gproxy
     report["after_import"] = stdlib_state()
@@ -161,8 +182,13 @@ def main(broker_port, store_dir, mode):
     if mode == "no-admin":
         conf["deployment"]["admin"] = False
     counts_at_start = dict(background.counts)
-    proxy = gproxy.start(conf)
+    proxy = gproxy.start(conf, mode=embed_mode)
     report["after_start"] = stdlib_state()
+    report["mode"] = proxy.mode
+    child = getattr(proxy, "pid", None)
+    report["child_pid"] = child
+    if child is not None:  # none of the host's sockets (its listeners) went to the child
+        report["shared_sockets"] = sorted(socket_inodes() & socket_inodes(child))
     report["addresses"] = proxy.addresses
     report["admin_address"] = proxy.admin_address
     report["admin_listening"] = _listening(admin_port)
@@ -183,6 +209,7 @@ def main(broker_port, store_dir, mode):
     report["threads_running"] = thread_names()
     proxy.stop(grace=2)
     report["after_stop_call"] = _error(lambda: proxy.sessions())
+    report["child_gone"] = process_gone(child)
     report["host_counts_during"] = {k: background.counts[k] - counts_at_start[k]
                                     for k in background.counts}
     report["threads_before"], report["threads_after"] = threads_before, thread_names()
@@ -223,4 +250,4 @@ def _listening(port):
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), sys.argv[2], sys.argv[3])
+    main(int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4])

@@ -28,7 +28,7 @@ def test_a_host_restart_hands_the_embedded_proxy_over(mosquitto, tmp_path):
     conf = {"apisix": {"stream_proxy": {"tcp": ["%s:%d" % (HOST, port)]}},
             "deployment": {"admin": False},
             "gproxy": {"store": {"path": str(tmp_path / "apisix.yaml")}}}
-    old = gproxy.start(conf)
+    old = gproxy.start(conf, mode="thread")
     old.routes.put(1, mqtt_route([node(broker)], level=4))
     watcher = will_watcher(broker)
     client = with_will("embedded-dev", port, mqtt.MQTTv311)
@@ -36,7 +36,7 @@ def test_a_host_restart_hands_the_embedded_proxy_over(mosquitto, tmp_path):
     path = str(tmp_path / "handover.sock")
     started = {}
     thread = threading.Thread(target=lambda: started.update(new=gproxy.start(
-        conf, take_over=path, timeout=20)))
+        conf, mode="thread", take_over=path, timeout=20)))
     thread.start()
     assert wait_until(lambda: os.path.exists(path), 10)
     hubs = [t for t in threading.enumerate() if t.name == "gproxy-hub"]

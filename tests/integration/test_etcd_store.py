@@ -12,26 +12,12 @@ import re
 import pytest
 
 from tests.integration.conftest import HOST, mqtt_route, node, wait_listening, wait_until
-from tests.integration.etcd import Etcd, available
+from tests.integration.etcd import etcd, needs_etcd, prefix  # noqa: F401 (fixtures)
 from tests.integration.helpers import ApisixRing, Paho, http_call
 
-pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(not available(), reason="needs etcd and etcdctl "
-                                 "(apt-get install etcd-server etcd-client)")]
+pytestmark = [pytest.mark.integration, needs_etcd]
 KEY = "edd1c9f034335f136f87ad84b625c8f1"
 WAIT = 10.0  # seconds for a change to reach another instance through etcd
-
-
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory):
-    server = Etcd(str(tmp_path_factory.mktemp("etcd"))).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def prefix(request):
-    return "/gproxy-test/" + re.sub(r"\W", "-", request.node.name)
 
 
 def on_etcd(gproxy, etcd, prefix):
@@ -232,7 +218,7 @@ def test_a_broken_watch_resumes_after_its_revision_or_reloads_if_compacted(etcd,
         store.close()
         etcd.ctl("del", prefix + "/stream_routes/1")
         etcd.ctl("put", prefix + "/upstreams/u", json.dumps({"nodes": {"127.0.0.1:1": 1}}))
-        store._stop.clear()
+        store._watch._stop.clear()
         store.poll()
         assert _wait_on_hub(lambda: store.get("upstreams", "u") is not None
                             and store.get("stream_routes", "1") is None)
@@ -244,7 +230,7 @@ def test_a_broken_watch_resumes_after_its_revision_or_reloads_if_compacted(etcd,
         revision = json.loads(etcd.ctl("get", prefix + "/stream_routes/3", "-w", "json"))[
             "header"]["revision"]  # the watch would resume before it: compacted
         etcd.ctl("compact", str(revision))
-        store._stop.clear()
+        store._watch._stop.clear()
         store.poll()
         assert _wait_on_hub(lambda: store.get("stream_routes", "3") is not None)
         assert sorted(r.id for r in store.list("stream_routes")) == ["2", "3"]
@@ -255,7 +241,8 @@ def test_a_broken_watch_resumes_after_its_revision_or_reloads_if_compacted(etcd,
         store.close()
 
 
-def test_embedded_gproxy_on_etcd_leaves_nothing_behind(etcd, prefix):
+@pytest.mark.parametrize("mode", ["process", "thread"])
+def test_embedded_gproxy_on_etcd_leaves_nothing_behind(etcd, prefix, mode):
     import gc
     import os
     import threading
@@ -266,12 +253,14 @@ def test_embedded_gproxy_on_etcd_leaves_nothing_behind(etcd, prefix):
     conf = dict(etcd.etcd_config(prefix),
                 apisix={"stream_proxy": {"tcp": ["%s:%d" % (HOST, free_port())]}})
     conf["deployment"]["admin"] = False
-    with gproxy.start(conf) as proxy:
+    with gproxy.start(conf, mode=mode) as proxy:
         body = proxy.routes.put("7", json.loads(_route_json()))
         assert etcd.get(prefix + "/stream_routes/7")["value"] == body["value"]
         etcd.ctl("put", prefix + "/stream_routes/8", _route_json())
         assert wait_until(lambda: proxy.routes.list()["total"] == 2, WAIT)
-        assert any(t.name == "gproxy-etcd-watch" for t in threading.enumerate())
+        # the watch runs where the proxy runs: a thread here, or the child process
+        watching = any(t.name == "gproxy-etcd-watch" for t in threading.enumerate())
+        assert watching is (mode == "thread")
     gc.collect()
     assert not [t for t in threading.enumerate() if t.name.startswith("gproxy-")]
     assert len(os.listdir("/proc/self/fd")) == fds

@@ -87,8 +87,10 @@ def test_this_process_is_not_patched_either():
     assert time.sleep.__module__ == "time"
 
 
-def test_starting_embedded_gproxy_patches_nothing(tmp_path):
-    """``gproxy.start`` runs gproxy on its own hub in a thread: the host stays unpatched."""
+@pytest.mark.parametrize("mode", ["process", "thread"])
+def test_starting_embedded_gproxy_patches_nothing(tmp_path, mode):
+    """``gproxy.start`` runs gproxy in a child process, or on its own hub in a thread:
+    either way the host stays unpatched."""
     code = "\n".join([
         "import socket, threading, time, select",
         "state = lambda: (socket.socket, threading.Thread, threading.Lock, time.sleep,"
@@ -99,7 +101,7 @@ def test_starting_embedded_gproxy_patches_nothing(tmp_path):
         "s = socket.socket(); s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]; s.close()",
         "proxy = gproxy.start({'apisix': {'stream_proxy': {'tcp': ['127.0.0.1:%%d' %% port]}},"
         " 'deployment': {'admin': False},"
-        " 'gproxy': {'store': {'path': %r}}})" % str(tmp_path / "apisix.yaml"),
+        " 'gproxy': {'store': {'path': %r}}}, mode=%r)" % (str(tmp_path / "apisix.yaml"), mode),
         "assert state() == before, 'patched by start()'",
         "import gevent.monkey",
         "assert not gevent.monkey.is_anything_patched(), 'gevent says it patched'",

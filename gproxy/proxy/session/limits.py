@@ -2,7 +2,7 @@
 
 Runs after the route and its upstream are known and before the MQTT preread,
 in APISIX's plugin order (limit-conn, priority 1003, before mqtt-proxy,
-1000); the rate limit goes first, so a reconnect storm is turned away before
+1000), or right after the refine when the CONNECT chooses the route; the rate limit goes first, so a reconnect storm is turned away before
 it takes a connection slot.  A refused client is closed with the plugin's
 exit line (APISIX: ``limit-conn exits with status code 503``) and counted as
 ``limit_conn`` or ``limit_rate``.  Counts live in ``Limits``, one per
@@ -70,6 +70,8 @@ def _var(s, name):
 
 def limits(s):
     route = s.route
+    if route is None:
+        return  # the CONNECT chooses the route: the refine phase runs this
     if route.limit_rate is not None:
         _rate(s, route.limit_rate)
     if route.limit_conn is not None:

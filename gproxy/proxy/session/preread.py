@@ -48,8 +48,11 @@ def read_connect(s, conf, recv, on_http=None):
     """MQTT bytes from ``recv()`` (b"" at EOF) until the whole CONNECT is there.
 
     Checks it against the route's ``conf``, sets what chash and the registry
-    need, and returns every byte read.  A failure logs APISIX's lines and
+    need, and returns the bytes to replay.  A failure logs APISIX's lines and
     raises Reject.  Raw MQTT and MQTT unwrapped from WebSocket frames share it.
+    With ``conf.protocol_level`` None (the candidates' preread: the CONNECT
+    chooses the route) nothing is checked yet: ``accept_connect`` applies the
+    chosen route's conf after the refine.
     """
     max_packet = s.settings.max_packet
     buf = b""
@@ -64,13 +67,15 @@ def read_connect(s, conf, recv, on_http=None):
             buf += chunk
             s.replay = buf  # so far: a refusal's access log line counts what was read
             packet = mqtt.parse_connect(buf, max_packet)
-        mqtt.check_protocol(packet, conf.protocol_name, conf.protocol_level)
+        if conf.protocol_level is not None:  # None: refine checks the chosen route's
+            mqtt.check_protocol(packet, conf.protocol_name, conf.protocol_level)
     except socket.timeout:
         _short_read(s, buf, "timeout")
     except OSError as exc:
         _short_read(s, buf, exc.strerror or str(exc))
     except MalformedPacket as exc:
         plugin_exit(s, exc.reason, "%s" % exc)
+    s.connect = packet
     if packet.client_id:  # an empty id leaves the var unset, as in APISIX
         s.vars["mqtt_client_id"] = packet.client_id
     if packet.username:  # likewise for gproxy's mqtt_username
@@ -81,6 +86,20 @@ def read_connect(s, conf, recv, on_http=None):
     info.protocol_level = packet.protocol_level
     s.keep_alive = packet.keep_alive
     s.log(logging.INFO, "mqtt client id: %s", printable(packet.client_id))
+    if conf.set_connect:
+        return _rewrite(s, conf.set_connect, packet, buf)
+    return buf
+
+
+def accept_connect(s, conf, buf):
+    """After a refine: the chosen route's mqtt-proxy ``conf`` over the CONNECT read
+    (``s.connect``; ``buf``: every MQTT byte read), its protocol check in APISIX's
+    order and wording, then its rewrite; returns the bytes to replay."""
+    packet = s.connect
+    try:
+        mqtt.check_protocol(packet, conf.protocol_name, conf.protocol_level)
+    except MalformedPacket as exc:
+        plugin_exit(s, exc.reason, "%s" % exc)
     if conf.set_connect:
         return _rewrite(s, conf.set_connect, packet, buf)
     return buf

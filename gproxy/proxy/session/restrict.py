@@ -2,7 +2,8 @@
 
 Runs once the route and its upstream are known and before anything is read
 from the client (APISIX runs it first among the preread plugins, priority
-3000).  A refused client is closed at once with the plugin's exit line
+3000); when the CONNECT chooses the route (routes with ``vars``), right after
+the refine, as the route is not known before.  A refused client is closed at once with the plugin's exit line
 (APISIX's run_plugin: ``ip-restriction exits with status code 403``),
 counted as ``ip_restriction`` like a limit-conn refusal.  The address checked
 is the session's client address (the PROXY protocol's source, when the
@@ -15,7 +16,10 @@ from gproxy.errors import Reject
 
 
 def ip_restriction(s):
-    restriction = s.route.ip_restriction
+    route = s.route
+    if route is None:
+        return  # the CONNECT chooses the route: the refine phase runs this
+    restriction = route.ip_restriction
     if restriction is None:
         return
     code = restriction.refuses(s.info.client_addr)

@@ -64,14 +64,14 @@ class Session:
     """The life of one accepted connection, up to the hand-off to the relay.
 
     Phases read and fill these attributes: ``route``/``upstream`` once
-    matched, ``replay`` (the bytes to send upstream first: every byte peeked,
+    matched (after ``refine`` when the CONNECT chooses the route), ``replay`` (the bytes to send upstream first: every byte peeked,
     unchanged), ``vars`` (nginx-style variables for hashing: ``mqtt_client_id``
     ...), ``upstream_sock`` once dialled, ``action`` (nginx's ``while ...``).
     """
 
     __slots__ = ("proxy", "settings", "registry", "table", "listener", "sock", "info", "route",
-                 "upstream", "replay", "vars", "preamble", "upstream_sock", "sni", "ws", "peer",
-                 "action", "relay", "tracked", "keep_alive", "cleanup", "tried", "refusal")
+                 "upstream", "replay", "vars", "connect", "preamble", "upstream_sock", "sni", "ws",
+                 "peer", "action", "relay", "tracked", "keep_alive", "cleanup", "tried", "refusal")
 
     def __init__(self, proxy, listener, sock, info):
         self.proxy = proxy
@@ -85,6 +85,7 @@ class Session:
         self.upstream = None
         self.replay = b""
         self.vars = {}
+        self.connect = None  # the ConnectPacket, once the preread has read it
         self.preamble = b""  # bytes a node gets before anything else (a PROXY header)
         self.upstream_sock = None
         self.sni = None  # the TLS client's server name, once a handshake phase ran

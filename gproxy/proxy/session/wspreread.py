@@ -32,14 +32,15 @@ from gproxy.proxy.relay.wsendpoint import WebSocketEndpoint
 from gproxy.proxy.session.preread import RECV_SIZE, plugin_exit, read_connect
 
 #: Close codes for a CONNECT refused after the 101 (APISIX's 503, in WebSocket terms).
-_CLOSE_FOR = {"too_large": wsframe.TOO_BIG}
+_CLOSE_FOR = {"too_large": wsframe.TOO_BIG, "limit_conn": wsframe.TRY_AGAIN_LATER,
+              "limit_rate": wsframe.TRY_AGAIN_LATER}
 LINGER = 1.0  # seconds to drain a refused client so the answer is not lost to an RST
 
 
 class WebSocket:
     """A session's WebSocket state, from the upgrade to the hand-off (``Session.ws``)."""
 
-    __slots__ = ("request", "head", "passthrough", "parser", "client_close")
+    __slots__ = ("request", "head", "passthrough", "parser", "client_close", "frames")
 
     def __init__(self, request, head, passthrough, parser):
         self.request = request
@@ -47,6 +48,7 @@ class WebSocket:
         self.passthrough = passthrough
         self.parser = parser      # the frame parser, mid-stream: the endpoint goes on with it
         self.client_close = None  # a Close that came right behind the CONNECT
+        self.frames = b""         # every frame byte read after the upgrade, as received
 
     def wrap(self, sock):
         """The relay's client endpoint: MQTT bytes (terminate) or the socket itself."""
@@ -63,7 +65,8 @@ def preread_websocket(s, conf, first, deadline):
     request, head, rest = _read_upgrade(s, first, deadline, options)
     s.log(logging.INFO, "websocket upgrade: path=%s subprotocol=%s mode=%s",
           printable(request.path), request.protocol or "-",
-          "passthrough" if options.passthrough else "terminate")
+          "route" if conf.protocol_level is None  # the refine will know the route's
+          else "passthrough" if options.passthrough else "terminate")
     parser = wsframe.FrameParser(masked=True, max_payload=s.settings.max_packet)
     s.ws = WebSocket(request, head, options.passthrough, parser)
     netio.sendall(s.sock, wshandshake.accept_response(request), _left(deadline))
@@ -74,12 +77,39 @@ def preread_websocket(s, conf, first, deadline):
         _close(s.sock, exc.code, deadline, str(exc))
         plugin_exit(s, exc.reason, "websocket: %s" % exc)
     except Reject as exc:
-        code = frames.close_code if frames.close_code else _CLOSE_FOR.get(
-            exc.reason, wsframe.POLICY_VIOLATION)
-        _close(s.sock, code, deadline)
+        _close(s.sock, frames.close_code or close_code(exc), deadline)
         raise
     s.ws.client_close = frames.close_code
-    return b"".join(frames.raw) if options.passthrough else mqtt_bytes
+    s.ws.frames = b"".join(frames.raw)
+    return s.ws.frames if options.passthrough else mqtt_bytes
+
+
+def close_code(exc):
+    """The Close code that tells an upgraded client why it was refused (a Reject)."""
+    return _CLOSE_FOR.get(exc.reason, wsframe.POLICY_VIOLATION)
+
+
+def refused_after_upgrade(s, exc):
+    """A client that got its ``101`` is refused after all (the route the CONNECT
+    chose refuses it): a Close frame with the code for ``exc``, then a short linger."""
+    _close(s.sock, s.ws.client_close or close_code(exc), time.monotonic() + LINGER)
+
+
+def apply_options(s, options):
+    """The options of the route a refine chose, for a client already upgraded under
+    any candidate's: the path and origin checks, then the mode.  Returns the bytes
+    to replay (the frames as received in passthrough mode); Reject if refused."""
+    ws = s.ws
+    try:
+        if not options.enable:
+            raise HandshakeError(404, "the route takes no websocket clients", "ws_disabled")
+        wshandshake.check_route(ws.request, options.path, options.origins)
+    except HandshakeError as exc:
+        raise Reject(exc.reason, logging.WARNING,
+                     "websocket refused by the route: %d %s: %s", exc.status,
+                     wshandshake.REASONS.get(exc.status, "Error"), exc) from None
+    ws.passthrough = options.passthrough
+    return ws.frames if options.passthrough else None
 
 
 def _left(deadline):

@@ -53,6 +53,11 @@ class Eviction:
                 "elapsed": round(end - self.started_at, 3)}
 
 
+def _announce(job):
+    log.warning("eviction %s: ending %d sessions at %s (%s)", job.id, len(job.ids),
+                "%g/s" % job.rate if job.rate else "once", job.selector)
+
+
 class Evictions:
     """The jobs of one process (the parent's, with workers)."""
 
@@ -69,9 +74,13 @@ class Evictions:
         self.jobs[job.id] = job
         self._forget_old()
         gevent.spawn(self._run, job)
-        log.warning("eviction %s: ending %d sessions at %s (%s)", job.id, len(job.ids),
-                    "%g/s" % rate if rate else "once", job.selector)
+        _announce(job)
         return job
+
+    def run(self, job):
+        """Pace a job built elsewhere (a fleet job's share) in the calling greenlet."""
+        _announce(job)
+        self._run(job)
 
     def get(self, job_id):
         return self.jobs.get(job_id)

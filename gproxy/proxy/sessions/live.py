@@ -16,8 +16,11 @@ the hub between chunks (``pause``), so no admin request holds the data path
 for more than about a millisecond whatever the number of sessions.
 """
 
+import heapq
 import ipaddress
+import itertools
 import operator
+from collections import Counter
 
 from gproxy import hub
 from gproxy.model.placement import Placement
@@ -51,6 +54,30 @@ def dict_key(field):
     if field == "client_id":
         return lambda item: item["client_id"] or ""
     return operator.itemgetter(field)
+
+
+def merge_pages(replies, spec, pause=hub.pause):
+    """One page from several sources' first ``offset + limit`` matches, each sorted
+    as ``spec`` says (workers of one process, or instances of a fleet): a heap
+    merge, ties in source order, totals and ``per_node`` summed.  A deep page
+    merges thousands of items: the data path gets the hub every ``CHUNK``."""
+    field, reverse = sort_order(spec.get("sort"))
+    offset, limit = spec.get("offset", 0), spec.get("limit")
+    merged = heapq.merge(*(r["list"] for r in replies), key=dict_key(field), reverse=reverse)
+    stop = None if limit is None else offset + limit
+    page = []
+    for n, item in enumerate(itertools.islice(merged, stop), 1):
+        if n > offset:
+            page.append(item)
+        if n % CHUNK == 0:
+            pause()
+    out = {"total": sum(r["total"] for r in replies), "list": page}
+    if spec.get("misplaced"):
+        per_node = Counter()
+        for reply in replies:
+            per_node.update(reply.get("per_node") or {})
+        out["per_node"] = dict(per_node)
+    return out
 
 
 def check_spec(spec):

@@ -141,7 +141,8 @@ class Registry:
             self._handles[info.id] = handle
         self.sessions_total += 1
         route = info.route_id
-        self.route_total[route] = self.route_total.get(route, 0) + 1
+        if route is not None:  # else counted when the CONNECT chooses it (set_route)
+            self.route_total[route] = self.route_total.get(route, 0) + 1
         _move(self.per_route, None, route)
         _move(self.per_state, None, info.state)
         _move(self.per_transport, None, info.transport)
@@ -163,6 +164,13 @@ class Registry:
         if info.id in self._live:
             _move(self.per_state, info.state, state)
         info.state = state
+
+    def set_route(self, info, route_id):
+        """The route a tracked session's CONNECT chose (it had none before)."""
+        if info.id in self._live:
+            _move(self.per_route, info.route_id, route_id)
+            self.route_total[route_id] = self.route_total.get(route_id, 0) + 1
+        info.route_id = route_id
 
     def set_transport(self, info, transport):
         if info.id in self._live:
