@@ -1,8 +1,9 @@
 """In-process data paths with real relaying sessions, for measuring and testing handovers.
 
 ``data_path()`` is what ``runtime.handover`` needs of a process (a Proxy with
-its registry and relays, an accept gate, listeners, health) without
-listeners or a store; ``relaying(app, name)`` adds one session relaying
+its registry and relays, an accept gate, listeners, health, the load-aware
+balancers' shared state, the sessions view with its evictions; a store, as
+the base class, that keeps nothing) without listeners; ``relaying(app, name)`` adds one session relaying
 between two socket pairs, registered as the session room registers its own,
 and returns ``(client socket, broker socket, session)``.  Used by
 scripts/handoff_cost.py and tests/integration/test_handover_inprocess.py.
@@ -11,9 +12,12 @@ scripts/handoff_cost.py and tests/integration/test_handover_inprocess.py.
 import socket
 import types
 
+from gproxy.model.loadaware import Shared
 from gproxy.proxy.accept.overload import Gate
 from gproxy.proxy.health import HealthCheckers
 from gproxy.proxy.session.session import Proxy, Session
+from gproxy.proxy.sessions.live import LiveSessions
+from gproxy.store.base import Store
 
 
 class Listener:
@@ -24,12 +28,16 @@ class Listener:
         self.gate = gate
 
 
-def data_path():
+def data_path(store=None):
     proxy = Proxy()
     gate = Gate()
-    return types.SimpleNamespace(proxy=proxy, registry=proxy.registry, gate=gate,
-                                 listeners=[], health=HealthCheckers(),
-                                 listener=Listener(gate))
+    live = LiveSessions(proxy.registry, lambda: proxy.table)
+    app = types.SimpleNamespace(proxy=proxy, registry=proxy.registry, gate=gate,
+                                listeners=[], health=HealthCheckers(), listener=Listener(gate),
+                                balancing=Shared(), discovery=None, fleet=None,
+                                store=store or Store(), live=lambda: live, standby=False)
+    app.go_live = lambda: setattr(app, "standby", False)
+    return app
 
 
 def relaying(app, name):

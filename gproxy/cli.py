@@ -102,7 +102,7 @@ def main(argv=None):
         return 2
     setup_logging(args.log_level or cfg["nginx_config.error_log_level"])
     try:
-        app = Gproxy(cfg)
+        app = Gproxy(cfg, standby=wire is not None)  # a successor writes once it takes over
     except (OSError, SchemaError, ValueError) as exc:
         print("gproxy: cannot load the store: %s" % exc, file=sys.stderr)
         return 2
@@ -143,7 +143,6 @@ def take_over(app, wire, workers):
     from gproxy.runtime.handover import HandoverError
     log = logging.getLogger("gproxy.upgrade")
     try:
-        upgrade.hello(wire)
         moved = upgrade.take_over(app, wire, workers)
     except (HandoverError, OSError) as exc:
         log.error("upgrade: %s; the old process keeps serving, this one stops", exc)

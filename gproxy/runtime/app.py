@@ -13,7 +13,9 @@ matched.  ``stop(grace)`` drains (see
 ``drain``); ``reload_config(cfg)`` applies a new config file without
 dropping a session.  It patches nothing and installs no signal handlers
 (that is ``cli``'s job), so it can be embedded in a program that runs a
-gevent hub.
+gevent hub.  ``standby``: a live upgrade's new process (``runtime.carry``),
+which relays and accepts clients but leaves the store, the Admin API and
+the fleet registration to the old process until ``go_live()``.
 """
 
 import logging
@@ -45,9 +47,10 @@ DISCOVERY_PRIME = 3.0  # seconds start-up waits for the first DNS answers
 class Gproxy:
     """Everything one gproxy process serves, built from a validated Config."""
 
-    def __init__(self, cfg, store=None, registry=None):
+    def __init__(self, cfg, store=None, registry=None, standby=False):
         self.cfg = cfg
-        self.store = store if store is not None else open_store(cfg)
+        self.standby = standby  # until go_live(): a live upgrade's new process
+        self.store = store if store is not None else open_store(cfg, standby)
         self.registry = registry if registry is not None else Registry()
         self.health = HealthCheckers()
         self.balancing = Shared()  # least_conn counts and ewma latencies outlive table swaps
@@ -162,11 +165,26 @@ class Gproxy:
         if self.cfg["apisix.enable_admin"]:
             self._start_admin()
         self.http_servers = services.start_http(self)
-        self.fleet.start()
+        if self.standby:  # the old process answers and stays registered until the commit
+            self.fleet.standby()
+            for server in self._http():
+                server.stop_accepting()
+        else:
+            self.fleet.start()
         self._watcher = gevent.spawn(self._watch, self.cfg["gproxy.store.watch_interval"])
         if self.discovery is not None:  # the parent's (after any fork: workers get tables)
             self.discovery.start()
         self.close_inherited()
+
+    def _http(self):
+        return [server for server in [self.admin_server] + self.http_servers
+                if server is not None]
+
+    def go_live(self):
+        """A live upgrade committed: the Admin API, control and metrics accept here."""
+        self.standby = False
+        for server in self._http():
+            server.start_accepting()
 
     def close_inherited(self):
         for sock in self.inherited.values():

@@ -4,7 +4,8 @@ Both ends talk over a connected Unix stream socket (``wire.Wire``: JSON
 messages with descriptors).  The giver is the old process (or worker), the
 taker the new one:
 
-    giver -> taker  {"op": "listeners", "stream": [addr...], "http": [addr...]}  + fds
+    giver -> taker  {"op": "listeners", "stream": [addr...], "http": [addr...],
+                     "early": {...}}  + fds
     taker -> giver  {"op": "ready"}            the taker accepts on them now
                     (the giver stops accepting: both did for a moment, none refused)
     giver -> taker  {"op": "stage", "items": [{"id"}...]}  + 2 fds a session, 120 a message:
@@ -12,16 +13,20 @@ taker the new one:
     giver -> taker  {"op": "staged"}; taker -> giver {"op": "staged"}   all of it taken
     giver -> taker  {"op": "sessions", "items": [state...]}  + 2 fds for each not staged:
                     each quiesced, then sent; rounds until none waits (up to SETTLE s)
-    giver -> taker  {"op": "state", "totals": {...}, "health": {...}, "rates": [...]}
+    giver -> taker  {"op": "state", "totals": {...}, "health": {...}, "rates": [...],
+                     "ewma": [...]}
     taker -> giver  {"op": "prepared", "refused": [session ids]}
-    giver -> taker  {"op": "commit"}           the point of no return
+    giver -> taker  {"op": "commit", "carries": bool}   the point of no return
     taker -> giver  {"op": "committed"}        the taker's relays run; the giver forgets them
+    giver -> taker  {"op": "carried", ...}     when it carries: store, fleet, jobs (``carry``)
 
 Until the commit every exported relay stays quiesced in the giver and the
 adopted ones are not started in the taker, so if anything fails (the taker
 exits or times out, a message is refused, ``abort``) the giver restarts
 every session where it stood and accepts again, and the taker drops what it
-adopted without a FIN.  A session pauses from its export until the commit:
+adopted without a FIN.  A giver that is a whole gproxy (``top``: not one
+worker of several) also carries what the process holds besides sessions
+(``runtime.carry``).  A session pauses from its export until the commit:
 its descriptors went ahead (``stage``), so the pause carries only the state
 (docs/upgrade.md has the figures).  The format of a session's state is
 ``relay.handoff``'s ``FORMAT``; the process that receives another version
@@ -36,6 +41,7 @@ import gevent.socket
 
 from gproxy.proxy.relay import handoff
 from gproxy.proxy.session import moved
+from gproxy.runtime import carry
 from gproxy.runtime.wire import HandoverError
 
 __all__ = ("FORMAT", "Giver", "HandoverError", "Taker")
@@ -45,37 +51,6 @@ log = logging.getLogger("gproxy.upgrade")
 FORMAT = handoff.FORMAT
 BATCH = 120  # sessions a message: 240 descriptors, under the kernel's 253 (SCM_MAX_FD)
 SETTLE = 2.0  # seconds to wait for sessions still in their phases to start relaying
-
-
-# -- what a data path holds besides sessions ------------------------------------------
-def process_state(app):
-    """Counters, health and rate-limit buckets: what the taker adds to its own."""
-    health = {name: {addr: [n.healthy, n.success, n.tcp_failure, n.timeout_failure]
-                     for addr, n in checker.state.nodes.items()}
-              for name, checker in app.health.checkers.items()}
-    rates = [[list(ident), [[k, e, t] for k, (e, t) in bucket.buckets.items()]]
-             for ident, bucket in app.proxy.limits.rates.items()]
-    return {"totals": app.registry.totals(), "health": health, "rates": rates}
-
-
-def carry_state(app, state):
-    if "totals" not in state:
-        return  # sessions between two workers of one process: their counters stay put
-    app.registry.carry(state["totals"])
-    for name, nodes in state["health"].items():
-        checker = app.health.checkers.get(name)
-        for addr, (healthy, success, tcp, timeout) in nodes.items():
-            node = checker.state.nodes.get(addr) if checker is not None else None
-            if node is None:
-                continue  # the upstream or node is gone from the new table
-            node.healthy, node.success = healthy, success
-            node.tcp_failure, node.timeout_failure = tcp, timeout
-            (checker.state.unhealthy.discard if healthy else checker.state.unhealthy.add)(addr)
-    limits = app.proxy.limits
-    for (route, rate, burst), buckets in state["rates"]:
-        bucket = limits.bucket(route, {"rate": rate, "burst": burst})
-        for key, excess, last in buckets:
-            bucket.buckets[key] = (excess, last)
 
 
 def stream_listeners(app):
@@ -106,10 +81,12 @@ class _Batches:
 class Giver:
     """The old process's (or worker's) end: listeners, then sessions, then commit."""
 
-    def __init__(self, app, wire, http=()):
+    def __init__(self, app, wire, http=(), top=False):
         self.app = app
         self.wire = wire
         self.http = list(http)  # (addr text, socket) of the parent's HTTP listeners
+        self.top = top  # the whole gproxy: it carries the store, fleet and jobs too
+        self.held = False  # eviction jobs paused (top)
         self.paused = []
         self.staged = set()  # ids whose descriptors went ahead (pre-copy)
         self.exported = {}  # session id -> session, quiesced here
@@ -126,7 +103,8 @@ class Giver:
         try:
             listeners = stream_listeners(self.app) if share is None else []
             self.wire.send({"op": "listeners", "stream": [lst.text for lst in listeners],
-                            "http": [text for text, _ in self.http]},
+                            "http": [text for text, _ in self.http],
+                            "early": carry.early(self.app) if self.top else None},
                            [lst.sock.fileno() for lst in listeners]
                            + [sock.fileno() for _, sock in self.http])
             self.wire.recv(expect="ready")
@@ -134,10 +112,14 @@ class Giver:
             self._stage(share)
             self.wire.send({"op": "staged"})
             self.wire.recv(expect="staged")  # the taker holds every pre-copied socket
+            if self.top:
+                carry.hold(self.app)  # no eviction ends a session that is moving
+                self.held = True
             self.paused_at = time.monotonic()  # from here on sessions stand still
             self._sessions(self.paused_at + (settle if share is None else 0), share)
             exported = time.monotonic()
-            self.wire.send(dict(process_state(self.app) if share is None else {}, op="state"))
+            self.wire.send(dict(carry.process_state(self.app) if share is None else {},
+                                op="state"))
             reply, _ = self.wire.recv(expect="prepared")
             self.refused = reply.get("refused") or []
             self.timing = (exported - self.paused_at, time.monotonic() - exported)
@@ -194,9 +176,11 @@ class Giver:
 
     def commit(self):
         """The point of no return: the taker runs every session it did not refuse."""
-        self.wire.send({"op": "commit"})
+        self.wire.send({"op": "commit", "carries": self.top})
         try:
             self.wire.recv(expect="committed")
+            if self.top:
+                carry.send(self.app, self.wire)
         except HandoverError as exc:
             log.error("upgrade: no answer to the commit (%s); the sessions are the new "
                       "process's", exc)
@@ -217,6 +201,9 @@ class Giver:
         for session in self.exported.values():
             moved.restart(session)
         self.exported = {}
+        if self.held:
+            carry.release(self.app)
+            self.held = False
         gate = self.app.gate
         for lst in self.paused:
             gate.servers.append(lst.server)
@@ -234,15 +221,18 @@ class Giver:
 class Taker:
     """The new process's (or worker's) end: serve the listeners, adopt, run at commit."""
 
-    def __init__(self, app, wire):
+    def __init__(self, app, wire, on_commit=None):
         self.app = app
         self.wire = wire
         self.adopted = []
         self.staged = {}  # session id -> its two sockets, sent ahead (pre-copy)
+        self.early = None  # what came with the listeners (``carry.seed``)
+        self.on_commit = on_commit  # called once the sessions run, before "committed"
 
     def listeners(self):
         """The handed listeners as ``{("stream" | "http", addr text): socket}``."""
         message, fds = self.wire.recv(expect="listeners")
+        self.early = message.get("early")
         names = [("stream", a) for a in message["stream"]] + [("http", a) for a in message["http"]]
         if len(names) != len(fds):
             handoff.close_fds(fds)
@@ -267,10 +257,11 @@ class Taker:
                 elif op == "sessions":
                     refused.extend(self._adopt(message["items"], fds))
                 elif op == "state":
-                    carry_state(self.app, message)
+                    carry.carry_state(self.app, message)
                     self._unstage()  # sessions that ended in the giver meanwhile
                     self.wire.send({"op": "prepared", "refused": refused})
                 elif op == "commit":
+                    carries = message.get("carries")
                     break
                 else:
                     raise HandoverError("the old process called the handover off (%s)" % op)
@@ -281,9 +272,17 @@ class Taker:
             self._unstage()
             self.wire.close()
             raise
+        balancing = getattr(self.app, "balancing", None)
         for session in self.adopted:
-            moved.go(session)
-        self.wire.send({"op": "committed"})
+            moved.go(session, balancing)
+        if self.on_commit is not None:
+            self.on_commit()
+        try:  # the sessions are ours whatever happens to the wire from here on
+            self.wire.send({"op": "committed"})
+        except HandoverError as exc:
+            log.error("upgrade: cannot answer the commit (%s)", exc)
+        if carries:
+            carry.receive(self.app, self.wire)
         self.wire.close()
         return len(self.adopted)
 

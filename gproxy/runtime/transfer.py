@@ -4,7 +4,10 @@
   which ``take_at`` its path (the new parent made the path; the old parent
   tells its worker where), up to the commit the parents decide together.
 * An embedded gproxy (``runtime.embed``): the host's old process
-  ``give_all`` to the host's new one, which waits in ``take_over_at``.
+  ``give_all`` to the host's new one, which waits in ``take_over_at``; the
+  process mode's ``upgrade()`` does the same between its old and new child.
+  Both are the command's live upgrade (``upgrade.give``/``take_over``) on a
+  path instead of an inherited socketpair.
 
 (The CLI's own upgrade uses the socketpair it hands its child:
 ``runtime.upgrade``; rebalancing between workers: ``runtime.rebalance``.)
@@ -70,16 +73,20 @@ def take_at(app, path, timeout=STEP_TIMEOUT * 2):
 
 
 # -- an embedded gproxy: the host program's old process gives, its new one takes --------
-def give_all(app, path):
-    """Everything (listeners, HTTP listeners, sessions) to the gproxy waiting at ``path``."""
-    from gproxy.runtime.upgrade import http_listeners
-    giver = Giver(app, connect(path, "the gproxy that takes over"), http_listeners(app))
-    giver.prepare()
-    return giver.commit()
+def give_all(app, path, timeout=None):
+    """Everything (listeners, HTTP listeners, sessions, store, fleet registration,
+    jobs) to the gproxy waiting at ``path`` (``take_over_at``), as a live upgrade of
+    the command does; how many sessions moved."""
+    from gproxy.runtime.upgrade import give
+    if timeout is None:
+        timeout = app.cfg["gproxy.upgrade.timeout"]
+    return give(app, connect(path, "the gproxy that takes over"), timeout)
 
 
-def take_over_at(app, path, timeout):
-    """Wait at ``path`` for ``give_all``, start on its listeners, take its sessions."""
+def take_over_at(app, path, timeout, workers=1):
+    """Wait at ``path`` for ``give_all``, start on its listeners, take its sessions
+    (``app``: a ``Gproxy(standby=True)``); how many moved."""
+    from gproxy.runtime.upgrade import take_over
     server = listen(path)
     try:
         with gevent.Timeout(timeout, HandoverError("nothing was handed over at %s within "
@@ -88,11 +95,8 @@ def take_over_at(app, path, timeout):
     finally:
         server.close()
         os.unlink(path)
-    taker = Taker(app, Wire(conn))
-    app.inherited = taker.listeners()
-    app.start()
     try:
-        return taker.take()
+        return take_over(app, Wire(conn), workers, notify=False)
     except HandoverError:
         app.stop(0)
         raise

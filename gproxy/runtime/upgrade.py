@@ -10,20 +10,29 @@ end of a Unix socketpair, named in ``$GPROXY_UPGRADE_FD``.  Over it
     old          refuses another format: {"op": "abort"}, and keeps everything
     then, one process:   the handover of ``handover.Giver``/``Taker`` on this
                          wire, the HTTP listeners (Admin API, control, metrics)
-                         travelling with the stream listeners
-    with --workers N:    old -> new {"op": "listeners", "http": [...]} + fds
+                         travelling with the stream listeners, and what the
+                         process holds besides sessions after the commit
+                         (``carry``: store, fleet registration, jobs)
+    with --workers N:    old -> new {"op": "listeners", "http": [...], "early"} + fds
                          new -> old {"op": "workers", "paths": [...]}: its N
                          workers wait there; old worker i gives to new worker i
                          over that path, all of them up to "prepared", then
-                         all commit; old -> new {"op": "commit"}
+                         all commit; old -> new {"op": "commit"}, new -> old
+                         {"op": "committed"}, old -> new {"op": "carried", ...}
 
-The new process tells systemd it is the main process (``sdnotify``) before
-it answers the commit, and the old one then drains what could not move (TLS
-sessions: DISCONNECT at a packet boundary, as at SIGTERM) and exits.  If the
-new process cannot start, cannot read its config, speaks another format,
-times out or dies before the commit, the old one logs why, takes back every
-session and listener and stops the new one.  A second USR2 while a handover
-runs is refused with a log line.  docs/upgrade.md is the user's guide.
+``give``/``take_over`` are the two sides whoever started the new process: an
+embedded proxy's host program uses them over a Unix socket path
+(``transfer``), its process mode over a path the handle chose
+(``proxy.upgrade()``).  The new process is a ``Gproxy(standby=True)``: it
+relays the sessions it adopts and accepts clients, but its store, Admin API
+and fleet registration wait for the commit.  It tells systemd it is the main
+process (``sdnotify``) before it answers the commit, and the old one then
+drains what could not move (TLS sessions: DISCONNECT at a packet boundary,
+as at SIGTERM) and exits.  If the new process cannot start, cannot read its
+config, speaks another format, times out or dies before the commit, the old
+one logs why, takes back every session and listener and stops the new one.
+A second USR2 while a handover runs is refused with a log line.
+docs/upgrade.md is the user's guide.
 """
 
 import logging
@@ -39,7 +48,7 @@ import gevent.socket
 import gevent.subprocess
 
 from gproxy import __version__
-from gproxy.runtime import sdnotify
+from gproxy.runtime import carry, sdnotify
 from gproxy.runtime.handover import FORMAT, Giver, HandoverError, Taker
 from gproxy.runtime.wire import STEP_TIMEOUT, Wire
 
@@ -83,7 +92,7 @@ class Upgrader:
         proc = None
         try:
             proc, wire = self._spawn(argv)
-            moved = self.hand_over(wire, proc)
+            moved = give(self.app, wire, self.app.cfg["gproxy.upgrade.timeout"], proc)
         except (HandoverError, OSError) as exc:
             log.error("upgrade: %s; this process keeps every session and listener", exc)
             self._dismiss(proc)
@@ -112,47 +121,6 @@ class Upgrader:
             theirs.close()
         return proc, Wire(gevent.socket.socket(fileno=mine.detach()))
 
-    def hand_over(self, wire, proc):
-        try:
-            hello, _ = wire.recv(self.app.cfg["gproxy.upgrade.timeout"], expect="hello")
-        except HandoverError as exc:
-            raise HandoverError("the new process did not start the handover: %s%s"
-                                % (exc, _exit_note(proc))) from None
-        if hello.get("format") != FORMAT:
-            wire.send({"op": "abort"})
-            raise HandoverError("the new process (gproxy %s) reads handover format %s, this "
-                                "one writes %s" % (hello.get("version"), hello.get("format"),
-                                                   FORMAT))
-        http = http_listeners(self.app)
-        if self.app.workers is None:
-            giver = Giver(self.app, wire, http)
-            giver.prepare()
-            moved = giver.commit()
-            log.warning("upgrade: sessions paused for %.3fs at most (exported in %.3fs, "
-                        "adopted %.3fs later)", giver.pause, *giver.timing)
-            return moved
-        return self._workers(wire, http)
-
-    def _workers(self, wire, http):
-        workers = self.app.workers
-        wire.send({"op": "listeners", "stream": [], "http": [text for text, _ in http]},
-                  [sock.fileno() for _, sock in http])
-        message, _ = wire.recv(expect="workers")
-        try:
-            workers.hand_over(message["paths"])
-        except HandoverError:
-            wire.send({"op": "abort"})
-            wire.close()
-            raise
-        moved = workers.commit_handover()
-        wire.send({"op": "commit"})
-        try:
-            wire.recv(expect="committed")
-        except HandoverError as exc:
-            log.error("upgrade: no answer to the commit (%s)", exc)
-        wire.close()
-        return moved
-
     @staticmethod
     def _dismiss(proc):
         """Stop a new process that will not take over (it drains what it accepted)."""
@@ -163,11 +131,64 @@ class Upgrader:
         gevent.spawn(proc.wait)  # reaped in the background: no zombie
 
 
+# -- the old side, whoever started the new one ------------------------------------------
+def give(app, wire, timeout, proc=None):
+    """Everything to the gproxy at the other end of ``wire``, once it said hello
+    (within ``timeout`` s, in this format); how many sessions moved.  HandoverError
+    (everything still here) if it fails before the commit."""
+    try:
+        hello, _ = wire.recv(timeout, expect="hello")
+    except HandoverError as exc:
+        raise HandoverError("the new process did not start the handover: %s%s"
+                            % (exc, _exit_note(proc))) from None
+    if hello.get("format") != FORMAT:
+        wire.send({"op": "abort"})
+        raise HandoverError("the new process (gproxy %s) reads handover format %s, this "
+                            "one writes %s" % (hello.get("version"), hello.get("format"),
+                                               FORMAT))
+    http = http_listeners(app)
+    if app.workers is not None:
+        return _give_workers(app, wire, http)
+    giver = Giver(app, wire, http, top=True)
+    giver.prepare()
+    moved = giver.commit()
+    log.warning("upgrade: sessions paused for %.3fs at most (exported in %.3fs, "
+                "adopted %.3fs later)", giver.pause, *giver.timing)
+    return moved
+
+
+def _give_workers(app, wire, http):
+    """With --workers: old worker i gives to new worker i; the parents carry the rest."""
+    workers = app.workers
+    wire.send({"op": "listeners", "stream": [], "http": [text for text, _ in http],
+               "early": carry.early(app)}, [sock.fileno() for _, sock in http])
+    message, _ = wire.recv(expect="workers")
+    carry.hold(app)
+    try:
+        workers.hand_over(message["paths"])
+    except HandoverError:
+        carry.release(app)
+        wire.send({"op": "abort"})
+        wire.close()
+        raise
+    moved = workers.commit_handover()
+    wire.send({"op": "commit", "carries": True})
+    try:
+        wire.recv(expect="committed")
+        carry.send(app, wire)
+    except HandoverError as exc:
+        log.error("upgrade: no answer to the commit (%s)", exc)
+    wire.close()
+    return moved
+
+
 def subprocess_devnull():
     return gevent.subprocess.DEVNULL
 
 
 def _exit_note(proc):
+    if proc is None:
+        return ""  # not ours (an embedded proxy's successor)
     try:
         code = proc.wait(timeout=2)
     except gevent.subprocess.TimeoutExpired:
@@ -184,31 +205,32 @@ def inherited_wire():
     return Wire(gevent.socket.socket(fileno=int(fd)))
 
 
-def hello(wire):
-    wire.send({"op": "hello", "format": FORMAT, "pid": os.getpid(), "version": __version__})
-
-
-def take_over(app, wire, workers):
-    """Serve the handed listeners and adopt every session; returns how many moved
-    (None with workers: each logs its own count).
+def take_over(app, wire, workers=1, notify=True):
+    """Say hello, serve the handed listeners and adopt every session; returns how
+    many moved (None with workers: each logs its own count).  ``app`` is a
+    ``Gproxy(standby=True)``; ``notify``: tell systemd this is the main process
+    now (the ``gproxy`` command; never an embedded proxy).
 
     HandoverError if the old process called it off or went away: the caller
     stops this process (the old one kept everything)."""
-    taker = Taker(app, wire)
+    wire.send({"op": "hello", "format": FORMAT, "pid": os.getpid(), "version": __version__})
+    on_commit = sdnotify.new_main if notify else None
+    taker = Taker(app, wire, on_commit)
     app.inherited = taker.listeners()
+    carry.seed(app, taker.early)
     if workers <= 1:
         app.start(workers=1)
-        moved = taker.take()
-        sdnotify.new_main()
-        return moved
+        return taker.take()
     folder = tempfile.mkdtemp(prefix="gproxy-upgrade-")
     try:
         paths = [os.path.join(folder, "worker-%d.sock" % i) for i in range(workers)]
         app.start(workers=workers, handover=paths)
         wire.send({"op": "workers", "paths": paths})
         wire.recv(STEP_TIMEOUT * 2, expect="commit")
-        sdnotify.new_main()
+        if on_commit is not None:
+            on_commit()
         wire.send({"op": "committed"})
+        carry.receive(app, wire)
         wire.close()
     finally:
         shutil.rmtree(folder, ignore_errors=True)

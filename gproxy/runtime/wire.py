@@ -16,15 +16,12 @@ import struct
 import gevent
 import gevent.socket
 
+from gproxy.errors import HandoverError  # noqa: F401 (its home is errors: the host raises it)
 from gproxy.proxy.relay import handoff
 
 MAX_FDS = 253  # SCM_MAX_FD: descriptors one message can carry
 STEP_TIMEOUT = 30.0  # seconds the other end may take for one step
 _LEN = struct.Struct("!I")
-
-
-class HandoverError(Exception):
-    """The handover cannot go on; the message says why (logged by the caller)."""
 
 
 class Wire:

@@ -9,17 +9,21 @@ ahead (the taker must close its copies, so the client sees the end), and one
 starts relaying after it (it must move with its descriptors in the freeze).
 """
 
+import os
 import socket
 
 import gevent
 import pytest
 
 from bench.dataplane import data_path, relaying
+from gproxy.errors import StoreUnavailable
+from gproxy.model.balancer import Balancer, Node
 from gproxy.model.health import TCP_FAILURE
 from gproxy.model.routes import RouteTable
 from gproxy.proxy.session.limits import Slot
 from gproxy.runtime import handover
 from gproxy.runtime.wire import Wire
+from gproxy.store.file import FileStore
 from tests import packets as P
 
 pytestmark = pytest.mark.timeout(30)
@@ -116,3 +120,102 @@ def test_counters_health_and_limits_carry_over():
         app.proxy.relays.close_all()
     client.close()
     broker.close()
+
+
+def whole_hand_over(old, new):
+    """As a live upgrade of a whole gproxy does it: the store, jobs and fleet too."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    taker = handover.Taker(new, Wire(gevent.socket.socket(fileno=b.detach())))
+    giver = handover.Giver(old, Wire(gevent.socket.socket(fileno=a.detach())), top=True)
+    took = gevent.spawn(lambda: (taker.listeners(), taker.take())[1])
+    giver.prepare(settle=0)
+    giver.commit()
+    return took.get(timeout=10)
+
+
+def test_least_conn_counts_and_ewma_latencies_carry_over():
+    """A moved session goes on counting on its node in the new process (its next
+    least_conn pick avoids that node) and gives the count back when it ends there."""
+    nodes = [Node("10.0.0.1", 1883), Node("10.0.0.2", 1883)]
+    old, new = data_path(), data_path()
+    least = Balancer(nodes, "least_conn", name="/apisix/upstreams/u", shared=old.balancing)
+    client, broker, session = relaying(old, "counted")
+    session.cleanup.append(least.acquire(nodes[0]))
+    old.balancing.ewma.observe("10.0.0.2:1883", 0.040)
+    assert hand_over(old, new) == 1
+    assert dict(old.balancing.least_conn["/apisix/upstreams/u#0"].conns) == {}  # let go
+    counts = new.balancing.least_conn["/apisix/upstreams/u#0"]
+    assert counts.conns == {"10.0.0.1:1883": 1}
+    rebuilt = Balancer(nodes, "least_conn", name="/apisix/upstreams/u", shared=new.balancing)
+    assert next(rebuilt.candidates(None, 1)).addr == "10.0.0.2:1883"  # .1 holds one
+    assert new.balancing.ewma.score("10.0.0.2:1883") == pytest.approx(
+        old.balancing.ewma.score("10.0.0.2:1883"), rel=0.05)
+    client.close()  # the session ends in the new process: its count goes with it
+    broker.close()
+    assert wait(lambda: counts.conns == {})
+    for app in (old, new):
+        app.proxy.relays.close_all()
+
+
+def wait(predicate, timeout=5.0):
+    for _ in range(int(timeout / 0.01)):
+        if predicate():
+            return True
+        gevent.sleep(0.01)
+    return False
+
+
+def test_an_eviction_job_pauses_at_the_freeze_and_goes_on_in_the_new_process():
+    old, new = data_path(), data_path()
+    ends = [relaying(old, "evict-%d" % i) for i in range(4)]
+    job = old.live().evictions.start({}, rate=4.0)  # one now, then one every 0.25 s
+    assert wait(lambda: job.done >= 1)
+    assert whole_hand_over(old, new) == 4 - job.done
+    assert job.state == "moved"  # it stopped in the old process...
+    moved = new.live().evictions.get(job.id)  # ...and goes on under the same id here
+    assert moved is not None and moved is not job
+    assert wait(lambda: moved.state == "done")
+    assert (moved.done, moved.gone, moved.failed) == (4, 0, 0)  # every one ended once
+    assert len(new.registry) == 0
+    assert new.live().evictions.start({}).id != job.id  # new jobs get new ids
+    for client, broker, _ in ends:
+        client.close()
+        broker.close()
+    for app in (old, new):
+        app.proxy.relays.close_all()
+
+
+def test_the_store_passes_to_the_new_process_and_no_write_is_lost(tmp_path):
+    """The new process reads the file store standby (touching neither file); the old
+    one writes on until the commit, then folds and writes no more; the new one
+    reads what it missed and writes from then on, and the old one's exit leaves
+    its writes alone."""
+    path = str(tmp_path / "apisix.yaml")
+    up = lambda n: {"id": str(n), "type": "roundrobin", "nodes": {"10.0.0.%d:1883" % n: 1}}  # noqa: E731
+    old_store = FileStore(path)
+    old_store.put("upstreams", "1", up(1))  # in the journal, not folded yet
+    new_store = FileStore(path, standby=True)  # the new process starts
+    assert os.path.exists(path + ".journal")  # left to its writer
+    assert [r.id for r in new_store.list("upstreams")] == ["1"]
+    with pytest.raises(StoreUnavailable):
+        new_store.put("upstreams", "9", up(9))
+    old_store.put("upstreams", "2", up(2))  # an Admin write to the old one meanwhile
+    old, new = data_path(old_store), data_path(new_store)
+    heard = []
+    new_store.subscribe(heard.append)
+    client, broker, _ = relaying(old, "store")
+    assert whole_hand_over(old, new) == 1
+    assert sorted(r.id for r in new_store.list("upstreams")) == ["1", "2"]
+    assert ("upstreams", "2") in [(k, i) for batch in heard for k, i, _ in batch]
+    with pytest.raises(StoreUnavailable):  # the old one writes no more
+        old_store.put("upstreams", "8", up(8))
+    new_store.put("upstreams", "3", up(3))  # acknowledged by the new one...
+    old_store.close()  # ...before the old one exits
+    new_store.put("upstreams", "4", up(4))
+    assert sorted(r.id for r in new_store.list("upstreams")) == ["1", "2", "3", "4"]
+    new_store.close()
+    assert sorted(r.id for r in FileStore(path).list("upstreams")) == ["1", "2", "3", "4"]
+    client.close()
+    broker.close()
+    for app in (old, new):
+        app.proxy.relays.close_all()

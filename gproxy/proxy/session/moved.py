@@ -4,14 +4,17 @@
 relays here (pre-copy, as a live VM migration does), so that the pause
 carries only the state.  ``export(session)`` quiesces it and adds what the
 session room owns to the relay's state (``relay.handoff``): the session
-record (``SessionInfo``, byte counts included), the listener it was accepted
-on (by its address text) and the ``limit-conn`` slots it holds.
+record (``SessionInfo``, byte counts included: its route id, the one the
+refine phase chose), the listener it was accepted on (by its address text),
+the ``limit-conn`` slots it holds, the node a ``least_conn`` upstream counts
+it on (``loadaware.Counted``), and what its access log line needs.
 
 In the new process ``adopt(proxy, listeners, gate, state, socks)`` builds
 the session again, and ``go`` runs it once the handover is committed: its
 record goes live in the registry without counting as a new session, its
-slots and its place in the accept gate are taken again, and its relay
-resumes (``drop`` forgets it if the handover fails).  Back in the old one,
+slots, its least_conn count and its place in the accept gate are taken
+again (and given back when it ends here), and its relay resumes (``drop``
+forgets it if the handover fails).  Back in the old one,
 ``let_go(session)`` forgets a session the other process runs now: slots and
 gate place given back, record out of the registry, no goodbye on the wire
 and no "session closed" line; ``restart`` runs it here again.
@@ -24,6 +27,7 @@ ends it as SIGTERM would.  Nothing here does I/O beyond the relay's handoff.
 import logging
 from dataclasses import fields
 
+from gproxy.model.loadaware import Counted
 from gproxy.proxy.relay import handoff
 from gproxy.proxy.session.limits import Slot
 from gproxy.proxy.session.session import Session
@@ -57,8 +61,11 @@ def export(session, staged=False):
     info = session.info
     record = {name: getattr(info, name) for name in _FIELDS}
     record["hash_key"] = handoff.pack(info.hash_key)
+    held = session.cleanup
     item = {"info": record, "relay": state, "listener": session.listener.text,
-            "limits": [list(slot.key) for slot in session.cleanup if isinstance(slot, Slot)],
+            "limits": [list(slot.key) for slot in held if isinstance(slot, Slot)],
+            "counted": [[c.state.key, c.addr] for c in held
+                        if isinstance(c, Counted) and c.state.key is not None],
             "tried": list(session.tried), "sni": session.sni}  # (its access log line)
     if staged:
         item["staged"] = True
@@ -96,18 +103,23 @@ def adopt(proxy, listeners, gate, state, socks):
     session.tried, session.sni = list(state.get("tried", ())), state.get("sni")
     session.relay = handoff.resume(proxy.relays, client, upstream, info, session._relay_done,
                                    state["relay"])
-    session.cleanup = [tuple(key) for key in state["limits"]]  # slots, taken by go()
+    # what it holds, taken by go()
+    session.cleanup = ([tuple(key) for key in state["limits"]],
+                       [tuple(c) for c in state.get("counted", ())])
     return session
 
 
-def go(session):
-    """Run an adopted session: live in the registry, its slots taken, its relay moving."""
+def go(session, balancing=None):
+    """Run an adopted session: live in the registry, its slots and least_conn
+    count taken (``balancing``: the process's ``loadaware.Shared``), its relay moving."""
     proxy = session.proxy
-    keys, session.cleanup = session.cleanup, [session.listener.gate.leave]
+    (keys, counted), session.cleanup = session.cleanup, [session.listener.gate.leave]
     session.listener.gate.enter()
     for key in keys:
         proxy.limits.acquire(key)
         session.cleanup.append(Slot(proxy.limits, key))
+    for key, addr in counted if balancing is not None else ():
+        session.cleanup.append(balancing.count(key, addr))
     proxy.registry.adopt(session.info, session)
     session.tracked = True
     session.relay.start()

@@ -42,8 +42,8 @@ class ThreadProxy(EmbeddedProxy):
     def _setup(self):
         """On the hub: build, bind, serve (Gproxy.start undoes itself on failure)."""
         from gproxy.runtime.app import Gproxy
-        app = Gproxy(self.cfg)
         path, timeout = self._take_over
+        app = Gproxy(self.cfg, standby=path is not None)
         try:
             if path is None:
                 app.start()
