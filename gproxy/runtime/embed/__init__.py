@@ -18,10 +18,11 @@ share; ``forks`` makes a ``fork()`` of the host safe for both.  Nothing here
 patches anything or installs a signal handler in the host.
 """
 
-from gproxy.errors import ProxyStopped
+from gproxy.errors import HandoverError, ProxyStopped
 from gproxy.runtime.embed.handle import AdminError, EmbeddedProxy, load_config
 
-__all__ = ["start", "AdminError", "EmbeddedProxy", "ProxyStopped", "load_config", "MODES"]
+__all__ = ["start", "AdminError", "EmbeddedProxy", "HandoverError", "ProxyStopped",
+           "load_config", "MODES"]
 
 MODES = ("process", "thread")
 
@@ -42,12 +43,10 @@ def start(config=None, mode="process", workers=1, python=None, take_over=None, t
         raise ValueError("mode=%r: gproxy.start runs in mode 'process' or 'thread'" % (mode,))
     if mode == "thread":
         return _start_thread(config, workers, take_over, timeout)
-    if take_over is not None:
-        raise NotImplementedError("take_over= in process mode")  # the next commit
     if workers < 1:
         raise ValueError("workers=%r: at least 1" % (workers,))
     from gproxy.runtime.embed.inprocess import ProcessProxy
-    return ProcessProxy(load_config(config), workers, python)._start()
+    return ProcessProxy(load_config(config), workers, python, take_over, timeout)._start()
 
 
 def _start_thread(config, workers, take_over=None, timeout=60.0):

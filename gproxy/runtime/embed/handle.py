@@ -135,6 +135,14 @@ class EmbeddedProxy:
         self.stop(grace)
         return moved
 
+    def upgrade(self, timeout=60.0, grace=5.0):
+        """Replace the proxy's process by one running the gproxy on disk now,
+        handing it every listener and session (process mode only)."""
+        raise NotImplementedError(
+            "mode=%r runs gproxy's code in this process: it is upgraded with the host "
+            "program (hand_over / start(take_over=...)); mode='process' upgrades its "
+            "child with proxy.upgrade()" % (self.mode,))
+
     def _at_exit(self):
         """The host exits without having called ``stop``: drain as ``stop()`` does."""
         self.stop()
