@@ -98,9 +98,12 @@ def test_a_refined_route_and_its_least_conn_count_move_with_the_session(gproxy, 
         stop_pid(pid)
 
 
-def test_an_eviction_job_goes_on_in_the_new_process(gproxy, mosquitto):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_eviction_job_goes_on_in_the_new_process(gproxy, mosquitto, workers):
+    """With --workers the job is the parent's (it asks every worker): it goes on in
+    the new parent, whose workers hold the sessions by then."""
     broker = mosquitto()
-    gp = gproxy([mqtt_route([node(broker)], level=4, type_="roundrobin")])
+    gp = gproxy([mqtt_route([node(broker)], level=4, type_="roundrobin")], workers=workers)
     socks = raw_clients(gp.port, ["ev-%02d" % i for i in range(12)])
     pid = None
     try:
