@@ -29,6 +29,11 @@ endpoint (OpenSSL's state stays in this process), a relay ending or ended.
 ``release(relay)`` drops this process's copy once the other acknowledged
 it, without a FIN, a Close frame or a close_notify; ``resume(...)`` builds
 the relay in the new process.  Nothing here knows sessions or routes.
+
+What this asks of the relay is kept narrow, so the relay can change under
+it: ``Relay.quiesce/restart/release/resumed`` and ``Direction.export/
+restore`` (docs/upgrade.md, "What the relay owes the handover", says what an
+export must hold, splicing modes included).
 """
 
 import base64

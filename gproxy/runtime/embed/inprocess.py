@@ -163,7 +163,8 @@ class ProcessProxy(EmbeddedProxy):
 
     # -- stopping ----------------------------------------------------------
     def _shutdown(self, grace):
-        self._child.stop(grace)
+        with self._upgrading:  # an upgrade under way finishes first (its steps are bounded)
+            self._child.stop(grace)
 
     def _release_in_child(self):
         self._child.channel.abandon(self._owner)
