@@ -272,6 +272,11 @@ class Taker:
             self._unstage()
             self.wire.close()
             raise
+        self._committed(carries)
+        return len(self.adopted)
+
+    def _committed(self, carries):
+        """Run every adopted session, answer, then take what the giver carries."""
         balancing = getattr(self.app, "balancing", None)
         for session in self.adopted:
             moved.go(session, balancing)
@@ -284,7 +289,6 @@ class Taker:
         if carries:
             carry.receive(self.app, self.wire)
         self.wire.close()
-        return len(self.adopted)
 
     def _stage(self, items, fds):
         for i, item in enumerate(items):

@@ -6,26 +6,15 @@ upgrade moved every session and closed none, the plain restart ended every one
 and got them all back.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.integration.helpers import run_short
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 
 def test_upgrade_bench_short_mode(tmp_path):
-    out = tmp_path / "upgrade.json"
-    env = dict(os.environ, PATH=os.environ.get("PATH", "") + ":/usr/sbin")
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "upgrade_bench.py"),
-                          "--short", "--json", str(out)], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=220)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = run_short("upgrade_bench.py", tmp_path, timeout=220)
     live, plain = result["live_upgrade"], result["plain_restart"]
     assert result["sessions"] == live["moved"] == 300 and live["closed"] == 0
     assert live["sessions_pinged_during"] > 0
