@@ -78,13 +78,15 @@ def test_a_host_restart_hands_the_embedded_proxy_over(mosquitto, tmp_path, mode)
         new.stop()
 
 
-def test_upgrade_replaces_the_child_and_nobody_notices(mosquitto, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_upgrade_replaces_the_child_and_nobody_notices(mosquitto, tmp_path, workers):
     """``proxy.upgrade()`` under traffic: a new child (the gproxy on disk, the config
-    file as it is now) takes every listener and session; the host's handle now talks
-    to it, the old child is gone, and the Admin API (HTTP and the handle) answers."""
+    file as it is now) takes every listener and session (with workers=2, old worker i
+    gives to new worker i); the host's handle now talks to it, the old child is gone,
+    and the Admin API (HTTP and the handle) answers."""
     broker = mosquitto()
     path, port, admin_port = write_conf(tmp_path, broker.port)
-    proxy = gproxy.start(path)
+    proxy = gproxy.start(path, workers=workers)
     watcher = will_watcher(broker)
     streams = [Stream("emb-raw", port, mqtt.MQTTv311),  # the route is MQTT 3.1.1
                Stream("emb-ws", port, mqtt.MQTTv311, "websockets")]
