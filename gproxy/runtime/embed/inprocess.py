@@ -136,15 +136,16 @@ class ProcessProxy(EmbeddedProxy):
                                 % exc) from exc
 
     def _upgrade(self, cfg, path, timeout, grace):
-        old, new = self._child, Child(self.python)
-        started = new.channel.request(self._start_message(path, timeout, cfg))
-        moved = None
+        old, new, started, moved = self._child, None, None, None
         try:
+            new = Child(self.python)
+            started = new.channel.request(self._start_message(path, timeout, cfg))
             _wait_for(path, started, timeout)
             moved = self._hand_over(path)
             ready = new.channel.reply(started, START_TIMEOUT + timeout)
         except Exception as exc:
-            new.dismiss(started)
+            if new is not None:
+                new.dismiss(started)
             if moved is not None:  # past the commit: everything went with the new child
                 old.stop(grace)
                 raise ProxyStopped("gproxy's new process (pid %s) took over and then failed: "
@@ -171,7 +172,7 @@ class ProcessProxy(EmbeddedProxy):
 
 
 def _why(child, exc):
-    code = child.proc.returncode
+    code = child.proc.returncode if child is not None else None
     if isinstance(exc, ProxyStopped) and code is not None:
         return ("the new gproxy process (%s, pid %d) exited with status %s before it took "
                 "over (its stderr says why)" % (child.python, child.pid, code))
@@ -275,7 +276,8 @@ class Child:
         calls the handover off (its start then fails); killed if it does not."""
         self.channel.stopping = True
         try:
-            self.channel.reply(started, STOP_MARGIN)
+            if started is not None:
+                self.channel.reply(started, STOP_MARGIN)
         except Exception:  # noqa: BLE001 (the failure we expect, or none: reaped anyway)
             pass
         self.reap(EXIT_TIMEOUT)
