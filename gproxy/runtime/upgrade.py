@@ -139,10 +139,12 @@ def give(app, wire, timeout, proc=None):
     try:
         hello, _ = wire.recv(timeout, expect="hello")
     except HandoverError as exc:
+        wire.close()
         raise HandoverError("the new process did not start the handover: %s%s"
                             % (exc, _exit_note(proc))) from None
     if hello.get("format") != FORMAT:
         wire.send({"op": "abort"})
+        wire.close()
         raise HandoverError("the new process (gproxy %s) reads handover format %s, this "
                             "one writes %s" % (hello.get("version"), hello.get("format"),
                                                FORMAT))
