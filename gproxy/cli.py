@@ -123,6 +123,9 @@ def main(argv=None):
             return 1
         sdnotify.notify("READY=1")
     freeze_startup_objects()
+    if os.environ.get("GPROXY_HUB_PROBE"):  # a diagnostic: how long the hub is held
+        from gproxy import hubprobe
+        hubprobe.start(os.environ["GPROXY_HUB_PROBE"])
     serve(app, signals, lambda: reload(app, path, args.log_level), app.reopen_logs,
           upgrade.Upgrader(app, command()))
     app.store.close()  # the file store folds its journal into the file

@@ -1,10 +1,14 @@
-"""What a test does when a tool it needs (mosquitto, chromium, Playwright) is missing.
+"""What a test does when a tool it needs (mosquitto, chromium, etcd, curl, paho,
+Playwright, schemathesis) is missing.
 
 On a developer's machine it is skipped, with the command that installs the
-tool.  In CI (``CI=true``, as ``.ci/run`` runs) a skip would let a run pass
-with whole suites untested, so there it fails instead.
+tool.  In CI (``CI=true``, as ``.ci/run`` sets) a skip would let a run pass
+with whole suites untested, so there it fails instead.  ``module`` is the
+same for a Python package (in place of ``pytest.importorskip``, which skips
+in CI too).
 """
 
+import importlib
 import os
 
 import pytest
@@ -22,3 +26,12 @@ def require(available, message, environ=None, module_level=False):
     if in_ci(environ):
         pytest.fail("%s; CI=true, so this fails instead of skipping" % message, pytrace=False)
     pytest.skip(message, allow_module_level=module_level)
+
+
+def module(name, install, environ=None):
+    """The module ``name``; if it cannot be imported, skip the calling test module
+    (a developer's machine) or fail it (CI).  ``install`` says how to get it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        require(False, "needs %s (%s): %s" % (name, install, exc), environ, module_level=True)

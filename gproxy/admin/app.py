@@ -14,6 +14,7 @@ from werkzeug.exceptions import HTTPException
 from gproxy import __version__
 from gproxy.admin import auth
 from gproxy.errors import NotApplied, StoreUnavailable
+from gproxy.protocols.text import printable
 from gproxy.admin.extensions import extensions_blueprint
 from gproxy.admin.plugins import plugins_blueprint
 from gproxy.admin.resources import ApiError, json_response, make_resource_blueprint
@@ -71,7 +72,9 @@ def create_app(store, sessions, cfg, extra_blueprints=(), fleet=None):
     @app.errorhandler(StoreUnavailable)
     def store_unavailable(exc):
         # APISIX: 503 {"error_msg": <etcd client error>}, e.g. when etcd is down
-        app.logger.error("failed to %s %s in the store: %s", request.method, request.path, exc)
+        # the path is the client's (decoded: %0A is a newline), etcd's error text etcd's
+        app.logger.error("failed to %s %s in the store: %s", printable(request.method),
+                         printable(request.path), printable(str(exc)))
         return json_response({"error_msg": str(exc)}, 503)
 
     @app.errorhandler(NotApplied)
@@ -87,6 +90,10 @@ def create_app(store, sessions, cfg, extra_blueprints=(), fleet=None):
             if segment and segment not in RESOURCES:
                 return json_response({"error_msg": "Unsupported resource type: %s" % segment},
                                      404)
-        return json_response({"error_msg": "%d %s" % (exc.code, exc.name)}, exc.code)
+        resp = json_response({"error_msg": "%d %s" % (exc.code, exc.name)}, exc.code)
+        allow = dict(exc.get_headers()).get("Allow")
+        if allow:  # a 405 names the methods the resource has (RFC 9110 §15.5.6)
+            resp.headers["Allow"] = allow
+        return resp
 
     return app

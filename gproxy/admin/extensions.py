@@ -1,8 +1,9 @@
 """gproxy's own Admin API extensions under ``/apisix/admin/gproxy/``.
 
 Live sessions (one page at a time, filtered and sorted where they are kept),
-totals from the registry's counters, disconnect, and evictions (clean ends
-at a rate, with a job to follow).  Everything is read from and done through
+totals from the registry's counters, disconnect, evictions (clean ends at a
+rate, with a job to follow), and the Admin API's OpenAPI document (built
+once, with the app, from the schemas the checks use: ``openapi``).  Everything is read from and done through
 the ``sessions`` object the runtime hands over (one process's
 ``LiveSessions`` or the workers' merged view): ``query(spec)``,
 ``stats()``, ``close(id)``, ``evictions.start(spec, rate)`` /
@@ -20,8 +21,9 @@ instance, with a note.
 
 import time
 
-from flask import Blueprint, request
+from flask import Blueprint, Response, request
 
+from gproxy.admin import openapi
 from gproxy.admin.auth import request_token
 from gproxy.admin.resources import ApiError, json_response, page_size_refused
 
@@ -104,6 +106,12 @@ def extensions_blueprint(prefix, sessions, fleet=None):
     @bp.get("/stats")
     def stats():
         return json_response(sessions.stats())
+
+    document = openapi.text()  # built here, before serving: ~5 ms the hub never waits on
+
+    @bp.get("/openapi.json")
+    def openapi_document():
+        return Response(document, mimetype="application/json")
 
     @bp.delete("/sessions/<session_id>")
     def close_session(session_id):

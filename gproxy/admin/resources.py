@@ -272,7 +272,10 @@ def make_resource_blueprint(name, store, enabled=True):
     @bp.patch("/<id_>/<path:sub_path>")
     def patch(id_=None, sub_path=None):
         if name == "stream_routes":
-            raise ApiError("not supported `PATCH` method for stream route", 405)
+            resp = json_response({"error_msg": "not supported `PATCH` method for stream route"},
+                                 405)
+            resp.headers["Allow"] = "GET, PUT, POST, DELETE"  # RFC 9110 §15.5.6
+            return resp
         if id_ is None:
             raise ApiError("missing %s id" % res.kind)
         return res.patch(id_, sub_path)

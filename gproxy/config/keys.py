@@ -150,11 +150,15 @@ SETTINGS = [
     ("plugin_attr.prometheus.export_addr.ip", "127.0.0.1", typed(str), "metrics address"),
     ("plugin_attr.prometheus.export_addr.port", 9091, port, "metrics port"),
     ("gproxy.admin.max_connections", 64, count,
-     "concurrent connections to each HTTP listener (admin, control, metrics); more wait "
-     "in the backlog, so they never take the file descriptors sessions need"),
+     "open connections to each HTTP listener (admin, control, metrics), so they never take "
+     "the file descriptors sessions need; at the cap a new connection takes the place of "
+     "an idle or slow one of the client holding the most"),
     ("gproxy.admin.timeout", 30.0, number,
-     "seconds an HTTP client has to send a request's headers, and may stay idle between "
-     "requests, on the admin, control and metrics listeners"),
+     "seconds an HTTP connection may wait for a request (a new one, or kept alive) on the "
+     "admin, control and metrics listeners"),
+    ("gproxy.admin.request_timeout", 10.0, number,
+     "seconds an HTTP client has to send a whole request (line, headers, body) from its "
+     "first byte, and to take the whole response (HAProxy's timeout http-request)"),
     ("gproxy.evict.server_reference", None, optional_text,
      "Server Reference sent to MQTT 5 clients in the DISCONNECT (0x9C) of an eviction"),
     ("gproxy.evict.grace", 5.0, number,

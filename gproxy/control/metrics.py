@@ -13,8 +13,11 @@ where it has them (``apisix/plugins/prometheus/exporter.lua``):
 
 and gproxy's own: live sessions per route, node and state, bytes each way,
 rejected connections by reason, upstream connect failures per node, the dial
-latency histogram, sessions since start, worker count.  Served as Prometheus
-text at ``/apisix/prometheus/metrics`` (APISIX's path) by ``create_metrics_app``.
+latency histogram, sessions since start, worker count; and, from
+``HttpCollector``, the HTTP listeners' open connections by state and the ones
+gproxy closed by reason (an idle or slowloris flood shows there).  Served as
+Prometheus text at ``/apisix/prometheus/metrics`` (APISIX's path) by
+``create_metrics_app``.
 """
 
 import platform
@@ -122,6 +125,30 @@ class GproxyCollector:
         yield HistogramMetricFamily("gproxy_upstream_connect_seconds",
                                     "Time to connect to the chosen node (successful dials)",
                                     buckets=buckets, sum_value=st.get("dial_sum", 0.0))
+
+
+class HttpCollector:
+    """The HTTP listeners (admin, control, metrics): ``closed()`` gives
+    ``{(listener, reason): count}`` since start, ``open_()`` ``{listener: {state: n}}``."""
+
+    def __init__(self, closed, open_):
+        self.closed = closed
+        self.open_ = open_
+
+    def collect(self):
+        closed = CounterMetricFamily(
+            "gproxy_http_connections_closed_total", "HTTP connections gproxy closed: idle, "
+            "request_timeout, send_timeout, reclaimed (at the cap), bad_request, tls_handshake",
+            labels=["listener", "reason"])
+        for (listener, reason), n in sorted(self.closed().items()):
+            closed.add_metric([listener, reason], n)
+        yield closed
+        now = GaugeMetricFamily("gproxy_http_connections", "Open HTTP connections by state",
+                                labels=["listener", "state"])
+        for listener, states in sorted(self.open_().items()):
+            for state, n in sorted(states.items()):
+                now.add_metric([listener, state], n)
+        yield now
 
 
 def create_metrics_app(collector, extra_collectors=()):

@@ -14,16 +14,18 @@ from gproxy.model.balancer import Balancer, Node
 
 
 def parse_nodes(nodes):
-    """APISIX's two node forms (map or array) as a list of Node."""
+    """APISIX's two node forms (map or array) as a list of Node.  Numbers are made
+    ints: JSON's ``2.0`` passes the schema's ``integer`` (as in Lua) but a ring or a
+    socket wants an int."""
     if isinstance(nodes, dict):
         out = []
         for addr, weight in nodes.items():
             host, _, port = addr.rpartition(":")
             if not host:  # "host" alone: APISIX defaults the port by scheme
                 host, port = addr, "80"
-            out.append(Node(host, int(port), weight))
+            out.append(Node(host, int(port), int(weight)))
         return out
-    return [Node(n["host"], int(n.get("port", 80)), n["weight"], n.get("priority", 0))
+    return [Node(n["host"], int(n.get("port", 80)), int(n["weight"]), int(n.get("priority", 0)))
             for n in nodes or ()]
 
 

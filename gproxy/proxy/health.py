@@ -90,6 +90,15 @@ def _outcome(result):
     return result
 
 
+#: Probes of one upstream in flight at most, whatever ``active.concurrency`` asks
+#: (APISIX's schema bounds it not at all; gevent's pool takes a C int).
+MAX_CONCURRENCY = 1024
+
+
+def probes_at_once(active):
+    return min(max(int(active.get("concurrency") or 1), 1), MAX_CONCURRENCY)
+
+
 #: The longest a checker sleeps: nodes added by a route edit (``follow``) get
 #: their first probe within this, whatever the others' intervals.
 LOOK_EVERY = 1.0
@@ -138,13 +147,13 @@ class Checker:
         up = self.upstream
         if not up.needs_dns:
             return up.nodes
-        nodes = netio.resolve_nodes(up.nodes)
+        nodes = netio.resolve_nodes(up.nodes, timeout=self.checks.active.get("timeout") or 1)
         self.state.set_nodes(nodes)
         return nodes
 
     def _run(self):
         active = self.checks.active
-        pool = Pool(max(int(active.get("concurrency") or 1), 1))
+        pool = Pool(probes_at_once(active))
         while True:
             now = time.monotonic()
             nodes = self._nodes()
@@ -159,7 +168,7 @@ class Checker:
 
     def _probe(self, node):
         active = self.checks.active
-        port = active.get("port") or node.port
+        port = int(active.get("port") or node.port)  # a JSON 80.0 passes "integer"
         timeout = active.get("timeout") or 1
         host = node.dial_host
         try:

@@ -15,6 +15,7 @@ import os
 import socket
 import time
 
+import gevent
 from gevent import socket as gsocket
 from gevent.socket import wait_read, wait_write
 
@@ -22,6 +23,7 @@ from gproxy.model.balancer import Node
 from gproxy.model.routes import is_ip
 
 _TIMEOUT = socket.timeout("timed out")
+_DNS_TIMEOUT = socket.timeout("resolving timed out")
 _NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)
 #: The C socket type: no Python-level wrapper, and untouched by gevent's
 #: monkey-patching (which replaces ``socket.socket`` in the CLI process).
@@ -154,19 +156,31 @@ def connect(host, port, timeout):
     return sock
 
 
-def resolve_nodes(nodes, on_error=None):
+def resolve_nodes(nodes, on_error=None, timeout=None):
     """Each domain node as a node on its first address (IP nodes as they are);
-    a name that does not resolve is dropped after ``on_error(node, exc)``."""
+    a name that does not resolve is dropped after ``on_error(node, exc)``.
+
+    The names are looked up at once, side by side, and ``timeout`` seconds
+    bound them all: a name not resolved by then is dropped as failed (a
+    ``socket.timeout``), so a resolver that never answers costs a session its
+    connect timeout, not the resolver's own retries (``resolv.conf`` allows
+    5 s per try and name server).  The lookup itself is gevent's (a thread,
+    or c-ares), never on the hub.
+    """
+    lookups = {id(node): gevent.spawn(gsocket.getaddrinfo, node.host, node.port, 0,
+                                      socket.SOCK_STREAM)
+               for node in nodes if not is_ip(node.host)}
+    gevent.joinall(list(lookups.values()), timeout=timeout)
     out = []
     for node in nodes:
-        if is_ip(node.host):
+        lookup = lookups.get(id(node))
+        if lookup is None:
             out.append(node)
-            continue
-        try:
-            infos = gsocket.getaddrinfo(node.host, node.port, 0, socket.SOCK_STREAM)
-        except OSError as exc:
+        elif lookup.successful():
+            infos = lookup.value
+            out.append(Node(infos[0][4][0], node.port, node.weight, node.priority, node.host))
+        else:
+            lookup.kill(block=False)  # (a thread's lookup runs on, unseen)
             if on_error is not None:
-                on_error(node, exc)
-            continue
-        out.append(Node(infos[0][4][0], node.port, node.weight, node.priority, node.host))
+                on_error(node, lookup.exception if lookup.ready() else _DNS_TIMEOUT)
     return out

@@ -23,6 +23,7 @@ import logging
 import gevent
 from gevent.lock import Semaphore
 
+from gproxy.admin.tally import CloseTally
 from gproxy.model.loadaware import Shared
 from gproxy.proxy.accept.listener import Listener, bind_listener, listener_phases
 from gproxy.proxy.accept.overload import Gate
@@ -71,6 +72,7 @@ class Gproxy:
         self.listeners = []
         self.admin_server = None
         self.http_servers = []  # the control API and metrics listeners
+        self.http_tally = CloseTally(gevent.get_hub().loop)  # their closes, one line a second
         self.workers = None  # the parent's WorkerSet when running with --workers
         self.fleet = None  # gproxy.fleet's Fleet (etcd) or SoloFleet, built by start()
         self.worker_index = None  # set in a forked worker
@@ -256,7 +258,7 @@ class Gproxy:
                 self.cfg.admin_file(mtls + "admin_ssl_ca_cert"))
             scheme = "https"
         self.admin_server = services.serve_http(self.cfg, (host, port), self.admin_app(),
-                                                "gproxy.admin", start=False,
+                                                "admin", self.http_tally, start=False,
                                                 inherited=self.inherited, **ssl_args)
         try:
             self.admin_server.start()

@@ -1,46 +1,55 @@
 """Reloading conf/config.yaml in place (SIGHUP): what changes and what waits.
 
-Applied at once, without dropping a live session: stream listeners added
-and removed (a removed one stops accepting; its sessions go on), the log
-level, ``gproxy.max_connections``, and the data path's timeouts and buffer
-size (for sessions that start from now on), the stream access log's
-settings.  With ``--workers`` the parent
-passes the new config to every worker.  Settings that would need new
-processes or new HTTP listeners (admin, control and metrics addresses, the
-store, the chash ring) keep their old value and are logged as needing a
-restart.  The CLI has already checked the file: a bad one never gets here.
+Applied at once, without dropping a live session (``LIVE``): stream
+listeners added and removed (a removed one stops accepting; its sessions go
+on), the log level, ``gproxy.max_connections``, the data path's timeouts and
+buffer size (for sessions that start from now on), the stream access log's
+settings, the HTTP listeners' cap and timeouts, the eviction and shutdown
+settings.  With ``--workers`` the parent passes the new config to every
+worker.  Every other key needs new processes, listeners or a new store (the
+admin, control and metrics addresses and keys, the store and its etcd, the
+chash ring, DNS discovery, a listener's TLS and PROXY protocol defaults,
+...): it keeps its old value and is logged as needing a restart.  The list
+is of what *is* applied, so a key added later is reported as needing a
+restart until it is made live here.  The CLI has already checked the file:
+a bad one never gets here.
 """
 
 import logging
 
 from gproxy.config import PY_LEVELS
 from gproxy.proxy.settings import Settings
+from gproxy.runtime.services import configure_http
 
 log = logging.getLogger("gproxy.server")
 
-#: Keys whose new value takes a restart (listed once, in the log).
-RESTART = ("deployment.admin.admin_listen.ip", "deployment.admin.admin_listen.port",
-           "deployment.admin.admin_key", "deployment.admin.allow_admin",
-           "deployment.admin.admin_key_required", "apisix.enable_admin",
-           "apisix.enable_control", "apisix.control.ip", "apisix.control.port",
-           "plugin_attr.prometheus.enable_export_server",
-           "plugin_attr.prometheus.export_addr.ip", "plugin_attr.prometheus.export_addr.port",
-           "gproxy.store.backend", "gproxy.store.path", "gproxy.balancer.chash_ring",
-           "gproxy.admin.max_connections", "gproxy.admin.timeout",
-           "discovery.dns.servers", "discovery.dns.resolv_conf", "discovery.dns.order",
-           "apisix.enable_ipv6",
-           "gproxy.workers.rebalance.interval", "gproxy.workers.rebalance.ratio",
-           "gproxy.workers.rebalance.min_gap", "gproxy.workers.rebalance.max_move",
-           # the etcd connection, the keyring its keys were read with, the fleet
-           "deployment.etcd.user", "deployment.etcd.password", "deployment.etcd.tls.verify",
-           "deployment.etcd.tls.cert", "deployment.etcd.tls.key", "deployment.etcd.tls.sni",
-           "apisix.data_encryption.keyring", "apisix.id", "plugin_attr.server-info.report_ttl",
-           "gproxy.fleet.enable", "gproxy.fleet.admin_url", "gproxy.fleet.timeout")
+#: Keys whose new value applies without a restart (see ``apply_config``).
+LIVE = frozenset((
+    "apisix.stream_proxy.tcp", "nginx_config.error_log_level",
+    # Settings: read by each session as it starts
+    "gproxy.preread.timeout", "gproxy.preread.buffer_size", "gproxy.proxy.connect_timeout",
+    "gproxy.proxy.timeout", "gproxy.max_connections", "gproxy.tls.handshake_timeout",
+    "apisix.ssl.fallback_sni",
+    # the stream access log, reopened with its new settings (_access_log)
+    "nginx_config.stream.enable_access_log", "nginx_config.stream.access_log",
+    "nginx_config.stream.access_log_format", "nginx_config.stream.access_log_format_escape",
+    # read when they are used
+    "gproxy.shutdown.grace", "gproxy.shutdown.server_reference",
+    "gproxy.evict.grace", "gproxy.evict.server_reference",
+    "gproxy.admin.max_connections", "gproxy.admin.timeout", "gproxy.admin.request_timeout",
+    "gproxy.upgrade.command", "gproxy.upgrade.timeout",
+))
+
+
+def needs_restart(old, new):
+    """The keys whose value differs between configs ``old`` and ``new`` and that
+    are not applied live, in declaration order."""
+    return [key for key in old.values if key not in LIVE and old[key] != new[key]]
 
 
 def apply_config(gp, cfg, log_level=None):
     old = gp.cfg
-    pending = [key for key in RESTART if old[key] != cfg[key]]
+    pending = needs_restart(old, cfg)
     for key in pending:
         cfg.values[key] = old[key]  # what runs is what the process reports
     if pending:
@@ -50,6 +59,10 @@ def apply_config(gp, cfg, log_level=None):
     gp.proxy.settings = Settings.from_config(cfg)
     _access_log(gp, old, cfg)
     gp.gate.set_limit(cfg["gproxy.max_connections"])
+    evictions = gp.workers if gp.workers is not None else gp.sessions
+    evictions.grace = cfg["gproxy.evict.grace"]
+    evictions.server_reference = cfg["gproxy.evict.server_reference"]
+    configure_http(cfg, [s for s in [gp.admin_server] + gp.http_servers if s is not None])
     if gp.workers is not None:
         gp.workers.reload(cfg, log_level)
     else:

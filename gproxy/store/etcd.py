@@ -38,6 +38,7 @@ import gevent
 from gproxy.errors import SchemaError
 from gproxy.model import jsontext
 from gproxy.model.ssls import redacted
+from gproxy.protocols.text import printable
 from gproxy import hub
 from gproxy.store.base import KINDS, Record, Store, check_item, diff
 from gproxy.store.etcdclient import Cluster, blocking
@@ -96,8 +97,10 @@ class EtcdStore(Store):
         except jsontext.JsonError:
             value = None
         if not isinstance(value, dict):
+            # whoever can write etcd chooses the key and value: one escaped line each
             log.error("invalid item data of [%s/%s/%s], val: %s, it should be an object",
-                      self.prefix, kind, id_, "(not shown)" if kind == "ssls" else raw[:200])
+                      self.prefix, kind, printable(id_),
+                      "(not shown)" if kind == "ssls" else printable(raw[:200]))
             return None
         value["id"] = id_  # APISIX: the key names the object
         try:
@@ -106,7 +109,7 @@ class EtcdStore(Store):
         except SchemaError as exc:
             shown = redacted(value)  # no private keys, whatever the kind (as the file codec)
             log.error("failed to check item data of [%s/%s] err:%s ,val: %s",
-                      self.prefix, kind, exc, json.dumps(shown)[:500])
+                      self.prefix, kind, printable(str(exc)), json.dumps(shown)[:500])
             return None
         return value
 

@@ -19,6 +19,7 @@ import time
 from collections import namedtuple
 
 from gproxy.errors import StoreUnavailable
+from gproxy.protocols.text import printable
 from gproxy.store.etcdclient import Compacted, WatchStream, prefix_end, unb64
 
 log = logging.getLogger("gproxy.store")
@@ -85,7 +86,7 @@ class PrefixWatch:
             except (StoreUnavailable, OSError, ValueError) as exc:
                 if down is None:
                     log.error("store: etcd watch failed: %s; serving the last known "
-                              "routes and retrying", exc)
+                              "routes and retrying", printable(str(exc)))
                 down = down or time.monotonic()
                 self._stop.wait(delay)
                 delay = min(delay * 2, RETRY_MAX)

@@ -38,6 +38,7 @@ from gevent.lock import RLock
 
 from gproxy import hub
 from gproxy.errors import SchemaError, StoreUnavailable
+from gproxy.protocols.text import printable
 from gproxy.store import atomic, codec, journal
 from gproxy.store.base import KINDS, Record, Store, check_item, diff
 from gproxy.store.threads import in_threadpool
@@ -94,7 +95,7 @@ class FileStore(Store):
             values, errors, revision = codec.parse(text, self.path, require_end=False,
                                                    keyring=self.keyring)
             for err in errors:
-                log.error("%s", err)
+                log.error("%s", printable(err))  # values from the file, one line each
         else:
             log.info("store: %s does not exist yet; starting empty", self.path)
         self._load(values, revision, pause=None)
@@ -114,7 +115,8 @@ class FileStore(Store):
             try:
                 check_item(kind, value)
             except SchemaError as exc:
-                log.error("store: journal entry %s/%s skipped: %s", kind, id_, exc)
+                log.error("store: journal entry %s/%s skipped: %s", kind, printable(id_),
+                          printable(str(exc)))
                 return 0
         self._revision = max(self._revision, revision)  # ids handed out stay used
         self._apply_one(kind, str(id_), value)
@@ -190,7 +192,7 @@ class FileStore(Store):
                 raise SchemaError("; ".join(errors))
         except (OSError, SchemaError) as exc:
             self._signature = signature  # report a broken edit once, not every poll
-            log.error("store: ignoring edit of %s: %s", self.path, exc)
+            log.error("store: ignoring edit of %s: %s", self.path, printable(str(exc)))
             return None
         if self.journal.entries:
             log.warning("store: %s was edited by hand; %d Admin change(s) not yet in it "

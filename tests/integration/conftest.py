@@ -112,6 +112,22 @@ def _listening_in_proc(port):
     return False if seen_file else None
 
 
+def accept_queue(port):
+    """Connections the kernel completed on our LISTEN socket ``port`` that nobody
+    has accepted yet (``rx_queue`` of its /proc/net/tcp row); None without /proc."""
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(path) as fh:
+                lines = fh.read().splitlines()[1:]
+        except OSError:
+            return None
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                return int(fields[4].split(":")[1], 16)
+    return None
+
+
 def wait_listening(port, proc=None, timeout=10.0, what="process"):
     """Wait until ``port`` is in LISTEN state (connect probe only without /proc)."""
     deadline = time.monotonic() + timeout
@@ -498,8 +514,9 @@ class Gproxy:
     """One ``python -m gproxy`` child process with its own config directory."""
 
     def __init__(self, directory, stream_routes, upstreams=(), config=None, listeners=1,
-                 workers=1, preexec_fn=None, log_level="info"):
+                 workers=1, preexec_fn=None, log_level="info", env=None):
         self.dir = directory
+        self.env = env or {}  # extra environment variables for the child
         self.log_level = log_level  # None: the config file's nginx_config.error_log_level
         self.nworkers = workers
         self.preexec_fn = preexec_fn
@@ -580,7 +597,7 @@ class Gproxy:
         os.replace(tmp, self.routes_path)
 
     def start(self):
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         with open(self.log_file.path, "ab") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "gproxy", "-c", self.config_path, "--workers",

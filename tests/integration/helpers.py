@@ -52,6 +52,22 @@ class ApisixRing:
         i = bisect.bisect_left(self.hashes, zlib.crc32(key) & 0xFFFFFFFF)
         return self.names[i % len(self.names)]
 
+    def spread(self, prefix, per_node):
+        """``per_node`` keys ``prefix-0``, ``prefix-1``, ... landing on each node, in
+        the order tried: which keys go where depends on the nodes' ports, which
+        tests pick at random, so a fixed list of names may all land on one."""
+        wanted = {name: per_node for name in set(self.names)}
+        keys = []
+        for n in range(100000):
+            key = "%s-%d" % (prefix, n)
+            node = self.pick(key)
+            if wanted[node]:
+                wanted[node] -= 1
+                keys.append(key)
+                if not any(wanted.values()):
+                    return keys
+        raise AssertionError("no %d keys per node among 100,000 candidates" % per_node)
+
 
 # -- raw sockets -----------------------------------------------------------------
 

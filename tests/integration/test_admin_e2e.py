@@ -32,13 +32,13 @@ from math import gcd
 import pytest
 import yaml
 
-from tests import packets
+from tests import needs, packets
 from tests.integration.conftest import (HOST, MOSQUITTO, Broker, Gproxy, free_port, mqtt_route,
                                         node, stop_process, wait_listening, wait_until)
 from tests.integration.helpers import (CONNACK_OK, Paho, dial, expect_closed, http_call, local_port,
                                        recv_exact)
 
-pytest.importorskip("paho.mqtt.client")
+needs.module("paho.mqtt.client", "bash scripts/venv.sh test")
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -362,8 +362,8 @@ def mqtt_route_body(*targets, type_="roundrobin", **extra):
 
 @pytest.mark.parametrize("transport", ["http.client", "curl"])
 def test_plugin_doc_walkthrough(transport, seed_brokers, gproxy, tmp_path):
-    if transport == "curl" and shutil.which("curl") is None:
-        pytest.skip("curl is not installed")
+    if transport == "curl":
+        needs.require(shutil.which("curl") is not None, "needs curl (apt-get install curl)")
     b1, b2, port = seed_brokers
     gp = with_admin(gproxy([]))
     run = seed_runner(transport, gp.admin_port, str(tmp_path))

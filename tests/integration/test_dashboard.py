@@ -20,14 +20,14 @@ import urllib.request
 
 import pytest
 
-from tests import packets
+from tests import needs, packets
 from tests.needs import require
 from tests.integration.browser import browser, require_browser  # noqa: F401 (a fixture)
 from tests.integration.conftest import HOST, MOSQUITTO, wait_listening
 from tests.integration.helpers import ApisixRing, Paho, dial, expect_closed
 
 sync_api = require_browser("the dashboard tests")
-pytest.importorskip("paho.mqtt.client")
+needs.module("paho.mqtt.client", "bash scripts/venv.sh test")
 expect = sync_api.expect
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser, pytest.mark.timeout(90)]

@@ -281,3 +281,19 @@ def test_an_ssl_object_written_through_one_instance_reaches_the_other(etcd, gpro
     assert "key" not in admin(b.admin_port, "GET", "/ssls/1")[1]["value"]
     assert admin(b.admin_port, "DELETE", "/ssls/1")[0] == 200
     assert wait_until(lambda: admin(a.admin_port, "GET", "/ssls/1")[0] == 404, WAIT)
+
+
+def test_raw_etcd_keys_and_values_cannot_forge_a_log_line(etcd, gproxy, prefix):
+    """Whoever can write the shared etcd chooses keys and values; gproxy logs a
+    bad one in APISIX's words, escaped into one line."""
+    a = on_etcd(gproxy, etcd, prefix)
+    forged = "\n2026-01-01 00:00:00 [warn] 1#0: forged"  # (no "/": keys are split on it)
+    mark = a.mark()
+    etcd.ctl("put", prefix + "/stream_routes/7" + forged, "not json" + forged)
+    try:
+        line = a.wait_for_log("invalid item data of [%s/stream_routes/7\\x0a2026-01-01"
+                              % prefix, WAIT, since=mark)
+        assert "val: not json\\x0a2026-01-01 00:00:00 [warn] 1#0: forged" in line
+        assert not [ln for ln in a.log(mark).splitlines() if ln.startswith("2026-01-01")]
+    finally:
+        etcd.ctl("del", "--prefix", prefix)

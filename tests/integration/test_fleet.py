@@ -18,13 +18,13 @@ import time
 
 import pytest
 
-from tests import packets
+from tests import needs, packets
 from tests.integration.conftest import mqtt_route, node, wait_until
 from tests.integration.helpers import CONNACK_OK, ApisixRing, Paho, dial, recv_exact
 from tests.integration.test_admin_e2e import (ADMIN, admin, with_admin,  # noqa: F401
                                               workers_gproxy)
 
-pytest.importorskip("paho.mqtt.client")
+needs.module("paho.mqtt.client", "bash scripts/venv.sh test")
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 SESSIONS = ADMIN + "/gproxy/sessions"

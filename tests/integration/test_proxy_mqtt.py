@@ -15,11 +15,11 @@ import time
 
 import pytest
 
-from tests import packets
+from tests import needs, packets
 from tests.integration.conftest import HOST, mqtt_route, node, wait_until
 from tests.integration.helpers import ApisixRing, Paho, dial, raw_session, recv_exact
 
-mqtt = pytest.importorskip("paho.mqtt.client")
+mqtt = needs.module("paho.mqtt.client", "bash scripts/venv.sh test")
 from paho.mqtt.packettypes import PacketTypes  # noqa: E402
 from paho.mqtt.properties import Properties  # noqa: E402
 

@@ -126,8 +126,7 @@ def test_username_hashing_is_sticky_over_two_brokers(gproxy, mosquitto):
                      "plugins": {"mqtt-proxy": {"protocol_level": 4}}}], [upstream])
     ring = ApisixRing([(HOST, a.port, 1), (HOST, b.port, 1)])
     brokers = {a.addr: a, b.addr: b}
-    users = ["alice", "bob", "carol", "dave", "erin", "frank"]
-    assert len({ring.pick(u) for u in users}) == 2  # the test covers both brokers
+    users = ring.spread("user", 3)  # three users per broker, for the ports in use
     for user in users:
         for n in range(3):
             cid = "%s-device-%d" % (user, n)

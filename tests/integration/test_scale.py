@@ -14,11 +14,14 @@ import sys
 
 import pytest
 
+from tests import needs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-pytest.importorskip("playwright.sync_api")
-if not os.access("/usr/bin/chromium", os.X_OK):
-    pytest.skip("the scale script needs Debian's chromium", allow_module_level=True)
+needs.module("playwright.sync_api", "bash scripts/venv.sh test")
+needs.require(os.access("/usr/bin/chromium", os.X_OK),
+              "the scale script needs Debian's chromium (apt-get install chromium)",
+              module_level=True)
 pytestmark = [pytest.mark.integration, pytest.mark.browser, pytest.mark.timeout(180)]
 
 

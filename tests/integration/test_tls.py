@@ -14,12 +14,12 @@ import ssl
 
 import pytest
 
-from tests import packets
+from tests import needs, packets
 from tests.integration.conftest import HOST, Broker, mqtt_route, node, wait_listening
 from tests.integration.helpers import CONNACK_OK, WAIT, Paho, expect_closed, http_call, recv_exact
 
 import trustme  # noqa: E402  (the test extra: a missing one must fail, not skip)
-mqtt = pytest.importorskip("paho.mqtt.client")
+mqtt = needs.module("paho.mqtt.client", "bash scripts/venv.sh test")
 
 KEY = "edd1c9f034335f136f87ad84b625c8f1"
 
@@ -398,6 +398,42 @@ def test_admin_over_https(gproxy, pki, mtls):
         plain.getresponse().read()
     plain.close()
     assert "admin API listening on https://" in proxy.log()
+
+
+def https_admin(gproxy, pki, **admin):
+    """A gproxy whose Admin API is served over HTTPS (``admin``: gproxy.admin.*)."""
+    leaf = pki.ca.issue_cert("127.0.0.1")
+    leaf.cert_chain_pems[0].write_to_path(pki.path("admin.crt"))
+    leaf.private_key_pem.write_to_path(pki.path("admin.key"))
+    proxy = gproxy([], config={
+        "deployment": {"admin": {"https_admin": True, "admin_api_mtls": {
+            "admin_ssl_cert": pki.path("admin.crt"), "admin_ssl_cert_key": pki.path("admin.key")}}},
+        "gproxy": {"admin": admin}})
+    wait_listening(proxy.admin_port, proxy.proc, what="gproxy admin")
+    return proxy
+
+
+def test_stalled_tls_handshakes_do_not_deny_the_https_admin(gproxy, pki):
+    """Idle TCP connections and handshakes stalled halfway (a ClientHello's
+    first bytes, then nothing) on the HTTPS admin port: at the cap they give
+    way, and the stalled ones end at the request timeout, without a line each."""
+    proxy = https_admin(gproxy, pki, max_connections=8, request_timeout=1)
+    idle = [socket.create_connection((HOST, proxy.admin_port), timeout=5) for _ in range(100)]
+    stalled = []
+    for _ in range(20):
+        sock = socket.create_connection((HOST, proxy.admin_port), timeout=5)
+        sock.sendall(b"\x16\x03\x01\x02\x00\x01")  # a record header and a byte of hello
+        stalled.append(sock)
+    try:
+        status, body = https_get(proxy, ssl.create_default_context(cafile=pki.ca_file))
+        assert status == 200 and json.loads(body) == {"list": [], "total": 0}
+        proxy.wait_for_log("admin reclaimed=")
+        for sock in stalled[-4:]:
+            assert sock.recv(10) == b"", "a stalled handshake outlived the request timeout"
+    finally:
+        for sock in idle + stalled:
+            sock.close()
+    assert "TLS handshake with" not in proxy.log()
 
 
 def test_bytes_decrypted_during_preread_reach_the_broker(gproxy, sink, pki):

@@ -151,6 +151,32 @@ def test_a_client_that_does_not_read_holds_the_broker_back(pair):
     assert got == big
 
 
+def test_a_client_that_pings_and_never_reads_costs_one_pong(pair):
+    """RFC 6455 §5.5.3: while a Pong waits for the socket, a newer Ping replaces
+    it.  30,000 pings (3.8 MB of them) from a client that reads nothing: the
+    endpoint's buffer stays at a frame or two, MQTT bytes still get through,
+    and once the client reads it gets the latest Pong last."""
+    p = pair()
+    p.client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    pings = [W.frame(W.PING, b"%06d" % i + b"p" * 119) for i in range(30000)]
+    wire = b"".join(pings) + W.binary(P.pingreq())
+    sent, deadline = 0, time.monotonic() + 20
+    while sent < len(wire):
+        assert time.monotonic() < deadline, "gproxy stopped reading the pings"
+        try:
+            sent += p.client.send(wire[sent:sent + 65536])
+        except BlockingIOError:
+            gevent.sleep(0.001)
+        buffered = len(p.endpoint._out) + len(getattr(p.endpoint, "_pong", b""))
+        assert buffered <= 2 * 130, "%d bytes of pongs buffered" % buffered
+    assert p.read(p.broker, lambda got: len(got) >= 2) == P.pingreq()
+    pongs = []
+    while not pongs or pongs[-1][2][:6] != b"029999":
+        pongs += p.frames()
+    assert all(opcode == W.PONG for _, opcode, _ in pongs)
+    assert len(pongs) < len(pings), "every ping got its own pong: nothing was folded"
+
+
 def test_client_close_is_echoed_and_ends_the_broker_side(pair):
     p = pair()
     p.client.send(W.binary(P.pingreq()) + W.close(1000, b"bye"))

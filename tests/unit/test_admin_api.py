@@ -10,6 +10,7 @@ disk, byte for byte as it was.
 import contextlib
 import copy
 import json
+import logging
 import os
 import re
 import time
@@ -935,3 +936,22 @@ def test_a_change_a_worker_could_not_apply_is_a_503_not_a_200(api):
                                "of memory; it serves the previous route table until it takes "
                                "the whole table")
     assert api.store.get("upstreams", "1") is not None  # stored: a retry re-applies it
+
+
+# -- client text in the log ------------------------------------------------------------
+
+def test_a_path_and_a_store_error_cannot_forge_a_log_line(api, monkeypatch, caplog):
+    """The request path is the client's (``%0A`` decodes to a newline), the store
+    error etcd's: each is escaped into the one line gproxy writes."""
+    from gproxy.errors import StoreUnavailable
+
+    def down(*args):
+        raise StoreUnavailable("etcd unavailable\n2026/01/01 00:00:00 [warn] forged by etcd")
+    monkeypatch.setattr(api.store, "get", down)
+    with caplog.at_level(logging.ERROR):
+        resp = api.get(SR + "/1%0A2026-01-01%2000:00:00%20[warn]%20forged%20by%20a%20client")
+    assert resp.status_code == 503
+    (record,) = [r for r in caplog.records if "in the store" in r.getMessage()]
+    line = record.getMessage()
+    assert "\n" not in line and "\\x0a2026-01-01 00:00:00 [warn] forged by a client" in line
+    assert "\\x0a2026/01/01 00:00:00 [warn] forged by etcd" in line

@@ -413,3 +413,26 @@ def test_deployment_admin_false_turns_the_admin_api_off():
 def yaml_load(text):
     import yaml
     return yaml.safe_load(textwrap.dedent(text))
+
+
+# -- SIGHUP: what a reload applies and what takes a restart ------------------------------
+
+def test_a_reload_names_every_changed_key_it_cannot_apply():
+    """``deployment.etcd.*`` and ``config_provider`` need a new store: a reload
+    must say so instead of reporting them applied."""
+    from gproxy.runtime.reload import needs_restart
+    old = Config({"deployment": {"etcd": {"host": ["http://127.0.0.1:2379"]}}})
+    new = Config({"deployment": {"role_traditional": {"config_provider": "etcd"},
+                                 "etcd": {"host": ["http://127.0.0.2:2379"], "prefix": "/x",
+                                          "timeout": 5}},
+                  "gproxy": {"admin": {"timeout": 3, "request_timeout": 2},
+                             "proxy": {"timeout": 60}}})
+    assert needs_restart(old, new) == [
+        "deployment.role_traditional.config_provider", "deployment.etcd.host",
+        "deployment.etcd.prefix", "deployment.etcd.timeout"]
+
+
+def test_every_key_a_reload_applies_is_declared():
+    from gproxy.config.keys import SETTINGS
+    from gproxy.runtime.reload import LIVE
+    assert LIVE <= {key for key, *_ in SETTINGS}

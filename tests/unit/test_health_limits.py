@@ -224,13 +224,46 @@ def test_rate_limit_is_nginx_limit_req_with_nodelay():
     assert all(rl.allow("k", 10.0 + i) for i in range(5))  # one a second is always fine
 
 
-def test_rate_limit_prunes_idle_keys():
-    rl = RateLimit(rate=1000)
-    rl.PRUNE_AT = 10
-    for i in range(10):
-        rl.allow(i, 0.0)
-    rl.allow("late", 5.0)
-    assert set(rl.buckets) == {"late"}
+def test_rate_limit_forgets_keys_as_they_drain():
+    """A key's bucket is empty (burst + 1) / rate seconds after its last
+    session: the table shrinks back as clients go quiet, a few keys a call."""
+    rl = RateLimit(rate=10, burst=1)  # a bucket drains in 0.2 s
+    for i in range(1000):
+        assert rl.allow("10.0.%d.%d" % divmod(i, 256), i * 0.0001)  # 1,000 clients in 0.1 s
+    assert len(rl.buckets) == 1000
+    for i in range(200):  # later, one client keeps coming
+        rl.allow("regular", 1.0 + i * 0.1)
+    assert set(rl.buckets) == {"regular"}
+
+
+def test_forgetting_a_drained_key_changes_no_answer():
+    kept, pruned = RateLimit(rate=2, burst=1), RateLimit(rate=2, burst=1)
+    pruned.EXPIRE_EACH = 10 ** 6
+    times = [0.0, 0.1, 0.2, 1.0, 1.05, 1.1, 2.5, 2.6, 2.61, 5.0]
+    for t in times:
+        assert kept.allow("k", t) == pruned.allow("k", t)
+        pruned.allow("other-%s" % t, t)
+
+
+def test_rate_limit_keeps_at_most_max_keys_least_recently_used_going_first():
+    rl = RateLimit(rate=0.001)  # buckets that take 1,000 s to drain
+    rl.MAX_KEYS = 100
+    for i in range(1000):
+        rl.allow(i, float(i))
+    assert len(rl.buckets) == 100 and next(iter(rl.buckets)) == 900
+
+
+def test_route_buckets_are_replaced_on_a_new_rate_and_forgotten_once_drained():
+    from gproxy.proxy.session.limits import Limits
+    limits = Limits()
+    for rate in range(1, 1001):  # a route edited 1,000 times
+        limits.bucket("r1", {"rate": rate}, 0.0).allow("k", 0.0)
+    assert list(limits.rates) == ["r1"] and limits.rates["r1"].rate == 1000
+    for i in range(50):  # 50 routes, each used once, then deleted
+        limits.bucket("gone-%d" % i, {"rate": 10}, 1.0).allow("k", 1.0)
+    for i in range(30):  # later only r2 is used
+        limits.bucket("r2", {"rate": 10}, 10.0 + i)
+    assert list(limits.rates) == ["r2"]
 
 
 # -- the MQTT probe's bytes -------------------------------------------------------------
@@ -268,3 +301,30 @@ def test_a_node_that_came_due_during_a_round_is_probed_next_round():
     assert next_round_in([100.0 + 3600], now=100.0) == LOOK_EVERY  # new nodes: within 1 s
     assert next_round_in([inf, inf], now=100.0) == LOOK_EVERY
     assert next_round_in([], now=100.0) == LOOK_EVERY
+
+
+@pytest.mark.parametrize("concurrency, probes", [(None, 10), (0, 1), (-5, 1), (3, 3),
+                                                 (2 ** 63, 1024)])
+def test_any_concurrency_the_schema_takes_makes_a_pool(concurrency, probes):
+    """``active.concurrency`` is an integer with no bound (APISIX's schema): a
+    huge one crashed the checker's greenlet with a traceback (found by fuzzing)."""
+    from gevent.pool import Pool
+    from gproxy.proxy.health import probes_at_once
+    active = dict(Checks({"active": {"type": "tcp"}}).active)
+    if concurrency is not None:
+        active["concurrency"] = concurrency
+    assert probes_at_once(active) == probes
+    Pool(probes_at_once(active))
+
+
+def test_integral_floats_from_json_make_a_ring_and_a_probe_port():
+    """``2.0`` passes the schema's ``integer`` (Lua has one number type); the ring
+    and the socket need ints (found by fuzzing: a TypeError building the ring, and
+    one per health probe of ``active.port: 80.0``)."""
+    table = RouteTable([{"id": 1, "upstream": {
+        "type": "chash", "key": "mqtt_client_id",
+        "nodes": [{"host": "127.0.0.1", "port": 1000.0, "weight": 2.0, "priority": 0.0},
+                  {"host": "127.0.0.2", "port": 1000, "weight": 1}]}}], [])
+    (route,) = table.routes
+    nodes = route.upstream.balancer(None).nodes
+    assert [(type(n.port), type(n.weight)) for n in nodes] == [(int, int)] * 2

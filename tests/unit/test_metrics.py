@@ -8,7 +8,7 @@ import re
 from prometheus_client.parser import text_string_to_metric_families
 
 from gproxy.control.api import create_control_app
-from gproxy.control.metrics import PATH, GproxyCollector, create_metrics_app
+from gproxy.control.metrics import PATH, GproxyCollector, HttpCollector, create_metrics_app
 from gproxy.proxy.sessions.registry import DIAL_BUCKETS, Registry
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -57,6 +57,19 @@ def test_a_registry_s_counters_become_metrics():
                                            ("port", "1883")))] == 0
     assert got[("apisix_node_info", (("hostname", "h"), ("version", "9.9")))] == 1
     assert scrape(reg.stats(), path="/metrics")[0].startswith("404")
+
+
+def test_the_http_listeners_closes_and_open_connections_become_metrics():
+    http = HttpCollector(lambda: {("admin", "reclaimed"): 700, ("metrics", "idle"): 2},
+                         lambda: {"admin": {"waiting": 60, "busy": 4}})
+    app = create_metrics_app(GproxyCollector(lambda: Registry().stats(), lambda: [], "9.9",
+                                             DIAL_BUCKETS), [http])
+    got = samples(b"".join(app({"PATH_INFO": PATH}, lambda s, h: None)).decode())
+    assert got[("gproxy_http_connections_closed_total",
+                (("listener", "admin"), ("reason", "reclaimed")))] == 700
+    assert got[("gproxy_http_connections_closed_total",
+                (("listener", "metrics"), ("reason", "idle")))] == 2
+    assert got[("gproxy_http_connections", (("listener", "admin"), ("state", "waiting")))] == 60
 
 
 def test_the_grafana_dashboard_asks_only_for_exported_metrics():

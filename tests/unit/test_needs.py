@@ -1,7 +1,8 @@
 """A missing mosquitto or chromium skips on a developer's machine and fails in CI.
 
-``tests.needs.require`` is what the integration conftest (mosquitto) and the
-dashboard tests (Playwright, chromium) call.  Checked directly, and in a
+``tests.needs.require`` is what the integration conftest (mosquitto), the
+dashboard tests (Playwright, chromium), the etcd and curl tests call, and
+``tests.needs.module`` what the tests that import paho or Playwright call.  Checked directly, and in a
 child pytest run over a throwaway test module, where a module-level
 requirement must turn into a skip without CI and a failed run with CI=true.
 """
@@ -13,7 +14,7 @@ import textwrap
 
 import pytest
 
-from tests.needs import in_ci, require
+from tests.needs import in_ci, module, require
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -40,6 +41,22 @@ def test_missing_fails_in_ci():
     with pytest.raises(pytest.fail.Exception,
                        match="^needs mosquitto; CI=true, so this fails instead of skipping$"):
         require(False, "needs mosquitto", environ={"CI": "true"})
+
+
+def test_a_module_that_imports_is_returned():
+    assert module("json", "never shown", environ={"CI": "true"}).dumps([]) == "[]"
+
+
+def test_a_missing_module_skips_outside_ci_and_fails_in_ci():
+    with pytest.raises(pytest.skip.Exception, match="^needs no_such_module_xyz "):
+        module("no_such_module_xyz", "pip install it", environ={})
+    with pytest.raises(pytest.fail.Exception, match="CI=true, so this fails instead"):
+        module("no_such_module_xyz", "pip install it", environ={"CI": "true"})
+
+
+def test_ci_run_sets_ci_itself():
+    with open(os.path.join(ROOT, ".ci", "run")) as fh:
+        assert "\nexport CI=true\n" in fh.read()
 
 
 MODULE = textwrap.dedent('''

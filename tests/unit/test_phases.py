@@ -13,7 +13,10 @@ the relay needs real descriptors (tests/integration covers it).
 import errno
 import logging
 import socket
+import time
 from types import SimpleNamespace
+
+import gevent
 
 import pytest
 
@@ -411,3 +414,40 @@ def test_a_type_apisix_does_not_know_is_refused_at_dial(dialler, monkeypatch, lo
     assert s.registry.rejected == {"upstream_unavailable": 1}
     assert logs(logging.ERROR)[-1].startswith(
         "*1 failed to pick server: invalid balancer type: random while connecting")
+
+
+# -- DNS: bounded by the connect timeout and the retries' deadline ----------------------
+
+class SlowResolver:
+    """``getaddrinfo`` that answers IP-like names at once and never answers ``slow.*``."""
+
+    def __init__(self):
+        self.asked = []
+
+    def __call__(self, host, port, family=0, kind=0):
+        self.asked.append(host)
+        if host.startswith("slow."):
+            gevent.sleep(30)  # a resolver that does not answer (resolv.conf: 5 s a try)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.9", port))]
+
+
+@pytest.mark.parametrize("timeouts", [{"timeout": {"connect": 0.2, "send": 5, "read": 5}},
+                                      {"timeout": {"connect": 30, "send": 5, "read": 5},
+                                       "retry_timeout": 0.2}],
+                         ids=["connect_timeout", "retry_timeout"])
+def test_a_name_that_does_not_resolve_costs_the_connect_timeout(dialler, monkeypatch, logs,
+                                                                timeouts):
+    resolver = SlowResolver()
+    monkeypatch.setattr(dialing.netio.gsocket, "getaddrinfo", resolver)
+    upstream = dict({"type": "roundrobin", "nodes": {"slow.example:1995": 1,
+                                                     "fast.example:1995": 1}}, **timeouts)
+    s = make_session(packets.connect_v311("dns-1"), routes=[route(upstream=upstream)])
+    fake = dialler()
+    started = time.monotonic()
+    handed = run_until_hand_off(s, monkeypatch)
+    took = time.monotonic() - started
+    assert took < 2.0, "resolving took %.1fs" % took
+    assert sorted(resolver.asked) == ["fast.example", "slow.example"]
+    assert fake.tried == ["127.0.0.9:1995"] and len(handed) == 1
+    assert "*1 failed to parse domain: slow.example, error: resolving timed out" in \
+        " ".join(logs(logging.ERROR))

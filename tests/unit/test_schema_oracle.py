@@ -237,7 +237,10 @@ def test_the_generator_reaches_both_outcomes(kind, valid):
     found = find(strategy, lambda body: theirs(schema_, body) is valid,
                  settings=settings(max_examples=2000, database=None,
                                    phases=[Phase.generate]))  # no shrinking: any will do
-    assert ours(schema_, found) is valid
+    # jsonschema is strict about [] for an object, so gproxy without the Lua quirk is the
+    # one to compare (with it, an invalid body whose one fault is a [] object came out
+    # valid: a draw-dependent failure, e.g. {"nodes": [], "discovery_args": []})
+    assert ours_without_the_lua_quirk(schema_, found) is valid
 
 
 def test_the_lua_quirk_is_the_only_difference():

@@ -7,14 +7,18 @@ as a TLS one) and offers the relay's endpoint contract (``recv_into``,
 tracking and ``Relay.end`` work unchanged on the MQTT byte stream:
 
 * ``recv_into`` reads frames and returns the MQTT bytes inside the binary
-  ones; it answers pings itself; a Close from the client is echoed (RFC 6455
-  §5.5.1) and ends the stream like a FIN; a frame RFC 6455 says to fail on
-  gets a Close with its code and an error the relay aborts on.
+  ones; it answers pings itself, and while a Pong waits for the socket a
+  newer Ping replaces it (RFC 6455 §5.5.3 allows answering only the latest),
+  so a client that pings and never reads costs one Pong, not one per Ping; a
+  Close from the client is echoed (§5.5.1) and ends the stream like a FIN; a
+  frame RFC 6455 says to fail on gets a Close with its code and an error the
+  relay aborts on.
 * ``send`` wraps what the broker sent in one unmasked binary frame (MQTT §6:
   packets need not align with frames).  A frame the socket takes only in
   part is finished from the endpoint's own output buffer on its own write
   watcher; while that buffer is not empty ``send`` says ``BlockingIOError``,
-  so the relay's back-pressure holds (at most one frame is buffered here).
+  so the relay's back-pressure holds (at most one frame is buffered here,
+  plus one Pong and one Close).
 * ``shutdown(SHUT_WR)`` (the broker ended) sends Close 1000, then the FIN;
   ``close()`` without one (an abort: broker reset, idle, Disconnect,
   shutdown) sends Close 1001 (going away) if the socket takes it at once.
@@ -42,7 +46,7 @@ class WebSocketError(OSError):
 class WebSocketEndpoint:
     """MQTT bytes in and out of a WebSocket client connection (see the module docstring)."""
 
-    __slots__ = ("sock", "parser", "client_close", "close_sent", "_in", "_out", "_eof",
+    __slots__ = ("sock", "parser", "client_close", "close_sent", "_in", "_out", "_pong", "_eof",
                  "_error", "_writer", "_loop", "_shut", "_closed", "_inner_pending",
                  "_sendmsg")
 
@@ -53,6 +57,7 @@ class WebSocketEndpoint:
         self.close_sent = False
         self._in = b""            # MQTT bytes unwrapped, not yet taken by the relay
         self._out = b""           # wire bytes the socket has not taken yet
+        self._pong = b""          # the latest Ping's Pong, waiting for _out to drain
         self._eof = False
         self._error = None
         self._writer = None
@@ -183,7 +188,7 @@ class WebSocketEndpoint:
                 if a:
                     data.append(a)
             elif kind == wsframe.PING:
-                self._write(wsframe.encode_frame(wsframe.PONG, a))
+                self._answer_ping(a)
             elif kind == wsframe.CLOSE:
                 self._closed_by_client(a)
         if data:
@@ -203,7 +208,18 @@ class WebSocketEndpoint:
         if self.close_sent:
             return
         self.close_sent = True
+        self._pong = b""  # no frame after the Close (§5.5.1)
         self._write(wsframe.encode_frame(wsframe.CLOSE, wsframe.close_payload(code, reason)))
+
+    def _answer_ping(self, payload):
+        """A Pong now, or, while the socket is full, in place of any Pong still waiting."""
+        if self.close_sent:
+            return
+        pong = wsframe.encode_frame(wsframe.PONG, payload)
+        if self._out:
+            self._pong = pong
+        else:
+            self._write(pong)
 
     def _write(self, frame):
         if self.close_sent and frame[0] & 0x0F != wsframe.CLOSE:
@@ -212,7 +228,7 @@ class WebSocketEndpoint:
         self._flush()
 
     def _flush(self):
-        """Write what is buffered; True once all of it is out."""
+        """Write what is buffered, then the waiting Pong; True once all of it is out."""
         while self._out:
             try:
                 sent = self.sock.send(self._out)
@@ -220,6 +236,8 @@ class WebSocketEndpoint:
                 self._watch()
                 return False
             self._out = self._out[sent:]
+            if not self._out and self._pong:
+                self._out, self._pong = self._pong, b""
         if self._writer is not None:
             self._writer.stop()
         if self._shut:
@@ -240,5 +258,5 @@ class WebSocketEndpoint:
             self._flush()
         except OSError as exc:  # the relay's reader sees the broken socket too
             self._error = exc
-            self._out = b""
+            self._out = self._pong = b""
             self._writer.stop()

@@ -57,12 +57,13 @@ def hash_key(s, upstream):
     return value if isinstance(value, bytes) else value.encode()
 
 
-def resolve(s, upstream):
-    """Domain nodes as IP nodes (None when every node is an IP already)."""
+def resolve(s, upstream, timeout):
+    """Domain nodes as IP nodes (None when every node is an IP already), the
+    lookups bounded by ``timeout`` (a name not resolved by then is dropped)."""
     if not upstream.needs_dns:
         return None
     nodes = netio.resolve_nodes(upstream.nodes, lambda node, exc: s.log(
-        logging.ERROR, "failed to parse domain: %s, error: %s", node.host, exc))
+        logging.ERROR, "failed to parse domain: %s, error: %s", node.host, exc), timeout)
     if not nodes:
         raise NoUpstream("failed to set upstream: no valid upstream node")
     return nodes
@@ -74,12 +75,14 @@ def dial(s):
     if not upstream.nodes:  # a discovered service with no answer, or none at all
         raise NoUpstream(upstream.no_nodes())
     key = s.info.hash_key = hash_key(s, upstream)
-    balancer = upstream.balancer(resolve(s, upstream))
-    if upstream.type not in BALANCER_TYPES and len(balancer.nodes) > 1:
-        raise NoUpstream("failed to pick server: invalid balancer type: %s" % upstream.type)
     timeout = (upstream.connect_timeout or s.settings.connect_timeout
                or DEFAULT_CONNECT_TIMEOUT)
     deadline = time.monotonic() + upstream.retry_timeout if upstream.retry_timeout else None
+    # the names get one connect timeout, and no more than the retries' deadline
+    balancer = upstream.balancer(resolve(s, upstream, min(timeout, upstream.retry_timeout
+                                                          or timeout)))
+    if upstream.type not in BALANCER_TYPES and len(balancer.nodes) > 1:
+        raise NoUpstream("failed to pick server: invalid balancer type: %s" % upstream.type)
     s.set_state("connecting")
     tried = s.tried
     health = upstream.health

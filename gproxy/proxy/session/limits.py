@@ -8,11 +8,15 @@ exit line (APISIX: ``limit-conn exits with status code 503``) and counted as
 ``limit_conn`` or ``limit_rate``.  Counts live in ``Limits``, one per
 process, keyed by route id (and the plugin's key), so a route table swap
 neither resets them nor loses the sessions it counted; a session gives its
-slot back when it ends (``Session.cleanup``).
+slot back when it ends (``Session.cleanup``).  A route's rate buckets are
+replaced when its ``rate`` or ``burst`` changes, and forgotten once they
+have all drained (a deleted or quiet route), a few checks a call, so
+neither table only grows.
 """
 
 import logging
 import time
+from collections import OrderedDict
 
 import gevent
 
@@ -25,7 +29,7 @@ class Limits:
 
     def __init__(self):
         self.conns = {}  # (route id, key) -> sessions counted
-        self.rates = {}  # (route id, rate, burst) -> RateLimit
+        self.rates = OrderedDict()  # route id -> RateLimit, least recently used first
 
     def acquire(self, key):
         count = self.conns.get(key, 0) + 1
@@ -39,11 +43,19 @@ class Limits:
         else:
             self.conns.pop(key, None)
 
-    def bucket(self, route_id, conf):
-        ident = (route_id, conf["rate"], conf.get("burst", 0))
-        found = self.rates.get(ident)
-        if found is None:
-            found = self.rates[ident] = RateLimit(conf["rate"], conf.get("burst", 0))
+    def bucket(self, route_id, conf, now):
+        """The route's ``RateLimit`` for ``conf`` (its ``allow`` is the caller's)."""
+        rate, burst = float(conf["rate"]), conf.get("burst", 0)
+        found = self.rates.get(route_id)
+        if found is None or (found.rate, found.burst) != (rate, burst):
+            found = self.rates[route_id] = RateLimit(rate, burst)
+        found.last = now
+        self.rates.move_to_end(route_id)
+        for _ in range(2):  # the least recently used route, if all its buckets drained
+            oldest = next(iter(self.rates.values()))
+            if oldest is found or not oldest.drained(now):
+                break
+            self.rates.popitem(last=False)
         return found
 
 
@@ -81,7 +93,8 @@ def limits(s):
 def _rate(s, conf):
     kind = conf.get("key", "route")
     key = "" if kind == "route" else _var(s, kind)
-    if not s.proxy.limits.bucket(s.route.id, conf).allow(key, time.monotonic()):
+    now = time.monotonic()
+    if not s.proxy.limits.bucket(s.route.id, conf, now).allow(key, now):
         raise Reject("limit_rate", logging.WARNING,
                      "gproxy-limit-rate exits with status code 503")
 
