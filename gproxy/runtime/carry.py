@@ -52,8 +52,9 @@ def process_state(app):
     health = {name: {addr: [n.healthy, n.success, n.tcp_failure, n.timeout_failure]
                      for addr, n in checker.state.nodes.items()}
               for name, checker in app.health.checkers.items()}
-    rates = [[list(ident), [[k, e, t] for k, (e, t) in bucket.buckets.items()]]
-             for ident, bucket in app.proxy.limits.rates.items()]
+    rates = [[route, bucket.rate, bucket.burst, bucket.last,
+              [[k, e, t] for k, (e, t) in bucket.buckets.items()]]
+             for route, bucket in app.proxy.limits.rates.items()]
     balancing = getattr(app, "balancing", None)
     return {"totals": app.registry.totals(), "health": health, "rates": rates,
             "ewma": balancing.ewma.export() if balancing is not None else []}
@@ -73,8 +74,8 @@ def carry_state(app, state):
             node.tcp_failure, node.timeout_failure = tcp, timeout
             (checker.state.unhealthy.discard if healthy else checker.state.unhealthy.add)(addr)
     limits = app.proxy.limits
-    for (route, rate, burst), buckets in state["rates"]:
-        bucket = limits.bucket(route, {"rate": rate, "burst": burst})
+    for route, rate, burst, used, buckets in state["rates"]:
+        bucket = limits.bucket(route, {"rate": rate, "burst": burst}, used)
         for key, excess, last in buckets:
             bucket.buckets[key] = (excess, last)
     balancing = getattr(app, "balancing", None)

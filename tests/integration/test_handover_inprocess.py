@@ -99,7 +99,7 @@ def test_counters_health_and_limits_carry_over():
     old.registry.reject("limit_conn")
     old.registry.dialled("10.0.0.1:1883", 0.003)
     new.registry.reject("limit_conn")  # the taker's own count adds up with the giver's
-    old.proxy.limits.bucket("7", {"rate": 5, "burst": 1}).allow("10.9.9.9", 1000.0)
+    old.proxy.limits.bucket("7", {"rate": 5, "burst": 1}, 1000.0).allow("10.9.9.9", 1000.0)
     client, broker, session = relaying(old, "limited")
     key = ("7", "10.9.9.9")
     old.proxy.limits.acquire(key)
@@ -114,7 +114,8 @@ def test_counters_health_and_limits_carry_over():
     assert not new.health.checkers["/apisix/stream_routes/7"].state.is_healthy("10.0.0.2:1883")
     assert new.health.report() == old.health.report()
     assert new.proxy.limits.conns == {key: 1} and old.proxy.limits.conns == {}
-    bucket = new.proxy.limits.rates[("7", 5, 1)]
+    bucket = new.proxy.limits.rates["7"]
+    assert (bucket.rate, bucket.burst, bucket.last) == (5.0, 1, 1000.0)
     assert bucket.buckets["10.9.9.9"] == (1.0, 1000.0)
     for app in (old, new):
         app.proxy.relays.close_all()
