@@ -35,12 +35,14 @@ READ, WRITE = 1, 2
 SPLICE = hasattr(os, "splice")
 PIPE_SIZE = 1024 * 1024
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-_RAW = _socket.socket
+#: A kernel socket as the relay holds it (not a TLS or WebSocket wrapper).
+RawEndpoint = _socket.socket
 #: How a direction moves bytes (``Direction.splicing``): through Python's
 #: buffer; the rest of one large MQTT body through the pipe; whole runs of
 #: large MQTT packets through the pipe, their headers found by peeking; or
 #: everything through the pipe (no packet boundaries to keep).
 COPY, BODY, WALK, ALL = 0, 1, 2, 3
+MODES = ("copy", "body", "walk", "all")  # their names (logs, the handed state)
 _SO_PEEK_OFF = getattr(socket, "SO_PEEK_OFF", 42)  # 42 on Linux (asm-generic/socket.h)
 _PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 _SOL = socket.SOL_SOCKET
@@ -113,7 +115,7 @@ class Direction:
 
     def splice_ok(self):
         """splice(2) needs kernel sockets on both sides (not TLS or WebSocket endpoints)."""
-        return SPLICE and type(self.src) is _RAW and type(self.dst) is _RAW
+        return SPLICE and type(self.src) is RawEndpoint and type(self.dst) is RawEndpoint
 
     # -- what the watchers and the event queue call ----------------------------
     def __call__(self):
@@ -204,6 +206,49 @@ class Direction:
             pass  # the default 64 KiB pipe still works
         self.pipe = (r, w)
         return True
+
+    # -- handover to another process (relay.handoff packs these) ---------------
+    def export(self):
+        """This direction's state at rest (the relay quiesced): ``backlog`` (bytes;
+        those waiting in the pipe read out of it), ``done``, the tracker, and
+        ``mode``/``piped``, what it was doing (for the record: a resumed
+        direction starts again from COPY and decides anew on its next read).
+        The pipe is empty and the mode COPY afterwards, so a ``restart`` here
+        sends the backlog as bytes too."""
+        backlog, piped, mode = self.backlog, 0, self.splicing
+        if backlog.__class__ is int:  # bytes spliced into the pipe, not written yet
+            piped = backlog
+            backlog = self.read_pipe(backlog)
+        self.backlog = backlog
+        self.splicing = COPY
+        if mode == WALK or self.pipe is not None and self.walkable:
+            self.forget_peek_offset()
+        return {"backlog": backlog, "done": self.done, "track": self.track,
+                "mode": MODES[mode], "piped": piped}
+
+    def forget_peek_offset(self):
+        """SO_PEEK_OFF off again (-1): the socket travels with the offset a walk
+        left, and a walk sets it before every peek anyway, so none is carried."""
+        try:
+            self.src.setsockopt(_SOL, _SO_PEEK_OFF, -1)
+        except OSError:
+            pass
+
+    def restore(self, backlog, done):
+        """What ``export`` returned, in a new direction (the tracker is loaded apart)."""
+        self.backlog = backlog or None
+        self.done = done
+
+    def read_pipe(self, n):
+        """The ``n`` bytes waiting in the pipe, as bytes (None if it held none)."""
+        chunks = []
+        while n > 0:
+            chunk = os.read(self.pipe[0], n)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            n -= len(chunk)
+        return b"".join(chunks) or None
 
     def close(self):
         """Stop and let go of the watchers, the pipe and the relay (it has ended).

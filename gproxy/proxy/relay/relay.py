@@ -39,13 +39,14 @@ import socket
 import time
 
 from gproxy.proxy.relay.direction import COPY, WALK, WRITE, Direction, reason_of, shutdown
+from gproxy.proxy.relay.moving import Moving
 from gproxy.proxy.relay.splicing import _RETRY, SPLICE_BODY, WALK_PACKET, Splicing
 
 log = logging.getLogger("gproxy.relay")
 
-class Relay(Splicing):
+class Relay(Splicing, Moving):
     """Bytes between ``client`` and ``upstream`` endpoints (the splice(2) paths:
-    ``Splicing``, splicing.py)."""
+    ``Splicing``, splicing.py; moving to another process: ``Moving``, moving.py)."""
 
     __slots__ = ("hub", "info", "on_done", "last", "idle", "reason", "up", "down", "deadline",
                  "slot", "slot_prev", "slot_next")
@@ -76,9 +77,12 @@ class Relay(Splicing):
     def start(self):
         self.hub.enter(self)
         for d in (self.up, self.down):
-            self._resume(d)
-            if d.pending is not None and d.pending():
-                self._readable(d)  # bytes (or an end) in hand already: no watcher would fire
+            if d.backlog is not None:  # resumed or restarted (moving.py): bytes owed first
+                self._hold(d, d.backlog)
+            elif not d.done:
+                self._resume(d)
+                if d.pending is not None and d.pending():
+                    self._readable(d)  # bytes (or an end) in hand already: no watcher would fire
 
     def _resume(self, d):
         d.reader.start(d)  # d records itself in the event queue (events.EventQueue)

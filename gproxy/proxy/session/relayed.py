@@ -11,7 +11,9 @@ A relayed session is the registry's handle from then on (``close``, ``end``:
 an operator's Disconnect, an eviction, a drain, SIGTERM).  When its relay
 finishes it gives back what the session held (its accept slot, limit-conn
 and least_conn slots), folds its record into the registry's totals and
-writes the session's last log line and its access-log line.
+writes the session's last log line and its access-log line.  It is also
+what moves to another process at a live upgrade (session/moved.py;
+``adopted`` builds it there).
 """
 
 import logging
@@ -52,6 +54,18 @@ class RelayedSession(Relay):
         s.cleanup = None  # they are this object's to run now, with the accept slot
         # Every node dialled, for $upstream_addr: kept only when there was more than one.
         self.dialled = tuple(s.tried) if len(s.tried) > 1 else None
+
+    @classmethod
+    def adopted(cls, proxy, listener, client, upstream, info, idle, mqtt, dialled=None):
+        """The relay of a session handed over from another process (session.moved:
+        its state is loaded next, then it starts)."""
+        self = cls.__new__(cls)
+        Relay.__init__(self, proxy.relays, client, upstream, info, _finished, idle, mqtt)
+        self.proxy = proxy
+        self.listener = listener
+        self.cleanup = None
+        self.dialled = dialled
+        return self
 
     @property
     def tried(self):
