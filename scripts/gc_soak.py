@@ -24,7 +24,6 @@ that finds is the cyclic garbage freezing had kept (the leak itself, by kind).
 import argparse
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -33,9 +32,9 @@ import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from scale_setup import (HOST, KEY, free_port, mqttwire, recv_exact, start_broker,  # noqa: E402
-                         stop, wait_port)
-from bench import tlsbench, wswire  # noqa: E402  (scale_setup put the repo on the path)
+from scale_setup import (HOST, KEY, finish, free_port, mqttwire, start_broker,  # noqa: E402
+                         wait_port)
+from bench import tlsbench  # noqa: E402  (scale_setup put the repo on the path)
 from bench.loadgen import mqtt_session  # noqa: E402
 
 HELD = 30  # sessions held, evicted and opened again every few seconds
@@ -183,9 +182,7 @@ def main(argv=None):
     finally:
         for sock in held:
             sock.close()
-        for proc in reversed(procs):
-            stop(proc)
-        shutil.rmtree(workdir, ignore_errors=True)
+        finish(reversed(procs), workdir, False, None)
 
 
 if __name__ == "__main__":

@@ -38,15 +38,14 @@ import argparse
 import json
 import os
 import resource
-import shutil
 import statistics
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from scale_setup import (HOST, KEY, Poller, connack_latencies, gc_passes, get,  # noqa: E402
-                         open_idle, probe_holds, start_broker, start_gproxy, stop)
+from scale_setup import (HOST, KEY, Poller, connack_latencies, finish, gc_passes,  # noqa: E402
+                         get, open_idle, probe_holds, start_broker, start_gproxy)
 import scale_fleet  # noqa: E402,I100
 
 CHROMIUM = "/usr/bin/chromium"
@@ -194,9 +193,7 @@ def measure(args):
             dash.quit()
         for sock in socks:
             sock.close()
-        for proc in reversed(procs):
-            stop(proc)
-        shutil.rmtree(workdir, ignore_errors=True)
+        finish(reversed(procs), workdir, False, None)
 
 
 def summary(result):

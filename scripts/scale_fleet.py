@@ -17,12 +17,13 @@ the longest hub hold of each worker.
 """
 
 import multiprocessing
-import os
 import socket
 import statistics
 import time
 
 from scale_setup import HOST, gc_passes, mqttwire, probe_holds, recv_exact
+
+from bench.procstat import children, rss_kib  # (scale_setup put the repo on the path)
 
 CTX = multiprocessing.get_context("fork")
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
@@ -105,25 +106,6 @@ class Clients:
 
 
 # -- gproxy's processes ----------------------------------------------------------------
-
-def children(pid):
-    try:
-        with open("/proc/%d/task/%d/children" % (pid, pid)) as fh:
-            return [int(p) for p in fh.read().split()]
-    except OSError:
-        return []
-
-
-def rss_kib(pid):
-    try:
-        with open("/proc/%d/status" % pid) as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
 
 def gproxy_rss(pid):
     """``{"parent": KiB, "workers": {pid: KiB}, "total": KiB}`` of gproxy's process tree."""
