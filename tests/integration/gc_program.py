@@ -5,7 +5,8 @@
 gproxy runs embedded in this process, so the collector sees its objects.
 With automatic collection off, SESSIONS sessions run through it to the broker
 and end in the ways sessions end (the client's DISCONNECT and close, a reset,
-the proxy ending them cleanly, the idle timeout); then one collection must
+the proxy ending them cleanly, the idle timeout; a quarter as many more are
+refused in their phases); then one collection must
 find nothing unreachable: every per-session object was freed by its reference
 count.  That is what lets the CLI freeze live sessions out of the collector's
 way (gproxy/runtime/gcpolicy.py): a frozen object in a cycle would never be
@@ -26,6 +27,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import gproxy  # noqa: E402
 from tests import packets  # noqa: E402
 from tests.integration.embedded_program import HOST, free_port  # noqa: E402
+
+
+def refused(port, client_id):
+    """A client the route refuses (MQTT 5.0 where it wants 3.1.1): gproxy closes it."""
+    sock = socket.create_connection((HOST, port), timeout=5)
+    sock.sendall(packets.connect_v5(client_id))
+    while sock.recv(4096):
+        pass
+    sock.close()
 
 
 def session(port, client_id, how, keep_alive=0):
@@ -88,6 +98,8 @@ def main(broker_port, store_dir, count):
             sock = session(port, b"gc-%d" % i, how, keep_alive=1 if how == "idle" else 0)
             if how in ("evict", "idle"):
                 held.append(sock)
+            if i % 4 == 0:  # and sessions refused in their phases (they keep their Reject)
+                refused(port, b"gc-refused-%d" % i)
         live = proxy.stats()["live_sessions"]
         # the relays are this process's objects (else nothing below would be checked)
         relays_seen = sum(type(o).__name__ == "RelayedSession" for o in gc.get_objects())

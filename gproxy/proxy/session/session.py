@@ -63,6 +63,14 @@ class Proxy:
         Session(self, listener, sock, info).run()
 
 
+def _bare(exc):
+    """``exc`` without its traceback and chained exceptions: their frames hold this
+    session (``self``, ``s``), and the session keeps its refusal for the access
+    log, a reference cycle the GC policy could freeze for good (runtime/gcpolicy.py)."""
+    exc.__traceback__ = exc.__context__ = exc.__cause__ = None
+    return exc
+
+
 class Session:
     """The life of one accepted connection, up to the hand-off to the relay.
 
@@ -122,11 +130,11 @@ class Session:
                 phase(self)
             self.hand_off()
         except Reject as exc:
-            self.refusal = exc
+            self.refusal = _bare(exc)
             self.registry.reject(exc.reason)
             self.log(exc.level, "%s", exc)
         except OSError as exc:  # a socket error mid-phase ends this session only
-            self.refusal = exc
+            self.refusal = _bare(exc)
             self.log(logging.ERROR, "%s", exc.strerror or exc)
         finally:
             if self.relay is None:  # never handed off: this greenlet cleans up
