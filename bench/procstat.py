@@ -36,6 +36,14 @@ def descendants(root):
     return out
 
 
+def gone(pid):
+    """True once ``pid`` has exited (a zombie waiting for its parent counts as gone)."""
+    try:
+        return _stat_fields(pid)[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
 def rss_kib(pid):
     """VmRSS of one process in KiB (0 if it is gone)."""
     try:

@@ -9,7 +9,7 @@ cheap); a gevent program can also run ``gproxy.runtime.app.Gproxy`` itself.
 """
 
 __version__ = "0.1.0"
-_LAZY = ("start", "AdminError", "EmbeddedProxy", "ProxyStopped")
+_LAZY = ("start", "AdminError", "EmbeddedProxy", "ProxyStopped", "HandoverError")
 
 
 def __getattr__(name):

@@ -6,6 +6,8 @@ cleanly within ``gproxy.shutdown.grace``); a second one forces.  SIGHUP
 re-reads the config file and applies it (``Gproxy.reload_config``); a file
 that does not load is logged and the running configuration kept.  SIGUSR1
 reopens the stream access log (logrotate's ``postrotate``), as nginx does.
+SIGUSR2 is a live upgrade (``runtime.upgrade``): the gproxy now on disk
+takes every listener and session, and this process exits.
 """
 
 import argparse
@@ -86,7 +88,10 @@ def main(argv=None):
 
     from gproxy import config
     from gproxy.errors import ConfigError, SchemaError
+    from gproxy.runtime import sdnotify, upgrade
     from gproxy.runtime.app import Gproxy
+
+    wire = upgrade.inherited_wire()  # started by a live upgrade (SIGUSR2)
 
     setup_logging(args.log_level or "warn")
     path = args.config or (DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None)
@@ -97,7 +102,7 @@ def main(argv=None):
         return 2
     setup_logging(args.log_level or cfg["nginx_config.error_log_level"])
     try:
-        app = Gproxy(cfg)
+        app = Gproxy(cfg, standby=wire is not None)  # a successor writes once it takes over
     except (OSError, SchemaError, ValueError) as exc:
         print("gproxy: cannot load the store: %s" % exc, file=sys.stderr)
         return 2
@@ -106,18 +111,49 @@ def main(argv=None):
         return 0
     raise_fd_limit()
     signals = install_signals()  # before listening: a SIGHUP must never find the default
-    try:
-        app.start(workers=max(args.workers, 1))
-    except OSError as exc:
-        print("gproxy: %s" % exc, file=sys.stderr)
-        return 1
+    workers = max(args.workers, 1)
+    if wire is not None:
+        if not take_over(app, wire, workers):
+            return 1
+    else:
+        try:
+            app.start(workers=workers)
+        except OSError as exc:
+            print("gproxy: %s" % exc, file=sys.stderr)
+            return 1
+        sdnotify.notify("READY=1")
     freeze_startup_objects()
     if os.environ.get("GPROXY_HUB_PROBE"):  # a diagnostic: how long the hub is held
         from gproxy import hubprobe
         hubprobe.start(os.environ["GPROXY_HUB_PROBE"])
-    serve(app, signals, lambda: reload(app, path, args.log_level), app.reopen_logs)
+    serve(app, signals, lambda: reload(app, path, args.log_level), app.reopen_logs,
+          upgrade.Upgrader(app, command()))
     app.store.close()  # the file store folds its journal into the file
     return 0
+
+
+def command():
+    """How this process was started, for a live upgrade to start the program on disk now."""
+    if getattr(sys, "frozen", False):  # the one-file executable
+        return [sys.executable] + sys.argv[1:]
+    return [sys.executable] + list(getattr(sys, "orig_argv", sys.argv)[1:])
+
+
+def take_over(app, wire, workers):
+    """Started by a live upgrade: take the old process's listeners and sessions.
+    False (this process stops; the old one kept everything) if it fails."""
+    from gproxy.runtime import upgrade
+    from gproxy.runtime.handover import HandoverError
+    log = logging.getLogger("gproxy.upgrade")
+    try:
+        moved = upgrade.take_over(app, wire, workers)
+    except (HandoverError, OSError) as exc:
+        log.error("upgrade: %s; the old process keeps serving, this one stops", exc)
+        app.stop()  # drains the few sessions it accepted meanwhile
+        return False
+    log.warning("upgrade: took over from the old process%s",
+                "" if moved is None else ": %d sessions" % moved)
+    return True
 
 
 def embedded(args):
@@ -163,7 +199,7 @@ def install_signals():
     import gevent.event
     import signal
     wake = gevent.event.Event()
-    flags = {"stop": 0, "reload": 0, "reopen": 0}
+    flags = {"stop": 0, "reload": 0, "reopen": 0, "upgrade": 0}
 
     def flag(name):  # signal handlers only set flags; the main greenlet does the work
         def handler():
@@ -175,13 +211,21 @@ def install_signals():
         gevent.signal_handler(sig, flag("stop"))
     gevent.signal_handler(signal.SIGHUP, flag("reload"))
     gevent.signal_handler(signal.SIGUSR1, flag("reopen"))
+    gevent.signal_handler(signal.SIGUSR2, flag("upgrade"))  # nginx's binary upgrade signal
     return flags, wake
 
 
-def serve(app, signals, on_reload, on_reopen=lambda: None):
-    """Run until SIGTERM/SIGINT has drained the app (a second one forces)."""
+def serve(app, signals, on_reload, on_reopen=lambda: None, upgrader=None):
+    """Run until SIGTERM/SIGINT has drained the app (a second one forces), or a
+    live upgrade (SIGUSR2) handed everything over and what was left drained."""
     import gevent
     flags, wake = signals
+
+    def upgraded(run):
+        if run.value:  # everything that could move did: drain the rest and exit
+            flags["stop"] += 1
+        wake.set()
+
     wake.set()  # a signal may have come while starting
     log = logging.getLogger("gproxy")
     drain = None
@@ -196,6 +240,11 @@ def serve(app, signals, on_reload, on_reopen=lambda: None):
         if flags["reopen"]:
             flags["reopen"] = 0
             on_reopen()
+        if flags["upgrade"] and drain is None:
+            flags["upgrade"] = 0
+            run = upgrader.request() if upgrader is not None else None
+            if run is not None:
+                run.link(upgraded)
         if flags["stop"] and drain is None:
             log.warning("shutting down (a second SIGTERM or SIGINT forces)")
             drain = gevent.spawn(app.stop)

@@ -100,3 +100,8 @@ class ProxyStopped(GproxyError, RuntimeError):
     """An embedded gproxy's handle can no longer reach it: stopped, its process
     gone, or the handle was inherited by a forked child of the program that
     started it.  ``str(exc)`` says which."""
+
+
+class HandoverError(GproxyError):
+    """A live upgrade's handover cannot go on; ``str(exc)`` says why (logged by the
+    caller).  The old process keeps (or takes back) every session and listener."""

@@ -5,9 +5,9 @@ The keys are APISIX's where APISIX has them (``apisix.*``, ``deployment.*``,
 """
 
 from gproxy.config.validate import (DEFAULT_ADMIN_KEY, DEFAULT_KEYRING, LOG_LEVELS, admin_keys,
-                                    boolean, choice, cidrs, count, dns_order, dns_servers,
-                                    etcd_hosts, keyring, listeners, log_format, number,
-                                    optional_str, optional_text, port, typed)
+                                    boolean, choice, cidrs, command, count, dns_order,
+                                    dns_servers, etcd_hosts, keyring, listeners, log_format,
+                                    number, optional_str, optional_text, port, typed)
 
 SETTINGS = [
     ("apisix.stream_proxy.tcp", [9100], listeners,
@@ -123,6 +123,25 @@ SETTINGS = [
     ("gproxy.shutdown.server_reference", None, optional_text,
      "a peer gproxy (host:port) for MQTT 5 clients: set, shutdown sends 0x9C Use another "
      "server with this Server Reference instead of 0x8B Server shutting down"),
+    ("gproxy.upgrade.command", None, command,
+     "the command a live upgrade (SIGUSR2) starts, as a list of arguments; null: the "
+     "program this process runs (the one-file executable, or the venv's python -m "
+     "gproxy) with the same arguments, as it is on disk now"),
+    ("gproxy.upgrade.timeout", 60.0, number,
+     "seconds the new process of a live upgrade has to load its config and store and "
+     "say hello (the one-file executable unpacks itself first); past that the old "
+     "process keeps everything"),
+    ("gproxy.workers.rebalance.interval", 30.0,
+     typed((int, float), lambda v: v >= 0, "a number >= 0"),
+     "with --workers: seconds between two looks at the workers' live sessions (0: never "
+     "move sessions between workers)"),
+    ("gproxy.workers.rebalance.ratio", 1.5, typed((int, float), lambda v: v > 1, "a number > 1"),
+     "with --workers: move sessions when the busiest worker holds more than this times "
+     "the average..."),
+    ("gproxy.workers.rebalance.min_gap", 200, count,
+     "...and at least this many sessions more than the least busy one"),
+    ("gproxy.workers.rebalance.max_move", 1000, count,
+     "with --workers: sessions moved in one round at most (each pauses for the move)"),
     ("apisix.enable_control", True, boolean, "serve the control API (GET /v1/healthcheck)"),
     ("apisix.control.ip", "127.0.0.1", typed(str), "control API address"),
     ("apisix.control.port", 9090, port, "control API port"),

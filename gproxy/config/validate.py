@@ -192,6 +192,15 @@ def optional_text(value, key):
     return value
 
 
+def command(value, key):
+    """null, or a program and its arguments as a non-empty list of strings."""
+    if value is not None and (not isinstance(value, list) or not value
+                              or not all(isinstance(v, str) and v for v in value)):
+        raise ConfigError("%s: expected a list of arguments (strings) or null, got %r"
+                          % (key, value))
+    return value
+
+
 def etcd_hosts(value, key):
     if isinstance(value, str):
         value = [value]

@@ -10,7 +10,9 @@ then rebuilds the route table from the store and the answers, like an Admin
 write.  When every DNS server fails the last good answer stays (retried
 after ``RETRY`` seconds, doubling up to ``MAX_RETRY``); an authoritative
 "no such name" or "no records" empties the node list.  Sessions never wait
-on DNS: they use whatever the current table holds.  Never touches the data
+on DNS: they use whatever the current table holds.  A live upgrade's new
+process starts from the old one's last good answers (``seed``), so it
+serves the same nodes even when the DNS is down as it starts.  Never touches the data
 path, the store or the Admin API.
 """
 
@@ -126,6 +128,15 @@ class DnsDiscovery:
             out.append((kind, id_, value))
         self.want(set(self._users.values()))
         return out
+
+    def seed(self, found):
+        """A previous process's last good answers (``found``, as ``self.found``), for
+        the names this one wants and has none for yet; a fresh answer replaces them."""
+        fresh = {name: nodes for name, nodes in found.items()
+                 if name in self._watchers and name not in self.found}
+        if fresh:
+            self.found.update(fresh)
+            self._changed()
 
     def users(self):
         """``(kind, id)`` of every stored object whose nodes come from DNS."""

@@ -58,6 +58,15 @@ class SoloFleet:
     def leave(self):
         pass
 
+    def standby(self):
+        pass
+
+    def hand_over(self):
+        return None
+
+    def take_over(self, carried):
+        pass
+
     def instances(self, token):
         stats = self.sessions().stats()
         me = {"id": None, "product": "gproxy", "self": True, "reachable": True,
@@ -120,6 +129,40 @@ class Fleet(SoloFleet):
         """Shutting down: report draining, end this instance's shares (bounded)."""
         self.reporter.set_draining()
         self.shares.stop()
+
+    # -- a live upgrade: the same instance, in a new process ---------------------------
+    def standby(self):
+        """The new process until the commit: not registered, taking no share."""
+        self.shares.standby = True
+
+    def hand_over(self):
+        """The old process, at the commit: the registration and the running shares."""
+        carried = dict(self.reporter.hand_over(), id=self.id, shares=self.shares.hand_over())
+        return carried
+
+    def take_over(self, carried):
+        """The new process, at the commit: go on as the same instance (or, if the
+        id changed with the config, let the old one's registration go)."""
+        if carried is None or carried.get("id") != self.id:
+            self._let_go(carried)
+            self.reporter.start()
+            self.shares.standby = False
+            return
+        self.reporter.take_over(carried)
+        self.shares.take_over(carried.get("shares") or ())
+
+    def _let_go(self, carried):
+        lease = (carried or {}).get("lease")
+        if lease:
+            log.warning("fleet: the old process was instance %s; this one is %s",
+                        carried.get("id"), self.id)
+            gevent.spawn(self._revoke, lease)
+
+    def _revoke(self, lease):
+        try:
+            self.kv.revoke(lease)
+        except (StoreUnavailable, OSError) as exc:
+            log.error("fleet: cannot revoke the old registration (%s); it expires", exc)
 
     def leave(self):
         self.reporter.stop()

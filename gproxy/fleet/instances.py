@@ -15,6 +15,12 @@ and revokes it when the instance stops, so a clean stop leaves at once.
 The id is APISIX's: ``apisix.id`` if set, else ``apisix.uid`` next to the
 config file (made once with a random UUID, as APISIX makes
 ``conf/apisix.uid``).
+
+A live upgrade keeps the registration: the old process ``hand_over()``s its
+lease (stops renewing, revokes nothing, never reports draining) and the new
+one ``take_over(...)``s it (renews that lease and rewrites the record with
+its pid, keeping ``boot_time``), so the key never goes and tools watching
+the registry see the same instance with a new pid.
 """
 
 import logging
@@ -102,6 +108,7 @@ class Reporter:
         self.lease = None
         self._sent = None
         self._loop = None
+        self._reporting = False  # a report is on its way to etcd
 
     def record(self):
         stats = self.stats()
@@ -133,6 +140,13 @@ class Reporter:
 
     def report(self, force=False):
         """Renew the lease (a new one if etcd lost it) and write the record if it changed."""
+        self._reporting = True
+        try:
+            self._report(force)
+        finally:
+            self._reporting = False
+
+    def _report(self, force):
         if self.etcd_version == "unknown":
             try:
                 self.etcd_version = self.kv.etcd_version()
@@ -153,12 +167,35 @@ class Reporter:
 
     def set_draining(self):
         """Shutting down: say so at once (bounded: shutdown must not wait on etcd)."""
+        if self.lease is None and self._sent is None:
+            return  # not registered: a live upgrade's new process, or an old one after it
         self.draining = True
         with gevent.Timeout(2, False):
             try:
                 self.report(force=True)
             except (StoreUnavailable, OSError, ValueError, KeyError) as exc:
                 log.error("fleet: cannot report draining: %s", exc)
+
+    # -- a live upgrade ----------------------------------------------------------
+    def hand_over(self):
+        """The old process, at the commit: stop renewing (a report on its way is
+        let land first, so it cannot overwrite the new process's) and give the
+        lease away; nothing is revoked.  ``{"lease", "boot_time"}``."""
+        with gevent.Timeout(2, False):
+            while self._reporting:
+                gevent.sleep(0.01)
+        if self._loop is not None:
+            self._loop.kill(block=False)
+            self._loop = None
+        lease, self.lease, self._sent = self.lease, None, None
+        return {"lease": lease, "boot_time": self.boot_time}
+
+    def take_over(self, carried):
+        """The new process, at the commit: the old one's lease and boot time; the
+        first report renews it (or grants one if it ran out) and writes this pid."""
+        self.lease, self.boot_time = carried.get("lease"), carried.get("boot_time",
+                                                                       self.boot_time)
+        self.start()
 
     def stop(self):
         """Leave the registry now: the lease (and so the record) is revoked."""

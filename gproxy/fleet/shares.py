@@ -14,6 +14,14 @@ while a share runs, so a job lives while any instance works on it, whoever
 started it.  A job set to ``cancelled`` stops the shares; ``stop()`` (this
 instance shutting down) ends each running share as ``stopped``: the
 shutdown's own drain ends those sessions cleanly.
+
+A live upgrade hands the running shares to the new process with the
+sessions (``hand_over`` / ``take_over``): the same instance id, the same
+share key, the same pace, from the session where the old process stopped.
+The new process takes no share of its own before (``standby``).  A share
+still counting at the commit cannot move: the old process writes it
+``done`` with its sessions ``failed`` (they were not ended; run the job
+again).
 """
 
 import logging
@@ -56,6 +64,8 @@ class Shares:
         self.jobs = {}  # job id -> {"job": value, "shares": {instance: value}}
         self.running = {}  # job id -> (Eviction, its progress greenlet): this instance's shares
         self.stopping = False
+        self.standby = False  # a live upgrade's new process, until the commit
+        self.handed = False  # a live upgrade's old process, after the commit
 
     # -- the watch (on the hub; quick) -------------------------------------------
     def on_change(self, path, value, revision):
@@ -79,7 +89,7 @@ class Shares:
         seen["job"] = value
         if value.get("state") == "cancelled" and job_id in self.running:
             self.running[job_id][0].state = "cancelled"
-        elif first and value.get("state") == "running" and not self.stopping:
+        elif first and value.get("state") == "running" and not (self.stopping or self.standby):
             gevent.spawn(self._take, job_id, value)
 
     def wait_counts(self, job_id, expected, paced=False, timeout=SETTLE):
@@ -111,6 +121,15 @@ class Shares:
         everyone = sum(int(s.get("total") or 0) for s in shares.values()) or len(ids)
         if job.get("rate"):
             share.rate = job["rate"] * len(ids) / max(everyone, len(ids))
+        if self.handed:  # its sessions moved to a new process while this one counted
+            log.error("fleet eviction %s: this share's %d sessions moved to a new process "
+                      "(live upgrade) before it began: counted as failed", job_id, len(ids))
+            share.failed = len(ids)
+            self._write(share, lease, "done")
+            return
+        self._run_share(job_id, share, lease)
+
+    def _run_share(self, job_id, share, lease):
         progress = gevent.spawn(self._report, share, lease)
         self.running[job_id] = (share, progress)
         try:
@@ -120,7 +139,7 @@ class Shares:
         finally:
             progress.kill()
             self.running.pop(job_id, None)
-            if share.state != "stopped":
+            if share.state not in ("stopped", "moved"):  # a moved one is the new process's
                 self._write(share, lease, share.state)
 
     def _report(self, share, lease):
@@ -151,9 +170,37 @@ class Shares:
                       share.id, exc)
             return False
 
+    # -- a live upgrade -------------------------------------------------------------
+    def hand_over(self):
+        """At the commit (the jobs held): the running shares, for the new process;
+        here they end as ``moved`` and nothing more is written."""
+        self.handed = self.stopping = True
+        out = []
+        for job_id, (share, progress) in list(self.running.items()):
+            progress.kill()
+            out.append({"job": (self.jobs.get(job_id) or {}).get("job"),
+                        "share": share.export()})
+            share.state = "moved"
+        return out
+
+    def take_over(self, items):
+        """The old process's running shares, run on here from where they stopped."""
+        self.standby = False
+        for item in items:
+            job, share = item["job"] or {}, Eviction.restored(item["share"])
+            self.jobs.setdefault(share.id, {"job": None, "shares": {}})["job"] = job
+            gevent.spawn(self._resume, share, job.get("lease"))
+
+    def _resume(self, share, lease):
+        log.warning("fleet eviction %s: this instance's share goes on here (live upgrade): "
+                    "%d of %d left", share.id, share.remaining, len(share.ids))
+        self._run_share(share.id, share, lease)
+
     def stop(self):
         """Shutting down: no new shares; running ones end as ``stopped`` (bounded)."""
         self.stopping = True
+        if self.handed:
+            return  # they went on in the new process
         with gevent.Timeout(2, False):
             for job_id, (share, progress) in list(self.running.items()):
                 share.state = "stopped"

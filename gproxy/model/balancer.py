@@ -274,8 +274,7 @@ class Balancer:
         picker = self._counting.get(node)
         if picker is None:
             return None
-        picker.acquire(node)
-        return lambda: picker.release(node)
+        return picker.acquire(node)
 
     def observe(self, node, seconds):
         """A dial to ``node`` connected after ``seconds``: ewma's latency sample."""

@@ -17,7 +17,12 @@
 
 Both answer ``pick(key, tried)`` like the other pickers.  State is per
 process: with ``--workers`` each worker balances its own sessions, as each
-nginx worker does.  Pure: the clock and the random source are handed in.
+nginx worker does.  A session moved to another process (live upgrade,
+rebalancing) goes on counting there: what it holds is a ``Counted`` that
+names its state's key and node, and ``Shared.count`` takes it again in the
+other process; the ewma table is written out and merged the same way
+(``export``/``merge``: its clock is CLOCK_MONOTONIC, the same in every
+process).  Pure: the clock and the random source are handed in.
 """
 
 import math
@@ -30,12 +35,14 @@ SHM_TTL = 60.0     # seconds an ewma entry lives without an update (ewma.lua)
 
 
 class LeastConnState:
-    """Live sessions per node address for one upstream and priority level."""
+    """Live sessions per node address for one upstream and priority level
+    (``key``: ``<upstream key>#<priority>``, None for a private one)."""
 
-    __slots__ = ("conns", "__weakref__")
+    __slots__ = ("conns", "key", "__weakref__")
 
-    def __init__(self):
+    def __init__(self, key=None):
         self.conns = {}
+        self.key = key
 
     def acquire(self, addr):
         self.conns[addr] = self.conns.get(addr, 0) + 1
@@ -46,6 +53,21 @@ class LeastConnState:
             self.conns[addr] = left
         else:
             self.conns.pop(addr, None)
+
+
+class Counted:
+    """A session counted on a node, given back once when it ends (``Session.cleanup``
+    calls it).  An object rather than a closure so that a session handed to
+    another process can name what it holds (``state.key``, ``addr``)."""
+
+    __slots__ = ("state", "addr")
+
+    def __init__(self, state, addr):
+        self.state = state  # holds it: the counts outlive every table while counted
+        self.addr = addr
+
+    def __call__(self):
+        self.state.release(self.addr)
 
 
 class EwmaTable:
@@ -76,6 +98,19 @@ class EwmaTable:
         if len(self._entries) > 4096:  # forget what expired, as the shared dict's TTL does
             self._entries = {a: e for a, e in self._entries.items() if now - e[1] <= SHM_TTL}
 
+    def export(self):
+        """``[[addr, ewma, touched]]`` of the entries still alive, JSON-ready."""
+        now = self.clock()
+        return [[addr, ewma, touched] for addr, (ewma, touched) in self._entries.items()
+                if now - touched <= SHM_TTL]
+
+    def merge(self, entries):
+        """Another process's entries (``export``), where they are newer than ours."""
+        for addr, ewma, touched in entries:
+            mine = self._entries.get(addr)
+            if mine is None or mine[1] < touched:
+                self._entries[addr] = (ewma, touched)
+
 
 class Shared:
     """What the load-aware pickers of one process share across route tables."""
@@ -89,11 +124,20 @@ class Shared:
         """The counts of upstream ``name`` at ``priority`` (a private one without a name)."""
         if name is None:
             return LeastConnState()
-        key = "%s#%s" % (name, priority)
+        return self._state("%s#%s" % (name, priority))
+
+    def _state(self, key):
         state = self.least_conn.get(key)
         if state is None:
-            state = self.least_conn[key] = LeastConnState()
+            state = self.least_conn[key] = LeastConnState(key)
         return state
+
+    def count(self, key, addr):
+        """Count a session another process counted on ``addr`` under ``key``
+        (``Counted.state.key``); the ``Counted`` that gives it back."""
+        state = self._state(key)
+        state.acquire(addr)
+        return Counted(state, addr)
 
 
 class LeastConn:
@@ -121,10 +165,9 @@ class LeastConn:
         return best
 
     def acquire(self, node):
+        """Count a session on ``node``; the ``Counted`` that gives it back."""
         self.state.acquire(node.addr)
-
-    def release(self, node):
-        self.state.release(node.addr)
+        return Counted(self.state, node.addr)
 
 
 class Ewma:

@@ -13,7 +13,9 @@ matched.  ``stop(grace)`` drains (see
 ``drain``); ``reload_config(cfg)`` applies a new config file without
 dropping a session.  It patches nothing and installs no signal handlers
 (that is ``cli``'s job), so it can be embedded in a program that runs a
-gevent hub.
+gevent hub.  ``standby``: a live upgrade's new process (``runtime.carry``),
+which relays and accepts clients but leaves the store, the Admin API and
+the fleet registration to the old process until ``go_live()``.
 """
 
 import logging
@@ -46,9 +48,10 @@ DISCOVERY_PRIME = 3.0  # seconds start-up waits for the first DNS answers
 class Gproxy:
     """Everything one gproxy process serves, built from a validated Config."""
 
-    def __init__(self, cfg, store=None, registry=None):
+    def __init__(self, cfg, store=None, registry=None, standby=False):
         self.cfg = cfg
-        self.store = store if store is not None else open_store(cfg)
+        self.standby = standby  # until go_live(): a live upgrade's new process
+        self.store = store if store is not None else open_store(cfg, standby)
         self.registry = registry if registry is not None else Registry()
         self.health = HealthCheckers()
         self.balancing = Shared()  # least_conn counts and ewma latencies outlive table swaps
@@ -75,6 +78,11 @@ class Gproxy:
         self.worker_index = None  # set in a forked worker
         self._watcher = None
         self._stopping = False
+        # Listening sockets handed over by a live upgrade, by ("stream" | "http",
+        # addr text): used instead of binding (runtime.upgrade); what is left
+        # after start-up (a listener the new config dropped) is closed.
+        self.inherited = {}
+        self.giver = None  # a worker's handover to its successor, until the commit
         self._changing = Semaphore()  # one group of changes at a time, workers included
 
     @property
@@ -82,6 +90,13 @@ class Gproxy:
         """How evictions end sessions (``gproxy.evict.*``)."""
         return {"grace": self.cfg["gproxy.evict.grace"],
                 "server_reference": self.cfg["gproxy.evict.server_reference"]}
+
+    @property
+    def rebalance_options(self):
+        """When ``--workers`` move sessions between them (``gproxy.workers.rebalance.*``)."""
+        prefix = "gproxy.workers.rebalance."
+        return {name: self.cfg[prefix + name]
+                for name in ("interval", "ratio", "min_gap", "max_move")}
 
     def on_change(self, changes):
         """Store callback: make what changed live (in every worker too, in order)."""
@@ -132,15 +147,19 @@ class Gproxy:
         return self.health.report()
 
     # -- starting ------------------------------------------------------------
-    def start(self, workers=1):
-        """Listen and serve (on the current hub); ``workers`` > 1 forks proxy processes."""
+    def start(self, workers=1, handover=None):
+        """Listen and serve (on the current hub); ``workers`` > 1 forks proxy processes
+        (``handover``: a live upgrade's paths, where each waits for its old worker)."""
         if self.proxy.access_log is not None:
             self.proxy.access_log.check()  # a path it cannot open stops the start, as nginx
         if self.discovery is not None:  # the first answers before the first session
             self.discovery.prime(DISCOVERY_PRIME)
         if workers > 1:
+            from gproxy.runtime.rebalance import Rebalancer
             from gproxy.runtime.workers import fork_workers
-            self.workers = fork_workers(self, workers)
+            self.workers = fork_workers(self, workers, handover)
+            self.workers.rebalancer = Rebalancer(self.workers, self.workers.folder,
+                                                 **self.rebalance_options)
         else:
             self._listen(reuseport=False)
             self.health.start()
@@ -148,19 +167,51 @@ class Gproxy:
         if self.cfg["apisix.enable_admin"]:
             self._start_admin()
         self.http_servers = services.start_http(self)
-        self.fleet.start()
+        if self.standby:  # the old process answers and stays registered until the commit
+            self.fleet.standby()
+            for server in self._http():
+                server.stop_accepting()
+        else:
+            self.fleet.start()
         self._watcher = gevent.spawn(self._watch, self.cfg["gproxy.store.watch_interval"])
         if self.discovery is not None:  # the parent's (after any fork: workers get tables)
             self.discovery.start()
+        self.close_inherited()
 
-    def start_worker(self, index):
-        """In a forked worker: a fresh registry and this worker's own listeners."""
+    def _http(self):
+        return [server for server in [self.admin_server] + self.http_servers
+                if server is not None]
+
+    def go_live(self):
+        """A live upgrade committed: the Admin API, control and metrics accept here."""
+        self.standby = False
+        for server in self._http():
+            server.start_accepting()
+
+    def close_inherited(self):
+        for sock in self.inherited.values():
+            sock.close()  # a listener the new config does not have any more
+        self.inherited = {}
+
+    def start_worker(self, index, handover=None):
+        """In a forked worker: a fresh registry and this worker's own listeners
+        (or, in a live upgrade, its old worker's, taken at ``handover``)."""
         self.registry = Registry()
         self.proxy.registry = self.sessions.registry = self.registry
         self.worker_index = index
+        self.inherited = {}  # the parent's HTTP listeners are not ours
+        if handover is not None:
+            from gproxy.runtime.transfer import take_at
+            take_at(self, handover)
+            return
+        self.start_listening()
+
+    def start_listening(self):
+        """A worker's own listeners (reuseport; handed ones first) and health checks."""
         self._listen(reuseport=True)
+        self.close_inherited()
         self.health.start()
-        log.info("worker %d serving", index)
+        log.info("worker %d serving", self.worker_index)
 
     def _listen(self, reuseport, specs=None):
         if specs is None and not self.cfg.stream_enabled:  # APISIX: no stream_proxy, or http
@@ -169,7 +220,9 @@ class Gproxy:
             return
         for spec in self.cfg["apisix.stream_proxy.tcp"] if specs is None else specs:
             try:
-                sock = bind_listener(spec.host, spec.port, reuseport=reuseport)
+                sock = self.inherited.pop(("stream", spec.addr), None)
+                if sock is None:
+                    sock = bind_listener(spec.host, spec.port, reuseport=reuseport)
             except OSError as exc:
                 if spec.optional:
                     log.info("listener %s skipped: %s", spec.addr, exc.strerror)
@@ -206,7 +259,7 @@ class Gproxy:
             scheme = "https"
         self.admin_server = services.serve_http(self.cfg, (host, port), self.admin_app(),
                                                 "admin", self.http_tally, start=False,
-                                                **ssl_args)
+                                                inherited=self.inherited, **ssl_args)
         try:
             self.admin_server.start()
         except OSError as exc:

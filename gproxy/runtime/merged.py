@@ -7,8 +7,11 @@
 logged and left out of that answer.  A page of sessions spans the workers:
 each returns its first ``offset + limit`` matches in the same order and the
 parent merges them (a heap merge, ties in worker order) and cuts the page;
-totals add up.  Evictions are paced here and each batch goes only to the
-worker whose pid prefixes the session ids.
+totals add up.  Evictions are paced here and each batch goes to every
+worker, which ends the sessions it holds: a session keeps its id when a live
+upgrade or a rebalance moves it, so an id's pid no longer names its worker.
+It also drives the workers' side of a live upgrade (``hand_over``,
+``commit_handover``) and of rebalancing (``live_counts``, ``give_share``).
 
 Store changes reach the workers as they are, in chunks (``push_changes``),
 never as the whole table.  A worker that cannot apply them (an error, or no
@@ -21,6 +24,7 @@ worker that exited, says how, and leaves it out from then on.
 
 import logging
 import os
+import shutil
 import signal
 import time
 from collections import Counter
@@ -32,8 +36,11 @@ from gproxy.model.health import merge_reports
 from gproxy.protocols.mqttstream import USE_ANOTHER_SERVER
 from gproxy.proxy.sessions.evict import Evictions
 from gproxy.proxy.sessions.live import check_spec, merge_pages
+from gproxy.runtime.channel import ACK_TIMEOUT
+from gproxy.runtime.wire import STEP_TIMEOUT, HandoverError
 
 log = logging.getLogger("gproxy.workers")
+HANDOVER_TIMEOUT = 4 * STEP_TIMEOUT  # listeners, ready, sessions, prepared
 CHUNK = 256  # changes per control message
 
 
@@ -59,17 +66,21 @@ def merge_stats(replies, workers):
 class WorkerSet:
     """The parent's view of its workers; quacks like a Registry for the Admin API."""
 
-    def __init__(self, channels, grace=5.0, server_reference=None, everything=list):
+    def __init__(self, channels, grace=5.0, server_reference=None, everything=list,
+                 folder=None):
         self.channels = channels
+        self.index = {ch.pid: i for i, ch in enumerate(channels)}  # pid -> worker index
+        self.folder = folder  # the workers' import sockets (rebalancing); removed at stop
+        self.rebalancer = None
         self.grace = grace
         self.server_reference = server_reference
         self.everything = everything  # () -> every stored object as a change, in load order
         self.stale = {}  # pid -> why its table is behind
         self.evictions = Evictions(self.select, self.end_many)
 
-    def _one(self, ch, message):
+    def _one(self, ch, message, timeout=ACK_TIMEOUT):
         try:
-            reply = ch.call(message)
+            reply = ch.call(message, timeout)
         except (OSError, gevent.Timeout) as exc:
             log.error("worker %d did not answer %s: %s", ch.pid, message["op"], exc)
             return None
@@ -78,8 +89,9 @@ class WorkerSet:
             return None
         return reply
 
-    def _all(self, message, channels=None):
-        calls = [gevent.spawn(self._one, ch, message) for ch in channels or self.channels]
+    def _all(self, message, channels=None, timeout=ACK_TIMEOUT):
+        calls = [gevent.spawn(self._one, ch, message, timeout)
+                 for ch in channels or self.channels]
         gevent.joinall(calls)
         return [call.value for call in calls if call.value is not None]
 
@@ -170,25 +182,55 @@ class WorkerSet:
         return ids
 
     def end_many(self, ids, code=USE_ANOTHER_SERVER, grace=None, server_reference=None):
-        """End ``ids`` cleanly, each batch asked of the worker that holds it."""
+        """End ``ids`` cleanly.  Every worker is asked about every id (it ends
+        those it holds): a session keeps its id when a live upgrade or a
+        rebalance moves it, so the pid in an id no longer says where it lives."""
         by_pid = {}
         for sid in ids:
             by_pid.setdefault(sid.partition("-")[0], []).append(sid)
         ended = failed = 0
-        for ch in self.channels:
-            sids = by_pid.get(str(ch.pid))
-            if not sids:
-                continue
+        for ch in self.channels if ids else ():
             reply = self._one(ch, {
-                "op": "end_many", "sids": sids, "code": code,
+                "op": "end_many", "sids": list(ids), "code": code,
                 "grace": self.grace if grace is None else grace,
                 "server_reference": (self.server_reference if server_reference is None
                                      else server_reference)})
             if reply is None:
-                failed += len(sids)
+                failed += len(by_pid.get(str(ch.pid), ()))
             else:
                 ended += reply["ended"]
         return {"ended": ended, "failed": failed}
+
+    # -- live upgrade (runtime.upgrade) -------------------------------------
+    def hand_over(self, paths):
+        """Each worker gives its listeners and sessions to the new worker at
+        ``paths[i]``, up to the commit; if one fails, all take theirs back."""
+        if len(paths) != len(self.index):  # (a worker that died keeps its index)
+            raise HandoverError("the new process has %d workers, this one %d"
+                                % (len(paths), len(self.index)))
+        calls = [gevent.spawn(self._one, ch, {"op": "handover",
+                                              "path": paths[self.index[ch.pid]]},
+                              HANDOVER_TIMEOUT) for ch in self.channels]
+        gevent.joinall(calls)
+        if any(call.value is None for call in calls):
+            self._all({"op": "handover_abort"}, timeout=HANDOVER_TIMEOUT)
+            raise HandoverError("a worker could not hand over (see its line above)")
+
+    def live_counts(self):
+        """Live sessions per worker, in worker order; None if one did not answer."""
+        replies = [self._one(ch, {"op": "stats"}) for ch in self.channels]
+        if any(reply is None for reply in replies):
+            return None
+        return [reply["live_sessions"] for reply in replies]
+
+    def give_share(self, index, path, share):
+        """Worker ``index`` gives up to ``share`` sessions to the worker at ``path``."""
+        return self._one(self.channels[index], {"op": "rebalance_give", "path": path,
+                                                "share": share}, HANDOVER_TIMEOUT)
+
+    def commit_handover(self):
+        replies = self._all({"op": "handover_commit"}, timeout=HANDOVER_TIMEOUT)
+        return sum(reply.get("moved", 0) for reply in replies)
 
     def __len__(self):
         return sum(r["live_sessions"] for r in self._all({"op": "stats"}))
@@ -209,6 +251,7 @@ class WorkerSet:
 
         Killed (by a second signal) while waiting, the caller calls ``force``.
         """
+        self._forget()
         for ch in self.channels:
             try:
                 ch.call({"op": "stop", "timeout": timeout}, timeout=5)
@@ -216,8 +259,15 @@ class WorkerSet:
                 pass
         self._reap(timeout + 5)
 
+    def _forget(self):
+        if self.rebalancer is not None:
+            self.rebalancer.stop()
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
     def force(self):
         """A drain is under way: have every worker close what is left, now."""
+        self._forget()
         for ch in self.channels:
             try:
                 ch.sock.sendall(b'\n{"op":"stop","timeout":0}\n')

@@ -37,6 +37,7 @@ LIVE = frozenset((
     "gproxy.shutdown.grace", "gproxy.shutdown.server_reference",
     "gproxy.evict.grace", "gproxy.evict.server_reference",
     "gproxy.admin.max_connections", "gproxy.admin.timeout", "gproxy.admin.request_timeout",
+    "gproxy.upgrade.command", "gproxy.upgrade.timeout",
 ))
 
 

@@ -18,6 +18,7 @@ from gproxy.admin.extensions import health_blueprint as _health_blueprint
 from gproxy.admin.server import AdminServer
 from gproxy.control.api import create_control_app
 from gproxy.control.metrics import PATH, GproxyCollector, HttpCollector, create_metrics_app
+from gproxy.proxy.accept.listener import addr_text
 from gproxy.proxy.sessions.registry import DIAL_BUCKETS
 
 log = logging.getLogger("gproxy.server")
@@ -28,10 +29,12 @@ def health_blueprint(health):
     return _health_blueprint(ADMIN_PREFIX, health)
 
 
-def serve_http(cfg, address, app, name, tally, start=True, **ssl_args):
+def serve_http(cfg, address, app, name, tally, start=True, inherited=None, **ssl_args):
     """An ``AdminServer`` named ``name`` for ``app`` on ``address`` (started unless
-    ``start`` is False)."""
-    server = AdminServer(address, app, cfg["gproxy.admin.max_connections"],
+    ``start`` is False); on the socket a live upgrade handed over for that address,
+    if there is one."""
+    sock = (inherited or {}).pop(("http", addr_text(*address)), None)
+    server = AdminServer(sock or address, app, cfg["gproxy.admin.max_connections"],
                          cfg["gproxy.admin.timeout"], cfg["gproxy.admin.request_timeout"],
                          name=name, tally=tally, log=None,
                          error_log=logging.getLogger("gproxy." + name), **ssl_args)
@@ -49,7 +52,8 @@ def configure_http(cfg, servers):
 
 def _optional(gp, address, app, name, what, url):
     try:
-        server = serve_http(gp.cfg, address, app, name, gp.http_tally)
+        server = serve_http(gp.cfg, address, app, name, gp.http_tally,
+                            inherited=gp.inherited)
     except OSError as exc:
         log.error("%s: cannot listen on %s:%d: %s; not served", what, address[0], address[1],
                   exc.strerror)

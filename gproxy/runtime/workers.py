@@ -12,6 +12,10 @@ socketpair per worker (``channel``: JSON lines with request ids):
                       {"op": "end_many", "sids": [...], "code", "grace", "server_reference"}
                       {"op": "health"} / {"op": "reload", "raw": {...}, "path": ...}
                       {"op": "reopen"}   (SIGUSR1: reopen the access log)
+                      {"op": "handover", "path": ...}  (live upgrade: give to the new
+                      worker waiting there, up to the commit) / {"op": "handover_commit"}
+                      / {"op": "handover_abort"}
+                      {"op": "rebalance_give", "path", "share"}  (give sessions to a worker)
                       {"op": "stop", "timeout": grace}   (drain, then exit)
                       {"op": "stop", "timeout": 0}       (during a drain: force)
 
@@ -30,6 +34,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 
 import gevent
 import gevent.socket
@@ -37,7 +42,9 @@ import gevent.socket
 from gproxy.hub import pause as sessions_pause
 from gproxy.runtime.channel import (ACK_TIMEOUT, Channel, LineReader, decode, encode,
                                     encode_large)
+from gproxy.runtime.transfer import commit, give
 from gproxy.runtime.merged import WorkerSet
+from gproxy.runtime.rebalance import give_share, serve_imports
 
 log = logging.getLogger("gproxy.workers")
 
@@ -59,6 +66,10 @@ def _handlers(app):
         "health": lambda m: {"list": app.health.report()},
         "reload": lambda m: (_reload(app, m), {"ok": True})[1],
         "reopen": lambda m: (app.reopen_logs(), {"ok": True})[1],
+        "handover": lambda m: give(app, m["path"]),
+        "handover_commit": lambda m: commit(app),
+        "handover_abort": lambda m: (app.giver and app.giver.abort(), {"ok": True})[1],
+        "rebalance_give": lambda m: give_share(app, m["path"], m["share"]),
     }
 
 
@@ -97,7 +108,7 @@ def serve_control(app, sock, reader=None):
         sock.sendall(encode_large(dict(reply, id=request_id), sessions_pause))
 
 
-def _run_worker(app, index, child_end):
+def _run_worker(app, index, child_end, handover=None, imports=None):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent coordinates shutdown
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the parent reloads and tells us
@@ -106,7 +117,12 @@ def _run_worker(app, index, child_end):
     ctl = gevent.socket.socket(fileno=child_end.detach())
     try:
         try:
-            app.start_worker(index)
+            if handover is None:
+                app.start_worker(index)
+            else:  # a live upgrade: take the old worker's listeners and sessions
+                app.start_worker(index, handover)
+            if imports is not None:
+                serve_imports(app, imports)  # sessions other workers give this one
         except Exception as exc:  # the parent's start-up error names the reason
             ctl.sendall(encode({"error": str(exc) or type(exc).__name__}))
             raise
@@ -144,9 +160,14 @@ def _force_on_request(app, sock, reader, drain):
             return
 
 
-def fork_workers(app, count):
-    """Fork ``count`` workers running ``app``'s data path; returns the parent's WorkerSet."""
+def fork_workers(app, count, handover=None):
+    """Fork ``count`` workers running ``app``'s data path; returns the parent's WorkerSet.
+
+    ``handover`` (a live upgrade): one Unix socket path per worker, where it
+    waits for the old worker of the same index to give it its listeners and
+    sessions (``handover.take_at``)."""
     channels = []
+    folder = tempfile.mkdtemp(prefix="gproxy-workers-")  # each worker's import socket
     for index in range(count):
         parent_end, child_end = socket.socketpair()
         pid = os.fork()
@@ -154,13 +175,15 @@ def fork_workers(app, count):
             parent_end.close()
             for ch in channels:
                 ch.close()
-            _run_worker(app, index, child_end)
+            _run_worker(app, index, child_end, handover and handover[index],
+                        os.path.join(folder, "worker-%d.sock" % index))
         child_end.close()
         channel = Channel(pid, gevent.socket.socket(fileno=parent_end.detach()))
         channels.append(channel)
         hello = channel.hello(ACK_TIMEOUT * 2)
         if hello is None or not hello.get("ready"):
-            WorkerSet(channels, **app.evict_options).stop(0)
+            WorkerSet(channels, folder=folder, **app.evict_options).stop(0)
             raise OSError("worker %d did not start: %s"
                           % (index, (hello or {}).get("error", "timed out")))
-    return WorkerSet(channels, everything=app.everything, **app.evict_options)
+    return WorkerSet(channels, everything=app.everything, folder=folder,
+                     **app.evict_options)

@@ -89,6 +89,14 @@ class Store:
     def close(self):
         """Release what the backend holds (watches, connections)."""
 
+    def hand_over(self):
+        """A live upgrade's commit, in the old process: write nothing from now on
+        (what is shared, as etcd, needs nothing)."""
+
+    def take_over(self):
+        """A live upgrade's commit, in the new process: catch up on what the old
+        one wrote since this one loaded, and write from now on."""
+
     def snapshot(self):
         """``{kind: [value, ...]}`` in load order, for building a route table
         (at start: it copies every value)."""

@@ -23,8 +23,9 @@ def etcd_access(cfg):
                       sni=cfg["deployment.etcd.tls.sni"])
 
 
-def open_store(cfg):
-    """A ready store for a validated Config."""
+def open_store(cfg, standby=False):
+    """A ready store for a validated Config (``standby``: a live upgrade's new
+    process, which reads it and writes only once it takes over)."""
     keyring = Keyring(cfg["apisix.data_encryption.keyring"])
     if cfg.store_backend == "etcd":
         from gproxy.store.etcd import EtcdStore
@@ -34,4 +35,4 @@ def open_store(cfg):
                          health_check_timeout=cfg["deployment.etcd.health_check_timeout"],
                          access=etcd_access(cfg), keyring=keyring)
     from gproxy.store.file import FileStore
-    return FileStore(cfg.store_path, keyring=keyring)
+    return FileStore(cfg.store_path, keyring=keyring, standby=standby)

@@ -20,6 +20,13 @@ Hand edits of the YAML file are noticed by ``poll()`` and before each group
 of writes: an edit that parses and checks replaces the data (Admin changes
 still in the journal, which the editor could not see, are dropped with a
 warning); one that does not is logged and ignored.
+
+A live upgrade passes the files from one process to the next, one writer at
+a time: the new process opens them ``standby`` (it reads the file and the
+journal, and touches neither); at the commit the old one ``hand_over()``s
+(refuses writes from then on, answers what is queued, folds its journal)
+and the new one ``take_over()``s (reads what the old one wrote since, and
+writes from then on).
 """
 
 import logging
@@ -30,7 +37,7 @@ from gevent.event import AsyncResult, Event
 from gevent.lock import RLock
 
 from gproxy import hub
-from gproxy.errors import SchemaError
+from gproxy.errors import SchemaError, StoreUnavailable
 from gproxy.protocols.text import printable
 from gproxy.store import atomic, codec, journal
 from gproxy.store.base import KINDS, Record, Store, check_item, diff
@@ -58,7 +65,7 @@ class _Write:
 class FileStore(Store):
     """The embedded durable store: one YAML file and its journal."""
 
-    def __init__(self, path, pause=hub.pause, keyring=None):
+    def __init__(self, path, pause=hub.pause, keyring=None, standby=False):
         super().__init__(keyring)
         self.path = os.path.abspath(path)
         self.journal = journal.Journal(self.path + ".journal")
@@ -71,7 +78,10 @@ class FileStore(Store):
         self._wake = Event()
         self._committer = None
         self._closing = False
-        atomic.remove_stale(self.path)
+        self._file_revision = 0  # the revision the file was written at
+        self._writer = None if standby else True  # False once handed to a new process
+        if not standby:
+            atomic.remove_stale(self.path)
         self._start()
 
     # -- starting: the file, then what the journal adds ---------------------
@@ -89,9 +99,10 @@ class FileStore(Store):
         else:
             log.info("store: %s does not exist yet; starting empty", self.path)
         self._load(values, revision, pause=None)
+        self._file_revision = revision
         entries = journal.read(self.journal.path)
         replayed = sum(self._replay(entry, revision) for entry in entries)
-        if os.path.exists(self.journal.path):
+        if os.path.exists(self.journal.path) and self._writer:
             log.warning("store: replayed %d change(s) from %s", replayed, self.journal.path)
             self._signature = self._write_file(self._render(None))
             self.journal.remove()
@@ -187,12 +198,14 @@ class FileStore(Store):
             log.warning("store: %s was edited by hand; %d Admin change(s) not yet in it "
                         "are dropped", self.path, self.journal.entries)
             in_threadpool(self.journal.remove)
-        self._signature = signature
+        self._signature, self._file_revision = signature, items[1]
         changes = self._load(values, items[1], self._pause)
         log.warning("store: reloaded %s after an outside edit", self.path)
         return changes
 
     def poll(self):
+        if not self._writer:
+            return False  # standby: the data as at start until the commit
         with self._lock:
             changes = self._reload_if_edited()
             if changes:
@@ -226,11 +239,40 @@ class FileStore(Store):
 
     def close(self):
         """Fold what the journal holds into the file (on shutdown)."""
-        self.fold()
+        if self._writer:
+            self.fold()
         self.journal.close()
+
+    # -- a live upgrade: the files pass to the new process -------------------
+    def hand_over(self):
+        """The old process, at the commit: no write from now on, the queued ones
+        answered and the journal folded, so the file holds every one."""
+        self._writer = False
+        self.fold()
+
+    def take_over(self):
+        """The new process, at the commit: what the old one wrote since this one
+        loaded (its journal too, if it could not fold it), told to the
+        subscribers; this process writes from now on."""
+        with self._lock:
+            self._writer = True
+            changes = self._reload_if_edited() or []
+            left = in_threadpool(journal.read, self.journal.path)
+            for entry in left:
+                if self._replay(entry, self._file_revision):
+                    kind, id_ = entry[1], str(entry[2])
+                    changes.append((kind, id_, self._data[kind].get(id_)))
+                    self._pause()
+            if left:
+                self._fold()
+            if changes:
+                self._notify(changes)
 
     # -- group commit ----------------------------------------------------------
     def _submit(self, write):
+        if not self._writer:
+            raise StoreUnavailable("a live upgrade is passing the store to a new process: "
+                                   "try again")
         self._queue.append(write)
         if self._committer is None:
             self._committer = gevent.spawn(self._commit_loop)

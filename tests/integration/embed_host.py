@@ -71,7 +71,8 @@ def main(mode, broker_port, port, store, from_thread=False):
                                                       "protocol_level": 4}},
                            "upstream": {"type": "roundrobin",
                                         "nodes": {"%s:%s" % (HOST, broker_port): 1}}})
-    channel = getattr(proxy, "_channel", None)
+    child = getattr(proxy, "_child", None)  # process mode: the child and its channel
+    channel = child.channel if child is not None else None
     say(ready=True, child=getattr(proxy, "pid", None), host=os.getpid(),
         channel_fd=channel.sock.fileno() if channel else None)
     for line in sys.stdin:

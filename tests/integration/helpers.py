@@ -7,6 +7,7 @@ imported from gproxy so that it can catch gproxy's mistakes.
 import bisect
 import http.client
 import json
+import os
 import queue
 import socket
 import struct
@@ -303,3 +304,17 @@ class SynDropper:
         for s in self.fillers:
             s.close()
         self.listener.close()
+
+
+def run_short(script, tmp_path, timeout):
+    """``scripts/<script> --short --json FILE`` run to the end; its JSON result."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = tmp_path / "result.json"
+    env = dict(os.environ, PATH=os.environ.get("PATH", "") + ":/usr/sbin")
+    run = subprocess.run([sys.executable, os.path.join(root, "scripts", script), "--short",
+                          "--json", str(out)], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=timeout)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return json.loads(out.read_text())

@@ -14,6 +14,7 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -125,3 +126,46 @@ def test_the_executable_runs_with_no_python_around(executable, mosquitto, tmp_pa
     size = os.path.getsize(executable)
     print("dist/gproxy: %.1f MB, admin port listening %.2f s after exec"
           % (size / 1e6, startup))
+
+
+@pytest.mark.timeout(600)
+def test_a_live_upgrade_of_the_executable_keeps_the_sessions(executable, mosquitto, tmp_path):
+    """SIGUSR2 to dist/gproxy (PyInstaller's bootloader passes it on) starts the
+    executable now on disk, which takes the listener and the session."""
+    broker = mosquitto()
+    port, admin_port = free_port(), free_port()
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({
+        "apisix": {"stream_proxy": {"tcp": ["%s:%d" % (HOST, port)]}},
+        "deployment": {"admin": {"admin_listen": {"ip": HOST, "port": admin_port}}}}))
+    route = {"plugins": {"mqtt-proxy": {"protocol_name": "MQTT", "protocol_level": 4}},
+             "upstream": {"type": "roundrobin",
+                          "nodes": [{"host": HOST, "port": broker.port, "weight": 1}]}}
+    log = tmp_path / "gproxy.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(["env", "-i", "PATH=/usr/bin:/bin", str(executable),
+                                 "-c", "config.yaml", "--log-level", "info"],
+                                cwd=tmp_path, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=err)
+    new = None
+    try:
+        wait_listening(admin_port, proc, timeout=60, what="dist/gproxy")
+        assert admin(admin_port, "PUT", "/apisix/admin/stream_routes/1", route)[0] == 201
+        with Paho("exe-live", port) as client:
+            client.subscribe("exe/live", qos=1)
+            proc.send_signal(signal.SIGUSR2)
+            assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+            text = log.read_text()
+            new = int(text.split("upgrade: handed 1 sessions to pid ")[1].split()[0])
+            client.publish("exe/live", b"through the new executable", qos=1)
+            assert client.expect_message().payload == b"through the new executable"
+            assert not client.disconnected.is_set()
+            assert admin(admin_port, "GET", "/ui/")[0] == 200
+    finally:
+        if proc.poll() is None:
+            stop_process(proc)
+        if new is not None:
+            os.kill(new, signal.SIGTERM)
+            deadline = time.monotonic() + 20
+            while os.path.exists("/proc/%d" % new) and time.monotonic() < deadline:
+                time.sleep(0.1)
+    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]

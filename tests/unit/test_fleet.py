@@ -348,3 +348,70 @@ def test_an_unreadable_registry_answers_for_this_instance_with_the_reason(tmp_pa
         got = fleet.instances("key")
         assert got["per_node"] == {"10.0.0.5:1883": 1} and "connection refused" in got["note"]
     fleet.leave()
+
+
+# -- a live upgrade: the same instance in a new process ---------------------------------------
+
+def test_a_live_upgrade_keeps_the_registration_its_lease_and_boot_time():
+    """The old process hands its lease over at the commit and never says draining nor
+    revokes; the new one renews that lease and writes its pid: the key never goes."""
+    kv = FakeKV()
+    stats = lambda: {"live_sessions": 5, "per_node": {}}  # noqa: E731
+    old = Reporter(kv, "gp-a", "http://127.0.0.1:9080", 30, stats)
+    old.boot_time = 1000  # started long ago
+    old.report()
+    lease = kv.data["/data_plane/server_info/gp-a"][1]
+    new = Reporter(kv, "gp-a", "http://127.0.0.1:9080", 30, stats)
+    new.set_draining()  # a new process that never took over (its handover failed)
+    assert not [c for c in kv.calls if c[0] in ("put", "revoke")][1:]
+    kv.calls.clear()
+    carried = old.hand_over()
+    assert carried == {"lease": lease, "boot_time": 1000}
+    old.set_draining()  # the old process drains what could not move, then exits
+    old.stop()
+    assert kv.calls == []  # no draining record, no revoke: the key stays
+    new.lease, new.boot_time = carried["lease"], carried["boot_time"]  # take_over, less
+    new.report()                                                       # its renewal loop
+    assert [c[0] for c in kv.calls] == ["keepalive", "put"]  # the same lease, no grant
+    value, on = kv.data["/data_plane/server_info/gp-a"]
+    assert on == lease and value["boot_time"] == 1000 and value["gproxy"]["draining"] is False
+
+
+def test_a_running_share_moves_to_the_new_process_and_finishes_there():
+    """A share held mid-way (the old process's sessions frozen for the handover) goes
+    on in the new process under the same instance id, from where it stopped."""
+    kv = FakeKV()
+    old_registry, new_registry = Registry(), Registry()
+    old_sessions, new_sessions = Sessions(old_registry), Sessions(new_registry)
+    with contextlib.ExitStack() as stack:
+        for _ in range(6):
+            open_session(stack, old_registry, "1", node="10.0.0.5:1883")
+        old = Shares(kv, "a", lambda: old_sessions)
+        kv.watch("/gproxy/evictions/", old.on_change)
+        new = Shares(kv, "a", lambda: new_sessions)
+        new.standby = True  # until the commit
+        kv.watch("/gproxy/evictions/", new.on_change)
+        jobs = FleetJobs(kv, old, lambda: ["a"])
+        job = jobs.start({"node": "10.0.0.5:1883"}, 10.0)  # 6 sessions at 10/s
+        assert not new.running  # the new process took no share of its own
+        gevent.sleep(0.25)
+        old_sessions.evictions.hold()  # the freeze
+        ended = 6 - len(old_registry)
+        assert 1 <= ended < 6
+        for info in list(old_registry.query()[1]):  # the sessions move
+            old_registry.remove(info, moved=True)
+            new_registry.adopt(info, None)
+        carried = old.hand_over()
+        old_sessions.evictions.hand_over()
+        new.take_over(carried)
+        for _ in range(300):
+            value = kv.items(share_path(job["id"], "a"))[share_path(job["id"], "a")]
+            if value["state"] == "done":
+                break
+            gevent.sleep(0.01)
+        assert (value["state"], value["done"], value["gone"], value["total"]) == (
+            "done", 6, 0, 6)
+        assert len(new_registry) == 0  # the rest were ended here
+        old.stop()  # the old process's shutdown writes nothing over it
+        assert kv.items(share_path(job["id"], "a"))[share_path(job["id"], "a")][
+            "state"] == "done"

@@ -45,6 +45,8 @@ from gproxy.proxy.relay.direction import (
     PIPE_SIZE,
     WRITE,
     Direction,
+    RawEndpoint,
+    forget_fd,
     reason_of,
     shutdown,
 )
@@ -86,9 +88,12 @@ class Relay:
     def start(self):
         self.hub.enter(self)
         for d in (self.up, self.down):
-            self._resume(d)
-            if d.pending is not None and d.pending():
-                self._readable(d)  # bytes (or an end) in hand already: no watcher would fire
+            if d.backlog is not None:  # a resumed relay: bytes the other side owes first
+                self._hold(d, d.backlog)
+            elif not d.done:
+                self._resume(d)
+                if d.pending is not None and d.pending():
+                    self._readable(d)  # bytes (or an end) in hand already: no watcher would fire
 
     def _resume(self, d):
         d.reader.start(self.hub.queue.append, (self._readable, d))
@@ -295,6 +300,46 @@ class Relay:
         """When this relay is next to be ended unless bytes move: idle, or end grace out."""
         idle_out = self.last + self.idle
         return idle_out if self.deadline is None else min(idle_out, self.deadline)
+
+    # -- handover to another process (relay.handoff) ------------------------
+    @classmethod
+    def resumed(cls, hub, client, upstream, info, on_done, idle, mqtt, last, up, down):
+        """A relay picked up where another process's stopped (``up``/``down``: each
+        direction's ``(backlog, done)``; the trackers are the caller's to load)."""
+        relay = cls(hub, client, upstream, info, on_done, idle, mqtt)
+        relay.last = last  # CLOCK_MONOTONIC is system-wide: the idle timer goes on
+        relay.up.restore(*up)
+        relay.down.restore(*down)
+        return relay
+
+    def quiesce(self):
+        """Stop every watcher and leave the sweeper: nothing moves until
+        ``restart`` or ``release``; records still queued do nothing."""
+        self.hub.leave(self)
+        self.reason = "moving"
+        for d in (self.up, self.down):
+            d.reader.stop()
+            if d.writer is not None:
+                d.writer.stop()
+
+    def restart(self):
+        """Run a quiesced relay again (its handover failed)."""
+        self.reason = None
+        self.start()
+
+    def release(self):
+        """Forget a quiesced relay another process now runs: close this process's
+        descriptors only (no FIN: the other process holds the sockets open)."""
+        loop = self.hub.loop
+        for d in (self.up, self.down):
+            d.reader.close()
+            if d.writer is not None:
+                d.writer.close()
+            d.close_pipe()
+        for sock in (self.client, self.upstream):
+            if isinstance(sock, RawEndpoint):
+                forget_fd(loop, sock.fileno())
+                sock.close()
 
     def abort(self, reason):
         """End both directions now (error, idle, or an operator's disconnect)."""

@@ -133,6 +133,42 @@ class WebSocketEndpoint:
             self._writer.close()
         self.sock.close()
 
+    # -- handover to another process (relay.handoff packs these) -------------
+    def movable(self):
+        """Only over a kernel socket (not TLS), and not while failing."""
+        return self._error is None and self._inner_pending is None and not self._closed
+
+    def export(self):
+        """Stop the write watcher; the framing state, for another process."""
+        if self._writer is not None:
+            self._writer.stop()
+        return {"parser": self.parser, "in": self._in, "out": self._out, "eof": self._eof,
+                "shut": self._shut, "close_sent": self.close_sent,
+                "client_close": self.client_close}
+
+    @classmethod
+    def restored(cls, sock, parser, state, loop=None):
+        """The endpoint of a handed session: frames go on where the other process stopped."""
+        endpoint = cls(sock, parser, loop)
+        endpoint._in, endpoint._out = state["in"], state["out"]
+        endpoint._eof, endpoint._shut = state["eof"], state["shut"]
+        endpoint.close_sent, endpoint.client_close = state["close_sent"], state["client_close"]
+        if endpoint._out:
+            endpoint._watch()
+        return endpoint
+
+    def restart(self):
+        if self._out:
+            self._watch()
+
+    def release(self):
+        """Another process owns the connection: close our descriptor, send nothing."""
+        self._closed = True
+        if self._writer is not None:
+            self._writer.stop()
+            self._writer.close()
+        self.sock.close()
+
     # -- frames in ----------------------------------------------------------
     def _read(self, size):
         """One read from the socket: MQTT bytes into _in, control frames answered."""

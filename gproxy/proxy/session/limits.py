@@ -59,6 +59,22 @@ class Limits:
         return found
 
 
+class Slot:
+    """A session's ``limit-conn`` slot, given back when it ends (``Session.cleanup``).
+
+    An object rather than a closure so a session handed to another process
+    (``session.moved``) can name the slots it holds there."""
+
+    __slots__ = ("table", "key")
+
+    def __init__(self, table, key):
+        self.table = table
+        self.key = key
+
+    def __call__(self):
+        self.table.release(self.key)
+
+
 def _var(s, name):
     info = s.info
     return info.server_addr if name == "server_addr" else info.client_addr
@@ -91,6 +107,6 @@ def _conn(s, conf):
     if delay is None:
         table.release(key)
         raise Reject("limit_conn", logging.WARNING, "limit-conn exits with status code 503")
-    s.cleanup.append(lambda: table.release(key))
+    s.cleanup.append(Slot(table, key))
     if delay >= 0.001:
         gevent.sleep(delay)  # resty.limit.conn: the excess waits, then goes on

@@ -12,6 +12,12 @@ It works through two callables so one process and a parent of workers share
 it: ``select(spec)`` gives the ids, ``end_many(ids)`` ends them and says how
 many it ``ended`` and how many could not be asked (``failed``, a worker that
 did not answer); the rest had ended by themselves (``gone``).
+
+A live upgrade moves the jobs with the sessions: ``hold()`` pauses every
+job between two batches while the sessions are handed over (``release()``
+if the handover fails), ``export()`` writes them out at the commit, and in
+the new process ``adopt()`` lists them under the same ids and runs the
+unfinished ones on from the session where they stopped, at the same rate.
 """
 
 import itertools
@@ -19,6 +25,7 @@ import logging
 import time
 
 import gevent
+from gevent.event import Event
 
 log = logging.getLogger("gproxy.evict")
 
@@ -44,6 +51,25 @@ class Eviction:
     def remaining(self):
         return len(self.ids) - self.done - self.failed - self.gone
 
+    @property
+    def processed(self):
+        """How many of ``ids`` were asked to end (they go in order)."""
+        return self.done + self.failed + self.gone
+
+    #: What a live upgrade hands over of a job (``export`` / ``restored``).
+    STATE = ("id", "ids", "rate", "selector", "done", "failed", "gone", "state",
+             "started_at", "finished_at")
+
+    def export(self):
+        return {name: getattr(self, name) for name in self.STATE}
+
+    @classmethod
+    def restored(cls, state):
+        job = cls(state["id"], list(state["ids"]), state["rate"], state["selector"])
+        for name in cls.STATE[4:]:
+            setattr(job, name, state[name])
+        return job
+
     def as_dict(self):
         end = self.finished_at or time.time()
         return {"id": self.id, "state": self.state, "total": len(self.ids),
@@ -65,11 +91,14 @@ class Evictions:
         self.select = select
         self.end_many = end_many
         self.jobs = {}
-        self._ids = (str(n) for n in itertools.count(1))
+        self._next = itertools.count(1)
+        self._go = Event()  # cleared while a live upgrade holds every job
+        self._go.set()
+        self._batches = 0  # batches being ended right now
 
     def start(self, spec, rate=None):
         """Start ending what ``spec`` matches now; returns the job (running)."""
-        job = Eviction(next(self._ids), self.select(spec), rate,
+        job = Eviction(str(next(self._next)), self.select(spec), rate,
                        {k: v for k, v in spec.items() if k not in ("ids", "limit", "offset")})
         self.jobs[job.id] = job
         self._forget_old()
@@ -91,6 +120,38 @@ class Evictions:
             job.state = "cancelled"
         return job
 
+    # -- a live upgrade ---------------------------------------------------------
+    def hold(self, timeout=5.0):
+        """Pause every job before its next batch; returns once none is mid-batch."""
+        self._go.clear()
+        with gevent.Timeout(timeout, False):
+            while self._batches:
+                gevent.sleep(0.005)
+
+    def release(self):
+        self._go.set()
+
+    def hand_over(self):
+        """At the commit, held: every job (finished ones too, for GET) for the next
+        process; the running ones end here as ``moved``."""
+        state = {"next": next(self._next), "jobs": [job.export() for job in self.jobs.values()]}
+        for job in self.jobs.values():
+            if job.state == "running":
+                job.state = "moved"
+        self.release()
+        return state
+
+    def adopt(self, state, run=True):
+        """A previous process's jobs: listed under their ids, the running ones run
+        on (``run``) from where they stopped; ids handed out from here go on after."""
+        self._next = itertools.count(max(state["next"], next(self._next)))
+        for item in state["jobs"]:
+            job = Eviction.restored(item)
+            self.jobs[job.id] = job
+            if job.state == "running" and run:
+                gevent.spawn(self._run, job)
+        return [job for job in self.jobs.values() if job.state == "running"]
+
     def _forget_old(self):
         finished = [j for j in self.jobs.values() if j.state != "running"]
         for job in finished[:max(0, len(finished) - HISTORY)]:
@@ -110,10 +171,17 @@ class Evictions:
                     job.finished_at - job.started_at)
 
     def _pace(self, job):
-        """End ``job.ids`` in order: the k-th at ``start + k / rate`` (no drift)."""
-        total, sent = len(job.ids), 0
-        start = time.monotonic()
+        """End ``job.ids`` in order: the k-th at ``start + k / rate`` (no drift),
+        from the first not asked yet (a job a previous process began)."""
+        total, sent = len(job.ids), job.processed
+        start = time.monotonic() - (sent / job.rate if job.rate else 0.0)
         while sent < total and job.state == "running":
+            if not self._go.is_set():  # a live upgrade: the job may go on in the next process
+                held = time.monotonic()
+                self._go.wait()
+                start += time.monotonic() - held  # the pause is not a backlog to catch up
+                if job.state != "running":
+                    break
             if job.rate is None:
                 due = min(total, sent + BATCH)
             else:
@@ -122,7 +190,11 @@ class Evictions:
             if due > sent:
                 batch = job.ids[sent:due]
                 sent = due
-                result = self.end_many(batch)
+                self._batches += 1
+                try:
+                    result = self.end_many(batch)
+                finally:
+                    self._batches -= 1
                 job.done += result["ended"]
                 job.failed += result.get("failed", 0)
                 job.gone += len(batch) - result["ended"] - result.get("failed", 0)

@@ -101,6 +101,33 @@ class Registry:
         self.connect_failures = Counter()  # failed dials, per "node reason" (error|timeout)
         self.dial_buckets = [0] * (len(DIAL_BUCKETS) + 1)  # last: slower than every bound
         self.dial_sum = 0.0
+        self.sessions_moved = 0  # handed to another process (live upgrade, rebalancing)
+
+    # -- handover (live upgrade) -------------------------------------------
+    #: The totals a process hands its successor, which adds them to its own.
+    TOTALS = ("sessions_total", "route_total", "rejected", "bytes_in_closed",
+              "bytes_out_closed", "connect_failures", "dial_buckets", "dial_sum")
+
+    def totals(self):
+        """What ``carry`` in another process needs, JSON-ready (plus the start time)."""
+        out = {name: getattr(self, name) for name in self.TOTALS}
+        out["route_total"] = [[k, v] for k, v in self.route_total.items()]
+        out["started_at"] = self.started_at
+        return out
+
+    def carry(self, totals):
+        """Add a predecessor's totals to ours: counters never go back at an upgrade."""
+        self.started_at = min(self.started_at, totals["started_at"])
+        self.sessions_total += totals["sessions_total"]
+        for route, n in totals["route_total"]:
+            self.route_total[route] = self.route_total.get(route, 0) + n
+        self.rejected.update(totals["rejected"])
+        self.connect_failures.update(totals["connect_failures"])
+        self.bytes_in_closed += totals["bytes_in_closed"]
+        self.bytes_out_closed += totals["bytes_out_closed"]
+        for i, n in enumerate(totals["dial_buckets"][:len(self.dial_buckets)]):
+            self.dial_buckets[i] += n
+        self.dial_sum += totals["dial_sum"]
 
     def new_session(self, client, server):
         """A fresh SessionInfo for a client ``(ip, port)`` on a listener ``(ip, port)``."""
@@ -117,6 +144,17 @@ class Registry:
         if route is not None:  # else counted when the CONNECT chooses it (set_route)
             self.route_total[route] = self.route_total.get(route, 0) + 1
         _move(self.per_route, None, route)
+        _move(self.per_state, None, info.state)
+        _move(self.per_transport, None, info.transport)
+        if info.node is not None:
+            _move(self.per_node, None, info.node)
+
+    def adopt(self, info, handle):
+        """Show a session handed over from another process as live: counted in
+        the live tables, not as a new session (its totals came with it)."""
+        self._live[info.id] = info
+        self._handles[info.id] = handle
+        _move(self.per_route, None, info.route_id)
         _move(self.per_state, None, info.state)
         _move(self.per_transport, None, info.transport)
         if info.node is not None:
@@ -144,8 +182,9 @@ class Registry:
             _move(self.per_node, info.node, node)
         info.node = node
 
-    def remove(self, info):
-        """The session has ended: fold its bytes into the totals."""
+    def remove(self, info, moved=False):
+        """The session has ended: fold its bytes into the totals (``moved``: it
+        lives on in another process, which counts them from now on)."""
         if self._live.pop(info.id, None) is None:
             return
         self._handles.pop(info.id, None)
@@ -153,6 +192,9 @@ class Registry:
         _move(self.per_state, info.state, None)
         _move(self.per_node, info.node, None)
         _move(self.per_transport, info.transport, None)
+        if moved:
+            self.sessions_moved += 1
+            return
         self.bytes_in_closed += info.bytes_in
         self.bytes_out_closed += info.bytes_out
         info.state = "closed"

@@ -18,33 +18,38 @@ share; ``forks`` makes a ``fork()`` of the host safe for both.  Nothing here
 patches anything or installs a signal handler in the host.
 """
 
-from gproxy.errors import ProxyStopped
+from gproxy.errors import HandoverError, ProxyStopped
 from gproxy.runtime.embed.handle import AdminError, EmbeddedProxy, load_config
 
-__all__ = ["start", "AdminError", "EmbeddedProxy", "ProxyStopped", "load_config", "MODES"]
+__all__ = ["start", "AdminError", "EmbeddedProxy", "HandoverError", "ProxyStopped",
+           "load_config", "MODES"]
 
 MODES = ("process", "thread")
 
 
-def start(config=None, mode="process", workers=1, python=None):
+def start(config=None, mode="process", workers=1, python=None, take_over=None, timeout=60.0):
     """Start gproxy beside this program; returns once its listeners are bound.
 
     ``mode`` is ``"process"`` (a child process) or ``"thread"`` (a hub thread
     here); ``workers`` > 1 (process mode only) forks that many proxy processes
     from the child, as ``gproxy --workers``; ``python`` is the interpreter the
-    child runs (default ``sys.executable``).
+    child runs (default ``sys.executable``).  ``take_over``: a Unix socket
+    path where this proxy waits (up to ``timeout`` seconds) for another
+    embedded gproxy's ``hand_over(path)``, usually in the host program's
+    previous process, and takes its listeners and live sessions instead of
+    binding (docs/embedding.md).
     """
     if mode not in MODES:
         raise ValueError("mode=%r: gproxy.start runs in mode 'process' or 'thread'" % (mode,))
     if mode == "thread":
-        return _start_thread(config, workers)
+        return _start_thread(config, workers, take_over, timeout)
     if workers < 1:
         raise ValueError("workers=%r: at least 1" % (workers,))
     from gproxy.runtime.embed.inprocess import ProcessProxy
-    return ProcessProxy(load_config(config), workers, python)._start()
+    return ProcessProxy(load_config(config), workers, python, take_over, timeout)._start()
 
 
-def _start_thread(config, workers):
+def _start_thread(config, workers, take_over=None, timeout=60.0):
     from gproxy.hub import monkey_patched
     if workers != 1:
         raise ValueError("workers=%r: with mode='thread' embedded gproxy runs in this process "
@@ -55,4 +60,4 @@ def _start_thread(config, workers):
                            "monkey-patched; in a gevent program use mode='process', or run "
                            "gproxy.runtime.app.Gproxy on your own hub")
     from gproxy.runtime.embed.inthread import ThreadProxy
-    return ThreadProxy(load_config(config))._start()
+    return ThreadProxy(load_config(config), take_over, timeout)._start()

@@ -7,7 +7,14 @@ then serves the host's requests, each in its own greenlet:
 
     {"op": "admin", "method", "path", "data", "query"} -> {"status", "len"} + body
     {"op": "reopen"}                                   -> the access log reopened, {"ok": true}
+    {"op": "hand_over", "path": p}                     -> every listener and session to
+                                                          the gproxy waiting at p, {"moved": n}
     {"op": "stop", "grace": g}                         -> drain, {"ok": true}, exit
+
+A start message with ``take_over: {"path", "timeout"}`` waits at that path
+for another gproxy's ``hand_over`` and starts on what it hands over
+(``runtime.transfer``), instead of binding: the host program's own live
+upgrade, or the handle's ``upgrade()`` of its child.
 
 and sends every log record up as ``{"log": [name, level, message, exc_text]}``.
 It ends when the host says stop, when SIGTERM comes (drains with
@@ -144,8 +151,19 @@ def _start(first):
     from gproxy.runtime.app import Gproxy
     if first.get("op") != "start":
         raise RuntimeError("gproxy --embedded-by: expected the start message first")
-    app = Gproxy(Config(first["raw"], first["path"]))
-    app.start(workers=first.get("workers", 1))
+    take_over = first.get("take_over")
+    app = Gproxy(Config(first["raw"], first["path"]), standby=take_over is not None)
+    if take_over is None:
+        app.start(workers=first.get("workers", 1))
+        return app
+    from gproxy.runtime.transfer import take_over_at
+    try:
+        moved = take_over_at(app, take_over["path"], take_over["timeout"],
+                             first.get("workers", 1))
+    except BaseException:
+        app.store.close()
+        raise
+    log.warning("upgrade: took over %s sessions", "the workers'" if moved is None else moved)
     return app
 
 
@@ -221,6 +239,10 @@ class Serving:
             if op == "reopen":
                 self.app.reopen_logs()
                 self.outbox.put({"id": request_id, "ok": True})
+            elif op == "hand_over":
+                from gproxy.runtime.transfer import give_all
+                moved = give_all(self.app, message["path"])
+                self.outbox.put({"id": request_id, "moved": moved})
             elif op == "admin":
                 status, text = request(self.client, message["method"], message["path"],
                                        message.get("data"), message.get("query"))

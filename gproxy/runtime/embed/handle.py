@@ -6,8 +6,11 @@ Admin API calls (``routes``, ``upstreams``, ``admin``, ``sessions``,
 ``stop`` from any thread, and one at the host's exit if it never called it;
 and what a forked child of the host may do with the handle it inherited
 (nothing: ``stop`` is a no-op there, every other call raises
-``ProxyStopped``; ``forks`` lets go of the descriptors).  A mode supplies
-``_launch``, ``_request``, ``_shutdown`` and ``_release_in_child``.
+``ProxyStopped``; ``forks`` lets go of the descriptors); and the host
+program's own live upgrade: ``hand_over(path)`` in its old process,
+``start(take_over=path)`` in its new one (the host decides when: gproxy
+cannot replace the host's process).  A mode supplies ``_launch``,
+``_request``, ``_shutdown``, ``_hand_over`` and ``_release_in_child``.
 
 It imports no gevent and nothing of the data path: in process mode this and
 ``inprocess`` are all the host loads.
@@ -117,6 +120,29 @@ class EmbeddedProxy:
         atexit.unregister(self._at_exit)
         self._shutdown(grace)
 
+    def hand_over(self, path, grace=5.0):
+        """Live upgrade of the host program: give every listener and live session
+        to the gproxy started with ``take_over=path`` (in the host's new process),
+        then stop as ``stop(grace)`` does with what could not move (TLS sessions
+        end cleanly).  Returns how many sessions moved; raises ``HandoverError``
+        (everything still here, still served) if the other side is not there or
+        fails before the commit."""
+        self._check_owner()
+        with self._stop_lock:
+            if self._stopped:
+                raise ProxyStopped("this gproxy was stopped")
+        moved = self._hand_over(path)
+        self.stop(grace)
+        return moved
+
+    def upgrade(self, timeout=60.0, grace=5.0):
+        """Replace the proxy's process by one running the gproxy on disk now,
+        handing it every listener and session (process mode only)."""
+        raise NotImplementedError(
+            "mode=%r runs gproxy's code in this process: it is upgraded with the host "
+            "program (hand_over / start(take_over=...)); mode='process' upgrades its "
+            "child with proxy.upgrade()" % (self.mode,))
+
     def _at_exit(self):
         """The host exits without having called ``stop``: drain as ``stop()`` does."""
         self.stop()
@@ -184,6 +210,10 @@ class EmbeddedProxy:
         raise NotImplementedError
 
     def _reopen_logs(self):
+        raise NotImplementedError
+
+    def _hand_over(self, path):
+        """Everything to the gproxy waiting at ``path``; how many sessions moved."""
         raise NotImplementedError
 
     def _release_in_child(self):

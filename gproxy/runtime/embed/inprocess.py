@@ -5,33 +5,43 @@ host's threads, locks and patches stay out) running ``gproxy --embedded-by
 PID`` (``embed.child``), which imports gproxy from the host's own
 ``sys.path`` and inherits only the descriptors it needs: stdin/stdout on
 ``/dev/null``, the host's stderr, and its end of a socketpair.  That
-socketpair is the channel: the config goes down it, the bound addresses or
-the start-up error come back (re-raised here as the same exception type),
-then the Admin API calls, ``stop``, and the child's log records, which are
-handed to the host's ``logging`` under the same ``gproxy.*`` names.
+socketpair is the channel (``hostend``): the config goes down it, the bound
+addresses or the start-up error come back (re-raised here as the same
+exception type), then the Admin API calls, ``stop``, and the child's log
+records, which are handed to the host's ``logging`` under the same
+``gproxy.*`` names.
 
 It is also the child's lifeline: when the host dies, even by SIGKILL, its
 end closes and the child stops; ``PR_SET_PDEATHSIG`` covers a copy of the
 host's end held by a grandchild.  The reader thread that starts the child
-lives as long as the handle, because that signal is tied to the thread that
-forked.  Imports no gevent: the host loads nothing of the data path.
+lives as long as the child, because that signal is tied to the thread that
+forked.
+
+Because the handle owns the child, it can replace it without the host
+restarting: ``upgrade()`` starts a new child (the gproxy now on disk, the
+config file as it is now) waiting at a private Unix socket path, asks the
+old one to hand it every listener and live session (the ``gproxy``
+command's live upgrade: same state, same two-phase commit), and swaps the
+channel once the new child serves.  If anything fails before the commit,
+the old child keeps everything and the new one goes.  Imports no gevent:
+the host loads nothing of the data path.
 """
 
-import builtins
-import itertools
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
+import time
 from concurrent.futures import Future
 
-from gproxy import errors
-from gproxy.errors import ProxyStopped
-from gproxy.runtime.embed.handle import EmbeddedProxy
-from gproxy.runtime.lines import LineReader
+from gproxy.errors import ConfigError, HandoverError, ProxyStopped
+from gproxy.runtime.embed.handle import EmbeddedProxy, load_config
+from gproxy.runtime.embed.hostend import Channel
 
 START_TIMEOUT = 120.0  # a store behind a slow etcd, on a loaded machine
 STOP_MARGIN = 10.0  # beyond the grace, before the child is killed
@@ -47,50 +57,174 @@ class ProcessProxy(EmbeddedProxy):
 
     mode = "process"
 
-    def __init__(self, cfg, workers=1, python=None):
+    def __init__(self, cfg, workers=1, python=None, take_over=None, timeout=60.0):
         super().__init__(cfg)
         self.workers = workers
         self.python = python or _interpreter()
         self.pid = None  # the child's
-        self._proc = None
-        self._channel = None
-        self._thread = None
+        self._child = None
+        self._take_over = (take_over, timeout)
+        self._upgrading = threading.Lock()
 
     # -- starting ----------------------------------------------------------
     def _launch(self):
-        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._channel = Channel(parent_end, self._log)
-        spawned = Future()
-        self._thread = threading.Thread(target=self._serve_channel, args=(child_end, spawned),
-                                        name="gproxy-channel", daemon=True)
-        self._thread.start()
-        try:
-            self._proc = spawned.result()
-        except BaseException:  # no interpreter there, say: nothing to wait for
-            self._channel.close()
-            raise
-        finally:
-            child_end.close()
-        self.pid = self._proc.pid
-        try:
-            ready = self._channel.call(self._start_message(), START_TIMEOUT)
-        except ProxyStopped:  # it died before it could say why
-            self._reap(EXIT_TIMEOUT)
-            raise ProxyStopped("gproxy's process (%s, pid %d) exited with status %s before it "
-                               "was ready; its stderr says why" % (
-                                   self.python, self.pid, self._proc.returncode)) from None
-        except BaseException:  # the child reported it, or never answered
-            self._reap(EXIT_TIMEOUT)
-            raise
+        path, timeout = self._take_over
+        child = Child(self.python)
+        self.pid = child.pid
+        ready = child.start(self._start_message(path, timeout),
+                            START_TIMEOUT + (timeout if path else 0))
+        self._serve_with(child, ready)
+
+    def _serve_with(self, child, ready):
+        self._child, self.pid = child, child.pid
         self.addresses = [tuple(a) for a in ready["addresses"]]
         self.admin_address = tuple(ready["admin_address"]) if ready["admin_address"] else None
 
-    def _start_message(self):
-        cfg = self.cfg
+    def _start_message(self, take_over=None, timeout=None, cfg=None):
+        cfg = cfg or self.cfg
         defaults = cfg.raw == {} and cfg.path is None and cfg.stream_enabled  # Config()
-        return {"op": "start", "raw": None if defaults else cfg.raw,
-                "path": os.path.abspath(cfg.path) if cfg.path else None,
-                "workers": self.workers, "level": logging.getLogger("gproxy").getEffectiveLevel()}
+        message = {"op": "start", "raw": None if defaults else cfg.raw,
+                   "path": os.path.abspath(cfg.path) if cfg.path else None,
+                   "workers": self.workers,
+                   "level": logging.getLogger("gproxy").getEffectiveLevel()}
+        if take_over is not None:
+            message["take_over"] = {"path": os.path.abspath(take_over), "timeout": timeout}
+        return message
+
+    # -- calls -------------------------------------------------------------
+    def _request(self, method, path, data, query):
+        reply = self._child.channel.call({"op": "admin", "method": method, "path": path,
+                                          "data": data, "query": query})
+        return reply["status"], reply["body"]
+
+    def _reopen_logs(self):
+        self._child.channel.call({"op": "reopen"})
+
+    def _hand_over(self, path):
+        return self._child.channel.call({"op": "hand_over", "path": os.path.abspath(path)})[
+            "moved"]
+
+    # -- upgrading the child -------------------------------------------------
+    def upgrade(self, timeout=60.0, grace=5.0):
+        """Replace the child by a new one running the gproxy on disk now (and the
+        config file as it is now), which takes every listener and live session;
+        the host goes on.  Returns how many sessions moved; raises
+        ``HandoverError`` (the old child still serves everything, the new one is
+        gone) if the new child cannot start or take over within ``timeout`` s.
+        What cannot move (TLS sessions) ends in the old child within ``grace``."""
+        self._check_owner()
+        with self._upgrading:
+            if self._stopped:
+                raise ProxyStopped("this gproxy was stopped")
+            cfg = self._config_now()
+            folder = tempfile.mkdtemp(prefix="gproxy-upgrade-")
+            try:
+                return self._upgrade(cfg, os.path.join(folder, "handover.sock"), timeout,
+                                     grace)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def _config_now(self):
+        """The config file as it is now (the gproxy command's upgrade reads it again
+        too); a config given as a dict stays as it was."""
+        if self.cfg.path is None:
+            return self.cfg
+        try:
+            return load_config(self.cfg.path)
+        except ConfigError as exc:
+            raise HandoverError("%s; the old process keeps every session and listener"
+                                % exc) from exc
+
+    def _upgrade(self, cfg, path, timeout, grace):
+        old, new, started, moved = self._child, None, None, None
+        try:
+            new = Child(self.python)
+            started = new.channel.request(self._start_message(path, timeout, cfg))
+            _wait_for(path, started, timeout)
+            moved = self._hand_over(path)
+            ready = new.channel.reply(started, START_TIMEOUT + timeout)
+        except Exception as exc:
+            if new is not None:
+                new.dismiss(started)
+            if moved is not None:  # past the commit: everything went with the new child
+                old.stop(grace)
+                raise ProxyStopped("gproxy's new process (pid %s) took over and then failed: "
+                                   "%s" % (new.pid, exc)) from exc
+            if isinstance(exc, HandoverError):
+                raise
+            raise HandoverError("%s; the old one keeps every session and listener"
+                                % _why(new, exc)) from exc
+        self.cfg = cfg
+        self._serve_with(new, ready)
+        old.stop(grace)
+        logging.getLogger("gproxy.upgrade").warning(
+            "upgrade: gproxy's process is pid %d now (was %d): %d sessions moved",
+            new.pid, old.pid, moved)
+        return moved
+
+    # -- stopping ----------------------------------------------------------
+    def _shutdown(self, grace):
+        with self._upgrading:  # an upgrade under way finishes first (its steps are bounded)
+            self._child.stop(grace)
+
+    def _release_in_child(self):
+        self._child.channel.abandon(self._owner)
+
+
+def _why(child, exc):
+    code = child.proc.returncode if child is not None else None
+    if isinstance(exc, ProxyStopped) and code is not None:
+        return ("the new gproxy process (%s, pid %d) exited with status %s before it took "
+                "over (its stderr says why)" % (child.python, child.pid, code))
+    return "the new gproxy process did not take over (%s: %s)" % (type(exc).__name__, exc)
+
+
+def _wait_for(path, started, timeout):
+    """Until the new child listens at ``path`` (or has failed: its start raises)."""
+    deadline = time.monotonic() + START_TIMEOUT + timeout
+    while not os.path.exists(path):
+        if started.done():
+            started.result()  # an error reply or ProxyStopped: raised by reply()
+            raise HandoverError("the new gproxy process answered before it took over")
+        if time.monotonic() > deadline:
+            raise HandoverError("the new gproxy process did not wait at %s" % path)
+        time.sleep(0.01)
+
+
+class Child:
+    """One gproxy process of the handle: its channel, and the thread that started
+    it and reads the channel until it exits."""
+
+    def __init__(self, python):
+        self.python = python
+        self.pid = None
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.channel = Channel(parent_end, self._log)
+        spawned = Future()
+        self.thread = threading.Thread(target=self._serve_channel, args=(child_end, spawned),
+                                       name="gproxy-channel", daemon=True)
+        self.thread.start()
+        try:
+            self.proc = spawned.result()
+        except BaseException:  # no interpreter there, say: nothing to wait for
+            self.channel.close()
+            raise
+        finally:
+            child_end.close()
+        self.pid = self.proc.pid
+
+    def start(self, message, timeout):
+        """Send the start message; the ready reply (what went wrong raised, the child reaped)."""
+        try:
+            return self.channel.call(message, timeout)
+        except ProxyStopped:  # it died before it could say why
+            self.reap(EXIT_TIMEOUT)
+            raise ProxyStopped("gproxy's process (%s, pid %d) exited with status %s before it "
+                               "was ready; its stderr says why" % (
+                                   self.python, self.pid, self.proc.returncode)) from None
+        except BaseException:  # the child reported it, or never answered
+            self.reap(EXIT_TIMEOUT)
+            raise
 
     def _serve_channel(self, child_end, spawned):
         """The reader thread: start the child from here (its death signal follows this
@@ -103,8 +237,9 @@ class ProcessProxy(EmbeddedProxy):
         except BaseException as exc:
             spawned.set_exception(exc)
             return
+        self.pid = proc.pid  # before any log record of its can come
         spawned.set_result(proc)
-        self._channel.read_until_closed(proc.pid)
+        self.channel.read_until_closed(proc.pid)
 
     def _command(self, fd):
         return [self.python, "-I", "-c", BOOT, "--embedded-by", str(os.getpid()),
@@ -116,15 +251,6 @@ class ProcessProxy(EmbeddedProxy):
         env["GPROXY_SYS_PATH"] = json.dumps([p if p else os.getcwd() for p in sys.path])
         return env
 
-    # -- calls -------------------------------------------------------------
-    def _request(self, method, path, data, query):
-        reply = self._channel.call({"op": "admin", "method": method, "path": path,
-                                    "data": data, "query": query})
-        return reply["status"], reply["body"]
-
-    def _reopen_logs(self):
-        self._channel.call({"op": "reopen"})
-
     def _log(self, entry):
         """A log record from the child, handed to this program's ``logging``."""
         name, level, message, exc_text = entry
@@ -135,28 +261,36 @@ class ProcessProxy(EmbeddedProxy):
             record.process, record.processName = self.pid, "gproxy"
             logger.handle(record)
 
-    # -- stopping ----------------------------------------------------------
-    def _shutdown(self, grace):
-        self._channel.stopping = True
+    def stop(self, grace):
+        """Drain and exit (killed if it has not ``grace`` + margins later), reaped."""
+        self.channel.stopping = True
         try:
-            self._channel.call({"op": "stop", "grace": grace}, grace + STOP_MARGIN)
+            self.channel.call({"op": "stop", "grace": grace}, grace + STOP_MARGIN)
         except (ProxyStopped, TimeoutError):
             pass  # already gone (killed, or stopped by SIGTERM), or hung: reaped below
         finally:
-            self._reap(EXIT_TIMEOUT)
+            self.reap(EXIT_TIMEOUT)
 
-    def _reap(self, timeout):
+    def dismiss(self, started):
+        """A new child that will not take over: it stops by itself once its old one
+        calls the handover off (its start then fails); killed if it does not."""
+        self.channel.stopping = True
+        try:
+            if started is not None:
+                self.channel.reply(started, STOP_MARGIN)
+        except Exception:  # noqa: BLE001 (the failure we expect, or none: reaped anyway)
+            pass
+        self.reap(EXIT_TIMEOUT)
+
+    def reap(self, timeout):
         """Wait for the child to exit (SIGKILL it after ``timeout``), close the channel."""
         try:
-            self._proc.wait(timeout)
+            self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
-        self._channel.close()
-        self._thread.join(EXIT_TIMEOUT)
-
-    def _release_in_child(self):
-        self._channel.abandon(self._owner)
+            self.proc.kill()
+            self.proc.wait()
+        self.channel.close()
+        self.thread.join(EXIT_TIMEOUT)
 
 
 def _interpreter():
@@ -165,105 +299,3 @@ def _interpreter():
                            "and this program has none at sys.executable: pass "
                            "python='/path/to/python', or use mode='thread'")
     return sys.executable
-
-
-class Channel:
-    """The host's end of the socketpair: requests with ids from any thread, one reader.
-
-    Requests are JSON lines; a reply is a JSON line, followed by ``len`` raw
-    bytes when it carries a body (an Admin API answer travels unescaped).
-    """
-
-    def __init__(self, sock, on_log):
-        self.sock = sock
-        self.on_log = on_log
-        self.reader = LineReader(sock)
-        self._lock = threading.Lock()
-        self._ids = itertools.count(1)
-        self._pending = {}
-        self._closed = None  # why, once it is
-        self.stopping = False  # the handle asked it to stop: its exit is no news
-
-    def call(self, message, timeout=None):
-        """Send ``message``; the reply (a dict), or the exception the child reported."""
-        future = Future()
-        with self._lock:
-            if self._closed:
-                raise ProxyStopped(self._closed)
-            request_id = next(self._ids)
-            self._pending[request_id] = future
-            try:
-                self.sock.sendall(b"\n" + json.dumps(dict(message, id=request_id)).encode()
-                                  + b"\n")
-            except OSError:
-                self._pending.pop(request_id, None)
-                raise ProxyStopped("gproxy's process has exited") from None
-        try:
-            reply = future.result(timeout)
-        except TimeoutError:
-            with self._lock:
-                self._pending.pop(request_id, None)
-            raise
-        if "error" in reply:
-            raise rebuild(reply["error"])
-        return reply
-
-    def read_until_closed(self, pid):
-        try:
-            while True:
-                line = self.reader.readline()
-                if not line:
-                    break
-                head = json.loads(line)
-                if "log" in head:
-                    self.on_log(head["log"])
-                    continue
-                if "len" in head:
-                    head["body"] = self.reader.read_exactly(head.pop("len")).decode("utf-8")
-                future = self._pending.pop(head.get("id"), None)
-                if future is not None:
-                    future.set_result(head)
-        except (EOFError, OSError, ValueError):
-            pass
-        self._fail("gproxy has stopped" if self.stopping else
-                   "gproxy's process (pid %d) has exited" % pid)
-
-    def _fail(self, why):
-        with self._lock:
-            self._closed = self._closed or why
-            pending, self._pending = self._pending, {}
-        for future in pending.values():
-            future.set_exception(ProxyStopped(self._closed))
-
-    def close(self):
-        self._fail("gproxy has stopped")
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader if the child still lives
-        except OSError:
-            pass
-        self.sock.close()
-
-    def abandon(self, owner):
-        """In a forked child: close this copy of the host's end, never write to it."""
-        self._closed = ("this gproxy runs for process %d; a forked child cannot use its "
-                        "handle (call the Admin API over HTTP instead)" % owner)
-        self._pending = {}
-        self.sock.close()
-
-
-def rebuild(info):
-    """The exception the child reported, as the same type where it is a known one."""
-    name, args = info.get("type"), info.get("args") or [info.get("message", "")]
-    module = errors if info.get("module") == "gproxy.errors" else builtins
-    cls = getattr(module, name, None)
-    exc = None
-    if isinstance(cls, type) and issubclass(cls, Exception):
-        try:
-            exc = cls(*args)
-        except Exception:  # a constructor of its own: fall back below
-            exc = None
-    if exc is None:
-        exc = RuntimeError("%s: %s" % (name, info.get("message", "")))
-    if info.get("traceback") and hasattr(exc, "add_note"):
-        exc.add_note("raised in gproxy's process:\n" + info["traceback"].rstrip())
-    return exc

@@ -28,8 +28,9 @@ class ThreadProxy(EmbeddedProxy):
 
     mode = "thread"
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, take_over=None, timeout=60.0):
         super().__init__(cfg)
+        self._take_over = (take_over, timeout)
         self._hub = HubThread("gproxy-hub")
         self._app = None
         self._client = None
@@ -41,9 +42,14 @@ class ThreadProxy(EmbeddedProxy):
     def _setup(self):
         """On the hub: build, bind, serve (Gproxy.start undoes itself on failure)."""
         from gproxy.runtime.app import Gproxy
-        app = Gproxy(self.cfg)
+        path, timeout = self._take_over
+        app = Gproxy(self.cfg, standby=path is not None)
         try:
-            app.start()
+            if path is None:
+                app.start()
+            else:
+                from gproxy.runtime.transfer import take_over_at
+                take_over_at(app, path, timeout)
         except BaseException:
             app.store.close()
             raise
@@ -60,6 +66,10 @@ class ThreadProxy(EmbeddedProxy):
 
     def _reopen_logs(self):
         self._hub.call(self._app.reopen_logs)
+
+    def _hand_over(self, path):
+        from gproxy.runtime.transfer import give_all
+        return self._hub.call(give_all, self._app, path)
 
     def _shutdown(self, grace):
         try:
