@@ -1,13 +1,14 @@
 """The cost of one short MQTT session in gproxy, counted rather than timed.
 
-    python -m bench.conncost [--connections 500] [--tool callgrind|strace|none]
+    python -m bench.conncost [--connections 500] [--tool callgrind|strace|py-spy|none]
                              [--balancer chash|roundrobin|least_conn|ewma] [--access-log]
-                             [--routing plain|vars|vars-1k]
+                             [--routing plain|vars|vars-1k] [--target gproxy|haproxy]
 
 Starts mosquitto and gproxy (one mqtt-proxy route, chash on the client id, one
-node) on loopback, warms gproxy up, then runs ``--connections`` sessions one
-after another (connect, CONNECT, CONNACK, DISCONNECT, close) and reports what
-gproxy spent on them:
+node) on loopback, or HAProxy with the benchmark's configuration (``--target
+haproxy``: nbthread 1, chash on the MQTT client id), warms it up, then runs
+``--connections`` sessions one after another (connect, CONNECT, CONNACK,
+DISCONNECT, close) and reports what the proxy spent on them:
 
 * ``callgrind``: user-space instructions per session, from valgrind's
   instruction count (zeroed after the warm-up, dumped after the run).  The
@@ -21,7 +22,15 @@ gproxy spent on them:
   nothing to ``summary``): compare route tables of different sizes by the latter.
 * ``strace``: system calls per session, by name (``strace -c -f``; two runs,
   of N and 2N sessions, and their difference, so start-up does not count).
+* ``py-spy``: gproxy's hot Python frames (attached after the warm-up).
 * ``none``: wall and CPU time, for reference only.
+
+The run directory (configs, logs, the tool's output) is removed at the end,
+unless ``CONNCOST_KEEP=1`` is set (e.g. for ``callgrind_annotate``).
+
+Every tool also reports the process's user and system CPU per session from
+/proc (under callgrind or strace: the tool's, so only the counts are
+meaningful there).
 
 ``--routing`` picks the route table: ``plain`` (that one route), ``vars``
 (routes chosen by the CONNECT, docs/routing.md: a tenant by username, the
@@ -37,6 +46,7 @@ import argparse
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -44,7 +54,7 @@ import sys
 import tempfile
 import time
 
-from bench.configs import gproxy_vars_routes
+from bench import configs
 from bench.mqttwire import connect as connect_packet
 from bench.targets import HOST, find, free_port, listening
 
@@ -98,12 +108,21 @@ def _config(run_dir, port, broker, balancer="chash", access_log=False, routing="
                      "      key: mqtt_client_id\n      nodes:\n        '%s:%d': 1\n"
                      "upstreams: []\n#END\n" % (balancer, HOST, broker))
         else:  # the order route (port 1: never matched) is harmless here
-            fh.write(gproxy_vars_routes(HOST, port, broker, 1, broker, ROUTINGS[routing]))
+            fh.write(configs.gproxy_vars_routes(HOST, port, broker, 1, broker, ROUTINGS[routing]))
     return os.path.join(run_dir, "config.yaml")
 
 
-def _command(tool, out, python, conf):
+def _haproxy_config(run_dir, port, broker):
+    path = os.path.join(run_dir, "haproxy.cfg")
+    with open(path, "w") as fh:
+        fh.write(configs.haproxy(HOST, port, broker, 1000, 4096, free_port(), free_port()))
+    return path
+
+
+def _command(tool, out, python, conf, target="gproxy"):
     gproxy = [python, "-m", "gproxy", "-c", conf]
+    if target == "haproxy":
+        gproxy = [find("haproxy"), "-db", "-f", conf]
     if tool == "callgrind":
         return ["valgrind", "--tool=callgrind", "--callgrind-out-file=" + out,
                 "--dump-instr=no", "--collect-atstart=yes"] + gproxy
@@ -111,10 +130,7 @@ def _command(tool, out, python, conf):
         return ["strace", "-f", "-c", "-o", out] + gproxy
     if tool == "strace-log":  # every call with its arguments, to read by hand
         return ["strace", "-f", "-tt", "-o", out] + gproxy
-    if tool == "py-spy":  # sampled Python stacks, summarised by bench.profile
-        return [os.path.join(os.path.dirname(python), "py-spy"), "record", "--rate", "500",
-                "--format", "raw", "--output", out, "--"] + gproxy
-    return gproxy
+    return gproxy  # (py-spy attaches after the warm-up: start-up is not sampled)
 
 
 def _callgrind_total(path):
@@ -138,15 +154,16 @@ def _callgrind_summary(path):
     return 0
 
 
-def measure(tool, connections, warmup, python, clients=1, **route):
+def measure(tool, connections, warmup, python, clients=1, target="gproxy", **route):
     run_dir = tempfile.mkdtemp(prefix="gproxy-cost-")
     broker_port, port = free_port(), free_port()
     mosq = subprocess.Popen([find("mosquitto"), "-p", str(broker_port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     out = os.path.join(run_dir, "%s.out" % tool)
-    conf = _config(run_dir, port, broker_port, **route)
-    proc = subprocess.Popen(_command(tool, out, python, conf),
+    conf = (_haproxy_config(run_dir, port, broker_port) if target == "haproxy"
+            else _config(run_dir, port, broker_port, **route))
+    proc = subprocess.Popen(_command(tool, out, python, conf, target),
                             cwd=run_dir, env=dict(os.environ, PYTHONHASHSEED="0"), stdout=subprocess.DEVNULL,
                             stderr=open(os.path.join(run_dir, "gproxy.log"), "w"),
                             start_new_session=True)
@@ -158,6 +175,7 @@ def measure(tool, connections, warmup, python, clients=1, **route):
         if tool == "callgrind":
             subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True,
                            stdout=subprocess.DEVNULL)
+        spy = _py_spy(python, proc.pid, out) if tool == "py-spy" else None
         cpu0, t0 = _cpu(proc.pid), time.monotonic()
         if clients > 1:  # concurrent clients, as in the benchmark's connection rate
             with multiprocessing.get_context("fork").Pool(clients) as workers:
@@ -167,6 +185,9 @@ def measure(tool, connections, warmup, python, clients=1, **route):
         else:
             _sessions(port, warmup, connections)
         cpu1, t1 = _cpu(proc.pid), time.monotonic()
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its file and exits
+            spy.wait(timeout=60)
         if tool == "callgrind":
             subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True,
                            stdout=subprocess.DEVNULL)
@@ -192,6 +213,10 @@ def measure(tool, connections, warmup, python, clients=1, **route):
         result["log"] = out
     elif tool == "py-spy":
         result["profile"] = _py_spy_summary(out)
+    if tool == "strace-log" or os.environ.get("CONNCOST_KEEP"):
+        result["run_dir"] = run_dir  # the log to read, or the tool's files (callgrind_annotate)
+    else:
+        shutil.rmtree(run_dir, ignore_errors=True)
     return result
 
 
@@ -206,12 +231,19 @@ def _cpu(pid):
         return 0.0, 0.0
 
 
+def _py_spy(python, pid, out):
+    """py-spy sampling ``pid`` (gproxy, warmed up) until SIGINT; raw stacks into ``out``."""
+    spy = subprocess.Popen([os.path.join(os.path.dirname(python), "py-spy"), "record",
+                            "--pid", str(pid), "--rate", "1000", "--nonblocking",
+                            "--format", "raw", "--output", out],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # attached before the first session
+    return spy
+
+
 def _py_spy_summary(path):
     from bench.profile import summarise
-    deadline = time.monotonic() + 30
-    while not os.path.exists(path) and time.monotonic() < deadline:
-        time.sleep(0.2)  # py-spy writes its file after the process it sampled exits
-    found = summarise(path, top=25)
+    found = summarise(path, top=40)
     lines = ["%d samples" % found["samples"], "self:"]
     lines += ["  %5.1f%%  %s" % (100 * share, frame) for frame, share in found["self"]]
     lines += ["inclusive:"]
@@ -238,6 +270,7 @@ def main(argv=None):
                         help="client processes, each running --connections sessions")
     parser.add_argument("--tool", choices=("callgrind", "strace", "strace-log", "py-spy", "none"),
                         default="callgrind")
+    parser.add_argument("--target", choices=("gproxy", "haproxy"), default="gproxy")
     parser.add_argument("--routing", choices=sorted(ROUTINGS), default="plain",
                         help="the route table (see above)")
     parser.add_argument("--python", default=sys.executable,
@@ -247,12 +280,16 @@ def main(argv=None):
     parser.add_argument("--access-log", action="store_true",
                         help="with the stream access log on (its writer thread counts too)")
     args = parser.parse_args(argv)
+    if args.tool == "py-spy" and args.target != "gproxy":
+        parser.error("--tool py-spy samples Python: gproxy only")
+    if args.routing != "plain" and args.target != "gproxy":
+        parser.error("--routing: gproxy only (HAProxy's config has the one route)")
     route = {"balancer": args.balancer, "access_log": args.access_log, "routing": args.routing}
     result = measure(args.tool, args.connections, args.warmup, args.python, args.clients,
-                     **route)
+                     args.target, **route)
     if args.tool == "strace":
         more = measure(args.tool, 2 * args.connections, args.warmup, args.python,
-                       args.clients, **route)["syscalls"]
+                       args.clients, args.target, **route)["syscalls"]
         per = {name: (more.get(name, 0) - result["syscalls"].get(name, 0))
                / (args.connections * args.clients)
                for name in set(more) | set(result["syscalls"]) if name != "total"}

@@ -119,8 +119,11 @@ def conn_worker(pipe, addr, prefix, start_at, duration, timeout, ws=False, tls=N
                "cpu": self_cpu_seconds() - cpu0, "wall": time.perf_counter() - t0})
 
 
-def idle_worker(pipe, addr, prefix, count, timeout, hold, batch=100):
-    """Open ``count`` MQTT sessions, report, hold them until told (or ``hold`` s), close."""
+def idle_worker(pipe, addr, prefix, count, timeout, hold, batch=100, tls=None):
+    """Open ``count`` MQTT sessions, report, hold them until told (or ``hold`` s), close.
+
+    ``tls``: each session over TLS (full handshake), as ``mqtt_session``.
+    """
     template = mqttwire.ConnectTemplate(prefix)
     open_socks, errors = [], {}
     cpu0 = self_cpu_seconds()
@@ -137,6 +140,7 @@ def idle_worker(pipe, addr, prefix, count, timeout, hold, batch=100):
             sock.settimeout(timeout)
             try:
                 sock.connect(addr)
+                sock = _tls_wrap(sock, tls)
                 sock.sendall(template.build(i))
                 sent.append(sock)
             except OSError as exc:
@@ -160,7 +164,7 @@ def idle_worker(pipe, addr, prefix, count, timeout, hold, batch=100):
 
 
 def subscriber(pipe, addr, client_id, topic, received, start_at, duration, timeout, ws=False,
-               tls=None):
+               tls=None, recv_size=1 << 20):
     """Subscribe, then count every byte the broker sends in [start_at, start_at+duration].
 
     Only QoS 0 PUBLISH frames arrive after the SUBACK (keep-alive 0: no
@@ -173,7 +177,7 @@ def subscriber(pipe, addr, client_id, topic, received, start_at, duration, timeo
     if recv_exact(sock, 5) != mqttwire.suback():
         raise ConnectionError("bad SUBACK")
     pipe.send("subscribed")
-    buf = bytearray(1 << 20)
+    buf = bytearray(recv_size)
     sock.settimeout(0.2)
     total = 0
     first = last = None
@@ -205,11 +209,13 @@ def subscriber(pipe, addr, client_id, topic, received, start_at, duration, timeo
 
 def publisher(pipe, addr, client_id, topic, payload_size, received, go_at, end_at,
               window, timeout, batch_bytes=256 * 1024, ws=False, tls=None):
-    """Pipeline QoS 0 PUBLISH frames in big ``sendall`` batches until ``end_at``.
+    """Pipeline QoS 0 PUBLISH frames in ``sendall`` batches until ``end_at``.
 
     At most ``window`` bytes may be ahead of what the subscriber has read, so
     the broker never queues (or drops) without bound and the rate measured is
-    what the whole chain sustains.
+    what the whole chain sustains; ``window`` None: no bound (the chain backs
+    up to the publisher, as an independent harness did).  A batch of less
+    than one frame sends one frame a call (an unbatched publisher).
     """
     frame = mqttwire.publish(topic, b"x" * payload_size)
     batch = frame * max(1, batch_bytes // len(frame))
@@ -221,7 +227,7 @@ def publisher(pipe, addr, client_id, topic, payload_size, received, go_at, end_a
     cpu0 = self_cpu_seconds()
     sent = waits = 0
     while time.time() < end_at:
-        if sent - received.value > window:
+        if window is not None and sent - received.value > window:
             waits += 1
             time.sleep(0.0002)
             continue

@@ -9,17 +9,17 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: In the order they run against each target.
-ALL_WORKLOADS = ["idle", "ping", "loaded", "order", "conn", "tput64", "tput16k", "wsconn",
-                 "wstput64", "wstput16k", "tlsconn", "tlstput16k", "core-conn", "core-tput64",
-                 "core-tput16k"]
+ALL_WORKLOADS = ["idle", "ping", "loaded", "order", "conn", "tput64", "tput16k", "flood16k",
+                 "single16k", "oneway16k", "wsconn", "wstput64", "wstput16k", "tlsconn",
+                 "tlstput16k", "tlsidle", "core-conn", "core-tput64", "core-tput16k"]
 PER_CORE = [w for w in ALL_WORKLOADS if w.startswith("core-")]
 MODES = {
     "quick": dict(rounds=1, conn_duration=3.0, tput_duration=2.0, ping_count=1000,
-                  idle_conns=2000, loaded_duration=1.0, order_trials=300,
+                  oneway_gb=0.3, idle_conns=2000, loaded_duration=1.0, order_trials=300,
                   core_conn_duration=1.5, core_tput_duration=1.0,
                   workloads=[w for w in ALL_WORKLOADS if w != "core-tput64"]),
     "full": dict(rounds=3, conn_duration=8.0, tput_duration=5.0, ping_count=5000,
-                 idle_conns=10000, loaded_duration=4.0, order_trials=2000,
+                 oneway_gb=1.0, idle_conns=10000, loaded_duration=4.0, order_trials=2000,
                  core_conn_duration=5.0, core_tput_duration=3.0, workloads=ALL_WORKLOADS),
 }
 ORDER_GAPS_US = "30,100,300,1000,5000"
@@ -49,6 +49,7 @@ def parse_args(argv):
     p.add_argument("--tput-duration", type=float, help="seconds per throughput run")
     p.add_argument("--tput-window", type=int, default=2 << 20,
                    help="bytes the publisher may be ahead of the subscriber")
+    p.add_argument("--oneway-gb", type=float, help="GB per oneway16k run (quick 0.3, full 1)")
     p.add_argument("--ping-count", type=int, help="PINGREQ round trips per run")
     p.add_argument("--ping-timeout", type=float, default=60.0, help="seconds per ping run")
     p.add_argument("--ping-no-pin", dest="ping_pin", action="store_false",

@@ -36,6 +36,15 @@ def descendants(root):
     return out
 
 
+def children(pid):
+    """The processes ``pid`` started that are still its children (none if it is gone)."""
+    try:
+        with open("/proc/%d/task/%d/children" % (pid, pid)) as fh:
+            return [int(kid) for kid in fh.read().split()]
+    except OSError:
+        return []
+
+
 def gone(pid):
     """True once ``pid`` has exited (a zombie waiting for its parent counts as gone)."""
     try:

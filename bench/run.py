@@ -17,13 +17,13 @@ import time
 if __package__ in (None, ""):  # `python bench/run.py`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import (loaded, order, percore, procstat, profile, report,  # noqa: E402
+from bench import (loaded, oneway, order, percore, procstat, profile, report,  # noqa: E402
                    targets as tg, tlsbench, workloads)
 from bench.options import parse_args  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKLOADS = dict(workloads.WORKLOADS, **loaded.WORKLOADS, **order.WORKLOADS,
-                 **percore.WORKLOADS, **tlsbench.WORKLOADS)
+                 **percore.WORKLOADS, **tlsbench.WORKLOADS, **oneway.WORKLOADS)
 FD_RESERVE = 256  # listeners, logs, pipes
 
 

@@ -123,4 +123,19 @@ def tls_throughput(target, broker, opts, prefix):
                                 tls=opts.pki.client)
 
 
-WORKLOADS = {"tlsconn": tls_conn_rate, "tlstput16k": tls_throughput}
+def tls_idle(target, broker, opts, prefix):
+    """Memory per idle TLS session (at most 2,000 of them: each costs a handshake).
+
+    The target is restarted first: memory the earlier workloads freed inside
+    the process would be reused and hide the growth.
+    """
+    if getattr(target, "tls_port", None) is None:
+        return {"skipped": "no TLS listener: the TLS workloads do not apply"}
+    from bench import workloads
+    target.stop()
+    target.start()
+    return workloads.idle(target, broker, opts, prefix, tls=opts.pki.client,
+                          count=min(opts.idle_conns, 2000), key="tlsidle")
+
+
+WORKLOADS = {"tlsconn": tls_conn_rate, "tlstput16k": tls_throughput, "tlsidle": tls_idle}

@@ -142,23 +142,27 @@ def _ms(seconds):
     return None if seconds is None else seconds * 1e3
 
 
-def idle(target, broker, opts, prefix):
-    """RSS growth of the proxy's process tree per open, idle MQTT session."""
+def idle(target, broker, opts, prefix, tls=None, count=None, key="idle"):
+    """RSS growth of the proxy's process tree per open, idle MQTT session.
+
+    ``tls``: the sessions speak TLS to the target's TLS listener (tlsbench);
+    ``count``: how many (default ``--idle-conns``); metrics named ``key_*``.
+    """
     if target.pid is None:
-        return {"idle_kib_per_conn": None}
-    addr = (HOST, target.port)
+        return {key + "_kib_per_conn": None}
+    addr = (HOST, target.tls_port if tls else target.port)
+    count = count or opts.idle_conns
     for i in range(50):  # warm up one-time allocations before the baseline
-        sock = loadgen.mqtt_session(addr, prefix + b"w%03d" % i, opts.timeout)
+        sock = loadgen.mqtt_session(addr, prefix + b"w%03d" % i, opts.timeout, tls=tls)
         sock.sendall(b"\xe0\x00")
         sock.close()
     time.sleep(1.0)
     before = procstat.tree_rss_kib(target.pid)
     procs = opts.idle_procs
-    shares = [opts.idle_conns // procs + (1 if i < opts.idle_conns % procs else 0)
-              for i in range(procs)]
+    shares = [count // procs + (1 if i < count % procs else 0) for i in range(procs)]
     hold = opts.idle_timeout + 30
-    workers = [_spawn(loadgen.idle_worker, addr, prefix + b"%02d-" % i, n, opts.timeout, hold)
-               for i, n in enumerate(shares)]
+    workers = [_spawn(loadgen.idle_worker, addr, prefix + b"%02d-" % i, n, opts.timeout, hold,
+                      100, tls) for i, n in enumerate(shares)]
     done = False
     try:
         t0 = time.monotonic()
@@ -180,24 +184,28 @@ def idle(target, broker, opts, prefix):
     finally:
         _reap(workers, 3.0 if done else 0.0)  # interrupted: they hold sockets, stop them now
     opened = sum(r["ok"] for r in ready if r)
-    out = {"idle_kib_per_conn": (after - before) / opened if opened else None,
-           "idle_opened": opened, "idle_errors": _merge_errors(ready),
-           "idle_rss_before_kib": before, "idle_rss_after_kib": after,
-           "idle_open_seconds": open_seconds, "idle_broker_rss_kib": broker_rss}
+    out = {"kib_per_conn": (after - before) / opened if opened else None,
+           "opened": opened, "errors": _merge_errors(ready),
+           "rss_before_kib": before, "rss_after_kib": after,
+           "open_seconds": open_seconds, "broker_rss_kib": broker_rss}
     lost = sum(1 for r in ready if r is None)
     if lost:
-        out["idle_errors"]["worker_lost"] = lost
+        out["errors"]["worker_lost"] = lost
     time.sleep(1.0)  # the proxy tears the sessions down
-    return out
+    return {key + "_" + k: v for k, v in out.items()}
 
 
 def throughput(target, broker, opts, prefix, payload_size, key, ws=False, duration=None,
-               lead=1.0, cpus=None, tls=None):
+               lead=1.0, cpus=None, tls=None, batch=256 * 1024, window=True,
+               recv_size=1 << 20):
     """One publisher, one subscriber, both through the target; MB/s at the subscriber.
 
     ``ws``: both speak MQTT over WebSocket (MB/s of MQTT bytes, frame headers
     not counted), for targets that speak it.  ``lead`` s are allowed for the
     subscriber to subscribe; ``cpus`` is unused (the per-core mode passes it).
+    ``batch``: bytes per publisher ``sendall`` (less than a frame: one frame a
+    call); ``window`` False: the publisher is not held back (see loadgen);
+    ``recv_size``: the subscriber's ``recv_into`` buffer.
     """
     if ws and not getattr(target, "websocket", False):
         return {}
@@ -209,14 +217,15 @@ def throughput(target, broker, opts, prefix, payload_size, key, ws=False, durati
     start_at = go_at + warmup
     end_at = start_at + duration
     sub = _spawn(loadgen.subscriber, addr, prefix + b"sub", topic, received, start_at,
-                 duration, opts.timeout, ws, tls)
+                 duration, opts.timeout, ws, tls, recv_size)
     workers = [sub]
     try:
         if _receive(sub[1], time.monotonic() + lead - 0.2) != "subscribed":
             raise RuntimeError("subscriber did not subscribe in time")
         workers.append(_spawn(loadgen.publisher, addr, prefix + b"pub", topic, payload_size,
-                              received, go_at, end_at + 0.2, opts.tput_window, opts.timeout,
-                              256 * 1024, ws, tls))
+                              received, go_at, end_at + 0.2,
+                              opts.tput_window if window else None, opts.timeout, batch, ws,
+                              tls))
         _sleep_until(start_at)
         proxy0 = _cpu(target.pid)
         broker0 = _cpu(broker.pid)
@@ -294,6 +303,13 @@ WORKLOADS = {
     "conn": conn_rate,
     "tput64": lambda t, b, o, p: throughput(t, b, o, p, 64, "tput64"),
     "tput16k": lambda t, b, o, p: throughput(t, b, o, p, 16 * 1024, "tput16k"),
+    # the independent harness's shape: four 16 KiB PUBLISHes a 64 KiB send, no
+    # window (the chain backs up), 256 KiB reads at the subscriber
+    "flood16k": lambda t, b, o, p: throughput(t, b, o, p, 16 * 1024, "flood16k",
+                                              batch=64 * 1024, window=False,
+                                              recv_size=256 * 1024),
+    # an unbatched publisher: one 16 KiB PUBLISH a send
+    "single16k": lambda t, b, o, p: throughput(t, b, o, p, 16 * 1024, "single16k", batch=1),
     # MQTT over WebSocket: gproxy only (the other targets would need an HTTP front)
     "wsconn": lambda t, b, o, p: conn_rate(t, b, o, p, ws=True),
     "wstput64": lambda t, b, o, p: throughput(t, b, o, p, 64, "wstput64", ws=True),

@@ -11,7 +11,6 @@ takes every listener and session, and this process exits.
 """
 
 import argparse
-import gc
 import logging
 import os
 import resource
@@ -122,7 +121,7 @@ def main(argv=None):
             print("gproxy: %s" % exc, file=sys.stderr)
             return 1
         sdnotify.notify("READY=1")
-    freeze_startup_objects()
+    freeze_startup_objects(app)  # (sessions taken over included: they have no cycles)
     if os.environ.get("GPROXY_HUB_PROBE"):  # a diagnostic: how long the hub is held
         from gproxy import hubprobe
         hubprobe.start(os.environ["GPROXY_HUB_PROBE"])
@@ -169,14 +168,13 @@ def embedded(args):
     return child.run(args.channel_fd, args.embedded_by, freeze_startup_objects)
 
 
-def freeze_startup_objects():
-    """Keep what start-up built (modules, Flask, the route table) out of every
-    later garbage collection: a full collection walks every tracked object on
-    the hub, and with thousands of live sessions each one stalled relaying for
-    tens of milliseconds.  This process's own business only: never done when
-    gproxy is embedded."""
-    gc.collect()
-    gc.freeze()
+def freeze_startup_objects(app):
+    """Keep start-up's objects, then each live session, out of every later garbage
+    collection (runtime/gcpolicy.py).  This process's own business only (the
+    command, its workers, the child of ``mode="process"``): never done when gproxy
+    is embedded in a host's own process (``mode="thread"``)."""
+    from gproxy.runtime import gcpolicy
+    gcpolicy.start(live=lambda: len(app.registry))
 
 
 def reload(app, path, log_level):

@@ -16,11 +16,11 @@ HEADER = ("control plane vs data plane: %d relaying sessions, %d upstreams + as 
 
 
 def timed_lines(path, since, until):
-    """The lines of a probe log (``time value value``) logged between two times."""
+    """The lines of a probe log (``time value value pid``) logged between two times."""
     out = []
     with open(path) as fh:
         for line in fh:
-            at, a, b = (float(x) for x in line.split())
+            at, a, b = (float(x) for x in line.split()[:3])
             if since <= at <= until:
                 out.append((at, a, b))
     return out

@@ -16,7 +16,18 @@ greenlet in gproxy that sleeps 1 ms in a loop and logs each overshoot above
    ending, run by the event queue;
 3. opens N with keep alive ``--keepalive`` (idle timeout 1.5 times it) in
    one burst and watches the hub until gproxy has closed them all: they all
-   come due within a second or two, for the idle sweeper.
+   come due within a second or two, for the idle sweeper;
+4. the garbage collector and accept bursts: with N quiet sessions live, N/3
+   more open in bursts of 50 and stay (survivors are what brings on a full
+   collection: Python runs one when they reach a quarter of the long-lived
+   objects), then new clients come and go (``--churn-rate`` a second for
+   ``--churn-seconds``); a full pass walks every object the collector
+   tracks, so without gproxy's freezing (``--gc startup``: start-up's
+   objects only, as before runtime/gcpolicy.py) its longest pass grows with
+   N.  gproxy holds two descriptors a session: where N + N/3 would not fit
+   in its limit (RLIMIT_NOFILE, 20,000 here: N above 7,400), as many quiet
+   sessions as needed close first, so N stay live throughout (9,900 is
+   the most this machine's limit allows).
 
 Prints, for each phase, the probe's overshoots, the longest time gproxy held
 the hub on a CPU, and Python's generation 1 and 2 garbage collections in
@@ -33,8 +44,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from scale_setup import (finish, gc_passes, open_idle, probe_holds,  # noqa: E402
-                         start_broker, start_gproxy)
+from scale_setup import (connack_latencies, finish, gc_passes, open_idle,  # noqa: E402
+                         probe_holds, start_broker, start_gproxy)
 from bench.procstat import cpu_seconds  # noqa: E402  (scale_setup put the repo on the path)
 
 
@@ -81,6 +92,15 @@ def main(argv=None):
     parser.add_argument("--sessions", type=int, default=9000)
     parser.add_argument("--seconds", type=float, default=30.0, help="of the quiet phase")
     parser.add_argument("--keepalive", type=int, default=4, help="of the idling-out sessions")
+    parser.add_argument("--churn-rate", type=float, default=300.0,
+                        help="new clients a second in the GC phase")
+    parser.add_argument("--churn-seconds", type=float, default=20.0)
+    parser.add_argument("--gc", choices=("rounds", "startup"), default="rounds",
+                        help="gproxy's GC policy: freeze survivors every second (rounds, "
+                        "gproxy's), or only start-up's objects (startup: before)")
+    parser.add_argument("--grow", type=int, help="sessions the GC phase opens in bursts of 50 "
+                        "(default N/3; the same number at every N compares holds by N alone)")
+    parser.add_argument("--only-gc", action="store_true", help="skip phases 2 and 3")
     parser.add_argument("--keep", action="store_true", help="keep the work dir and its logs")
     args = parser.parse_args(argv)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -90,6 +110,7 @@ def main(argv=None):
     try:
         brokers = [start_broker(workdir, name) for name in ("a", "b")]
         procs += [p for p, _ in brokers]
+        os.environ["GPROXY_HOLDS_GC"] = args.gc
         gp, stream, _, probe = start_gproxy(workdir, [p for _, p in brokers])
         procs.append(gp)
         measure = Phase(probe, gp.pid)
@@ -98,6 +119,23 @@ def main(argv=None):
         measure.begin()
         time.sleep(args.seconds)
         measure.report("%d quiet sessions, %.0f s:" % (len(quiet), args.seconds))
+        grow = args.grow if args.grow is not None else len(quiet) // 3
+        room = max(0, (hard - 150) // 2 - len(quiet) - 10)  # gproxy: 2 fds a session
+        replaced = max(0, grow - room)
+        for sock in quiet[:replaced]:
+            sock.close()
+        quiet = quiet[replaced:]
+        time.sleep(2 if replaced else 0)  # those ends are not this phase's
+        measure.begin()
+        grown = open_idle(stream, grow, batch=50, prefix=b"grown-")
+        latencies = connack_latencies(stream, args.churn_seconds, args.churn_rate, 0)
+        measure.report("%d live + %d more in bursts of 50%s, %d came and went (GC %s):" % (
+            len(quiet), len(grown), " (%d quiet ones closed first)" % replaced if replaced else "",
+            len(latencies), args.gc))
+        for sock in grown:
+            sock.close()
+        if args.only_gc:
+            return 0
         measure.begin()
         for sock in quiet:  # gproxy holds two fds a session: one phase at a time
             sock.close()
@@ -118,7 +156,7 @@ def main(argv=None):
     finally:
         for sock in quiet + dying:
             sock.close()
-        finish(procs, workdir, args.keep, "probe.log: wall time, ms late, ms of it on a CPU")
+        finish(procs, workdir, args.keep, "probe.log: wall time, ms late, ms of it on a CPU, pid")
 
 
 if __name__ == "__main__":

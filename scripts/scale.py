@@ -4,6 +4,8 @@
     .venv/bin/python scripts/scale.py                 # full: 9,000 idle sessions, 3 rounds
     .venv/bin/python scripts/scale.py --short         # 300 sessions, ~40 s (run by the tests)
     .venv/bin/python scripts/scale.py --sessions 5000 --rounds 2 --json out.json
+    .venv/bin/python scripts/scale.py --fleet         # 50,000 sessions over 6 workers (below)
+    .venv/bin/python scripts/scale.py --fleet --short # 3,000 over 2 workers (run by the tests)
 
 Starts two mosquitto brokers and gproxy (one process, a chash route over both
 brokers) on loopback, opens N idle MQTT sessions through it, then measures in
@@ -21,23 +23,30 @@ rounds, with and without the Connections page open in Debian's Chromium:
 The script's own clients and the browser share the machine with gproxy, so
 figures from a busy machine are noisy: compare the two columns of one run.
 Needs mosquitto (/usr/sbin), chromium (/usr/bin) and Playwright for Python.
+
+``--fleet`` is the other experiment: ``--sessions`` (50,000) idle sessions
+through ``gproxy --workers`` (6), over ``--brokers`` (4) mosquittos, held by
+``--client-procs`` (5) processes connecting from ``--sources`` (4) loopback
+addresses (scale_fleet.py says why each is needed); then new clients' CONNACK
+latency while quiet and while the dashboard's requests poll the sessions page
+(no browser: the figures are gproxy's), the sessions API's total and page
+time across the workers, RSS of every gproxy process and the longest hub hold
+of each worker.
 """
 
 import argparse
 import json
 import os
 import resource
-import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
-import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from scale_setup import (HOST, KEY, connack_latencies, gc_passes, open_idle,  # noqa: E402
-                         probe_holds, start_broker, start_gproxy, stop)
+from scale_setup import (HOST, KEY, Poller, connack_latencies, finish, gc_passes,  # noqa: E402
+                         get, open_idle, probe_holds, start_broker, start_gproxy)
+import scale_fleet  # noqa: E402,I100
 
 CHROMIUM = "/usr/bin/chromium"
 LONGTASKS = """
@@ -54,15 +63,6 @@ def pct(values, q):
 
 
 # -- the Admin API ----------------------------------------------------------------------
-
-def get(admin, path):
-    req = urllib.request.Request("http://%s:%d/apisix/admin%s" % (HOST, admin, path),
-                                 headers={"X-API-KEY": KEY})
-    start = time.perf_counter()
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        body = resp.read()
-    return body, (time.perf_counter() - start) * 1000
-
 
 def admin_figures(admin, repeat):
     views = {
@@ -85,36 +85,6 @@ def admin_figures(admin, repeat):
         out[name] = {"bytes": len(body), "median_ms": round(statistics.median(times), 2),
                      "max_ms": round(max(times), 2)}
     return out
-
-
-class Poller:
-    """The dashboard's requests without a browser: what gproxy alone pays for them
-    (a page of 50 and stats every second; routes, upstreams and what would
-    move every fifth second), so a rise can be told apart from the browser's
-    own CPU on a small machine."""
-
-    def __init__(self, admin):
-        self.admin = admin
-        self.running = True
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        n = 0
-        while self.running:
-            start = time.monotonic()
-            paths = ["/gproxy/sessions?page=1&page_size=50&sort=connected_at", "/gproxy/stats"]
-            if n % 5 == 0:
-                paths += ["/stream_routes", "/upstreams",
-                          "/gproxy/sessions?misplaced=true&page_size=10"]
-            for path in paths:
-                get(self.admin, path)
-            n += 1
-            time.sleep(max(0, 1 - (time.monotonic() - start)))
-
-    def stop(self):
-        self.running = False
-        self.thread.join(5)
 
 
 # -- the browser -------------------------------------------------------------------------
@@ -223,9 +193,7 @@ def measure(args):
             dash.quit()
         for sock in socks:
             sock.close()
-        for proc in reversed(procs):
-            stop(proc)
-        shutil.rmtree(workdir, ignore_errors=True)
+        finish(reversed(procs), workdir, False, None)
 
 
 def summary(result):
@@ -255,19 +223,39 @@ def summary(result):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--short", action="store_true", help="300 sessions, 1 round, ~40 s")
-    parser.add_argument("--sessions", type=int, help="idle sessions (default 9000)")
+    parser.add_argument("--short", action="store_true", help="300 sessions, 1 round, ~40 s "
+                        "(with --fleet: 3,000 over 2 workers)")
+    parser.add_argument("--sessions", type=int, help="idle sessions (default 9000; fleet 50000)")
     parser.add_argument("--rounds", type=int, help="rounds of both phases (default 3)")
     parser.add_argument("--seconds", type=float, help="seconds of new clients per phase")
     parser.add_argument("--rate", type=float, default=100.0, help="new clients a second")
     parser.add_argument("--repeat", type=int, default=20, help="requests per Admin API view")
+    parser.add_argument("--fleet", action="store_true", help="the fleet run (no browser): "
+                        "--workers, --brokers, --client-procs, --sources")
+    parser.add_argument("--workers", type=int, help="fleet: gproxy --workers (default 6)")
+    parser.add_argument("--brokers", type=int, help="fleet: mosquitto brokers (default 4)")
+    parser.add_argument("--client-procs", type=int, help="fleet: processes holding the "
+                        "sessions (default 5)")
+    parser.add_argument("--sources", type=int, help="fleet: client source addresses "
+                        "127.0.0.1.. (default 4)")
+    parser.add_argument("--keep", action="store_true", help="fleet: keep the work dir")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
-    args.sessions = args.sessions or (300 if args.short else 9000)
-    args.rounds = args.rounds or (1 if args.short else 3)
-    args.seconds = args.seconds or (5.0 if args.short else 20.0)
-    result = measure(args)
-    print(summary(result))
+    if args.fleet:
+        small = dict(sessions=3000, workers=2, brokers=2, client_procs=2, sources=2, seconds=5)
+        full = dict(sessions=50000, workers=6, brokers=4, client_procs=5, sources=4, seconds=20)
+        for key, value in (small if args.short else full).items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+        import scale_setup
+        result = scale_fleet.measure(args, scale_setup)
+        print(scale_fleet.summary(result))
+    else:
+        args.sessions = args.sessions or (300 if args.short else 9000)
+        args.rounds = args.rounds or (1 if args.short else 3)
+        args.seconds = args.seconds or (5.0 if args.short else 20.0)
+        result = measure(args)
+        print(summary(result))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=2)

@@ -1,12 +1,14 @@
 """The moving parts of scripts/scale.py: gproxy with a hub-latency probe,
 mosquitto brokers, idle MQTT sessions and paced new clients.
 
-Run as a script (``scale_setup.py CONFIG PROBE``) it is the gproxy child:
-gproxy's CLI in this process plus a probe greenlet that sleeps 1 ms in a loop
-and logs every overshoot above 0.5 ms with how much of it the hub's thread
-spent on a CPU (``thread_time``: the threadpool's and the etcd watch thread's
-CPU is not the hub's).  Everything else here runs in scale.py's own (plain,
-unpatched) process.
+Run as a script (``scale_setup.py CONFIG PROBE [GPROXY ARGS...]``) it is the
+gproxy child: gproxy's CLI in this process plus a probe greenlet that sleeps
+1 ms in a loop and logs every overshoot above 0.5 ms with how much of it the
+hub's thread spent on a CPU (``thread_time``: the threadpool's and the etcd
+watch thread's CPU is not the hub's).  With ``--workers`` the probe goes on in
+every forked worker (a fork keeps the hub's greenlets and timers), each line
+tagged with its process id.  Everything else here runs in scale.py's own
+(plain, unpatched) process.
 """
 
 import gc
@@ -16,7 +18,9 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -29,7 +33,7 @@ PROBE_MS = 1.0
 
 # -- the gproxy child, with a hub-latency probe -------------------------------------------
 
-def serve(config, probe_path):
+def serve(config, probe_path, *extra):
     """The gproxy child: gproxy's CLI in this process plus a probe greenlet."""
     from gevent import monkey
     monkey.patch_all()
@@ -43,7 +47,8 @@ def serve(config, probe_path):
                 late = (time.perf_counter() - start) * 1000 - PROBE_MS
                 if late > 0.5:  # and how much of it this process ran (vs. waited for a core)
                     ran = (time.thread_time() - cpu) * 1000
-                    fh.write("%.4f %.3f %.3f\n" % (time.time(), late, min(late, ran)))
+                    fh.write("%.4f %.3f %.3f %d\n" % (time.time(), late, min(late, ran),
+                                                      os.getpid()))
 
     gc_log = open(probe_path + ".gc", "a", buffering=1)
     started = {}
@@ -52,38 +57,110 @@ def serve(config, probe_path):
         if phase == "start":
             started["t"] = time.perf_counter()
         elif info["generation"] >= 1:
-            gc_log.write("%.4f %d %.3f\n" % (time.time(), info["generation"],
-                                              (time.perf_counter() - started["t"]) * 1000))
+            gc_log.write("%.4f %d %.3f %d\n" % (time.time(), info["generation"],
+                                                 (time.perf_counter() - started["t"]) * 1000,
+                                                 os.getpid()))
+
+    def census(every):  # what the collector holds, frozen and not, and the RSS
+        with open(probe_path + ".census", "a", buffering=1) as fh:
+            while True:
+                gevent.sleep(every)
+                if os.path.exists(probe_path + ".unfreeze"):  # asked: what did freezing keep?
+                    os.unlink(probe_path + ".unfreeze")
+                    gc.set_debug(gc.DEBUG_SAVEALL)
+                    gc.unfreeze()
+                    found = gc.collect()
+                    kinds = {}
+                    for obj in gc.garbage:
+                        kinds[type(obj).__name__] = kinds.get(type(obj).__name__, 0) + 1
+                    gc.set_debug(0)
+                    del gc.garbage[:]
+                    with open(probe_path + ".unfrozen", "w") as out:
+                        json.dump({"collected": found, "kinds": sorted(
+                            kinds.items(), key=lambda kv: -kv[1])[:15]}, out)
+                    gc.freeze()
+                with open("/proc/self/statm") as statm:
+                    rss = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+                fh.write("%.4f %d %d %d %d\n" % (time.time(), gc.get_freeze_count(),
+                                                  len(gc.get_objects()), rss, os.getpid()))
 
     gc.callbacks.append(collections)
     gevent.spawn(probe)
+    if os.environ.get("GPROXY_CENSUS"):  # scripts/gc_soak.py
+        gevent.spawn(census, float(os.environ["GPROXY_CENSUS"]))
+    if os.environ.get("GPROXY_HOLDS_GC") == "startup":  # the policy before gcpolicy's rounds:
+        from gproxy.runtime import gcpolicy         # start-up's objects frozen, nothing after
+        gcpolicy._rounds = lambda policy, interval: None
     from gproxy import cli
-    return cli.main(["-c", config, "--log-level", "error"])
+    return cli.main(["-c", config, "--log-level", "error"] + list(extra))
 
 
-def gc_passes(path, since, until):
-    """Generation 1 and 2 collections in gproxy between two times: ``[(gen, ms)]``."""
-    out = []
+def gc_passes(path, since, until, by_pid=False):
+    """Generation 1 and 2 collections in gproxy between two times: ``[(gen, ms)]``
+    (``by_pid``: ``{pid: [(gen, ms)]}``, one entry per gproxy process)."""
+    out = {}
     with open(path + ".gc") as fh:
         for line in fh:
-            at, gen, ms = line.split()
+            at, gen, ms, pid = line.split()
             if since <= float(at) <= until:
-                out.append((int(gen), float(ms)))
-    return out
+                out.setdefault(int(pid), []).append((int(gen), float(ms)))
+    return out if by_pid else [p for passes in out.values() for p in passes]
 
 
-def probe_holds(path, since, until):
-    """Hub overshoots logged between two wall-clock times: ``[(wall ms, ran ms)]``.
+def probe_holds(path, since, until, by_pid=False):
+    """Hub overshoots logged between two wall-clock times: ``[(wall ms, ran ms)]``
+    (``by_pid``: ``{pid: [(wall ms, ran ms)]}``, one entry per gproxy process).
 
     ``wall``: how late the probe woke; ``ran``: how much of that the gproxy
     process spent on a CPU (the rest it waited for a core: a busy machine)."""
-    out = []
+    out = {}
     with open(path) as fh:
         for line in fh:
-            at, late, ran = line.split()
+            at, late, ran, pid = line.split()
             if since <= float(at) <= until:
-                out.append((float(late), float(ran)))
-    return out
+                out.setdefault(int(pid), []).append((float(late), float(ran)))
+    return out if by_pid else [h for holds in out.values() for h in holds]
+
+
+# -- the Admin API ----------------------------------------------------------------------
+
+def get(admin, path):
+    req = urllib.request.Request("http://%s:%d/apisix/admin%s" % (HOST, admin, path),
+                                 headers={"X-API-KEY": KEY})
+    start = time.perf_counter()
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        body = resp.read()
+    return body, (time.perf_counter() - start) * 1000
+
+
+class Poller:
+    """The dashboard's requests without a browser: what gproxy alone pays for them
+    (a page of 50 and stats every second; routes, upstreams and what would
+    move every fifth second), so a rise can be told apart from the browser's
+    own CPU on a small machine."""
+
+    def __init__(self, admin):
+        self.admin = admin
+        self.running = True
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        n = 0
+        while self.running:
+            start = time.monotonic()
+            paths = ["/gproxy/sessions?page=1&page_size=50&sort=connected_at", "/gproxy/stats"]
+            if n % 5 == 0:
+                paths += ["/stream_routes", "/upstreams",
+                          "/gproxy/sessions?misplaced=true&page_size=10"]
+            for path in paths:
+                get(self.admin, path)
+            n += 1
+            time.sleep(max(0, 1 - (time.monotonic() - start)))
+
+    def stop(self):
+        self.running = False
+        self.thread.join(5)
 
 
 # -- processes ------------------------------------------------------------------------------
@@ -130,9 +207,10 @@ def fleet_route(brokers):
                 {"host": HOST, "port": p, "weight": 1} for p in brokers]}}
 
 
-def start_gproxy(workdir, brokers, deployment=None, env=None):
+def start_gproxy(workdir, brokers, deployment=None, env=None, extra=()):
     """gproxy with the probe, the fleet route in its store file (``deployment``: more
-    ``deployment`` keys, e.g. an etcd store; ``env``: more environment)."""
+    ``deployment`` keys, e.g. an etcd store; ``env``: more environment; ``extra``: more
+    CLI arguments, ``--workers N``): ``(process, stream port, admin port, probe log)``."""
     stream, admin = free_port(), free_port()
     with open(os.path.join(workdir, "apisix.yaml"), "w") as fh:
         fh.write("stream_routes:\n  - %s\nupstreams: []\n#END\n"
@@ -148,12 +226,12 @@ def start_gproxy(workdir, brokers, deployment=None, env=None):
     probe = os.path.join(workdir, "probe.log")
     open(probe, "w").close()
     log = open(os.path.join(workdir, "gproxy.log"), "wb")
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), config, probe],
-                            cwd=workdir, stdout=log, stderr=log,
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), config, probe]
+                            + list(extra), cwd=workdir, stdout=log, stderr=log,
                             env=dict(os.environ, **(env or {})))
     try:
-        wait_port(admin, proc)
-        wait_port(stream, proc)
+        wait_port(admin, proc, 60)  # (forked workers take a while on a busy machine)
+        wait_port(stream, proc, 60)
     except RuntimeError as exc:
         stop(proc)
         with open(log.name, errors="replace") as fh:
@@ -236,4 +314,4 @@ def connack_latencies(port, seconds, rate, start_id):
 
 
 if __name__ == "__main__":
-    sys.exit(serve(*sys.argv[1:3]))
+    sys.exit(serve(*sys.argv[1:]))

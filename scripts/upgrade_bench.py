@@ -47,7 +47,7 @@ from scale_setup import HOST, ROOT, free_port, start_broker, stop, wait_port  # 
 from upgrade_fleet import Fleet, pauses  # noqa: E402
 
 sys.path.insert(0, ROOT)
-from bench.procstat import gone, tree_cpu_seconds, tree_rss_kib  # noqa: E402
+from bench.procstat import children, gone, tree_cpu_seconds, tree_rss_kib  # noqa: E402
 
 
 def pct(values, q):
@@ -115,7 +115,7 @@ class Sampler(threading.Thread):
 
 def _child(pid):
     """The new gproxy: the child of the old one that is not one of its workers."""
-    new = [kid for kid in _kids(pid) if kid not in _WORKERS.get(pid, ())]
+    new = [kid for kid in children(pid) if kid not in _WORKERS.get(pid, ())]
     return new[0] if new else None
 
 
@@ -124,7 +124,7 @@ _WORKERS = {}  # old pid -> its workers' pids, taken before the signal
 
 def upgrade(workdir, proc, fleet, period):
     sampler = Sampler(proc.pid)
-    _WORKERS[proc.pid] = set(_kids(proc.pid))
+    _WORKERS[proc.pid] = set(children(proc.pid))
     sampler.start()
     time.sleep(0.2)
     mark = len(log_text(workdir))
@@ -157,14 +157,6 @@ def upgrade(workdir, proc, fleet, period):
         "memory_kib": _memory(sampler.samples, signalled),
         "cpu_s": _cpu(sampler.samples),
     }, int(handed.group(2))
-
-
-def _kids(pid):
-    try:
-        with open("/proc/%d/task/%d/children" % (pid, pid)) as fh:
-            return [int(k) for k in fh.read().split()]
-    except OSError:
-        return []
 
 
 def _dist(values):

@@ -30,9 +30,14 @@ DEFAULT_MAX_PACKET = 16 * 1024
 _VBI_MAX_BYTES = 4
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ConnectPacket:
-    """What gproxy needs from a CONNECT. Never holds credentials."""
+    """What gproxy needs from a CONNECT. Never holds credentials.
+
+    (Not frozen: a frozen dataclass pays a call per field to be built, on
+    every session's path; nothing keeps or shares these, so nothing changes
+    them either.)
+    """
 
     protocol_name: bytes
     protocol_level: int
@@ -73,6 +78,8 @@ def decode_varint(buf, offset):
     fourth still has its continuation bit set; the caller decides whether
     that is acceptable.
     """
+    if offset < len(buf) and buf[offset] < 0x80:
+        return buf[offset], offset + 1  # one byte: most remaining lengths
     value = 0
     multiplier = 1
     for i in range(offset, offset + _VBI_MAX_BYTES):
@@ -101,6 +108,12 @@ def packet_length(buf, max_packet=DEFAULT_MAX_PACKET):
     fourth byte still has the continuation bit (MQTT 5.0 §1.5.5), or a packet
     longer than ``max_packet`` (nginx: "preread buffer full").
     """
+    header = _fixed_header(buf, max_packet)
+    return None if header is None else header[0]
+
+
+def _fixed_header(buf, max_packet):
+    """``(whole packet length, fixed header length)`` of the first packet, or None."""
     if not buf:
         return None
     check_first_byte(buf[0])
@@ -117,7 +130,7 @@ def packet_length(buf, max_packet=DEFAULT_MAX_PACKET):
             "failed to read the Connect Command: preread buffer full "
             "(packet of %d bytes, limit %d)" % (total, max_packet),
             reason="too_large")
-    return total
+    return total, hdr_len
 
 
 def parse_connect(buf, max_packet=DEFAULT_MAX_PACKET):
@@ -128,11 +141,11 @@ def parse_connect(buf, max_packet=DEFAULT_MAX_PACKET):
     MalformedPacket.  The protocol name and level are *not* checked here:
     that depends on the route (see ``check_protocol``).
     """
-    total = packet_length(buf, max_packet)
-    if total is None or len(buf) < total:
+    header = _fixed_header(buf, max_packet)
+    if header is None or len(buf) < header[0]:
         return None
-    pkt = bytes(buf[:total])
-    hdr_len = decode_varint(pkt, 1)[1]
+    total, hdr_len = header
+    pkt = bytes(buf[:total])  # (the same object when buf is exactly the packet)
     return _parse_variable_part(pkt, hdr_len)
 
 
@@ -141,24 +154,21 @@ def _short(field):
         "failed to parse the Connect Command: packet ends inside the %s" % field)
 
 
-def _u16(pkt, pos, field):
-    if pos + 2 > len(pkt):
-        raise _short(field)
-    return (pkt[pos] << 8) | pkt[pos + 1]
-
-
 def _parse_variable_part(pkt, pos):
-    name_len = _u16(pkt, pos, "protocol name length")
+    size = len(pkt)
+    if pos + 2 > size:
+        raise _short("protocol name length")
+    name_len = (pkt[pos] << 8) | pkt[pos + 1]
     pos += 2
     name = pkt[pos:pos + name_len]  # clamps like Lua's string.sub
     pos += name_len
-    if pos >= len(pkt):
+    if pos >= size:
         raise _short("protocol level")
     level = pkt[pos]
-    flags = pkt[pos + 1] if pos + 1 < len(pkt) else 0
+    flags = pkt[pos + 1] if pos + 1 < size else 0
     # Connect flags and keep alive are not checked (APISIX skips them); the
     # keep alive is kept when both its bytes are there, for the idle timeout.
-    keep_alive = (pkt[pos + 2] << 8) | pkt[pos + 3] if pos + 4 <= len(pkt) else None
+    keep_alive = (pkt[pos + 2] << 8) | pkt[pos + 3] if pos + 4 <= size else None
     pos += 1 + 3
     if level == 5:
         props = decode_varint(pkt, pos)
@@ -166,15 +176,14 @@ def _parse_variable_part(pkt, pos):
             raise _short("properties length")
         props_len, pos = props
         pos += props_len
-    id_len = _u16(pkt, pos, "client identifier length")
-    pos += 2
-    expect_len = pos + id_len
-    if expect_len > len(pkt):
+    if pos + 2 > size:
+        raise _short("client identifier length")
+    expect_len = pos + 2 + ((pkt[pos] << 8) | pkt[pos + 1])
+    if expect_len > size:
         raise MalformedPacket(
-            "failed to parse mqtt request, expect len: %d but got %d"
-            % (expect_len, len(pkt)))
-    return ConnectPacket(name, level, pkt[pos:expect_len], len(pkt),
-                         _username(pkt, expect_len, flags, level), keep_alive)
+            "failed to parse mqtt request, expect len: %d but got %d" % (expect_len, size))
+    username = _username(pkt, expect_len, flags, level) if flags & 0x80 else None
+    return ConnectPacket(name, level, pkt[pos + 2:expect_len], size, username, keep_alive)
 
 
 def _username(pkt, pos, flags, level):

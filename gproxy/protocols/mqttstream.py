@@ -63,12 +63,18 @@ class Boundaries:
                 left = 0
             if pos >= end:
                 break
-            if not self.header and pos + 3 < end:
-                # The common case, a whole header inside this chunk (up to three
-                # length bytes: packets under 2 MiB), decoded inline.
+            if not self.header and pos + 1 < end:
+                # The common cases, a whole header inside this chunk, decoded inline:
+                # a one-byte length (packets under 130 bytes: pings, acks, small
+                # messages), then up to three (under 2 MiB).
                 b1 = data[pos + 1]
                 if b1 < 0x80:
-                    left, size = b1, 2
+                    left = b1
+                    pos += 2
+                    self.packets += 1
+                    continue
+                if pos + 3 >= end:
+                    left, size = 0, 0  # may end in the next chunk: the general way
                 else:
                     b2 = data[pos + 2]
                     if b2 < 0x80:
@@ -86,6 +92,39 @@ class Boundaries:
             pos = self._header(data, pos, end)
             left = self.left
         self.left = left
+
+    def advance(self, n, marks):
+        """Account for ``n`` bytes moved without reading them, given their ``marks``.
+
+        ``marks`` lists the fixed headers that begin in those bytes (and any
+        after them), found by peeking (``walk_headers``): ``(offset, data,
+        size)`` with ``offset`` counted from where this stream stood (negative
+        for the rest of a header begun before), ``data`` bytes that start
+        with the header and ``size`` the whole packet's (None: ``data`` is a
+        header cut short; 0: not an MQTT header, the stream is lost past it).  The state after is what ``feed`` of those bytes
+        would have left.
+        """
+        if not marks or marks[0][0] >= n:
+            self.left -= n
+            return
+        if marks[-1][0] < n:  # every mark inside: the common case
+            count, last = len(marks), marks[-1]
+        else:
+            count = 0
+            while marks[count][0] < n:
+                count += 1
+            last = marks[count - 1]
+        offset, data, size = last
+        taken = n - offset  # bytes of that packet moved so far
+        if size == 0 and taken >= 5:  # a fifth length byte went by, as feed would see
+            self.lost = True
+            count -= 1
+        elif size is None or size == 0 or taken < _header_size(data):
+            self.header, self.left = bytes(data[:taken]), 0  # the move ended in its header
+            count -= 1
+        else:
+            self.header, self.left = b"", size - taken
+        self.packets += count
 
     def next_boundary(self, data, start=0, end=None, stop=True):
         """Advance over ``data[start:end]``.
@@ -133,6 +172,14 @@ class Boundaries:
                 return end
         self.header = header  # the header goes on in the next chunk
         return end
+
+
+def _header_size(data):
+    """Bytes of the (whole) fixed header ``data`` starts with (MQTT 5.0 §2.1.1)."""
+    size = 2
+    while data[size - 1] & 0x80:
+        size += 1
+    return size
 
 
 def disconnect(level, reason=NORMAL, server_reference=None):

@@ -94,6 +94,7 @@ class Giver:
         self.paused_at = None  # when the first session was quiesced
         self.pause = None  # from then until the new process ran them (the longest pause)
         self.timing = None  # (seconds exporting, then until the taker had adopted them)
+        self.spliced = [0, 0]  # directions exported mid-splice, bytes read out of their pipes
 
     def prepare(self, settle=SETTLE, share=None):
         """Everything up to the commit; HandoverError (after ``abort``) if it fails.
@@ -143,7 +144,7 @@ class Giver:
             if share is not None and len(self.staged) >= share:
                 break
             session = self.app.registry.handle(sid)
-            out = moved.stage(session) if hasattr(session, "relay") else None
+            out = moved.stage(session)  # None: still in its phases, or cannot move
             if out is not None:
                 self.staged.add(sid)
                 batch.add(*out)
@@ -163,16 +164,23 @@ class Giver:
                 if session.info.state in ("preread", "connecting"):
                     waiting += 1
                     continue
-                out = (moved.export(session, sid in self.staged)
-                       if hasattr(session, "relay") else None)
+                out = moved.export(session, sid in self.staged)
                 if out is None:
                     continue  # TLS, ending: it ends here as at SIGTERM after the commit
                 self.exported[sid] = session
+                for i, n in enumerate(handoff.moved_from(out[0]["relay"])):
+                    self.spliced[i] += n
                 batch.add(*out)
             batch.flush()
             if not waiting or time.monotonic() >= deadline:
                 return
             gevent.sleep(0.05)  # sessions still in their phases may start relaying
+
+    def summary(self):
+        """The pause and what it carried, for the log line (after ``commit``)."""
+        return ("sessions paused for %.3fs at most (exported in %.3fs, adopted %.3fs later; "
+                "%d directions were splicing, %d bytes carried out of their pipes)"
+                % ((self.pause,) + tuple(self.timing) + tuple(self.spliced)))
 
     def commit(self):
         """The point of no return: the taker runs every session it did not refuse."""

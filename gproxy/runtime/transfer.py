@@ -42,9 +42,8 @@ def commit(app):
     if giver is None:
         return {"moved": 0}
     moved = giver.commit()
-    log.warning("upgrade: worker %s handed %d sessions; sessions paused for %.3fs at most "
-                "(exported in %.3fs, adopted %.3fs later)", app.worker_index, moved,
-                giver.pause, *giver.timing)
+    log.warning("upgrade: worker %s handed %d sessions; %s", app.worker_index, moved,
+                giver.summary())
     return {"moved": moved}
 
 

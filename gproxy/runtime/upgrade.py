@@ -154,8 +154,7 @@ def give(app, wire, timeout, proc=None):
     giver = Giver(app, wire, http, top=True)
     giver.prepare()
     moved = giver.commit()
-    log.warning("upgrade: sessions paused for %.3fs at most (exported in %.3fs, "
-                "adopted %.3fs later)", giver.pause, *giver.timing)
+    log.warning("upgrade: %s", giver.summary())
     return moved
 
 

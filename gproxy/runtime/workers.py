@@ -40,6 +40,7 @@ import gevent
 import gevent.socket
 
 from gproxy.hub import pause as sessions_pause
+from gproxy.runtime import gcpolicy
 from gproxy.runtime.channel import (ACK_TIMEOUT, Channel, LineReader, decode, encode,
                                     encode_large)
 from gproxy.runtime.transfer import commit, give
@@ -127,6 +128,8 @@ def _run_worker(app, index, child_end, handover=None, imports=None):
             ctl.sendall(encode({"error": str(exc) or type(exc).__name__}))
             raise
         ctl.sendall(encode({"ready": True}))
+        # a worker is the CLI's: its sessions stay out of the collector
+        gcpolicy.start(live=lambda: len(app.registry))
         reader = LineReader(ctl)
         drain = gevent.spawn(app.stop, serve_control(app, ctl, reader))
         gevent.spawn(_force_on_request, app, ctl, reader, drain)

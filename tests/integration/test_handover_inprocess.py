@@ -48,7 +48,7 @@ def test_sessions_that_change_between_pre_copy_and_freeze(monkeypatch):
     def stage_then_change(giver, share):
         staged(giver, share)
         ends["late"] = relaying(old, "late")  # relays only after the pre-copy
-        ends["ends"][2].relay.abort("eof")  # ends in the giver after it
+        ends["ends"][2].abort("eof")  # ends in the giver after it (the relay is the session)
         gevent.sleep(0.02)
     monkeypatch.setattr(handover.Giver, "_stage", stage_then_change)
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -216,6 +216,24 @@ def test_the_store_passes_to_the_new_process_and_no_write_is_lost(tmp_path):
     assert sorted(r.id for r in new_store.list("upstreams")) == ["1", "2", "3", "4"]
     new_store.close()
     assert sorted(r.id for r in FileStore(path).list("upstreams")) == ["1", "2", "3", "4"]
+    client.close()
+    broker.close()
+    for app in (old, new):
+        app.proxy.relays.close_all()
+
+
+def test_the_idle_sweeper_runs_for_sessions_a_new_process_only_adopted():
+    """A new process may run nothing but adopted sessions: its idle sweeper must start
+    with them (the idle timeout carried with each relay, and its clock), or a session
+    gone silent would never be ended there."""
+    old, new = data_path(), data_path()
+    new.proxy.relays.sweep_interval = 0.05
+    client, broker, relay = relaying(old, "idles")
+    relay.idle = 0.3  # (carried: the new relay idles out on the old one's terms)
+    assert hand_over(old, new) == 1
+    assert len(new.registry) == 1
+    assert recv_soon(client, timeout=5) == b""  # idled out: gproxy closed the client
+    assert wait(lambda: len(new.registry) == 0)
     client.close()
     broker.close()
     for app in (old, new):

@@ -4,7 +4,7 @@ gproxy's relay moves MQTT bytes between a ``WebSocketEndpoint`` (frames on
 the client's side) and a plain socket (the broker's side).  The client's
 frames come from tests/wsframes.py and what reaches it is read back with the
 same independent reader: unwrapping (fragments, pings), wrapping, Close codes
-both ways, back-pressure with a client that does not read, and ``Relay.end``
+both ways, back-pressure with a client that does not read, and ``Relay.end_at_boundary``
 (DISCONNECTs at packet boundaries, framed towards the client).
 """
 
@@ -224,7 +224,7 @@ def test_relay_end_says_goodbye_at_packet_boundaries_in_frames(pair):
     p.client.send(W.binary(publish[:10]))  # half a packet: the end waits for the rest
     assert p.read(p.broker, lambda got: len(got) >= 10) == publish[:10]
     client_bye = bytes.fromhex("e0 02 8b 00")
-    assert p.relay.end(P.disconnect(), client_bye, grace=5.0)
+    assert p.relay.end_at_boundary(P.disconnect(), client_bye, grace=5.0)
     assert p.frames(2) == [(True, W.BINARY, client_bye), (True, W.CLOSE, b"\x03\xe8")]
     p.client.send(W.binary(publish[10:] + P.pingreq()))
     got = p.read(p.broker, lambda got: False)

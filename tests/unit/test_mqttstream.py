@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from gproxy.protocols.mqttstream import (NORMAL, SERVER_SHUTTING_DOWN, USE_ANOTHER_SERVER,
                                          Boundaries, disconnect)
+from gproxy.protocols.mqttwalk import walk_headers
 from tests import packets as P
 
 FUZZ = settings(max_examples=300, deadline=None, database=None,
@@ -154,3 +155,94 @@ def test_hypothesis_any_bytes_never_raise(data, rng):
 ])
 def test_disconnect_bytes(level, reason, ref, expected):
     P.assert_packet(disconnect(level, reason, ref), expected, "DISCONNECT")
+
+
+# -- walking headers by peeking (the relay's WALK mode) ----------------------
+
+class Queue:
+    """What waits on a socket: ``arrived`` bytes of ``data`` after ``taken``; a peek
+    sees at most ``window`` bytes at an offset, like a recv(MSG_PEEK) at SO_PEEK_OFF."""
+
+    def __init__(self, data, window=8):
+        self.data, self.taken, self.arrived, self.window = data, 0, 0, window
+        self.peeks = 0
+
+    def peek(self, offset):
+        self.peeks += 1
+        start = self.taken + offset
+        return self.data[start:min(self.arrived, start + self.window)]
+
+
+def moved_like_feed(stream, arrivals, shorts, window=8, small=0):
+    """Walk ``stream`` as it arrives, moving at most what each walk found (less when
+    ``shorts`` says the pipe took less); the tracker must agree with ``feed`` at every step."""
+    q = Queue(stream, window)
+    walked, fed = Boundaries(), Boundaries()
+    shorts = list(shorts)
+    for arrived in arrivals:
+        q.arrived = arrived
+        while q.taken < q.arrived:
+            n, marks = walk_headers(walked, q.peek, 1 << 20, small)
+            n = min(n, q.arrived - q.taken)
+            if shorts:
+                n = min(n, shorts.pop())
+            if not n:
+                break
+            walked.advance(n, marks)
+            fed.feed(stream, q.taken, q.taken + n)
+            q.taken += n
+            assert walked.lost == fed.lost
+            if not fed.lost:
+                assert (walked.left, walked.header, walked.packets) == \
+                    (fed.left, fed.header, fed.packets)
+    return walked, q
+
+
+def test_walking_large_packets_peeks_once_a_packet_and_ends_between_them():
+    stream = b"".join(P.publish("t/%d" % i, b"b" * 16384) for i in range(20))
+    walked, q = moved_like_feed(stream, [len(stream)], [])
+    assert walked.at_boundary and walked.packets == 20
+    assert q.peeks <= 21  # one per header, and one that finds nothing after the last
+
+
+def test_walking_takes_a_header_cut_short_and_finishes_it_later():
+    pkt = P.publish("big", b"z" * 300000)  # four length bytes... three: under 2 MiB
+    stream = pkt + P.pingreq() + pkt
+    cut = len(pkt) + 2 + 2  # the second publish's first two header bytes have arrived
+    walked, _ = moved_like_feed(stream, [cut, len(stream)], [])
+    assert walked.at_boundary and walked.packets == 3
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_walking_agrees_with_feed_whatever_arrives_and_whatever_the_pipe_takes(seed):
+    rng = random.Random(seed)
+    pkts = [rng.choice([P.publish("a", b"x" * rng.randrange(0, 70000)), P.pingreq(),
+                        P.publish("b/c", b"y" * rng.randrange(8000, 20000), qos=1),
+                        P.disconnect(5, 0x8B)]) for _ in range(rng.randrange(1, 30))]
+    stream = b"".join(pkts)
+    arrivals = sorted(rng.randrange(1, len(stream) + 1) for _ in range(rng.randrange(1, 20)))
+    shorts = [rng.randrange(1, 40000) for _ in range(rng.randrange(0, 50))]
+    walked, _ = moved_like_feed(stream, arrivals + [len(stream)], shorts,
+                                window=rng.choice([1, 3, 8, 64]), small=rng.choice([0, 8192]))
+    assert walked.at_boundary and walked.packets == len(pkts)
+
+
+@FUZZ
+@given(st.lists(st.binary(min_size=1, max_size=40), max_size=20), st.integers(1, 9))
+def test_walking_any_bytes_only_ever_agrees_with_feed(chunks, window):
+    stream = b"".join(chunks)
+    arrivals = [sum(len(c) for c in chunks[:i + 1]) for i in range(len(chunks))]
+    moved_like_feed(stream, arrivals, [], window)
+
+
+def test_a_fifth_length_byte_loses_the_walk_like_feed():
+    stream = P.pingreq() + b"\x30\xff\xff\xff\xff\x01" + b"x" * 10
+    walked, _ = moved_like_feed(stream, [len(stream)], [])
+    assert walked.lost
+
+
+def test_a_header_begun_earlier_with_nothing_new_walks_nothing():
+    walked = Boundaries()
+    walked.feed(b"\x30\x80")  # two bytes of a header, the rest not here yet
+    n, marks = walk_headers(walked, lambda offset: b"", 1 << 20)
+    assert n == 0

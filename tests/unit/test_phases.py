@@ -22,6 +22,7 @@ import pytest
 
 from gproxy.errors import Reject
 from gproxy.model.routes import RouteTable
+from gproxy.proxy.accept.overload import Gate
 from gproxy.proxy.session import dial as dialing
 from gproxy.proxy.session import phases
 from gproxy.proxy.session.dial import hash_key, session_vars
@@ -85,7 +86,8 @@ def make_session(*script, routes=(), upstreams=(), settings=None, client=CLIENT)
     table = RouteTable([route()] if not routes else routes, upstreams)
     proxy = Proxy(table, Registry(worker=0), settings or Settings(preread_timeout=5),
                   relays=SimpleNamespace())  # the relay hub is never reached here
-    listener = SimpleNamespace(text="0.0.0.0:9100", phases=(), pipeline=phases.COMMON)
+    listener = SimpleNamespace(text="0.0.0.0:9100", phases=(), pipeline=phases.COMMON,
+                               gate=Gate())
     info = proxy.registry.new_session(client, SERVER)
     return Session(proxy, listener, FakeEndpoint(*script), info)
 

@@ -10,7 +10,9 @@ open sessions they all stop accepting (clients wait in the backlog), and an
 accept that fails for want of descriptors pauses them instead of spinning.
 """
 
+import errno
 import socket
+import sys
 from functools import partial
 
 import gevent.socket
@@ -76,31 +78,63 @@ class PlainStreamServer(StreamServer):
 
     The handler owns the socket it is given: the server does not close it when
     the handler returns (a session hands its socket on to the relay).
+
+    One readiness event of the listening socket accepts at most
+    ``max_accept`` clients, each handed straight to ``spawn(handle, sock,
+    address)`` (gevent's own loop adds three Python calls a client).  Every
+    accepted client starts its session in the same loop iteration (on
+    loopback a whole set-up often runs without a pause), so this bounds how
+    long one burst holds the hub: the rest of the backlog waits for the next
+    iteration, after timers and other sockets had their turn.
     """
 
     gate = None
+    max_accept = 8
 
     def do_close(self, *args):
         pass  # the session closes its socket, or gives it to the relay
 
-    def do_read(self):
-        gate = self.gate
-        if gate.full():
-            gate.pause()  # stops this watcher too: the backlog holds the rest
-            return None
-        try:
-            fd, address = self.socket._accept()
-        except BlockingIOError:
-            return None
-        except OSError as exc:
-            if not out_of_fds(exc):
-                raise
-            gate.out_of_fds(exc, "accept4()")
-            return None
-        gate.enter()
-        sock = RawSocket(self.socket.family, self.socket.type, self.socket.proto, fd)
-        sock.setblocking(False)
-        return sock, address
+    def _do_read(self):
+        gate, listening = self.gate, self.socket
+        accept, spawn, handle = listening._accept, self._spawn, self._handle
+        family, kind, proto = listening.family, listening.type, listening.proto
+        for _ in range(self.max_accept):
+            if gate.full():
+                gate.pause()  # stops this watcher too: the backlog holds the rest
+                return
+            try:
+                fd, address = accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if out_of_fds(exc):
+                    gate.out_of_fds(exc, "accept4()")
+                    return
+                if exc.errno in _CLIENT_GONE:
+                    continue  # that client left before we took it: the next one
+                return self._back_off()
+            gate.enter()
+            if self.delay != self.min_delay:
+                self.delay = self.min_delay  # accepting again: the next error waits little
+            sock = RawSocket(family, kind, proto, fd)
+            sock.setblocking(False)
+            spawn(handle, sock, address)
+
+    def _back_off(self):
+        """An unexpected accept error: report it, then wait before accepting again
+        (gevent's own policy: 10 ms doubling up to a second), never spin."""
+        self.loop.handle_error(self, *sys.exc_info())
+        self.stop_accepting()
+        self._timer = self.loop.timer(self.delay)
+        self._timer.start(self._start_accepting_if_started)
+        self.delay = min(self.max_delay, self.delay * 2)
+
+
+#: accept(2) errors about the one client being taken, not the listener (Linux
+#: passes the pending network errors of the new socket on to accept).
+_CLIENT_GONE = frozenset((errno.ECONNABORTED, errno.EPROTO, errno.ENETDOWN, errno.ENOPROTOOPT,
+                          errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP,
+                          errno.ENETUNREACH, errno.EPERM))
 
 
 class Listener:

@@ -10,6 +10,7 @@ relay; nothing else on the hub depends on it.
 import collections
 import itertools
 import logging
+from time import perf_counter
 
 log = logging.getLogger("gproxy.relay")
 
@@ -19,8 +20,11 @@ _LOWEST = -2
 #: Records replayed in one loop iteration at most.  A burst (9,000 clients
 #: closing at once) runs in slices of this many, still in order, and timers,
 #: accepts and the Admin API get the hub between slices, as HAProxy's
-#: ``tune.maxpollevents`` does: about 1.5 ms of the costliest records (ends).
-BATCH = 128
+#: ``tune.maxpollevents`` does.  A slice also stops after ``SLICE`` seconds
+#: (looked at every 8 records): an end costs 20-60 µs, so 64 of them take
+#: over 2 ms on a busy machine.
+BATCH = 64
+SLICE = 0.0015
 
 
 def _nothing():
@@ -30,8 +34,12 @@ def _nothing():
 class EventQueue:
     """Relay callbacks, run in the order the kernel reported their sockets ready.
 
-    A watcher's callback is the queue's ``append`` with ``(function, arg)``: it
-    records and returns.  A check watcher at the lowest priority runs after
+    A watcher's callback is the queue's ``append`` with a *record* as its one
+    argument: it records and returns.  A record is whatever waits on the
+    socket (a relay's ``Direction``): the queue calls its ``ready()``, and
+    ``park()``/``unpark()``/``fail()`` below.  Nothing is allocated per event
+    and per watcher only its one-element argument tuple, which matters at
+    tens of thousands of idle sessions.  A check watcher at the lowest priority runs after
     all I/O callbacks of a loop iteration and replays the records: libev
     queued them last-in first-out, so they are replayed backwards (libuv
     dispatches in order, so there they are replayed forwards).  Records added
@@ -39,12 +47,12 @@ class EventQueue:
 
     More than ``BATCH`` records: ``BATCH`` run and the rest wait in ``later``,
     to run first in the next iterations, ahead of what those report.  A
-    waiting record is parked: ``func.__self__.park(func, arg)`` stops its
-    watcher, which is level-triggered and would otherwise report the same
-    socket again every iteration (9,000 re-reports an iteration, tripling the
-    CPU a burst costs); once it has run, ``unpark(func, arg)`` lets the owner
-    start the watcher again if it still wants it.  An idle watcher keeps the
-    loop from blocking while records wait.
+    waiting record is parked: ``record.park()`` stops its watcher, which is
+    level-triggered and would otherwise report the same socket again every
+    iteration (9,000 re-reports an iteration, tripling the CPU a burst
+    costs); once it has run, ``record.unpark()`` starts the watcher again if
+    it is still wanted.  An idle watcher keeps the loop from blocking while
+    records wait.  A record whose ``ready()`` raises gets ``fail()``.
     """
 
     def __init__(self, loop):
@@ -65,19 +73,19 @@ class EventQueue:
         if n > BATCH:
             return self._run_slice()
         try:
-            for func, arg in (reversed(ready) if self.reverse else ready[:n]):
+            for record in (reversed(ready) if self.reverse else ready[:n]):
                 try:
-                    func(arg)
+                    record.ready()
                 except Exception:  # never raise into the hub; the others still run
-                    self._failed(func)
+                    self._failed(record)
             i = n
             while i < len(ready):  # added while replaying: after the batch, in order
-                func, arg = ready[i]
+                record = ready[i]
                 i += 1
                 try:
-                    func(arg)
+                    record.ready()
                 except Exception:
-                    self._failed(func)
+                    self._failed(record)
         finally:
             del ready[:]
 
@@ -88,21 +96,22 @@ class EventQueue:
         later.extend(reversed(ready) if self.reverse else ready)
         del ready[:]
         i = 0
+        deadline = perf_counter() + SLICE
         try:
-            while later and i < BATCH:
-                func, arg = later.popleft()
+            while later and i < BATCH and (i & 7 or perf_counter() < deadline):
+                record = later.popleft()
                 i += 1
                 try:
-                    func(arg)
+                    record.ready()
                     if i <= parked:
-                        func.__self__.unpark(func, arg)
+                        record.unpark()
                 except Exception:
-                    self._failed(func)
+                    self._failed(record)
         finally:
             later.extend(ready)  # records added while running go after
             del ready[:]
-            for func, arg in itertools.islice(reversed(later), len(later) - max(parked - i, 0)):
-                func.__self__.park(func, arg)
+            for record in itertools.islice(reversed(later), len(later) - max(parked - i, 0)):
+                record.park()
             if later:  # the check runs slices until none is left, and the loop may not block
                 self._check.callback = self._run_slice
                 self._idle.start(_nothing)
@@ -111,11 +120,12 @@ class EventQueue:
                 self._idle.stop()
 
     @staticmethod
-    def _failed(func):
+    def _failed(record):
         log.exception("relay: callback failed")
-        relay = getattr(func, "__self__", None)
-        if relay is not None:
-            relay.abort("error: internal")
+        try:
+            record.fail()
+        except Exception:
+            log.exception("relay: ending a failed relay failed")
 
     def close(self):
         self._check.stop()

@@ -9,18 +9,25 @@ state"); bytes are base64 text:
 
     {"idle": 90.0, "last": <CLOCK_MONOTONIC seconds, the same in every process>,
      "mqtt": true,
-     "up":   {"backlog": bytes | null, "done": bool, "track": {Boundaries slots} | null},
+     "up":   {"backlog": bytes | null, "done": bool, "track": {Boundaries slots} | null,
+              "mode": "copy" | "body" | "walk" | "all", "piped": int},
      "down": {...},
      "ws":   null | {"parser": {FrameParser slots}, "in": bytes, "out": bytes,
-                     "eof": bool, "shut": bool, "close_sent": bool, "client_close": int | null}}
+                     "pong": bytes, "eof": bool, "shut": bool, "close_sent": bool,
+                     "client_close": int | null}}
 
 ``up`` is client -> broker, ``down`` broker -> client.  ``backlog`` is what
 the relay read and the other side has not taken yet (bytes that sat in a
-splice pipe are read out of it first), ``track`` where the packet-boundary
-tracker stands, ``ws`` the WebSocket endpoint's frame parser (mid-frame: its
-header so far, mask key and offset) with the unwrapped bytes not yet taken
-and the frames not yet written.  Bytes still in the kernel's socket buffers
-need nothing: the sockets move with them.
+splice pipe are read out of it first: ``piped`` of them), ``track`` where the
+packet-boundary tracker stands, counted through the backlog (a walk's
+position is the tracker: a header it peeked at and did not splice is still
+in the socket, and SO_PEEK_OFF is set before every peek, so none is
+carried), ``mode`` how the direction moved bytes (for the record: the new
+process starts again from COPY and chooses anew on its next read), ``ws``
+the WebSocket endpoint's frame parser (mid-frame: its header so far, mask
+key and offset) with the unwrapped bytes not yet taken, the frames not yet
+written and a Pong waiting behind them.  Bytes still in the kernel's socket
+buffers need nothing: the sockets move with them.
 
 ``export(relay)`` quiesces a relay (no watcher runs, nothing is lost or
 reordered) and returns its state, or None when it cannot move: a TLS
@@ -31,16 +38,17 @@ it, without a FIN, a Close frame or a close_notify; ``resume(...)`` builds
 the relay in the new process.  Nothing here knows sessions or routes.
 
 What this asks of the relay is kept narrow, so the relay can change under
-it: ``Relay.quiesce/restart/release/resumed`` and ``Direction.export/
-restore`` (docs/upgrade.md, "What the relay owes the handover", says what an
-export must hold, splicing modes included).
+it: ``Relay.quiesce/restart/release/load`` (relay/moving.py) and
+``Direction.export/restore`` (docs/upgrade.md, "What the relay owes the
+handover", says what an export must hold, splicing modes included).
 """
 
 import base64
 import os
 
 from gproxy.protocols.wsframe import FrameParser
-from gproxy.proxy.relay.direction import RawEndpoint, forget_fd
+from gproxy.proxy.relay.direction import RawEndpoint
+from gproxy.proxy.relay.moving import forget_fd
 from gproxy.proxy.relay.relay import Relay
 from gproxy.proxy.relay.wsendpoint import WebSocketEndpoint
 
@@ -120,7 +128,8 @@ def export(relay):
 def _direction(raw):
     track = raw["track"]
     return {"backlog": pack(raw["backlog"]), "done": raw["done"],
-            "track": None if track is None else slots_state(track)}
+            "track": None if track is None else slots_state(track),
+            "mode": raw["mode"], "piped": raw["piped"]}
 
 
 def descriptors(relay):
@@ -167,16 +176,30 @@ def endpoints(socks, state, loop=None):
 
 
 def resume(hub, client, upstream, info, on_done, state):
-    """The relay of a handed session, on ``hub``, from where the old one stopped
-    (not started: ``relay.start()`` once its session is registered)."""
+    """A plain ``Relay`` for a handed session, on ``hub``, from where the old one
+    stopped (not started: ``relay.start()`` once its session is registered)."""
+    return load(Relay(hub, client, upstream, info, on_done, state["idle"], state["mqtt"]),
+                state)
+
+
+def load(relay, state):
+    """Bring ``relay`` (just built, for the same endpoints, ``idle`` and ``mqtt``:
+    a ``Relay`` or the session room's subclass) to where the handed one stood."""
     up, down = state["up"], state["down"]
-    relay = Relay.resumed(hub, client, upstream, info, on_done, state["idle"], state["mqtt"],
-                          state["last"], (unpack(up["backlog"]), up["done"]),
-                          (unpack(down["backlog"]), down["done"]))
+    relay.load(state["last"], (unpack(up["backlog"]), up["done"]),
+               (unpack(down["backlog"]), down["done"]))
     for d, raw in ((relay.up, up), (relay.down, down)):
         if d.track is not None and raw["track"] is not None:
             load_slots(d.track, raw["track"])
     return relay
+
+
+def moved_from(state):
+    """``(directions that were splicing, bytes read out of their pipes)`` of a
+    handed state: what the handover's log line reports."""
+    dirs = (state["up"], state["down"])
+    return (sum(d.get("mode", "copy") != "copy" for d in dirs),
+            sum(d.get("piped", 0) for d in dirs))
 
 
 def close_fds(fds):

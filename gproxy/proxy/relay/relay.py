@@ -22,12 +22,11 @@ Three things make this more than a byte pump:
   ``events.BATCH`` an iteration (a burst runs in slices; ``park``/``unpark``).
 * **MQTT packet boundaries.**  On MQTT routes each direction follows where
   packets begin and end (``protocols.mqttstream``, headers only), so
-  ``Relay.end`` can stop each direction exactly between two packets and
-  append a DISCONNECT: the broker sees a clean disconnection and publishes no
-  Will, an MQTT 5 client learns why.
-* **splice(2).**  Bulk bytes move through a pipe without entering Python:
-  the body of a large MQTT packet (``SPLICE_BODY`` or more still to come),
-  or anything once a non-MQTT direction reads ``SPLICE_AFTER`` at once.
+  ``Relay.end_at_boundary`` can stop each direction exactly between two
+  packets and append a DISCONNECT: the broker sees a clean disconnection and
+  publishes no Will, an MQTT 5 client learns why.
+* **splice(2).**  Bulk bytes move through a pipe without entering Python,
+  MQTT packet boundaries still known (splicing.py says how).
 
 An endpoint is a non-blocking C-level socket, or any object with
 ``recv_into``, ``send``, ``fileno``, ``shutdown`` and ``close`` that raises
@@ -35,60 +34,50 @@ An endpoint is a non-blocking C-level socket, or any object with
 Callbacks never block and never raise into the hub.
 """
 
-import errno
 import logging
-import os
 import socket
 import time
 
-from gproxy.proxy.relay.direction import (
-    PIPE_SIZE,
-    WRITE,
-    Direction,
-    RawEndpoint,
-    forget_fd,
-    reason_of,
-    shutdown,
-)
+from gproxy.proxy.relay.direction import COPY, WALK, WRITE, Direction, reason_of, shutdown
+from gproxy.proxy.relay.moving import Moving
+from gproxy.proxy.relay.splicing import _RETRY, SPLICE_BODY, WALK_PACKET, Splicing
 
 log = logging.getLogger("gproxy.relay")
 
-_RETRY = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
-#: A non-MQTT direction that reads this much at once is carrying bulk data:
-#: from then on it moves bytes with splice(2) through a pipe.
-SPLICE_AFTER = 16 * 1024
-#: On MQTT routes, a packet body with at least this much still to come is
-#: spliced; smaller packets are copied (their headers must be read anyway).
-SPLICE_BODY = 64 * 1024
-_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+class Relay(Splicing, Moving):
+    """Bytes between ``client`` and ``upstream`` endpoints (the splice(2) paths:
+    ``Splicing``, splicing.py; moving to another process: ``Moving``, moving.py)."""
 
-
-class Relay:
-    """Bytes between ``client`` and ``upstream`` endpoints."""
-
-    __slots__ = ("hub", "client", "upstream", "info", "on_done", "last", "idle", "reason",
-                 "up", "down", "deadline", "slot")
+    __slots__ = ("hub", "info", "on_done", "last", "idle", "reason", "up", "down", "deadline",
+                 "slot", "slot_prev", "slot_next")
 
     def __init__(self, hub, client, upstream, info, on_done, idle, mqtt=False, replayed=b""):
         self.hub = hub
         self.idle = idle
-        self.client = client
-        self.upstream = upstream
         self.info = info
         self.on_done = on_done
         self.last = time.monotonic()
         self.reason = None
         self.deadline = None  # when a clean end gives up and aborts
-        self.slot = None  # the sweeper's slot it waits in while live (relayhub.RelayHub)
-        self.up = Direction(hub.loop, client, upstream, "bytes_in", mqtt)
-        self.down = Direction(hub.loop, upstream, client, "bytes_out", mqtt)
+        self.slot = None  # the sweeper's slot it waits in while live (hub.RelayHub)
+        self.slot_prev = self.slot_next = None  # its neighbours there
+        self.up = Direction(self, hub.loop, client, upstream, mqtt)  # counts info.bytes_in
+        self.down = Direction(self, hub.loop, upstream, client, mqtt)  # info.bytes_out
         if mqtt and replayed:  # the replay may end inside a second packet
             self.up.track.feed(replayed)
+
+    @property
+    def client(self):
+        return self.up.src
+
+    @property
+    def upstream(self):
+        return self.down.src
 
     def start(self):
         self.hub.enter(self)
         for d in (self.up, self.down):
-            if d.backlog is not None:  # a resumed relay: bytes the other side owes first
+            if d.backlog is not None:  # resumed or restarted (moving.py): bytes owed first
                 self._hold(d, d.backlog)
             elif not d.done:
                 self._resume(d)
@@ -96,7 +85,7 @@ class Relay:
                     self._readable(d)  # bytes (or an end) in hand already: no watcher would fire
 
     def _resume(self, d):
-        d.reader.start(self.hub.queue.append, (self._readable, d))
+        d.reader.start(d)  # d records itself in the event queue (events.EventQueue)
 
     # -- moving bytes ------------------------------------------------------
     def _readable(self, d):
@@ -114,26 +103,39 @@ class Relay:
             return
         if not n:
             return self._eof(d)
-        self.last = time.monotonic()
-        setattr(self.info, d.counter, getattr(self.info, d.counter) + n)
         view = memoryview(self.hub.buffer)[:n]
-        if d.track is not None:
+        track = d.track
+        packets = 0  # headers seen in this read (a tracked direction)
+        if track is not None:
             if d.ending:
-                cut = d.track.next_boundary(view, 0, n)
+                cut = track.next_boundary(view, 0, n)
                 if cut is not None:  # forward up to the boundary, then say goodbye
-                    setattr(self.info, d.counter, getattr(self.info, d.counter) - (n - cut))
+                    self._moved(d, cut)
                     return self._send_last(d, view[:cut])
             else:
-                d.track.feed(view, 0, n)
+                packets = track.packets
+                track.feed(view, 0, n)
+                packets = track.packets - packets
+        self.last = time.monotonic()  # (_moved, inline: this runs for every read)
+        if d is self.up:
+            self.info.bytes_in += n
+        else:
+            self.info.bytes_out += n
         self._send(d, view)
-        if d.backlog is None and d.can_splice:
-            if d.track is None:
-                if n >= SPLICE_AFTER and d.open_pipe():
-                    d.splicing = True
-            elif d.track.left >= SPLICE_BODY and d.open_pipe():
-                d.splicing = True
+        if (d.backlog is None and not d.ending
+                and (n >= WALK_PACKET or track is not None and track.left >= SPLICE_BODY)
+                and d.splice_ok()):
+            self._choose_splicing(d, n, track, packets)
         if d.pending is not None and d.backlog is None and d.pending():
-            self.hub.queue.append((self._readable, d))  # decrypted bytes wait in TLS
+            self.hub.queue.append(d)  # decrypted bytes wait in TLS
+
+    def _moved(self, d, n):
+        """``n`` bytes came from d.src: the session's byte count, the idle clock."""
+        self.last = time.monotonic()
+        if d is self.up:
+            self.info.bytes_in += n
+        else:
+            self.info.bytes_out += n
 
     def _send(self, d, view):
         try:
@@ -148,62 +150,12 @@ class Relay:
         if sent < len(view):  # the other side is full: hold the rest, stop reading
             self._hold(d, bytes(view[sent:]))
 
-    def _spliced(self, d):
-        want = PIPE_SIZE if d.track is None else min(PIPE_SIZE, d.track.left)
-        try:
-            n = os.splice(d.src.fileno(), d.pipe[1], want, flags=_SPLICE_FLAGS)
-        except OSError as exc:
-            if exc.errno not in _RETRY:
-                self.abort(reason_of(exc))
-            return
-        if not n:
-            return self._eof(d)
-        self.last = time.monotonic()
-        setattr(self.info, d.counter, getattr(self.info, d.counter) + n)
-        if d.track is not None:
-            d.track.left -= n
-            if not d.track.left:
-                d.splicing = False  # the body is done: read the next header
-        left = self._drain_pipe(d, n)
-        if left:
-            self._hold(d, left)
-        elif d.ending and not d.splicing:
-            self._say_bye(d)
-
-    def _drain_pipe(self, d, n):
-        """Move ``n`` bytes from the pipe to dst; return how many are still in the pipe."""
-        while n:
-            try:
-                n -= os.splice(d.pipe[0], d.dst.fileno(), n, flags=_SPLICE_FLAGS)
-            except OSError as exc:
-                if exc.errno not in _RETRY:
-                    self.abort(reason_of(exc))
-                return 0 if self.reason else n
-        return 0
-
-    # -- the event queue's slices (events.EventQueue) -----------------------
-    def park(self, func, d):
-        """A record of ``d`` waits for a later iteration: stop its watcher meanwhile."""
-        watcher = d.reader if func.__func__ is Relay._readable else d.writer
-        if self.reason is None and watcher is not None:
-            watcher.stop()
-
-    def unpark(self, func, d):
-        """The parked record has run: start its watcher again if still wanted."""
-        if self.reason is not None:
-            return
-        if func.__func__ is Relay._readable:
-            if not d.done and d.backlog is None:
-                self._resume(d)
-        elif d.backlog is not None:
-            d.writer.start(self.hub.queue.append, (self._writable, d))
-
     def _hold(self, d, backlog):
         d.backlog = backlog
         d.reader.stop()
         if d.writer is None:
             d.writer = self.hub.loop.io(d.dst.fileno(), WRITE)
-        d.writer.start(self.hub.queue.append, (self._writable, d))
+        d.writer.start(d)
 
     def _writable(self, d):
         if self.reason is not None or d.backlog is None:
@@ -233,7 +185,7 @@ class Relay:
             return self._say_bye(d)
         self._resume(d)
         if d.pending is not None and d.pending():
-            self.hub.queue.append((self._readable, d))  # no watcher fires for those bytes
+            self.hub.queue.append(d)  # no watcher fires for those bytes
 
     def _eof(self, d):
         d.reader.stop()
@@ -250,7 +202,7 @@ class Relay:
             shutdown(d.dst, socket.SHUT_WR)
 
     # -- ending cleanly ----------------------------------------------------
-    def end(self, broker_bye, client_bye, grace):
+    def end_at_boundary(self, broker_bye, client_bye, grace):
         """Stop each direction at its next packet boundary and say goodbye.
 
         ``broker_bye`` goes to the broker after the client's last whole
@@ -269,6 +221,8 @@ class Relay:
             if d.done or d.ending:
                 continue
             d.ending, d.bye = True, bye
+            if d.splicing == WALK:
+                d.splicing = COPY  # the last packets are copied: they end at a boundary
             if d.backlog is None and not d.splicing and d.track.at_boundary:
                 self._say_bye(d)
         return True
@@ -301,46 +255,6 @@ class Relay:
         idle_out = self.last + self.idle
         return idle_out if self.deadline is None else min(idle_out, self.deadline)
 
-    # -- handover to another process (relay.handoff) ------------------------
-    @classmethod
-    def resumed(cls, hub, client, upstream, info, on_done, idle, mqtt, last, up, down):
-        """A relay picked up where another process's stopped (``up``/``down``: each
-        direction's ``(backlog, done)``; the trackers are the caller's to load)."""
-        relay = cls(hub, client, upstream, info, on_done, idle, mqtt)
-        relay.last = last  # CLOCK_MONOTONIC is system-wide: the idle timer goes on
-        relay.up.restore(*up)
-        relay.down.restore(*down)
-        return relay
-
-    def quiesce(self):
-        """Stop every watcher and leave the sweeper: nothing moves until
-        ``restart`` or ``release``; records still queued do nothing."""
-        self.hub.leave(self)
-        self.reason = "moving"
-        for d in (self.up, self.down):
-            d.reader.stop()
-            if d.writer is not None:
-                d.writer.stop()
-
-    def restart(self):
-        """Run a quiesced relay again (its handover failed)."""
-        self.reason = None
-        self.start()
-
-    def release(self):
-        """Forget a quiesced relay another process now runs: close this process's
-        descriptors only (no FIN: the other process holds the sockets open)."""
-        loop = self.hub.loop
-        for d in (self.up, self.down):
-            d.reader.close()
-            if d.writer is not None:
-                d.writer.close()
-            d.close_pipe()
-        for sock in (self.client, self.upstream):
-            if isinstance(sock, RawEndpoint):
-                forget_fd(loop, sock.fileno())
-                sock.close()
-
     def abort(self, reason):
         """End both directions now (error, idle, or an operator's disconnect)."""
         if self.reason is None:
@@ -354,15 +268,11 @@ class Relay:
         if self.reason is None:
             self.reason = "eof"  # queued callbacks of this relay now do nothing
         for d in (self.up, self.down):
-            d.reader.stop()
-            d.reader.close()
-            if d.writer is not None:
-                d.writer.stop()
-                d.writer.close()
-            d.close_pipe()
+            d.close()  # (the watchers held this relay through their callbacks: a cycle)
         for sock in (self.client, self.upstream):
             sock.close()
+        on_done, self.on_done = self.on_done, None  # (the session holds this relay: a cycle)
         try:
-            self.on_done(self)
+            on_done(self)
         except Exception:  # never raise into the hub
             log.exception("relay: completion callback failed")

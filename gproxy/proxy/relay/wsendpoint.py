@@ -4,7 +4,7 @@
 as a TLS one) and offers the relay's endpoint contract (``recv_into``,
 ``send``, ``fileno``, ``shutdown``, ``close``, ``pending``; "not now" is
 ``BlockingIOError``), so the relay, its event order, its MQTT boundary
-tracking and ``Relay.end`` work unchanged on the MQTT byte stream:
+tracking and ``Relay.end_at_boundary`` work unchanged on the MQTT byte stream:
 
 * ``recv_into`` reads frames and returns the MQTT bytes inside the binary
   ones; it answers pings itself, and while a Pong waits for the socket a
@@ -86,7 +86,7 @@ class WebSocketEndpoint:
                 return 0
             self._read(len(buf))
         n = min(nbytes or len(buf), len(buf), len(self._in))
-        buf[:n] = self._in[:n]
+        buf[:n] = memoryview(self._in)[:n]
         self._in = self._in[n:] if n < len(self._in) else b""
         return n
 
@@ -142,8 +142,8 @@ class WebSocketEndpoint:
         """Stop the write watcher; the framing state, for another process."""
         if self._writer is not None:
             self._writer.stop()
-        return {"parser": self.parser, "in": self._in, "out": self._out, "eof": self._eof,
-                "shut": self._shut, "close_sent": self.close_sent,
+        return {"parser": self.parser, "in": self._in, "out": self._out, "pong": self._pong,
+                "eof": self._eof, "shut": self._shut, "close_sent": self.close_sent,
                 "client_close": self.client_close}
 
     @classmethod
@@ -151,6 +151,7 @@ class WebSocketEndpoint:
         """The endpoint of a handed session: frames go on where the other process stopped."""
         endpoint = cls(sock, parser, loop)
         endpoint._in, endpoint._out = state["in"], state["out"]
+        endpoint._pong = state.get("pong") or b""  # (a Ping answered while _out waited)
         endpoint._eof, endpoint._shut = state["eof"], state["shut"]
         endpoint.close_sent, endpoint.client_close = state["close_sent"], state["client_close"]
         if endpoint._out:

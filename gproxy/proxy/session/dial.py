@@ -48,7 +48,11 @@ def hash_key(s, upstream):
     """
     if upstream.type != "chash":
         return None
-    value = upstream.hash_value(session_vars(s))
+    value = None
+    if upstream.hash_on == "vars":  # a variable a phase set (the client id...): no table
+        value = s.vars.get(upstream.key)
+    if value is None or value == "":
+        value = upstream.hash_value(session_vars(s))
     if value is None:
         if len(upstream.nodes) > 1:
             s.log(logging.WARNING, "chash_key fetch is nil, use default chash_key "

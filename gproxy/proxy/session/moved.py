@@ -1,8 +1,14 @@
 """A relaying session handed to another process: out of this one, into that one.
 
-``stage(session)`` sends a session's two descriptors ahead while it still
+A relaying session is its ``RelayedSession`` (relayed.py: the relay itself,
+the registry's handle; the ``Session`` that ran the phases is gone), so that
+is what moves.  A handle still in its phases (a ``Session``) or whose relay
+cannot move (TLS, ending) is not exported: the functions here return None
+and the caller ends it as SIGTERM would.
+
+``stage(handle)`` sends a session's two descriptors ahead while it still
 relays here (pre-copy, as a live VM migration does), so that the pause
-carries only the state.  ``export(session)`` quiesces it and adds what the
+carries only the state.  ``export(handle)`` quiesces it and adds what the
 session room owns to the relay's state (``relay.handoff``): the session
 record (``SessionInfo``, byte counts included: its route id, the one the
 refine phase chose), the listener it was accepted on (by its address text),
@@ -10,80 +16,82 @@ the ``limit-conn`` slots it holds, the node a ``least_conn`` upstream counts
 it on (``loadaware.Counted``), and what its access log line needs.
 
 In the new process ``adopt(proxy, listeners, gate, state, socks)`` builds
-the session again, and ``go`` runs it once the handover is committed: its
-record goes live in the registry without counting as a new session, its
-slots, its least_conn count and its place in the accept gate are taken
-again (and given back when it ends here), and its relay resumes (``drop``
-forgets it if the handover fails).  Back in the old one,
-``let_go(session)`` forgets a session the other process runs now: slots and
-gate place given back, record out of the registry, no goodbye on the wire
-and no "session closed" line; ``restart`` runs it here again.
-
-A session that is not relaying (still in its phases), or whose relay cannot
-move (TLS, ending), is not exported: ``export`` returns None and the caller
-ends it as SIGTERM would.  Nothing here does I/O beyond the relay's handoff.
+the ``RelayedSession`` again, and ``go`` runs it once the handover is
+committed: its record goes live in the registry without counting as a new
+session, its slots, its least_conn count and its place in the accept gate
+are taken again (and given back when it ends here), and its relay resumes
+(``drop`` forgets it if the handover fails).  Back in the old one,
+``let_go(handle)`` forgets a session the other process runs now: slots and
+gate place given back, record out of the registry, no goodbye on the wire,
+no "session closed" or access log line, and no reference cycle left behind;
+``restart`` runs it here again.  Nothing here does I/O beyond the relay's
+handoff.
 """
 
-import logging
 from dataclasses import fields
 
 from gproxy.model.loadaware import Counted
 from gproxy.proxy.relay import handoff
 from gproxy.proxy.session.limits import Slot
-from gproxy.proxy.session.session import Session
+from gproxy.proxy.session.relayed import RelayedSession
 from gproxy.proxy.sessions.registry import SessionInfo
-
-log = logging.getLogger("gproxy.session")
 
 _FIELDS = tuple(f.name for f in fields(SessionInfo))
 
 
-def stage(session):
+def _relaying(handle):
+    """``handle`` if it is a relaying session (not one in its phases), else None."""
+    if isinstance(handle, RelayedSession) and handle.info.state == "relaying":
+        return handle
+    return None
+
+
+def stage(handle):
     """Pre-copy, while the session still relays here: ``({"id"}, fds)``, or None.
 
     The descriptors go ahead so that the freeze (``export``) carries only the
     state; the other process builds what it can meanwhile (``runtime.handover``)."""
-    relay = session.relay
-    if relay is None or session.info.state != "relaying" or not handoff.movable(relay):
+    relay = _relaying(handle)
+    if relay is None or not handoff.movable(relay):
         return None
-    return {"id": session.info.id}, handoff.descriptors(relay)
+    return {"id": relay.info.id}, handoff.descriptors(relay)
 
 
-def export(session, staged=False):
+def export(handle, staged=False):
     """Quiesce a relaying session; ``(state, fds)``, or None if it cannot move
     (no fds when they went ahead with ``stage``)."""
-    relay = session.relay
-    if relay is None or session.info.state != "relaying":
+    relay = _relaying(handle)
+    if relay is None:
         return None
     state = handoff.export(relay)
     if state is None:
         return None
-    info = session.info
+    info = relay.info
     record = {name: getattr(info, name) for name in _FIELDS}
     record["hash_key"] = handoff.pack(info.hash_key)
-    held = session.cleanup
-    item = {"info": record, "relay": state, "listener": session.listener.text,
+    held = relay.cleanup or ()
+    item = {"info": record, "relay": state, "listener": relay.listener.text,
             "limits": [list(slot.key) for slot in held if isinstance(slot, Slot)],
             "counted": [[c.state.key, c.addr] for c in held
                         if isinstance(c, Counted) and c.state.key is not None],
-            "tried": list(session.tried), "sni": session.sni}  # (its access log line)
+            "tried": list(relay.tried), "sni": info.sni}  # (its access log line)
     if staged:
         item["staged"] = True
         return item, ()
     return item, handoff.descriptors(relay)
 
 
-def restart(session):
+def restart(relay):
     """The handover failed: this process runs the session again."""
-    handoff.restart(session.relay)
+    handoff.restart(relay)
 
 
-def let_go(session):
-    """The other process runs the session now: forget it here without a word
-    (its slots and gate place given back, and no access log line: it did not end)."""
-    handoff.release(session.relay)
-    session.registry.remove(session.info, moved=True)
-    cleanup, session.cleanup = session.cleanup, None  # ended() now does nothing
+def let_go(relay):
+    """The other process runs the session now: forget it here without a word."""
+    handoff.release(relay)  # (the relay lets go of its watchers: no cycle is left)
+    relay.proxy.registry.remove(relay.info, moved=True)
+    relay.listener.gate.leave()
+    cleanup, relay.cleanup = relay.cleanup, None
     for release in cleanup or ():
         release()
 
@@ -96,39 +104,42 @@ def adopt(proxy, listeners, gate, state, socks):
     record = dict(state["info"])
     record["hash_key"] = handoff.unpack(record["hash_key"])
     info = SessionInfo(**{name: record[name] for name in _FIELDS if name in record})
-    client, upstream = handoff.endpoints(socks, state["relay"], proxy.relays.loop)
+    if info.sni is None:
+        info.sni = state.get("sni")
+    held = state["relay"]
+    client, upstream = handoff.endpoints(socks, held, proxy.relays.loop)
     listener = listeners.get(state["listener"]) or _Elsewhere(state["listener"], gate)
-    session = Session(proxy, listener, client, info)
-    session.action = "proxying connection"
-    session.tried, session.sni = list(state.get("tried", ())), state.get("sni")
-    session.relay = handoff.resume(proxy.relays, client, upstream, info, session._relay_done,
-                                   state["relay"])
-    # what it holds, taken by go()
-    session.cleanup = ([tuple(key) for key in state["limits"]],
-                       [tuple(c) for c in state.get("counted", ())])
-    return session
+    tried = tuple(state.get("tried", ()))
+    relay = RelayedSession.adopted(proxy, listener, client, upstream, info, held["idle"],
+                                   held["mqtt"], tried if len(tried) > 1 else None)
+    handoff.load(relay, held)
+    # what it holds, taken by go() (until then its cleanup names them)
+    relay.cleanup = ([tuple(key) for key in state["limits"]],
+                     [tuple(c) for c in state.get("counted", ())])
+    return relay
 
 
-def go(session, balancing=None):
+def go(relay, balancing=None):
     """Run an adopted session: live in the registry, its slots and least_conn
-    count taken (``balancing``: the process's ``loadaware.Shared``), its relay moving."""
-    proxy = session.proxy
-    (keys, counted), session.cleanup = session.cleanup, [session.listener.gate.leave]
-    session.listener.gate.enter()
+    count taken (``balancing``: the process's ``loadaware.Shared``), its relay
+    moving (and the idle sweeper with it)."""
+    proxy = relay.proxy
+    (keys, counted), cleanup = relay.cleanup, []
+    relay.listener.gate.enter()
     for key in keys:
         proxy.limits.acquire(key)
-        session.cleanup.append(Slot(proxy.limits, key))
+        cleanup.append(Slot(proxy.limits, key))
     for key, addr in counted if balancing is not None else ():
-        session.cleanup.append(balancing.count(key, addr))
-    proxy.registry.adopt(session.info, session)
-    session.tracked = True
-    session.relay.start()
+        cleanup.append(balancing.count(key, addr))
+    relay.cleanup = cleanup or None
+    proxy.registry.adopt(relay.info, relay)
+    proxy.relays.run(relay)
 
 
-def drop(session):
+def drop(relay):
     """Forget an adopted session that will not run here (no FIN: the giver keeps it)."""
-    session.cleanup = []
-    handoff.release(session.relay)
+    relay.cleanup = None
+    handoff.release(relay)
 
 
 class _Elsewhere:

@@ -29,6 +29,7 @@ HTTP_GET = ord("G")
 #: APISIX's run_plugin logs this after any mqtt-proxy rejection (§2).
 PLUGIN_EXIT = "mqtt-proxy exits with status code 503"
 _VAR = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
+log = logging.getLogger("gproxy.session")  # Session.log's logger
 
 
 def preread_mqtt(s, conf, on_http=None):
@@ -85,7 +86,8 @@ def read_connect(s, conf, recv, on_http=None):
     info.username = packet.username_text
     info.protocol_level = packet.protocol_level
     s.keep_alive = packet.keep_alive
-    s.log(logging.INFO, "mqtt client id: %s", printable(packet.client_id))
+    if log.isEnabledFor(logging.INFO):  # (printable() costs more than the check)
+        s.log(logging.INFO, "mqtt client id: %s", printable(packet.client_id))
     if conf.set_connect:
         return _rewrite(s, conf.set_connect, packet, buf)
     return buf

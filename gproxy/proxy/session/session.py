@@ -15,16 +15,17 @@ listener.  Log lines keep nginx's shape (``<message> while <action>, client:
 
 import logging
 import socket
-import time
+import sys
 
 from gproxy.errors import Reject
 from gproxy.model.routes import DEFAULT_PROXY_TIMEOUT, RouteTable
-from gproxy.protocols.mqttstream import SERVER_SHUTTING_DOWN, disconnect
+from gproxy.protocols.mqttstream import SERVER_SHUTTING_DOWN
 from gproxy.proxy.accept.listener import plain_ip
 from gproxy.proxy.accept.tlsctx import Certificates
 from gproxy.proxy.relay.direction import shutdown
 from gproxy.proxy.relay.hub import RelayHub
 from gproxy.proxy.session.limits import Limits
+from gproxy.proxy.session.relayed import PROXYING, RelayedSession, log_line
 from gproxy.proxy.sessions.registry import Registry
 from gproxy.proxy.settings import Settings
 
@@ -54,14 +55,27 @@ class Proxy:
                 listener.gate.leave()
                 return  # the client left before we looked
             server = (plain_ip(server[0]), server[1])
-        info = self.registry.new_session((plain_ip(addr[0]), addr[1]), server)
-        session = Session(self, listener, sock, info)
-        session.cleanup.append(listener.gate.leave)
-        session.run()
+        ip = addr[0]
+        if ":" in ip:
+            ip = plain_ip(ip)
+        # Interned: clients behind one address (NAT, a load generator) share one string.
+        info = self.registry.new_session((sys.intern(ip), addr[1]), server)
+        Session(self, listener, sock, info).run()
+
+
+def _bare(exc):
+    """``exc`` without its traceback and chained exceptions: their frames hold this
+    session (``self``, ``s``), and the session keeps its refusal for the access
+    log, a reference cycle the GC policy could freeze for good (runtime/gcpolicy.py)."""
+    exc.__traceback__ = exc.__context__ = exc.__cause__ = None
+    return exc
 
 
 class Session:
     """The life of one accepted connection, up to the hand-off to the relay.
+
+    At the hand-off a ``RelayedSession`` (relayed.py) takes over what is left
+    to do, and this object is dropped with the session's greenlet.
 
     Phases read and fill these attributes: ``route``/``upstream`` once
     matched (after ``refine`` when the CONNECT chooses the route), ``replay`` (the bytes to send upstream first: every byte peeked,
@@ -95,7 +109,7 @@ class Session:
         self.relay = None
         self.tracked = False
         self.keep_alive = None  # seconds, from the CONNECT (MQTT routes)
-        self.cleanup = []  # called once when the session ends (limits, accept gate)
+        self.cleanup = []  # called once when the session ends (after the accept gate's slot)
         self.tried = []  # every node address dialled, in order (nginx's $upstream_addr)
         self.refusal = None  # the Reject (or OSError) that ended it before the relay
 
@@ -103,12 +117,7 @@ class Session:
     def log(self, level, msg, *args):
         """One line in nginx's shape: ``*<n> <msg> while <action>, client: ..., server: ...``."""
         if log.isEnabledFor(level):
-            info = self.info
-            tail = ", client: %s, server: %s" % (info.client_addr, self.listener.text)
-            if self.peer is not None:
-                tail += ', upstream: "%s"' % self.peer
-            action = " while " + self.action if self.action else ""
-            log.log(level, "*%s " + msg + action + tail, info.seq, *args)
+            log_line(level, self.info, self.listener, self.peer, self.action, msg, *args)
 
     # -- the life cycle ----------------------------------------------------
     def run(self):
@@ -121,11 +130,11 @@ class Session:
                 phase(self)
             self.hand_off()
         except Reject as exc:
-            self.refusal = exc
+            self.refusal = _bare(exc)
             self.registry.reject(exc.reason)
             self.log(exc.level, "%s", exc)
         except OSError as exc:  # a socket error mid-phase ends this session only
-            self.refusal = exc
+            self.refusal = _bare(exc)
             self.log(logging.ERROR, "%s", exc.strerror or exc)
         finally:
             if self.relay is None:  # never handed off: this greenlet cleans up
@@ -137,11 +146,12 @@ class Session:
                 self.ended()
 
     def ended(self):
-        """Run the cleanup callbacks (once): the session holds nothing any more;
-        then its access log line."""
+        """Give back the accept slot and run the cleanup callbacks (once): the
+        session holds nothing any more; then its access log line."""
         cleanup, self.cleanup = self.cleanup, None
         if cleanup is None:
             return
+        self.listener.gate.leave()
         for release in cleanup:
             release()
         if self.proxy.access_log is not None:
@@ -157,26 +167,17 @@ class Session:
         self.registry.set_state(self.info, state)
 
     def close(self):
-        """Close at once (an operator's Disconnect, or a forced stop)."""
+        """Close at once (an operator's Disconnect, or a forced stop): the phase
+        waiting on a socket fails.  (Once relaying, the ``RelayedSession`` is
+        the registry's handle instead.)"""
         self.set_state("closing")
-        if self.relay is not None:
-            self.relay.abort("disconnected")
-            return
         for s in (self.sock, self.upstream_sock):
             if s is not None:
                 shutdown(s, socket.SHUT_RDWR)
 
     def end(self, code=SERVER_SHUTTING_DOWN, grace=5.0, server_reference=None):
-        """End cleanly: at a packet boundary the broker gets a DISCONNECT (so it
-        publishes no Will) and an MQTT 5 client one with reason ``code``
-        (0x8B server shutting down, 0x9C use another server).  A session not
-        relaying yet, or not on an MQTT route, is closed at once."""
-        level = self.info.protocol_level
-        if self.relay is None or level is None:
-            return self.close()
-        self.set_state("closing")
-        client_bye = disconnect(level, code, server_reference) if level == 5 else None
-        self.relay.end(disconnect(level), client_bye, grace)
+        """A session not relaying yet has no packet boundary to wait for: closed at once."""
+        self.close()
 
     def hand_off(self):
         """Give both sockets to the relay; this greenlet then returns."""
@@ -191,9 +192,10 @@ class Session:
         if self.ws is not None:  # MQTT bytes in frames, or frames passed through
             client, mqtt = self.ws.wrap(client), mqtt and not self.ws.passthrough
         self.set_state("relaying")
-        self.action = "proxying connection"
-        self.relay = self.proxy.relays.start(client, upstream, self.info, self._relay_done, idle,
-                                             mqtt=mqtt, replayed=self.replay)
+        self.action = PROXYING
+        relay = self.relay = RelayedSession(self, client, upstream, idle, mqtt)
+        self.registry.set_handle(self.info, relay)  # an operator's close or end goes to it
+        self.proxy.relays.run(relay)
 
     def idle_timeout(self):
         """Seconds of silence both ways before the relay gives up.
@@ -207,12 +209,3 @@ class Session:
             return 1.5 * self.keep_alive
         return (self.upstream.idle_timeout or self.settings.idle_timeout
                 or DEFAULT_PROXY_TIMEOUT)
-
-    def _relay_done(self, relay):
-        info = self.info
-        self.registry.remove(info)
-        self.ended()
-        self.action = None
-        self.log(logging.INFO, "session closed: node=%s bytes_in=%d bytes_out=%d "
-                 "duration=%.3fs reason=%s", info.node, info.bytes_in, info.bytes_out,
-                 time.time() - info.connected_at, relay.reason)

@@ -84,8 +84,8 @@ class Registry:
     """Live sessions and counters of one process."""
 
     def __init__(self, worker=None):
-        prefix = "%s-" % (worker if worker is not None else os.getpid())
-        self._ids = (prefix + str(n) for n in itertools.count(1))
+        self._prefix = "%s-" % (worker if worker is not None else os.getpid())
+        self._count = itertools.count(1)
         self._live = {}
         self._handles = {}
         self.started_at = time.time()
@@ -131,7 +131,8 @@ class Registry:
 
     def new_session(self, client, server):
         """A fresh SessionInfo for a client ``(ip, port)`` on a listener ``(ip, port)``."""
-        return SessionInfo(next(self._ids), client[0], client[1], server[0], server[1])
+        return SessionInfo(self._prefix + str(next(self._count)), client[0], client[1],
+                           server[0], server[1])
 
     # -- life cycle --------------------------------------------------------
     def add(self, info, handle=None):
@@ -142,27 +143,37 @@ class Registry:
         self.sessions_total += 1
         route = info.route_id
         if route is not None:  # else counted when the CONNECT chooses it (set_route)
-            self.route_total[route] = self.route_total.get(route, 0) + 1
-        _move(self.per_route, None, route)
-        _move(self.per_state, None, info.state)
-        _move(self.per_transport, None, info.transport)
+            totals = self.route_total
+            totals[route] = totals.get(route, 0) + 1
+            _up(self.per_route, route)
+        _up(self.per_state, info.state)
+        _up(self.per_transport, info.transport)
         if info.node is not None:
-            _move(self.per_node, None, info.node)
+            _up(self.per_node, info.node)
+
+    def set_handle(self, info, handle):
+        """From now on ``handle`` is how an operator ends this live session (a
+        session that starts relaying hands over to its relay)."""
+        if info.id in self._live:
+            self._handles[info.id] = handle
 
     def adopt(self, info, handle):
         """Show a session handed over from another process as live: counted in
         the live tables, not as a new session (its totals came with it)."""
         self._live[info.id] = info
         self._handles[info.id] = handle
-        _move(self.per_route, None, info.route_id)
-        _move(self.per_state, None, info.state)
-        _move(self.per_transport, None, info.transport)
+        if info.route_id is not None:
+            _up(self.per_route, info.route_id)
+        _up(self.per_state, info.state)
+        _up(self.per_transport, info.transport)
         if info.node is not None:
-            _move(self.per_node, None, info.node)
+            _up(self.per_node, info.node)
 
     def set_state(self, info, state):
-        if info.id in self._live:
-            _move(self.per_state, info.state, state)
+        if info.id in self._live and info.state != state:
+            counts = self.per_state
+            _down(counts, info.state)
+            counts[state] = counts.get(state, 0) + 1
         info.state = state
 
     def set_route(self, info, route_id):
@@ -188,10 +199,11 @@ class Registry:
         if self._live.pop(info.id, None) is None:
             return
         self._handles.pop(info.id, None)
-        _move(self.per_route, info.route_id, None)
-        _move(self.per_state, info.state, None)
-        _move(self.per_node, info.node, None)
-        _move(self.per_transport, info.transport, None)
+        _down(self.per_route, info.route_id)
+        _down(self.per_state, info.state)
+        if info.node is not None:
+            _down(self.per_node, info.node)
+        _down(self.per_transport, info.transport)
         if moved:
             self.sessions_moved += 1
             return
@@ -312,6 +324,20 @@ class Registry:
             return False
         handle.end(code, grace, server_reference)
         return True
+
+
+def _up(counter, key):
+    """One more ``key`` in ``counter`` (the hot path's half of ``_move``)."""
+    counter[key] = counter.get(key, 0) + 1
+
+
+def _down(counter, key):
+    """One ``key`` fewer in ``counter``; the key goes at zero."""
+    left = counter.get(key, 0) - 1
+    if left > 0:
+        counter[key] = left
+    else:
+        counter.pop(key, None)
 
 
 def _move(counter, old, new):

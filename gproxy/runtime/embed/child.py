@@ -142,7 +142,7 @@ def run(channel_fd, host_pid, after_start):
         return 1
     outbox.put({"id": first["id"], "ready": True, "pid": os.getpid(),
                 "addresses": _addresses(app), "admin_address": _admin_address(app)})
-    after_start()
+    after_start(app)
     return Serving(app, reader, outbox, host_pid).run()
 
 
