@@ -12,13 +12,14 @@ import pathlib
 
 import pytest
 
+from tests import needs
 from tests.integration.browser import browser, require_browser  # noqa: F401 (a fixture)
 from tests.integration.conftest import HOST, wait_listening, wait_until
 from tests.integration.etcd import etcd, needs_etcd  # noqa: F401 (a fixture)
 from tests.integration.helpers import Paho, http_call
 
 sync_api = require_browser("the dashboard's fleet tests")
-pytest.importorskip("paho.mqtt.client")
+needs.module("paho.mqtt.client", "bash scripts/venv.sh test")
 expect = sync_api.expect
 pytestmark = [pytest.mark.integration, pytest.mark.browser, pytest.mark.timeout(120),
               needs_etcd]

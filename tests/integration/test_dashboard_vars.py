@@ -14,12 +14,13 @@ import pathlib
 
 import pytest
 
+from tests import needs
 from tests.integration.browser import browser, require_browser  # noqa: F401 (a fixture)
 from tests.integration.conftest import HOST, mqtt_route, node, wait_listening
 from tests.integration.helpers import Paho, http_call
 
 sync_api = require_browser("the dashboard tests")
-pytest.importorskip("paho.mqtt.client")
+needs.module("paho.mqtt.client", "bash scripts/venv.sh test")
 expect = sync_api.expect
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser, pytest.mark.timeout(90)]

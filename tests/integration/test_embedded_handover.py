@@ -20,13 +20,14 @@ import time
 import pytest
 
 import gproxy
+from tests import needs
 from tests.integration.conftest import HOST, free_port, mqtt_route, node, wait_until
 from tests.integration.embedding import embedded_below, gone, write_conf
 from tests.integration.helpers import Paho
 from tests.integration.test_lifecycle import assert_no_will, will_watcher, with_will
 from tests.integration.test_upgrade import Stream, Traffic
 
-mqtt = pytest.importorskip("paho.mqtt.client")
+mqtt = needs.module("paho.mqtt.client", "bash scripts/venv.sh test")
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

@@ -18,13 +18,14 @@ import urllib.request
 
 import pytest
 
+from tests import needs
 from tests.integration.conftest import wait_listening, wait_until
 from tests.integration.etcd import etcd, needs_etcd, prefix  # noqa: F401 (fixtures)
 from tests.integration.helpers import ApisixRing, Paho, http_call
 from tests.integration.test_fleet import (chash_upstream, close_all, close_times, ids_on,
                                           mqtt_route_to, raw_clients, rate_of)
 
-pytest.importorskip("paho.mqtt.client")
+needs.module("paho.mqtt.client", "bash scripts/venv.sh test")
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240), needs_etcd]
 KEY = "edd1c9f034335f136f87ad84b625c8f1"
 TTL = 3  # plugin_attr.server-info.report_ttl: APISIX's smallest

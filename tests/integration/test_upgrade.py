@@ -20,13 +20,13 @@ import time
 import pytest
 
 from bench.procstat import gone
-from tests import packets, wire
+from tests import needs, packets, wire
 from tests.integration.conftest import HOST, mqtt_route, node, wait_until
 from tests.integration.helpers import Paho, dial, http_call, recv_exact
 from tests.integration.test_lifecycle import assert_no_will, will_watcher
 from tests.integration.test_tls import Pki  # the TLS tests' certificates
 
-mqtt = pytest.importorskip("paho.mqtt.client")
+mqtt = needs.module("paho.mqtt.client", "bash scripts/venv.sh test")
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
 

@@ -15,11 +15,12 @@ import sys
 
 import pytest
 
+from tests import needs
 from tests.integration.conftest import mqtt_route, node
 from tests.integration.helpers import Paho
 from tests.integration.test_lifecycle import assert_no_will, will_watcher, with_will
 
-mqtt = pytest.importorskip("paho.mqtt.client")
+mqtt = needs.module("paho.mqtt.client", "bash scripts/venv.sh test")
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 

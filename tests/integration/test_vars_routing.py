@@ -11,12 +11,12 @@ nothing reaching either broker.
 
 import pytest
 
-from tests import packets
+from tests import needs, packets
 from tests.integration.conftest import HOST, mqtt_route, node
 from tests.integration.helpers import WAIT, Paho, dial, expect_closed, recv_exact
 from tests.integration.test_tls import Pki, SniContext  # noqa: F401 (pki fixture below)
 
-mqtt = pytest.importorskip("paho.mqtt.client")
+mqtt = needs.module("paho.mqtt.client", "bash scripts/venv.sh test")
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
