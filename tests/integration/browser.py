@@ -2,7 +2,8 @@
 
 ``require_browser(what)`` skips (or in CI fails) the calling module when
 Playwright or Debian's chromium is missing, naming the tests in ``what``; the
-``browser`` fixture launches one Chromium per module.  Playwright never
+``browser`` fixture launches one Chromium per module, and ``new_page`` opens a page
+in a fresh context that collects the page's uncaught script errors.  Playwright never
 downloads a browser here: ``executable_path`` points at Debian's.
 """
 
@@ -40,3 +41,15 @@ def browser():
             yield b
         finally:
             b.close()
+
+
+def new_page(browser, timeout_ms, **context_args):
+    """A page in a new context of ``browser`` (``context_args``: viewport, locale, ...)
+    whose uncaught script errors collect in ``page.js_errors``; the caller closes
+    ``page.context``."""
+    context = browser.new_context(**context_args)
+    context.set_default_timeout(timeout_ms)
+    page = context.new_page()
+    page.js_errors = []
+    page.on("pageerror", lambda exc: page.js_errors.append(str(exc)))
+    return page

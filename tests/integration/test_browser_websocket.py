@@ -18,7 +18,7 @@ import urllib.request
 
 import pytest
 
-from tests.integration.browser import browser, require_browser  # noqa: F401 (a fixture)
+from tests.integration.browser import browser, new_page, require_browser  # noqa: F401 (a fixture)
 from tests.integration.conftest import HOST, MOSQUITTO, mqtt_route, node, wait_until
 from tests.integration.helpers import ApisixRing, Paho
 from tests.needs import require
@@ -71,12 +71,8 @@ def open_page(browser):
     contexts = []
 
     def open_(origin, port, client_id, topic, version=4):
-        context = browser.new_context()
-        context.set_default_timeout(WAIT_MS)
-        contexts.append(context)
-        page = context.new_page()
-        page.js_errors = []
-        page.on("pageerror", lambda exc: page.js_errors.append(str(exc)))
+        page = new_page(browser, WAIT_MS)
+        contexts.append(page.context)
         page.goto("%s/mqttjs.html?url=ws://%s:%d/mqtt&id=%s&sub=%s&v=%d" % (
             origin, HOST, port, client_id, topic, version))
         return page

@@ -22,7 +22,7 @@ import pytest
 
 from tests import needs, packets
 from tests.needs import require
-from tests.integration.browser import browser, require_browser  # noqa: F401 (a fixture)
+from tests.integration.browser import browser, new_page, require_browser  # noqa: F401 (a fixture)
 from tests.integration.conftest import HOST, MOSQUITTO, wait_listening
 from tests.integration.helpers import ApisixRing, Paho, dial, expect_closed
 
@@ -59,14 +59,10 @@ def gp(brokers, module_gproxy):
 
 @pytest.fixture(scope="module")
 def page(browser, gp):
-    context = browser.new_context(viewport={"width": 1280, "height": 800},
-                                  device_scale_factor=1, locale="en-US")
-    context.set_default_timeout(WAIT_MS)
-    pg = context.new_page()
-    pg.js_errors = []
-    pg.on("pageerror", lambda exc: pg.js_errors.append(str(exc)))
+    pg = new_page(browser, WAIT_MS, viewport={"width": 1280, "height": 800},
+                  device_scale_factor=1, locale="en-US")
     yield pg
-    context.close()
+    pg.context.close()
 
 
 @pytest.fixture(scope="module")

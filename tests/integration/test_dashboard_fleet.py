@@ -13,7 +13,7 @@ import pathlib
 import pytest
 
 from tests import needs
-from tests.integration.browser import browser, require_browser  # noqa: F401 (a fixture)
+from tests.integration.browser import browser, new_page, require_browser  # noqa: F401 (a fixture)
 from tests.integration.conftest import HOST, wait_listening, wait_until
 from tests.integration.etcd import etcd, needs_etcd  # noqa: F401 (a fixture)
 from tests.integration.helpers import Paho, http_call
@@ -63,13 +63,9 @@ def pair(etcd, module_gproxy, module_mosquitto):
 
 @pytest.fixture(scope="module")
 def page(browser):
-    context = browser.new_context(viewport={"width": 1280, "height": 900}, locale="en-US")
-    context.set_default_timeout(WAIT_MS)
-    pg = context.new_page()
-    pg.js_errors = []
-    pg.on("pageerror", lambda exc: pg.js_errors.append(str(exc)))
+    pg = new_page(browser, WAIT_MS, viewport={"width": 1280, "height": 900}, locale="en-US")
     yield pg
-    context.close()
+    pg.context.close()
 
 
 @pytest.fixture(scope="module")

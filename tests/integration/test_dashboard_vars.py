@@ -15,7 +15,7 @@ import pathlib
 import pytest
 
 from tests import needs
-from tests.integration.browser import browser, require_browser  # noqa: F401 (a fixture)
+from tests.integration.browser import browser, new_page, require_browser  # noqa: F401 (a fixture)
 from tests.integration.conftest import HOST, mqtt_route, node, wait_listening
 from tests.integration.helpers import Paho, http_call
 
@@ -50,17 +50,13 @@ def gp(brokers, module_gproxy):
 
 @pytest.fixture(scope="module")
 def page(browser, gp):
-    context = browser.new_context(viewport={"width": 1280, "height": 900}, locale="en-US")
-    context.set_default_timeout(WAIT_MS)
-    pg = context.new_page()
-    pg.js_errors = []
-    pg.on("pageerror", lambda exc: pg.js_errors.append(str(exc)))
+    pg = new_page(browser, WAIT_MS, viewport={"width": 1280, "height": 900}, locale="en-US")
     pg.goto(gp.base + "/")
     pg.fill("#signin-key", KEY)
     pg.click("#signin-submit")
     expect(pg.locator("#view-routes")).to_be_visible()
     yield pg
-    context.close()
+    pg.context.close()
 
 
 def admin(gp, method, path, body=None):
