@@ -38,7 +38,8 @@ def refused(port, client_id):
     sock.close()
 
 
-def session(port, client_id, how, keep_alive=0):
+def connected(port, client_id, keep_alive=0):
+    """A client through gproxy that sent its CONNECT: ``(socket, the 4 CONNACK bytes)``."""
     sock = socket.create_connection((HOST, port), timeout=5)
     sock.sendall(packets.connect_v311(client_id, keepalive=keep_alive))
     got = b""
@@ -47,6 +48,11 @@ def session(port, client_id, how, keep_alive=0):
         if not chunk:
             raise RuntimeError("no CONNACK for %r" % client_id)
         got += chunk
+    return sock, got
+
+
+def session(port, client_id, how, keep_alive=0):
+    sock, _ = connected(port, client_id, keep_alive)
     sock.sendall(packets.publish("gc/t", b"p" * 3000) + packets.pingreq())
     if how == "disconnect":
         sock.sendall(packets.disconnect(4))

@@ -14,29 +14,19 @@ import collections
 import gc
 import json
 import os
-import socket
 import sys
 import time
 import tracemalloc
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from tests import packets  # noqa: E402
-from tests.integration.gc_program import start_proxy, wait_quiet  # noqa: E402
-from tests.integration.embedded_program import HOST  # noqa: E402
+from tests.integration.gc_program import connected, start_proxy, wait_quiet  # noqa: E402
 
 CONNACK = b"\x20\x02\x00\x00"
 
 
 def open_session(port, client_id):
-    sock = socket.create_connection((HOST, port), timeout=5)
-    sock.sendall(packets.connect_v311(client_id))
-    got = b""
-    while len(got) < 4:
-        chunk = sock.recv(4 - len(got))
-        if not chunk:
-            raise RuntimeError("no CONNACK for %r" % client_id)
-        got += chunk
+    sock, got = connected(port, client_id)
     assert got == CONNACK, got
     return sock
 
